@@ -1,0 +1,488 @@
+//! Transactions: the wire JSON, its exact decoding, and card masking.
+//!
+//! Amounts and numeric attributes are parsed from their JSON text straight into
+//! [`Decimal`]; they never pass through `f64`.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::str::FromStr;
+
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// One attribute value from `attrs`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AttrValue {
+    Str(String),
+    Num(Decimal),
+    Bool(bool),
+}
+
+/// A decoded card transaction. Built by [`Transaction::from_json`] or directly in tests.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transaction {
+    /// Idempotency key.
+    pub id: String,
+    /// Event time in epoch milliseconds; `None` means "use the receive time".
+    pub ts_ms: Option<i64>,
+    /// PAN or token. Never logged or echoed in full: see [`mask_card`].
+    pub card: String,
+    pub amount: Decimal,
+    pub currency: Option<String>,
+    pub device: Option<String>,
+    pub merchant: Option<String>,
+    pub region: Option<String>,
+    pub mcc: Option<i64>,
+    /// Extra attributes, sorted by name.
+    pub attrs: Vec<(String, AttrValue)>,
+}
+
+impl Transaction {
+    /// A transaction with only the required fields set.
+    pub fn new(id: impl Into<String>, card: impl Into<String>, amount: Decimal) -> Self {
+        Transaction {
+            id: id.into(),
+            ts_ms: None,
+            card: card.into(),
+            amount,
+            currency: None,
+            device: None,
+            merchant: None,
+            region: None,
+            mcc: None,
+            attrs: Vec::new(),
+        }
+    }
+
+    /// Looks up an attribute by name.
+    pub fn attr(&self, name: &str) -> Option<&AttrValue> {
+        self.attrs
+            .binary_search_by(|(k, _)| k.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.attrs[i].1)
+    }
+
+    /// The card masked as first 6 + last 4 digits (`411111******1111`).
+    pub fn masked_card(&self) -> String {
+        mask_card(&self.card)
+    }
+
+    /// Decodes one transaction from its JSON bytes.
+    pub fn from_json(bytes: &[u8]) -> Result<Transaction, DecodeError> {
+        let wire: Wire<'_> = serde_json::from_slice(bytes).map_err(DecodeError::from_serde)?;
+        wire.into_txn()
+    }
+}
+
+/// Stable error codes for rejected input; the NATS contract exposes them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    InvalidJson,
+    MissingField,
+    WrongType,
+    InvalidAmount,
+    NegativeAmount,
+    InvalidTimestamp,
+    Oversized,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidJson => "invalid_json",
+            ErrorCode::MissingField => "missing_field",
+            ErrorCode::WrongType => "wrong_type",
+            ErrorCode::InvalidAmount => "invalid_amount",
+            ErrorCode::NegativeAmount => "negative_amount",
+            ErrorCode::InvalidTimestamp => "invalid_timestamp",
+            ErrorCode::Oversized => "oversized",
+        }
+    }
+
+    pub const ALL: [ErrorCode; 7] = [
+        ErrorCode::InvalidJson,
+        ErrorCode::MissingField,
+        ErrorCode::WrongType,
+        ErrorCode::InvalidAmount,
+        ErrorCode::NegativeAmount,
+        ErrorCode::InvalidTimestamp,
+        ErrorCode::Oversized,
+    ];
+}
+
+/// Why a payload is not a valid transaction.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct DecodeError {
+    pub code: ErrorCode,
+    pub message: String,
+    /// The transaction id, when it could be read.
+    pub id: Option<String>,
+}
+
+impl DecodeError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        DecodeError {
+            code,
+            message: message.into(),
+            id: None,
+        }
+    }
+
+    fn from_serde(e: serde_json::Error) -> Self {
+        use serde_json::error::Category;
+        let msg = e.to_string();
+        let code = match e.classify() {
+            Category::Data if msg.starts_with("missing field") => ErrorCode::MissingField,
+            Category::Data => ErrorCode::WrongType,
+            _ => ErrorCode::InvalidJson,
+        };
+        DecodeError::new(code, msg)
+    }
+}
+
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow, default)]
+    ts: Option<&'a RawValue>,
+    #[serde(borrow)]
+    card: Cow<'a, str>,
+    #[serde(borrow)]
+    amount: &'a RawValue,
+    #[serde(borrow, default)]
+    currency: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    device: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    merchant: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    region: Option<Cow<'a, str>>,
+    #[serde(default)]
+    mcc: Option<i64>,
+    #[serde(borrow, default)]
+    attrs: Option<BTreeMap<Cow<'a, str>, &'a RawValue>>,
+}
+
+impl Wire<'_> {
+    fn into_txn(self) -> Result<Transaction, DecodeError> {
+        let id = self.id.into_owned();
+        let with_id = |mut e: DecodeError| {
+            e.id = Some(id.clone());
+            e
+        };
+        if id.is_empty() {
+            return Err(DecodeError::new(
+                ErrorCode::MissingField,
+                "field `id` must not be empty",
+            ));
+        }
+        if self.card.is_empty() {
+            return Err(with_id(DecodeError::new(
+                ErrorCode::MissingField,
+                "field `card` must not be empty",
+            )));
+        }
+        let amount = parse_amount(self.amount.get()).map_err(with_id)?;
+        let ts_ms = match self.ts {
+            None => None,
+            Some(raw) if raw.get() == "null" => None,
+            Some(raw) => Some(parse_ts(raw.get()).map_err(with_id)?),
+        };
+        let mut attrs = Vec::new();
+        if let Some(map) = self.attrs {
+            attrs.reserve(map.len());
+            for (k, raw) in map {
+                match parse_attr(raw.get()) {
+                    Some(v) => attrs.push((k.into_owned(), v)),
+                    None if raw.get() == "null" => {}
+                    None => {
+                        return Err(with_id(DecodeError::new(
+                            ErrorCode::WrongType,
+                            format!("attrs.{k} must be a string, number or boolean"),
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(Transaction {
+            ts_ms,
+            card: self.card.into_owned(),
+            amount,
+            currency: self.currency.map(Cow::into_owned),
+            device: self.device.map(Cow::into_owned),
+            merchant: self.merchant.map(Cow::into_owned),
+            region: self.region.map(Cow::into_owned),
+            mcc: self.mcc,
+            attrs,
+            id,
+        })
+    }
+}
+
+/// Parses a JSON number text or JSON string holding a decimal.
+fn parse_decimal_text(raw: &str) -> Option<Decimal> {
+    let text = if let Some(inner) = raw.strip_prefix('"') {
+        inner.strip_suffix('"')?.trim()
+    } else {
+        raw
+    };
+    if text.is_empty() || text.contains(['\\', '_']) {
+        return None;
+    }
+    if text.contains(['e', 'E']) {
+        Decimal::from_scientific(text).ok()
+    } else {
+        Decimal::from_str_exact(text).ok()
+    }
+}
+
+/// Largest number of decimal places accepted in an amount.
+pub const MAX_AMOUNT_SCALE: u32 = 8;
+/// Amounts must be below this (10^15 currency units). With both bounds, window sums stay
+/// exact: rust_decimal's 96-bit mantissa holds ~790k maximal amounts at full scale.
+pub const MAX_AMOUNT: i64 = 1_000_000_000_000_000;
+
+fn parse_amount(raw: &str) -> Result<Decimal, DecodeError> {
+    let d = parse_decimal_text(raw).ok_or_else(|| {
+        DecodeError::new(
+            ErrorCode::InvalidAmount,
+            format!("`amount` must be a decimal number or a string holding one, got {raw}"),
+        )
+    })?;
+    if d.is_sign_negative() && !d.is_zero() {
+        return Err(DecodeError::new(
+            ErrorCode::NegativeAmount,
+            format!("`amount` must be >= 0, got {d}"),
+        ));
+    }
+    let d = if d.scale() > MAX_AMOUNT_SCALE {
+        d.normalize()
+    } else {
+        d
+    };
+    if d.scale() > MAX_AMOUNT_SCALE {
+        return Err(DecodeError::new(
+            ErrorCode::InvalidAmount,
+            format!("`amount` has more than {MAX_AMOUNT_SCALE} decimal places: {d}"),
+        ));
+    }
+    if d >= Decimal::from(MAX_AMOUNT) {
+        return Err(DecodeError::new(
+            ErrorCode::InvalidAmount,
+            format!("`amount` must be below {MAX_AMOUNT}, got {d}"),
+        ));
+    }
+    Ok(d.normalize_keep_scale())
+}
+
+trait KeepScale {
+    fn normalize_keep_scale(self) -> Self;
+}
+impl KeepScale for Decimal {
+    /// `-0` becomes `0`; the scale the sender used is kept ("10.50" stays "10.50").
+    fn normalize_keep_scale(self) -> Self {
+        if self.is_zero() {
+            Decimal::new(0, self.scale())
+        } else {
+            self
+        }
+    }
+}
+
+fn parse_ts(raw: &str) -> Result<i64, DecodeError> {
+    if let Some(inner) = raw.strip_prefix('"') {
+        let s = inner.strip_suffix('"').unwrap_or(inner);
+        return chrono::DateTime::parse_from_rfc3339(s)
+            .map(|t| t.timestamp_millis())
+            .map_err(|e| {
+                DecodeError::new(
+                    ErrorCode::InvalidTimestamp,
+                    format!("`ts` must be RFC 3339 or epoch milliseconds: {s:?}: {e}"),
+                )
+            });
+    }
+    raw.parse::<i64>()
+        .ok()
+        .filter(|ms| (0..=253_402_300_799_999).contains(ms))
+        .ok_or_else(|| {
+            DecodeError::new(
+                ErrorCode::InvalidTimestamp,
+                format!(
+                    "`ts` must be RFC 3339 or integer epoch milliseconds (0..=year 9999), got {raw}"
+                ),
+            )
+        })
+}
+
+fn parse_attr(raw: &str) -> Option<AttrValue> {
+    match raw.as_bytes().first()? {
+        b'"' => serde_json::from_str::<String>(raw).ok().map(AttrValue::Str),
+        b't' if raw == "true" => Some(AttrValue::Bool(true)),
+        b'f' if raw == "false" => Some(AttrValue::Bool(false)),
+        b'-' | b'0'..=b'9' => parse_decimal_text(raw).map(AttrValue::Num),
+        _ => None,
+    }
+}
+
+/// Masks a card number as first 6 + last 4 (`411111******1111`). Short values (tokens of
+/// fewer than 13 characters) keep at most their last 4 characters.
+pub fn mask_card(card: &str) -> String {
+    let chars: Vec<char> = card.chars().collect();
+    let n = chars.len();
+    if n >= 13 {
+        let mut s: String = chars[..6].iter().collect();
+        s.extend(std::iter::repeat_n('*', n - 10));
+        s.extend(&chars[n - 4..]);
+        s
+    } else {
+        let keep = n.saturating_sub(4).max(n / 2);
+        let mut s: String = std::iter::repeat_n('*', keep).collect();
+        s.extend(&chars[keep..]);
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dec(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn decodes_full_transaction() {
+        let t = Transaction::from_json(
+            br#"{"id":"t1","ts":"2026-11-26T10:00:00Z","card":"4111111111111111","amount":"1234.56",
+                "currency":"EUR","device":"d1","merchant":"m1","region":"DE","mcc":5411,
+                "attrs":{"merchant_age_days":12,"phone_match":false,"channel":"ecom","x":null},
+                "unknown":[1,2]}"#,
+        )
+        .unwrap();
+        assert_eq!(t.id, "t1");
+        assert_eq!(t.ts_ms, Some(1_795_687_200_000));
+        assert_eq!(t.amount, dec("1234.56"));
+        assert_eq!(t.mcc, Some(5411));
+        assert_eq!(
+            t.attr("merchant_age_days"),
+            Some(&AttrValue::Num(Decimal::from(12)))
+        );
+        assert_eq!(t.attr("phone_match"), Some(&AttrValue::Bool(false)));
+        assert_eq!(t.attr("channel"), Some(&AttrValue::Str("ecom".into())));
+        assert_eq!(t.attr("x"), None);
+    }
+
+    #[test]
+    fn amounts_are_exact() {
+        // A value an f64 would round: taken exactly or refused, never rounded.
+        let t =
+            Transaction::from_json(br#"{"id":"a","card":"c","amount":90071992547409.93}"#).unwrap();
+        assert_eq!(t.amount.to_string(), "90071992547409.93");
+        let t =
+            Transaction::from_json(br#"{"id":"a","card":"c","amount":"0.10000000000"}"#).unwrap();
+        assert_eq!(t.amount, dec("0.1"));
+        let t = Transaction::from_json(br#"{"id":"a","card":"c","amount":"10.50"}"#).unwrap();
+        assert_eq!(t.amount.to_string(), "10.50");
+        let t = Transaction::from_json(br#"{"id":"a","card":"c","amount":1.5e2}"#).unwrap();
+        assert_eq!(t.amount, dec("150"));
+        let t = Transaction::from_json(br#"{"id":"a","card":"c","amount":"-0"}"#).unwrap();
+        assert!(t.amount.is_zero());
+    }
+
+    #[test]
+    fn epoch_millis_timestamp() {
+        let t = Transaction::from_json(br#"{"id":"a","card":"c","amount":1,"ts":1700000000123}"#)
+            .unwrap();
+        assert_eq!(t.ts_ms, Some(1_700_000_000_123));
+    }
+
+    #[test]
+    fn bad_input_has_stable_codes() {
+        let cases: &[(&[u8], ErrorCode)] = &[
+            (b"{not json", ErrorCode::InvalidJson),
+            (b"", ErrorCode::InvalidJson),
+            (br#"{"card":"c","amount":1}"#, ErrorCode::MissingField),
+            (br#"{"id":"a","amount":1}"#, ErrorCode::MissingField),
+            (br#"{"id":"a","card":"c"}"#, ErrorCode::MissingField),
+            (
+                br#"{"id":"","card":"c","amount":1}"#,
+                ErrorCode::MissingField,
+            ),
+            (
+                br#"{"id":"a","card":"c","amount":-5}"#,
+                ErrorCode::NegativeAmount,
+            ),
+            (
+                br#"{"id":"a","card":"c","amount":"-0.01"}"#,
+                ErrorCode::NegativeAmount,
+            ),
+            (
+                br#"{"id":"a","card":"c","amount":"abc"}"#,
+                ErrorCode::InvalidAmount,
+            ),
+            (
+                br#"{"id":"a","card":"c","amount":true}"#,
+                ErrorCode::InvalidAmount,
+            ),
+            (
+                br#"{"id":"a","card":"c","amount":0.1000000000000000055}"#,
+                ErrorCode::InvalidAmount,
+            ),
+            (
+                br#"{"id":"a","card":"c","amount":"1e15"}"#,
+                ErrorCode::InvalidAmount,
+            ),
+            (
+                br#"{"id":"a","card":"c","amount":"NaN"}"#,
+                ErrorCode::InvalidAmount,
+            ),
+            (
+                br#"{"id":"a","card":"c","amount":1,"ts":"yesterday"}"#,
+                ErrorCode::InvalidTimestamp,
+            ),
+            (
+                br#"{"id":"a","card":"c","amount":1,"ts":-5}"#,
+                ErrorCode::InvalidTimestamp,
+            ),
+            (
+                br#"{"id":"a","card":"c","amount":1,"ts":1.5}"#,
+                ErrorCode::InvalidTimestamp,
+            ),
+            (br#"{"id":7,"card":"c","amount":1}"#, ErrorCode::WrongType),
+            (
+                br#"{"id":"a","card":"c","amount":1,"mcc":"x"}"#,
+                ErrorCode::WrongType,
+            ),
+            (
+                br#"{"id":"a","card":"c","amount":1,"attrs":{"k":[1]}}"#,
+                ErrorCode::WrongType,
+            ),
+            (br#"[1,2]"#, ErrorCode::WrongType),
+        ];
+        for (input, code) in cases {
+            let err = Transaction::from_json(input).unwrap_err();
+            assert_eq!(
+                err.code,
+                *code,
+                "{}: {}",
+                String::from_utf8_lossy(input),
+                err
+            );
+        }
+        let err = Transaction::from_json(br#"{"id":"x9","card":"c","amount":"abc"}"#).unwrap_err();
+        assert_eq!(err.id.as_deref(), Some("x9"));
+    }
+
+    #[test]
+    fn masks_cards() {
+        assert_eq!(mask_card("4111111111111111"), "411111******1111");
+        assert_eq!(mask_card("4111111111111"), "411111***1111");
+        assert_eq!(mask_card("tok_ab12"), "****ab12");
+        assert_eq!(mask_card("abc"), "*bc");
+        assert_eq!(mask_card(""), "");
+    }
+}

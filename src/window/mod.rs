@@ -1,0 +1,297 @@
+//! Exact, sparse, event-time sliding windows.
+//!
+//! One [`KeyState`] holds every aggregate of one entity key (one card, one device, one
+//! `(card, merchant, amount)` triple ...) for one *group* of windows that share the same
+//! `by` key. Time is cut into buckets of the configured resolution; only buckets that saw an
+//! event exist (a key with 3 events holds 3 buckets, whatever the window length).
+//!
+//! Each bucket row stores *prefix* totals (cumulative since the oldest retained bucket) for
+//! every count and sum slot, so the aggregate over any bucket range `(lo, hi]` is two binary
+//! searches and one subtraction, in order or not. Distinct counts keep `(value, bucket)`
+//! pairs exactly up to [`DISTINCT_EXACT_BOUND`] values per key, then switch to a sliding
+//! HyperLogLog (see [`distinct`]).
+//!
+//! This module is plain data: no rules, no clock, no IO. The engine evaluates filters and
+//! extracts values, then calls [`KeyState::add`] and the query functions.
+
+pub mod distinct;
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+pub use distinct::{Distinct, DISTINCT_EXACT_BOUND};
+
+/// Shape of a group's rows: how many count, sum and distinct slots each key holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    pub counts: usize,
+    pub sums: usize,
+    pub distincts: usize,
+    /// Longest window of the group, in buckets.
+    pub max_window: i64,
+    /// Extra buckets kept behind `newest - max_window` so late events still see exact values.
+    pub lateness: i64,
+}
+
+impl Layout {
+    fn stride(&self) -> usize {
+        1 + self.counts + 2 * self.sums
+    }
+}
+
+/// What one event contributes to a key.
+#[derive(Debug, Default, Clone)]
+pub struct Contribution<'a> {
+    /// Per count slot: does the event count (its filter passed)?
+    pub counts: &'a [bool],
+    /// Per sum slot: the value to add, if any.
+    pub sums: &'a [Option<Decimal>],
+    /// Per distinct slot: the hashed value, if any.
+    pub distincts: &'a [Option<u64>],
+}
+
+/// Outcome of [`KeyState::add`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Added {
+    Yes,
+    /// Older than every window of the key: decided, but adds nothing.
+    TooLate,
+    /// Nothing to add (all filters failed, all values missing).
+    Nothing,
+}
+
+/// All window aggregates of one entity key. Serializable for snapshots.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyState {
+    /// Newest bucket ever added; `i64::MIN` when empty.
+    newest: i64,
+    /// Rows of `stride` u64: `[bucket, count prefixes.., sum prefixes as 2 x u64 ..]`,
+    /// sorted by bucket.
+    rows: Vec<u64>,
+    distinct: Vec<Distinct>,
+}
+
+/// Evict dead rows only in batches, so a key that slides forward by one bucket per event
+/// does not shift its whole row array every time.
+const EVICT_BATCH_MIN: usize = 8;
+
+impl KeyState {
+    pub fn new(layout: &Layout) -> Self {
+        KeyState {
+            newest: i64::MIN,
+            rows: Vec::new(),
+            distinct: (0..layout.distincts).map(|_| Distinct::default()).collect(),
+        }
+    }
+
+    pub fn newest_bucket(&self) -> Option<i64> {
+        (self.newest != i64::MIN).then_some(self.newest)
+    }
+
+    pub fn bucket_count(&self, layout: &Layout) -> usize {
+        self.rows.len() / layout.stride()
+    }
+
+    /// Approximate heap bytes held by this key (excluding the map entry itself).
+    pub fn heap_bytes(&self) -> usize {
+        self.rows.capacity() * 8
+            + self.distinct.capacity() * std::mem::size_of::<Distinct>()
+            + self
+                .distinct
+                .iter()
+                .map(Distinct::heap_bytes)
+                .sum::<usize>()
+    }
+
+    fn bucket_at(&self, stride: usize, i: usize) -> i64 {
+        self.rows[i * stride] as i64
+    }
+
+    /// Index of the first row whose bucket is `> b` (rows `..idx` have bucket `<= b`).
+    fn upper(&self, stride: usize, b: i64) -> usize {
+        let n = self.rows.len() / stride;
+        let (mut lo, mut hi) = (0usize, n);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if self.bucket_at(stride, mid) <= b {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    /// Adds one event at bucket `b`.
+    pub fn add(&mut self, layout: &Layout, b: i64, c: &Contribution<'_>) -> Added {
+        if self.newest != i64::MIN && b <= self.newest.saturating_sub(layout.max_window) {
+            return Added::TooLate;
+        }
+        let any_row = c.counts.iter().any(|&x| x) || c.sums.iter().any(Option::is_some);
+        let any_distinct = c.distincts.iter().any(Option::is_some);
+        if !any_row && !any_distinct {
+            return Added::Nothing;
+        }
+        let stride = layout.stride();
+        if any_row {
+            let idx = self.upper(stride, b);
+            let exists = idx > 0 && self.bucket_at(stride, idx - 1) == b;
+            let start = if exists {
+                idx - 1
+            } else {
+                // New row, initialised with the prefix of the row before it.
+                let at = idx * stride;
+                let mut row = vec![0u64; stride];
+                row[0] = b as u64;
+                if idx > 0 {
+                    row[1..].copy_from_slice(&self.rows[at - stride + 1..at]);
+                }
+                self.rows.splice(at..at, row);
+                idx
+            };
+            let n = self.rows.len() / stride;
+            for r in start..n {
+                let base = r * stride;
+                for (s, &inc) in c.counts.iter().enumerate() {
+                    if inc {
+                        self.rows[base + 1 + s] += 1;
+                    }
+                }
+                for (s, v) in c.sums.iter().enumerate() {
+                    if let Some(v) = v {
+                        let at = base + 1 + layout.counts + 2 * s;
+                        let cur = read_dec(&self.rows[at..at + 2]);
+                        write_dec(&mut self.rows[at..at + 2], sat_add(cur, *v));
+                    }
+                }
+            }
+        }
+        for (d, v) in self.distinct.iter_mut().zip(c.distincts) {
+            if let Some(v) = v {
+                d.add(*v, b);
+            }
+        }
+        self.newest = self.newest.max(b);
+        self.evict(layout, false);
+        Added::Yes
+    }
+
+    /// Drops rows and distinct entries older than the retention horizon
+    /// (`newest - max_window - lateness`). Batched unless `force`.
+    pub fn evict(&mut self, layout: &Layout, force: bool) {
+        if self.newest == i64::MIN {
+            return;
+        }
+        let cutoff = self
+            .newest
+            .saturating_sub(layout.max_window)
+            .saturating_sub(layout.lateness);
+        let stride = layout.stride();
+        let n = self.rows.len() / stride;
+        let dead = self.upper(stride, cutoff);
+        if dead > 0 && (force || dead >= EVICT_BATCH_MIN.max(n / 4)) {
+            // Rebase the surviving prefixes on the last dead row, then drop the dead rows.
+            let last_dead = (dead - 1) * stride;
+            let base: Vec<u64> = self.rows[last_dead + 1..last_dead + stride].to_vec();
+            for r in dead..n {
+                let at = r * stride;
+                for s in 0..layout.counts {
+                    self.rows[at + 1 + s] -= base[s];
+                }
+                for s in 0..layout.sums {
+                    let o = 1 + layout.counts + 2 * s;
+                    let cur = read_dec(&self.rows[at + o..at + o + 2]);
+                    let b = read_dec(&base[o - 1..o + 1]);
+                    write_dec(&mut self.rows[at + o..at + o + 2], sat_add(cur, -b));
+                }
+            }
+            self.rows.drain(..dead * stride);
+            if self.rows.capacity() > 2 * self.rows.len() + 4 * stride {
+                self.rows.shrink_to_fit();
+            }
+        }
+        for d in &mut self.distinct {
+            d.evict(cutoff, force);
+        }
+    }
+
+    /// Row-index range of buckets in `(b - window, b]`.
+    fn range(&self, stride: usize, b: i64, window: i64) -> (usize, usize) {
+        (
+            self.upper(stride, b.saturating_sub(window)),
+            self.upper(stride, b),
+        )
+    }
+
+    /// Count over buckets `(b - window, b]`.
+    pub fn count(&self, layout: &Layout, slot: usize, b: i64, window: i64) -> u64 {
+        let stride = layout.stride();
+        let (lo, hi) = self.range(stride, b, window);
+        let at = |i: usize| {
+            if i == 0 {
+                0
+            } else {
+                self.rows[(i - 1) * stride + 1 + slot]
+            }
+        };
+        at(hi) - at(lo)
+    }
+
+    /// Sum over buckets `(b - window, b]`.
+    pub fn sum(&self, layout: &Layout, slot: usize, b: i64, window: i64) -> Decimal {
+        let stride = layout.stride();
+        let (lo, hi) = self.range(stride, b, window);
+        let at = |i: usize| {
+            if i == 0 {
+                Decimal::ZERO
+            } else {
+                let o = (i - 1) * stride + 1 + layout.counts + 2 * slot;
+                read_dec(&self.rows[o..o + 2])
+            }
+        };
+        if lo == hi {
+            Decimal::ZERO
+        } else {
+            sat_add(at(hi), -at(lo))
+        }
+    }
+
+    /// Distinct count over buckets `(b - window, b]`.
+    pub fn distinct(&self, slot: usize, b: i64, window: i64) -> u64 {
+        self.distinct[slot].count(b.saturating_sub(window), b)
+    }
+
+    /// Whether distinct slot `slot` is still exact.
+    pub fn distinct_is_exact(&self, slot: usize) -> bool {
+        matches!(self.distinct[slot], Distinct::Exact { .. })
+    }
+}
+
+/// Decimal addition that saturates instead of panicking. Decoded amounts are bounded
+/// (see `txn`), so real sums never get near the limit; this only keeps hostile input from
+/// reaching a panic.
+fn sat_add(a: Decimal, b: Decimal) -> Decimal {
+    a.checked_add(b).unwrap_or(if b.is_sign_negative() {
+        Decimal::MIN
+    } else {
+        Decimal::MAX
+    })
+}
+
+fn read_dec(w: &[u64]) -> Decimal {
+    let lo = w[0].to_le_bytes();
+    let hi = w[1].to_le_bytes();
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&lo);
+    b[8..].copy_from_slice(&hi);
+    Decimal::deserialize(b)
+}
+
+fn write_dec(w: &mut [u64], d: Decimal) {
+    let b = d.serialize();
+    w[0] = u64::from_le_bytes(b[..8].try_into().unwrap());
+    w[1] = u64::from_le_bytes(b[8..].try_into().unwrap());
+}
+
+#[cfg(test)]
+mod tests;
