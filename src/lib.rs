@@ -1,9 +1,19 @@
 //! fraudgate: a real-time fraud-decision engine.
 //!
-//! The decision core ([`engine`], [`rules`], [`window`]) is pure: the clock is passed in
-//! and nothing here does IO except [`rules::load_dir`], the one load path used by
-//! `fraudgate check`, startup and hot reload. See `docs/ARCHITECTURE.md` for the code map.
+//! The decision core ([`engine`], [`rules`], [`window`], [`decision`]) is pure: the clock
+//! is passed in and nothing here does IO except [`rules::load_dir`], the one load path
+//! used by `fraudgate check`, startup and hot reload. See `docs/ARCHITECTURE.md`.
 
+pub mod config;
+pub mod decision;
+pub mod engine;
 pub mod keyhash;
+pub mod rules;
 pub mod txn;
 pub mod window;
+
+pub use config::EngineConfig;
+pub use decision::{Action, Decision};
+pub use engine::{Engine, Outcome};
+pub use rules::{load_dir, RuleSet};
+pub use txn::Transaction;

@@ -1,0 +1,196 @@
+//! Engine settings that shape decisions (not transport). Read from the `[engine]` table of
+//! the config file; every field has a default.
+
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use serde::Deserialize;
+
+use crate::keyhash::HashKey;
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Time zone of the `local_hour` / `local_weekday` helpers.
+    pub timezone: Tz,
+    /// Currency assumed when a transaction has none.
+    pub default_currency: String,
+    /// Window bucket size. Window lengths must be multiples of it.
+    pub resolution: Duration,
+    /// Events up to this far behind their key's newest event still see exact window values.
+    pub max_lateness: Duration,
+    /// How long a transaction id is remembered for idempotent retries.
+    pub dedupe_horizon: Duration,
+    /// Key for hashing entity keys and list entries.
+    pub hash_key: HashKey,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            timezone: Tz::UTC,
+            default_currency: "EUR".into(),
+            resolution: Duration::from_secs(1),
+            max_lateness: Duration::from_secs(300),
+            dedupe_horizon: Duration::from_secs(15 * 60),
+            hash_key: HashKey::default(),
+        }
+    }
+}
+
+/// The `[engine]` table as written in the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSection {
+    pub timezone: Option<String>,
+    pub default_currency: Option<String>,
+    pub resolution: Option<String>,
+    pub max_lateness: Option<String>,
+    pub dedupe_horizon: Option<String>,
+    /// Secret for entity hashing. Prefer `hash_key_env`, naming an environment variable.
+    pub hash_key: Option<String>,
+    pub hash_key_env: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("unknown time zone `{0}` (use an IANA name such as `Europe/Berlin`)")]
+    TimeZone(String),
+    #[error("{field}: {message}")]
+    Duration {
+        field: &'static str,
+        message: String,
+    },
+    #[error("default_currency must be a 3-letter ISO 4217 code, got `{0}`")]
+    Currency(String),
+    #[error("hash_key_env names `{0}`, which is not set")]
+    MissingEnv(String),
+}
+
+impl EngineSection {
+    /// Resolves the section into a config; `env` looks up environment variables.
+    pub fn resolve(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<EngineConfig, ConfigError> {
+        let mut c = EngineConfig::default();
+        if let Some(tz) = &self.timezone {
+            c.timezone = tz.parse().map_err(|_| ConfigError::TimeZone(tz.clone()))?;
+        }
+        if let Some(cur) = &self.default_currency {
+            if cur.len() != 3 || !cur.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(ConfigError::Currency(cur.clone()));
+            }
+            c.default_currency = cur.clone();
+        }
+        let dur = |field: &'static str, v: &Option<String>, d: Duration| match v {
+            None => Ok(d),
+            Some(s) => {
+                parse_duration(s).map_err(|message| ConfigError::Duration { field, message })
+            }
+        };
+        c.resolution = dur("resolution", &self.resolution, c.resolution)?;
+        if c.resolution.is_zero() {
+            return Err(ConfigError::Duration {
+                field: "resolution",
+                message: "must be positive".into(),
+            });
+        }
+        c.max_lateness = dur("max_lateness", &self.max_lateness, c.max_lateness)?;
+        c.dedupe_horizon = dur("dedupe_horizon", &self.dedupe_horizon, c.dedupe_horizon)?;
+        if let Some(var) = &self.hash_key_env {
+            let secret = env(var).ok_or_else(|| ConfigError::MissingEnv(var.clone()))?;
+            c.hash_key = HashKey::from_secret(&secret);
+        } else if let Some(secret) = &self.hash_key {
+            c.hash_key = HashKey::from_secret(secret);
+        }
+        Ok(c)
+    }
+}
+
+/// Parses a duration such as `500ms`, `90s`, `10m`, `1h30m`, `24h` or `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration (write e.g. `10m`, `24h`, `7d`)".into());
+    }
+    let mut total: u64 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(format!(
+                "bad duration `{s}`: expected a number followed by ms, s, m, h or d (e.g. `10m`)"
+            ));
+        }
+        let n: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| format!("bad duration `{s}`: number too large"))?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let unit = &rest[..unit_len];
+        let ms = match unit {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            "" => {
+                return Err(format!(
+                    "bad duration `{s}`: missing unit after {n} (use ms, s, m, h or d)"
+                ))
+            }
+            other => {
+                return Err(format!(
+                    "bad duration `{s}`: unknown unit `{other}` (use ms, s, m, h or d)"
+                ))
+            }
+        };
+        total = n
+            .checked_mul(ms)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(|| format!("bad duration `{s}`: too large"))?;
+        rest = &rest[unit_len..];
+    }
+    Ok(Duration::from_millis(total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        for bad in ["", "10", "m", "10x", "1.5h", "-1m", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn resolves_section() {
+        let s: EngineSection = toml::from_str(
+            r#"timezone = "Europe/Berlin"
+               resolution = "5s"
+               hash_key_env = "FG_KEY""#,
+        )
+        .unwrap();
+        let c = s
+            .resolve(|k| (k == "FG_KEY").then(|| "s3cret".into()))
+            .unwrap();
+        assert_eq!(c.timezone, chrono_tz::Europe::Berlin);
+        assert_eq!(c.resolution, Duration::from_secs(5));
+        assert_eq!(c.hash_key, HashKey::from_secret("s3cret"));
+        assert_eq!(
+            s.resolve(|_| None).unwrap_err(),
+            ConfigError::MissingEnv("FG_KEY".into())
+        );
+        let bad: EngineSection = toml::from_str(r#"timezone = "Mars/Olympus""#).unwrap();
+        assert!(matches!(
+            bad.resolve(|_| None),
+            Err(ConfigError::TimeZone(_))
+        ));
+    }
+}

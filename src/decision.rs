@@ -1,0 +1,168 @@
+//! Decisions and the precedence that combines fired rules.
+//!
+//! Precedence, first match wins (only `active` rules count; shadow rules are reported but
+//! never change the action or the score):
+//! 1. a `block` rule fired          -> reject  (block lists, emergency freezes)
+//! 2. a `reject` rule fired         -> reject  (hard limits; an allow rule cannot override)
+//! 3. an `allow` rule fired         -> approve (overrides holds and score outcomes)
+//! 4. the most severe of: a `hold` rule fired (hold), and the total score against the
+//!    thresholds (`>= reject_at` reject, `>= hold_at` hold)
+//! 5. otherwise                     -> approve
+
+use serde::Serialize;
+
+use crate::rules::{Mode, RuleAction};
+
+/// What the switch should do with the transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Approve,
+    Hold,
+    Reject,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Approve => "approve",
+            Action::Hold => "hold",
+            Action::Reject => "reject",
+        }
+    }
+    pub const ALL: [Action; 3] = [Action::Approve, Action::Hold, Action::Reject];
+}
+
+/// A rule that fired, with the values it read.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FiredRule {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<RuleAction>,
+    pub score: i64,
+    pub mode: Mode,
+    pub reason: String,
+    /// Values of the fields, attributes and windows the condition read. Card numbers are
+    /// masked; decimals are strings, so they stay exact.
+    pub values: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The engine's answer for one transaction.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    pub id: String,
+    pub action: Action,
+    /// Sum of the scores of active rules that fired.
+    pub score: i64,
+    /// Which step of the precedence decided: `block:<rule>`, `reject:<rule>`,
+    /// `allow:<rule>`, `hold:<rule>`, `score` or `default`.
+    pub decided_by: String,
+    /// The card, masked (first 6 + last 4).
+    pub card: String,
+    /// Event time used for windows and local-time helpers (epoch ms).
+    pub ts: i64,
+    pub rules: Vec<FiredRule>,
+    pub rules_version: String,
+    /// Engine time spent on this decision, in microseconds.
+    pub engine_us: u64,
+}
+
+impl Decision {
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|e| {
+            format!(r#"{{"id":null,"error":{{"code":"internal","message":"{e}"}}}}"#)
+        })
+    }
+}
+
+/// Combines fired rules (in rule order) into an action, a total score and the reason.
+pub fn combine(fired: &[FiredRule], hold_at: i64, reject_at: i64) -> (Action, i64, String) {
+    let active = || fired.iter().filter(|r| r.mode == Mode::Active);
+    let score = active().fold(0i64, |s, r| s.saturating_add(r.score));
+    let first = |a: RuleAction| {
+        active()
+            .find(|r| r.action == Some(a))
+            .map(|r| r.id.as_str())
+    };
+    if let Some(id) = first(RuleAction::Block) {
+        return (Action::Reject, score, format!("block:{id}"));
+    }
+    if let Some(id) = first(RuleAction::Reject) {
+        return (Action::Reject, score, format!("reject:{id}"));
+    }
+    if let Some(id) = first(RuleAction::Allow) {
+        return (Action::Approve, score, format!("allow:{id}"));
+    }
+    if score >= reject_at {
+        return (Action::Reject, score, "score".into());
+    }
+    if let Some(id) = first(RuleAction::Hold) {
+        return (Action::Hold, score, format!("hold:{id}"));
+    }
+    if score >= hold_at {
+        return (Action::Hold, score, "score".into());
+    }
+    (Action::Approve, score, "default".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(id: &str, action: Option<RuleAction>, score: i64, mode: Mode) -> FiredRule {
+        FiredRule {
+            id: id.into(),
+            action,
+            score,
+            mode,
+            reason: String::new(),
+            values: Default::default(),
+        }
+    }
+
+    #[test]
+    fn precedence() {
+        use Mode::*;
+        use RuleAction::*;
+        let c = |v: &[FiredRule]| {
+            let (a, s, by) = combine(v, 50, 100);
+            (a, s, by)
+        };
+        assert_eq!(c(&[]), (Action::Approve, 0, "default".into()));
+        // Block beats allow.
+        let v = [
+            r("allow", Some(Allow), 0, Active),
+            r("bl", Some(Block), 0, Active),
+        ];
+        assert_eq!(c(&v).0, Action::Reject);
+        assert_eq!(c(&v).2, "block:bl");
+        // A hard limit beats allow.
+        let v = [
+            r("allow", Some(Allow), 0, Active),
+            r("lim", Some(Reject), 0, Active),
+        ];
+        assert_eq!(c(&v).2, "reject:lim");
+        // Allow beats hold and score.
+        let v = [
+            r("h", Some(Hold), 0, Active),
+            r("s", None, 200, Active),
+            r("allow", Some(Allow), 0, Active),
+        ];
+        assert_eq!(c(&v), (Action::Approve, 200, "allow:allow".into()));
+        // Score reject beats a hold rule (most severe wins).
+        let v = [r("h", Some(Hold), 0, Active), r("s", None, 120, Active)];
+        assert_eq!(c(&v), (Action::Reject, 120, "score".into()));
+        // Hold rule with a small score.
+        let v = [r("h", Some(Hold), 10, Active)];
+        assert_eq!(c(&v), (Action::Hold, 10, "hold:h".into()));
+        // Scores add up to the hold threshold.
+        let v = [r("a", None, 30, Active), r("b", None, 20, Active)];
+        assert_eq!(c(&v), (Action::Hold, 50, "score".into()));
+        // Shadow rules change nothing.
+        let v = [r("x", Some(Block), 500, Shadow)];
+        assert_eq!(c(&v), (Action::Approve, 0, "default".into()));
+        // Negative scores offset.
+        let v = [r("a", None, 60, Active), r("trusted", None, -20, Active)];
+        assert_eq!(c(&v).0, Action::Approve);
+    }
+}

@@ -1,0 +1,913 @@
+//! Type checking and compilation of expressions into closure trees.
+//!
+//! Every expression is checked once at load time and compiled into nested boxed closures
+//! specialised by type (`Tri`, `i64`, `Decimal`, `&str`); evaluation never looks at a
+//! string of the source, never resolves a name and never allocates. Common shapes such as
+//! `amount > 1000` or `card_txn_1h >= 5` compile to a single closure.
+//!
+//! Missing values: a transaction field or attribute that is absent (or an attribute of the
+//! wrong type) is *unknown*. Arithmetic with unknown is unknown; a comparison with unknown
+//! is unknown; `and` / `or` / `not` follow three-valued logic (`false and unknown` is
+//! `false`, `true or unknown` is `true`, `not unknown` is unknown); a rule fires only when
+//! its condition is `true`. `present(x)` is `true` or `false`, never unknown.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use rust_decimal::Decimal;
+
+use super::diag::Diagnostic;
+use super::syntax::{BinOp, Expr, ExprKind, Span, UnOp};
+use crate::keyhash::{HashKey, KeyHash, PreHashed};
+use crate::txn::{AttrValue, Transaction};
+
+/// Three-valued truth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tri {
+    False,
+    True,
+    Unknown,
+}
+
+impl Tri {
+    #[inline]
+    fn from(b: bool) -> Tri {
+        if b {
+            Tri::True
+        } else {
+            Tri::False
+        }
+    }
+    #[inline]
+    fn opt(b: Option<bool>) -> Tri {
+        match b {
+            Some(true) => Tri::True,
+            Some(false) => Tri::False,
+            None => Tri::Unknown,
+        }
+    }
+}
+
+/// Everything an expression can read while a transaction is decided.
+pub struct Ctx<'a> {
+    pub txn: &'a Transaction,
+    /// Event time used for the decision (the transaction's `ts` or the receive time).
+    pub ts_ms: i64,
+    /// The transaction's currency, or the configured default.
+    pub currency: &'a str,
+    /// Declared attributes, by declaration index; `None` when absent or of another type.
+    pub attrs: &'a [Option<&'a AttrValue>],
+    /// Window features of type count / distinct, by feature index.
+    pub ints: &'a [Option<i64>],
+    /// Window features of type sum, by feature index.
+    pub decs: &'a [Option<Decimal>],
+    /// Local hour 0-23 and weekday 1 (Monday) - 7 (Sunday) of `ts_ms`.
+    pub local_hour: i64,
+    pub local_weekday: i64,
+    pub key: &'a HashKey,
+}
+
+pub type BoolFn = Box<dyn Fn(&Ctx<'_>) -> Tri + Send + Sync>;
+pub type IntFn = Box<dyn Fn(&Ctx<'_>) -> Option<i64> + Send + Sync>;
+pub type DecFn = Box<dyn Fn(&Ctx<'_>) -> Option<Decimal> + Send + Sync>;
+pub type StrFn = Box<dyn for<'a> Fn(&'a Ctx<'a>) -> Option<&'a str> + Send + Sync>;
+
+/// Declared attribute types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttrType {
+    Str,
+    Num,
+    Bool,
+}
+
+impl AttrType {
+    pub fn parse(s: &str) -> Option<AttrType> {
+        match s {
+            "string" => Some(AttrType::Str),
+            "number" => Some(AttrType::Num),
+            "bool" => Some(AttrType::Bool),
+            _ => None,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            AttrType::Str => "string",
+            AttrType::Num => "number",
+            AttrType::Bool => "bool",
+        }
+    }
+}
+
+/// Transaction fields the language knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field {
+    Id,
+    Card,
+    Amount,
+    Currency,
+    Device,
+    Merchant,
+    Region,
+    Mcc,
+    LocalHour,
+    LocalWeekday,
+}
+
+pub const FIELDS: [(&str, Field); 10] = [
+    ("id", Field::Id),
+    ("card", Field::Card),
+    ("amount", Field::Amount),
+    ("currency", Field::Currency),
+    ("device", Field::Device),
+    ("merchant", Field::Merchant),
+    ("region", Field::Region),
+    ("mcc", Field::Mcc),
+    ("local_hour", Field::LocalHour),
+    ("local_weekday", Field::LocalWeekday),
+];
+
+/// Static types of the language.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ty {
+    Bool,
+    Int,
+    Dec,
+    Str,
+    StrList,
+    NumList,
+}
+
+impl Ty {
+    pub fn name(self) -> &'static str {
+        match self {
+            Ty::Bool => "bool",
+            Ty::Int => "integer",
+            Ty::Dec => "decimal",
+            Ty::Str => "string",
+            Ty::StrList => "list of strings",
+            Ty::NumList => "list of numbers",
+        }
+    }
+}
+
+/// A set of strings, held as keyed hashes (list files may hold card numbers).
+#[derive(Debug, Default)]
+pub struct StrSet {
+    pub hashes: HashSet<KeyHash, PreHashed>,
+}
+
+impl StrSet {
+    pub fn contains(&self, key: &HashKey, s: &str) -> bool {
+        self.hashes.contains(&key.hash_str(s))
+    }
+}
+
+/// A set of numbers, sorted.
+#[derive(Debug, Default)]
+pub struct NumSet {
+    pub values: Vec<Decimal>,
+}
+
+impl NumSet {
+    pub fn contains(&self, d: Decimal) -> bool {
+        self.values.binary_search(&d).is_ok()
+    }
+}
+
+/// What a fired rule reports: the value of something it read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reader {
+    Field(Field),
+    Attr(usize),
+    IntFeature(usize),
+    DecFeature(usize),
+}
+
+impl Reader {
+    pub fn read(&self, c: &Ctx<'_>) -> serde_json::Value {
+        use serde_json::Value;
+        let dec = |d: Option<Decimal>| d.map_or(Value::Null, |d| Value::String(d.to_string()));
+        let s = |s: Option<&str>| s.map_or(Value::Null, |s| Value::String(s.to_string()));
+        match *self {
+            Reader::Field(f) => match f {
+                Field::Id => Value::String(c.txn.id.clone()),
+                Field::Card => Value::String(c.txn.masked_card()),
+                Field::Amount => dec(Some(c.txn.amount)),
+                Field::Currency => Value::String(c.currency.to_string()),
+                Field::Device => s(c.txn.device.as_deref()),
+                Field::Merchant => s(c.txn.merchant.as_deref()),
+                Field::Region => s(c.txn.region.as_deref()),
+                Field::Mcc => c.txn.mcc.map_or(Value::Null, Value::from),
+                Field::LocalHour => Value::from(c.local_hour),
+                Field::LocalWeekday => Value::from(c.local_weekday),
+            },
+            Reader::Attr(i) => match c.attrs[i] {
+                None => Value::Null,
+                Some(AttrValue::Str(v)) => Value::String(v.clone()),
+                Some(AttrValue::Num(d)) => Value::String(d.to_string()),
+                Some(AttrValue::Bool(b)) => Value::Bool(*b),
+            },
+            Reader::IntFeature(i) => c.ints[i].map_or(Value::Null, Value::from),
+            Reader::DecFeature(i) => dec(c.decs[i]),
+        }
+    }
+}
+
+/// Names an expression may refer to.
+pub struct Scope<'s> {
+    /// Declared attributes: name -> (index, type).
+    pub attrs: &'s BTreeMap<String, (usize, AttrType)>,
+    /// Window features: name -> reader (`IntFeature` / `DecFeature`). Empty in window filters.
+    pub windows: &'s BTreeMap<String, Reader>,
+    pub lists: &'s BTreeMap<String, CompiledList>,
+    /// True while compiling a window's `where` filter.
+    pub in_filter: bool,
+}
+
+#[derive(Clone)]
+pub enum CompiledList {
+    Str(Arc<StrSet>),
+    Num(Arc<NumSet>),
+}
+
+/// The compiler for one expression: collects diagnostics and the names it read.
+pub struct ExprCompiler<'s> {
+    pub scope: &'s Scope<'s>,
+    pub file: usize,
+    /// Offset of the expression text within the file.
+    pub base: usize,
+    pub diags: Vec<Diagnostic>,
+    pub reads: Vec<(String, Reader)>,
+    pub key: HashKey,
+}
+
+/// Intermediate typed value.
+enum V {
+    Bool(BoolFn),
+    Int(I),
+    Dec(D),
+    Str(S),
+    StrList(Arc<StrSet>),
+    NumList(Arc<NumSet>),
+    /// Already reported.
+    Err,
+}
+
+/// Integer sources, kept apart so comparisons with constants can be specialised.
+enum I {
+    Const(i64),
+    Mcc,
+    Feature(usize),
+    Hour,
+    Weekday,
+    F(IntFn),
+}
+
+enum D {
+    Const(Decimal),
+    Amount,
+    Feature(usize),
+    Attr(usize),
+    F(DecFn),
+}
+
+enum S {
+    Const(String),
+    F(StrFn),
+}
+
+impl I {
+    fn into_fn(self) -> IntFn {
+        match self {
+            I::Const(v) => Box::new(move |_| Some(v)),
+            I::Mcc => Box::new(|c| c.txn.mcc),
+            I::Feature(i) => Box::new(move |c| c.ints[i]),
+            I::Hour => Box::new(|c| Some(c.local_hour)),
+            I::Weekday => Box::new(|c| Some(c.local_weekday)),
+            I::F(f) => f,
+        }
+    }
+    fn into_dec(self) -> D {
+        match self {
+            I::Const(v) => D::Const(Decimal::from(v)),
+            other => {
+                let f = other.into_fn();
+                D::F(Box::new(move |c| f(c).map(Decimal::from)))
+            }
+        }
+    }
+}
+
+impl D {
+    fn into_fn(self) -> DecFn {
+        match self {
+            D::Const(v) => Box::new(move |_| Some(v)),
+            D::Amount => Box::new(|c| Some(c.txn.amount)),
+            D::Feature(i) => Box::new(move |c| c.decs[i]),
+            D::Attr(i) => Box::new(move |c| match c.attrs[i] {
+                Some(AttrValue::Num(d)) => Some(*d),
+                _ => None,
+            }),
+            D::F(f) => f,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Cmp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl Cmp {
+    #[inline]
+    fn test<T: PartialOrd>(self, a: T, b: T) -> bool {
+        match self {
+            Cmp::Eq => a == b,
+            Cmp::Ne => a != b,
+            Cmp::Lt => a < b,
+            Cmp::Le => a <= b,
+            Cmp::Gt => a > b,
+            Cmp::Ge => a >= b,
+        }
+    }
+    fn flip(self) -> Cmp {
+        match self {
+            Cmp::Lt => Cmp::Gt,
+            Cmp::Le => Cmp::Ge,
+            Cmp::Gt => Cmp::Lt,
+            Cmp::Ge => Cmp::Le,
+            other => other,
+        }
+    }
+}
+
+/// Levenshtein distance, for did-you-mean hints.
+pub fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != *cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The closest candidate within a distance proportional to the name's length.
+pub fn did_you_mean<'c>(name: &str, candidates: impl Iterator<Item = &'c str>) -> Option<String> {
+    let max = (name.chars().count() / 3).max(1);
+    candidates
+        .map(|c| (edit_distance(name, c), c))
+        .filter(|(d, _)| *d <= max)
+        .min()
+        .map(|(_, c)| c.to_string())
+}
+
+impl<'s> ExprCompiler<'s> {
+    fn span(&self, s: &Span) -> Span {
+        self.base + s.start..self.base + s.end
+    }
+
+    fn error(&mut self, code: &'static str, span: &Span, msg: String, label: String) {
+        let sp = self.span(span);
+        self.diags
+            .push(Diagnostic::new(code, self.file, sp, msg, label));
+    }
+
+    fn type_error(&mut self, span: &Span, msg: String, label: String) -> V {
+        self.error("type-mismatch", span, msg, label);
+        V::Err
+    }
+
+    fn ty(v: &V) -> Option<Ty> {
+        Some(match v {
+            V::Bool(_) => Ty::Bool,
+            V::Int(_) => Ty::Int,
+            V::Dec(_) => Ty::Dec,
+            V::Str(_) => Ty::Str,
+            V::StrList(_) => Ty::StrList,
+            V::NumList(_) => Ty::NumList,
+            V::Err => return None,
+        })
+    }
+
+    /// Compiles a condition: the expression must be a bool.
+    pub fn condition(&mut self, e: &Expr) -> Option<BoolFn> {
+        let v = self.compile(e);
+        match v {
+            V::Bool(f) => (self.diags.is_empty()).then_some(f),
+            V::Err => None,
+            other => {
+                let ty = Self::ty(&other).map_or("?", Ty::name);
+                self.error(
+                    "type-mismatch",
+                    &e.span,
+                    format!("a condition must be true or false, but this is a {ty}"),
+                    format!("this is a {ty}; compare it, e.g. `... > 0`"),
+                );
+                None
+            }
+        }
+    }
+
+    fn note_read(&mut self, name: &str, r: Reader) {
+        if !self.reads.iter().any(|(n, _)| n == name) {
+            self.reads.push((name.to_string(), r));
+        }
+    }
+
+    fn ident(&mut self, name: &str, span: &Span) -> V {
+        if let Some((_, f)) = FIELDS.iter().find(|(n, _)| *n == name) {
+            self.note_read(name, Reader::Field(*f));
+            return match f {
+                Field::Id => V::Str(S::F(Box::new(|c| Some(c.txn.id.as_str())))),
+                Field::Card => V::Str(S::F(Box::new(|c| Some(c.txn.card.as_str())))),
+                Field::Amount => V::Dec(D::Amount),
+                Field::Currency => V::Str(S::F(Box::new(|c| Some(c.currency)))),
+                Field::Device => V::Str(S::F(Box::new(|c| c.txn.device.as_deref()))),
+                Field::Merchant => V::Str(S::F(Box::new(|c| c.txn.merchant.as_deref()))),
+                Field::Region => V::Str(S::F(Box::new(|c| c.txn.region.as_deref()))),
+                Field::Mcc => V::Int(I::Mcc),
+                Field::LocalHour => V::Int(I::Hour),
+                Field::LocalWeekday => V::Int(I::Weekday),
+            };
+        }
+        if let Some(attr) = name.strip_prefix("attrs.") {
+            if let Some(&(idx, ty)) = self.scope.attrs.get(attr) {
+                self.note_read(name, Reader::Attr(idx));
+                return match ty {
+                    AttrType::Num => V::Dec(D::Attr(idx)),
+                    AttrType::Str => V::Str(S::F(Box::new(move |c| match c.attrs[idx] {
+                        Some(AttrValue::Str(s)) => Some(s.as_str()),
+                        _ => None,
+                    }))),
+                    AttrType::Bool => V::Bool(Box::new(move |c| match c.attrs[idx] {
+                        Some(AttrValue::Bool(b)) => Tri::from(*b),
+                        _ => Tri::Unknown,
+                    })),
+                };
+            }
+            let hint = did_you_mean(attr, self.scope.attrs.keys().map(String::as_str));
+            let mut label = match &hint {
+                Some(h) => format!("did you mean `attrs.{h}`?"),
+                None => "not declared".to_string(),
+            };
+            if self.scope.attrs.is_empty() {
+                label = "no attributes are declared".into();
+            }
+            let sp = self.span(span);
+            self.diags.push(
+                Diagnostic::new(
+                    "unknown-attribute",
+                    self.file,
+                    sp,
+                    format!("unknown attribute `{name}`"),
+                    label,
+                )
+                .note(format!(
+                    "declare it in an [attrs] table, e.g. `{attr} = \"number\"` (types: string, number, bool)"
+                )),
+            );
+            return V::Err;
+        }
+        if let Some(r) = self.scope.windows.get(name) {
+            self.note_read(name, *r);
+            return match *r {
+                Reader::IntFeature(i) => V::Int(I::Feature(i)),
+                Reader::DecFeature(i) => V::Dec(D::Feature(i)),
+                _ => V::Err,
+            };
+        }
+        if let Some(l) = self.scope.lists.get(name) {
+            return match l {
+                CompiledList::Str(s) => V::StrList(s.clone()),
+                CompiledList::Num(n) => V::NumList(n.clone()),
+            };
+        }
+        let candidates = FIELDS
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .chain(self.scope.attrs.keys().map(|a| format!("attrs.{a}")))
+            .chain(self.scope.windows.keys().cloned())
+            .chain(self.scope.lists.keys().cloned())
+            .collect::<Vec<_>>();
+        let hint = did_you_mean(name, candidates.iter().map(String::as_str));
+        let label = match hint {
+            Some(h) => format!("did you mean `{h}`?"),
+            None => "not a field, attribute, window or list".into(),
+        };
+        let mut d = Diagnostic::new(
+            "unknown-identifier",
+            self.file,
+            self.span(span),
+            format!("unknown identifier `{name}`"),
+            label,
+        );
+        if self.scope.in_filter {
+            d = d.note("a window's `where` filter may read transaction fields and attrs, not other windows");
+        }
+        self.diags.push(d);
+        V::Err
+    }
+
+    fn compile(&mut self, e: &Expr) -> V {
+        match &e.kind {
+            ExprKind::Num(d, true) => match i64::try_from(*d) {
+                Ok(i) => V::Int(I::Const(i)),
+                Err(_) => V::Dec(D::Const(*d)),
+            },
+            ExprKind::Num(d, false) => V::Dec(D::Const(*d)),
+            ExprKind::Str(s) => V::Str(S::Const(s.clone())),
+            ExprKind::Bool(b) => {
+                let t = Tri::from(*b);
+                V::Bool(Box::new(move |_| t))
+            }
+            ExprKind::Ident(name) => self.ident(name, &e.span),
+            ExprKind::List(items) => self.list_literal(items, &e.span),
+            ExprKind::Call(name, args) => self.call(name, args, &e.span),
+            ExprKind::Unary(UnOp::Not, inner) => match self.compile(inner) {
+                V::Bool(f) => V::Bool(Box::new(move |c| match f(c) {
+                    Tri::True => Tri::False,
+                    Tri::False => Tri::True,
+                    Tri::Unknown => Tri::Unknown,
+                })),
+                V::Err => V::Err,
+                other => {
+                    let ty = Self::ty(&other).map_or("?", Ty::name);
+                    self.type_error(
+                        &inner.span,
+                        format!("`not` needs true or false, found a {ty}"),
+                        format!("this is a {ty}"),
+                    )
+                }
+            },
+            ExprKind::Unary(UnOp::Neg, inner) => match self.compile(inner) {
+                V::Int(i) => {
+                    let f = i.into_fn();
+                    V::Int(I::F(Box::new(move |c| f(c).and_then(i64::checked_neg))))
+                }
+                V::Dec(d) => {
+                    let f = d.into_fn();
+                    V::Dec(D::F(Box::new(move |c| f(c).map(|v| -v))))
+                }
+                V::Err => V::Err,
+                other => {
+                    let ty = Self::ty(&other).map_or("?", Ty::name);
+                    self.type_error(
+                        &inner.span,
+                        format!("cannot negate a {ty}"),
+                        "expected a number".into(),
+                    )
+                }
+            },
+            ExprKind::Binary(op, a, b) => self.binary(*op, a, b, &e.span),
+        }
+    }
+
+    fn list_literal(&mut self, items: &[Expr], span: &Span) -> V {
+        let mut strs = Vec::new();
+        let mut nums = Vec::new();
+        for it in items {
+            match &it.kind {
+                ExprKind::Str(s) => strs.push(s.clone()),
+                ExprKind::Num(d, _) => nums.push(*d),
+                _ => {
+                    self.error(
+                        "bad-list",
+                        &it.span,
+                        "list literals hold only string or number literals".into(),
+                        "not a literal".into(),
+                    );
+                    return V::Err;
+                }
+            }
+        }
+        if !strs.is_empty() && !nums.is_empty() {
+            return self.type_error(
+                span,
+                "a list mixes strings and numbers".into(),
+                "use one kind of value".into(),
+            );
+        }
+        if !strs.is_empty() {
+            let mut set = StrSet::default();
+            for s in &strs {
+                set.hashes.insert(self.key.hash_str(s));
+            }
+            V::StrList(Arc::new(set))
+        } else {
+            nums.sort();
+            nums.dedup();
+            V::NumList(Arc::new(NumSet { values: nums }))
+        }
+    }
+
+    fn call(&mut self, name: &str, args: &[Expr], span: &Span) -> V {
+        match name {
+            "present" => {
+                if args.len() != 1 {
+                    return self.type_error(
+                        span,
+                        format!("present() takes 1 argument, got {}", args.len()),
+                        "e.g. present(attrs.ip_country)".into(),
+                    );
+                }
+                match self.compile(&args[0]) {
+                    V::Int(i) => {
+                        let f = i.into_fn();
+                        V::Bool(Box::new(move |c| Tri::from(f(c).is_some())))
+                    }
+                    V::Dec(d) => {
+                        let f = d.into_fn();
+                        V::Bool(Box::new(move |c| Tri::from(f(c).is_some())))
+                    }
+                    V::Str(S::F(f)) => V::Bool(Box::new(move |c| Tri::from(f(c).is_some()))),
+                    V::Str(S::Const(_)) => V::Bool(Box::new(|_| Tri::True)),
+                    V::Bool(f) => V::Bool(Box::new(move |c| Tri::from(f(c) != Tri::Unknown))),
+                    V::Err => V::Err,
+                    _ => self.type_error(
+                        &args[0].span,
+                        "present() takes a field, attribute or window".into(),
+                        "a list is always present".into(),
+                    ),
+                }
+            }
+            _ => {
+                let hint = did_you_mean(name, ["present"].into_iter());
+                self.error(
+                    "unknown-function",
+                    span,
+                    format!("unknown function `{name}`"),
+                    hint.map_or("the only function is present(x)".into(), |h| {
+                        format!("did you mean `{h}`?")
+                    }),
+                );
+                V::Err
+            }
+        }
+    }
+
+    fn binary(&mut self, op: BinOp, a: &Expr, b: &Expr, span: &Span) -> V {
+        let va = self.compile(a);
+        let vb = self.compile(b);
+        if matches!(va, V::Err) || matches!(vb, V::Err) {
+            return V::Err;
+        }
+        let (ta, tb) = (Self::ty(&va).unwrap(), Self::ty(&vb).unwrap());
+        match op {
+            BinOp::And | BinOp::Or => match (va, vb) {
+                (V::Bool(f), V::Bool(g)) => V::Bool(if op == BinOp::And {
+                    Box::new(move |c| match f(c) {
+                        Tri::False => Tri::False,
+                        Tri::True => g(c),
+                        Tri::Unknown => match g(c) {
+                            Tri::False => Tri::False,
+                            _ => Tri::Unknown,
+                        },
+                    })
+                } else {
+                    Box::new(move |c| match f(c) {
+                        Tri::True => Tri::True,
+                        Tri::False => g(c),
+                        Tri::Unknown => match g(c) {
+                            Tri::True => Tri::True,
+                            _ => Tri::Unknown,
+                        },
+                    })
+                }),
+                _ => {
+                    let (bad, t) = if ta != Ty::Bool { (a, ta) } else { (b, tb) };
+                    self.type_error(
+                        &bad.span,
+                        format!(
+                            "`{}` needs true or false on both sides, found a {}",
+                            op.symbol(),
+                            t.name()
+                        ),
+                        format!("this is a {}", t.name()),
+                    )
+                }
+            },
+            BinOp::In | BinOp::NotIn => self.membership(op == BinOp::NotIn, va, vb, a, b),
+            BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge => {
+                let cmp = match op {
+                    BinOp::Eq => Cmp::Eq,
+                    BinOp::Ne => Cmp::Ne,
+                    BinOp::Lt => Cmp::Lt,
+                    BinOp::Le => Cmp::Le,
+                    BinOp::Gt => Cmp::Gt,
+                    _ => Cmp::Ge,
+                };
+                self.comparison(cmp, op, va, vb, ta, tb, span)
+            }
+            BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem => {
+                self.arith(op, va, vb, ta, tb, a, b)
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn comparison(&mut self, cmp: Cmp, op: BinOp, va: V, vb: V, ta: Ty, tb: Ty, span: &Span) -> V {
+        let ordering = !matches!(cmp, Cmp::Eq | Cmp::Ne);
+        match (va, vb) {
+            (V::Int(x), V::Int(y)) => V::Bool(cmp_int(cmp, x, y)),
+            (V::Int(x), V::Dec(y)) => V::Bool(cmp_dec(cmp, x.into_dec(), y)),
+            (V::Dec(x), V::Int(y)) => V::Bool(cmp_dec(cmp, x, y.into_dec())),
+            (V::Dec(x), V::Dec(y)) => V::Bool(cmp_dec(cmp, x, y)),
+            (V::Str(x), V::Str(y)) if !ordering => {
+                let eq = matches!(cmp, Cmp::Eq);
+                V::Bool(match (x, y) {
+                    (S::F(f), S::Const(k)) | (S::Const(k), S::F(f)) => {
+                        Box::new(move |c| Tri::opt(f(c).map(|v| (v == k) == eq)))
+                    }
+                    (S::F(f), S::F(g)) => Box::new(move |c| match (f(c), g(c)) {
+                        (Some(p), Some(q)) => Tri::from((p == q) == eq),
+                        _ => Tri::Unknown,
+                    }),
+                    (S::Const(p), S::Const(q)) => {
+                        let t = Tri::from((p == q) == eq);
+                        Box::new(move |_| t)
+                    }
+                })
+            }
+            (V::Bool(f), V::Bool(g)) if !ordering => {
+                let eq = matches!(cmp, Cmp::Eq);
+                V::Bool(Box::new(move |c| match (f(c), g(c)) {
+                    (Tri::Unknown, _) | (_, Tri::Unknown) => Tri::Unknown,
+                    (p, q) => Tri::from((p == q) == eq),
+                }))
+            }
+            _ => {
+                let msg = if ta == tb {
+                    format!("`{}` cannot order {} values", op.symbol(), ta.name())
+                } else {
+                    format!(
+                        "cannot compare a {} with a {} using `{}`",
+                        ta.name(),
+                        tb.name(),
+                        op.symbol()
+                    )
+                };
+                let label = if (ta == Ty::Str) != (tb == Ty::Str)
+                    && matches!(ta, Ty::Int | Ty::Dec | Ty::Str)
+                    && matches!(tb, Ty::Int | Ty::Dec | Ty::Str)
+                {
+                    "a number and a string: remove the quotes from the number?".to_string()
+                } else if matches!(ta, Ty::StrList | Ty::NumList)
+                    || matches!(tb, Ty::StrList | Ty::NumList)
+                {
+                    "use `in` to test membership in a list".to_string()
+                } else {
+                    format!("{} vs {}", ta.name(), tb.name())
+                };
+                self.type_error(span, msg, label)
+            }
+        }
+    }
+
+    fn membership(&mut self, negate: bool, va: V, vb: V, a: &Expr, b: &Expr) -> V {
+        let wrap = move |t: Tri| match (t, negate) {
+            (Tri::True, true) => Tri::False,
+            (Tri::False, true) => Tri::True,
+            (t, _) => t,
+        };
+        match (va, vb) {
+            (V::Str(S::F(f)), V::StrList(set)) => V::Bool(Box::new(move |c| {
+                wrap(Tri::opt(f(c).map(|v| set.contains(c.key, v))))
+            })),
+            (V::Str(S::Const(k)), V::StrList(set)) => {
+                let t = wrap(Tri::from(set.contains(&self.key, &k)));
+                V::Bool(Box::new(move |_| t))
+            }
+            (V::Int(i), V::NumList(set)) => {
+                let f = i.into_fn();
+                V::Bool(Box::new(move |c| {
+                    wrap(Tri::opt(f(c).map(|v| set.contains(Decimal::from(v)))))
+                }))
+            }
+            (V::Dec(d), V::NumList(set)) => {
+                let f = d.into_fn();
+                V::Bool(Box::new(move |c| {
+                    wrap(Tri::opt(f(c).map(|v| set.contains(v.normalize()))))
+                }))
+            }
+            (va, vb) => {
+                let (ta, tb) = (Self::ty(&va).unwrap(), Self::ty(&vb).unwrap());
+                if !matches!(tb, Ty::StrList | Ty::NumList) {
+                    self.type_error(
+                        &b.span,
+                        format!(
+                            "the right side of `in` must be a list, found a {}",
+                            tb.name()
+                        ),
+                        "expected a list name or [..]".into(),
+                    )
+                } else {
+                    self.type_error(
+                        &a.span,
+                        format!("cannot look up a {} in a {}", ta.name(), tb.name()),
+                        format!("this is a {}", ta.name()),
+                    )
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn arith(&mut self, op: BinOp, va: V, vb: V, ta: Ty, tb: Ty, a: &Expr, b: &Expr) -> V {
+        let numeric = |t: Ty| matches!(t, Ty::Int | Ty::Dec);
+        if !numeric(ta) || !numeric(tb) {
+            let (bad, t) = if !numeric(ta) { (a, ta) } else { (b, tb) };
+            return self.type_error(
+                &bad.span,
+                format!("`{}` needs numbers, found a {}", op.symbol(), t.name()),
+                format!("this is a {}", t.name()),
+            );
+        }
+        match (op, va, vb) {
+            (BinOp::Div, x, y)
+            | (BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Rem, x @ V::Dec(_), y)
+            | (BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Rem, x, y @ V::Dec(_)) => {
+                let to_dec = |v: V| match v {
+                    V::Int(i) => i.into_dec(),
+                    V::Dec(d) => d,
+                    _ => D::Const(Decimal::ZERO),
+                };
+                let (f, g) = (to_dec(x).into_fn(), to_dec(y).into_fn());
+                let opf: fn(Decimal, Decimal) -> Option<Decimal> = match op {
+                    BinOp::Add => |p, q| p.checked_add(q),
+                    BinOp::Sub => |p, q| p.checked_sub(q),
+                    BinOp::Mul => |p, q| p.checked_mul(q),
+                    BinOp::Div => |p, q| p.checked_div(q),
+                    _ => |p, q| p.checked_rem(q),
+                };
+                V::Dec(D::F(Box::new(move |c| opf(f(c)?, g(c)?))))
+            }
+            (_, V::Int(x), V::Int(y)) => {
+                let (f, g) = (x.into_fn(), y.into_fn());
+                let opf: fn(i64, i64) -> Option<i64> = match op {
+                    BinOp::Add => i64::checked_add,
+                    BinOp::Sub => i64::checked_sub,
+                    BinOp::Mul => i64::checked_mul,
+                    _ => i64::checked_rem,
+                };
+                V::Int(I::F(Box::new(move |c| opf(f(c)?, g(c)?))))
+            }
+            _ => V::Err,
+        }
+    }
+}
+
+fn cmp_int(cmp: Cmp, x: I, y: I) -> BoolFn {
+    match (x, y) {
+        (I::Feature(i), I::Const(k)) => {
+            Box::new(move |c| Tri::opt(c.ints[i].map(|v| cmp.test(v, k))))
+        }
+        (I::Const(k), I::Feature(i)) => {
+            let cmp = cmp.flip();
+            Box::new(move |c| Tri::opt(c.ints[i].map(|v| cmp.test(v, k))))
+        }
+        (I::Mcc, I::Const(k)) => Box::new(move |c| Tri::opt(c.txn.mcc.map(|v| cmp.test(v, k)))),
+        (I::Hour, I::Const(k)) => Box::new(move |c| Tri::from(cmp.test(c.local_hour, k))),
+        (x, y) => {
+            let (f, g) = (x.into_fn(), y.into_fn());
+            Box::new(move |c| match (f(c), g(c)) {
+                (Some(p), Some(q)) => Tri::from(cmp.test(p, q)),
+                _ => Tri::Unknown,
+            })
+        }
+    }
+}
+
+fn cmp_dec(cmp: Cmp, x: D, y: D) -> BoolFn {
+    match (x, y) {
+        (D::Amount, D::Const(k)) => Box::new(move |c| Tri::from(cmp.test(c.txn.amount, k))),
+        (D::Const(k), D::Amount) => {
+            let cmp = cmp.flip();
+            Box::new(move |c| Tri::from(cmp.test(c.txn.amount, k)))
+        }
+        (D::Feature(i), D::Const(k)) => {
+            Box::new(move |c| Tri::opt(c.decs[i].map(|v| cmp.test(v, k))))
+        }
+        (D::Attr(i), D::Const(k)) => Box::new(move |c| match c.attrs[i] {
+            Some(AttrValue::Num(v)) => Tri::from(cmp.test(*v, k)),
+            _ => Tri::Unknown,
+        }),
+        (x, y) => {
+            let (f, g) = (x.into_fn(), y.into_fn());
+            Box::new(move |c| match (f(c), g(c)) {
+                (Some(p), Some(q)) => Tri::from(cmp.test(p, q)),
+                _ => Tri::Unknown,
+            })
+        }
+    }
+}

@@ -1,0 +1,1199 @@
+//! Rule files: loading, checking and compiling a rule directory into a [`RuleSet`].
+//!
+//! [`load_dir`] is the one load path: `fraudgate check`, startup and hot reload all call it.
+//! It reads every `*.toml` file of the directory (and the list files they name), then
+//! [`compile`] checks everything and either returns a complete rule set or every error
+//! found, each with file, line, column and a caret excerpt. Nothing is half-loaded.
+
+pub mod diag;
+pub mod expr;
+pub mod file;
+pub mod syntax;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rust_decimal::Decimal;
+use siphasher::sip128::{Hasher128, SipHasher13};
+use toml::Spanned;
+
+pub use diag::{Diagnostic, SourceFile};
+pub use expr::{AttrType, BoolFn, Ctx, Field, Reader, Tri};
+
+use crate::config::{parse_duration, EngineConfig};
+use crate::keyhash::{HashKey, KeyHasher};
+use crate::txn::AttrValue;
+use crate::window::Layout;
+use expr::{CompiledList, ExprCompiler, NumSet, Scope, StrSet};
+
+/// What a rule does when it fires (besides adding its score).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuleAction {
+    /// Reject, overriding everything (block lists, emergency freezes).
+    Block,
+    /// Reject: a hard limit. An allow rule does not override it.
+    Reject,
+    /// Hold for manual review.
+    Hold,
+    /// Approve, overriding holds and score-based outcomes (not blocks or rejects).
+    Allow,
+}
+
+impl RuleAction {
+    fn parse(s: &str) -> Option<RuleAction> {
+        Some(match s {
+            "block" => RuleAction::Block,
+            "reject" => RuleAction::Reject,
+            "hold" => RuleAction::Hold,
+            "allow" => RuleAction::Allow,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Active,
+    /// Evaluated and reported, never changes the action or the score.
+    Shadow,
+}
+
+/// A compiled rule.
+pub struct Rule {
+    pub id: String,
+    pub description: String,
+    pub reason: String,
+    pub action: Option<RuleAction>,
+    pub score: i64,
+    pub mode: Mode,
+    pub when: BoolFn,
+    /// Names the condition reads, reported with their values when the rule fires.
+    pub reads: Vec<(String, Reader)>,
+    /// File the rule came from.
+    pub file: String,
+}
+
+/// A field used as (part of) an entity key or as the value of a distinct count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyField {
+    Field(Field),
+    Attr(usize),
+}
+
+impl KeyField {
+    /// Feeds this field of the transaction into `h`; `false` when the field is missing.
+    #[inline]
+    pub fn hash_into(&self, c: &Ctx<'_>, h: &mut KeyHasher) -> bool {
+        match *self {
+            KeyField::Field(f) => match f {
+                Field::Id => h.part(c.txn.id.as_bytes()),
+                Field::Card => h.part(c.txn.card.as_bytes()),
+                Field::Currency => h.part(c.currency.as_bytes()),
+                Field::Device => match &c.txn.device {
+                    Some(v) => h.part(v.as_bytes()),
+                    None => return false,
+                },
+                Field::Merchant => match &c.txn.merchant {
+                    Some(v) => h.part(v.as_bytes()),
+                    None => return false,
+                },
+                Field::Region => match &c.txn.region {
+                    Some(v) => h.part(v.as_bytes()),
+                    None => return false,
+                },
+                Field::Amount => h.part(&c.txn.amount.normalize().serialize()),
+                Field::Mcc => match c.txn.mcc {
+                    Some(v) => h.part(&v.to_le_bytes()),
+                    None => return false,
+                },
+                Field::LocalHour | Field::LocalWeekday => return false,
+            },
+            KeyField::Attr(i) => match c.attrs[i] {
+                Some(AttrValue::Str(s)) => h.part(s.as_bytes()),
+                Some(AttrValue::Num(d)) => h.part(&d.normalize().serialize()),
+                Some(AttrValue::Bool(b)) => h.part(&[u8::from(*b)]),
+                None => return false,
+            },
+        }
+        true
+    }
+}
+
+/// The value summed by a sum window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SumOf {
+    Amount,
+    Attr(usize),
+}
+
+impl SumOf {
+    #[inline]
+    pub fn value(&self, c: &Ctx<'_>) -> Option<Decimal> {
+        match *self {
+            SumOf::Amount => Some(c.txn.amount),
+            SumOf::Attr(i) => match c.attrs[i] {
+                Some(AttrValue::Num(d)) => Some(*d),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// Which aggregate of a group a window reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowRead {
+    Count(usize),
+    Sum(usize),
+    Distinct(usize),
+}
+
+/// A declared window: a named feature.
+#[derive(Debug, Clone)]
+pub struct WindowDef {
+    pub name: String,
+    pub group: usize,
+    pub read: WindowRead,
+    /// Length in buckets.
+    pub buckets: i64,
+    /// Index into the int (count, distinct) or decimal (sum) features.
+    pub feature: usize,
+    pub signature: String,
+}
+
+/// Windows that share an entity key (`by`): one map of key states in the engine.
+pub struct Group {
+    /// Canonical key description, e.g. `card` or `amount,card,merchant`.
+    pub signature: String,
+    pub by: Vec<KeyField>,
+    pub layout: Layout,
+    /// Count slots: optional filter.
+    pub counts: Vec<(String, Option<BoolFn>)>,
+    /// Sum slots: value and optional filter.
+    pub sums: Vec<(String, SumOf, Option<BoolFn>)>,
+    /// Distinct slots: value and optional filter.
+    pub distincts: Vec<(String, KeyField, Option<BoolFn>)>,
+}
+
+/// A fully compiled, immutable rule set.
+pub struct RuleSet {
+    /// `label+hash`: the analysts' label and a content hash of every file.
+    pub version: String,
+    pub label: String,
+    pub content_hash: String,
+    pub hold_at: i64,
+    pub reject_at: i64,
+    pub rules: Vec<Rule>,
+    /// Declared attributes, sorted by name, with their types.
+    pub attrs: Vec<(String, AttrType)>,
+    pub groups: Vec<Group>,
+    pub windows: Vec<WindowDef>,
+    pub int_features: usize,
+    pub dec_features: usize,
+    /// Lists by name with their entry counts.
+    pub lists: BTreeMap<String, usize>,
+    pub needs_local_time: bool,
+    pub files: Vec<String>,
+}
+
+impl std::fmt::Debug for RuleSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuleSet")
+            .field("version", &self.version)
+            .field("rules", &self.rules.len())
+            .field("windows", &self.windows.len())
+            .finish()
+    }
+}
+
+impl RuleSet {
+    /// One-paragraph summary for `fraudgate check` and reload logs.
+    pub fn summary(&self) -> String {
+        let shadow = self.rules.iter().filter(|r| r.mode == Mode::Shadow).count();
+        let rule_files = self.files.iter().filter(|f| f.ends_with(".toml")).count();
+        format!(
+            "{} rule files + {} list files, {} rules ({} shadow), {} windows in {} key groups, {} lists, {} attrs; hold_at {}, reject_at {}; version {}",
+            rule_files,
+            self.files.len() - rule_files,
+            self.rules.len(),
+            shadow,
+            self.windows.len(),
+            self.groups.len(),
+            self.lists.len(),
+            self.attrs.len(),
+            self.hold_at,
+            self.reject_at,
+            self.version
+        )
+    }
+}
+
+/// Rules failed to load: every diagnostic, with the files needed to render them.
+#[derive(Debug, Clone)]
+pub struct LoadError {
+    pub files: Vec<SourceFile>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl LoadError {
+    pub fn render(&self) -> String {
+        diag::render(&self.files, &self.diagnostics)
+    }
+}
+
+impl std::fmt::Display for LoadError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.render())?;
+        write!(f, "{} error(s); no rules loaded", self.diagnostics.len())
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+/// Reads a rule directory (every `*.toml`, sorted by name, not recursive) and compiles it.
+pub fn load_dir(dir: &Path, cfg: &EngineConfig) -> Result<RuleSet, LoadError> {
+    let fail = |msg: String| LoadError {
+        files: Vec::new(),
+        diagnostics: vec![Diagnostic::global("io", msg)],
+    };
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| fail(format!("cannot read rule directory {}: {e}", dir.display())))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    paths.sort();
+    let mut files = Vec::new();
+    for p in &paths {
+        let text = std::fs::read_to_string(p)
+            .map_err(|e| fail(format!("cannot read {}: {e}", p.display())))?;
+        files.push(SourceFile {
+            name: p.display().to_string(),
+            text,
+        });
+    }
+    compile(files, &|name: &str| std::fs::read_to_string(name), cfg)
+}
+
+/// Reads a list file by the path shown to analysts.
+pub type ReadFile<'a> = dyn Fn(&str) -> std::io::Result<String> + 'a;
+
+struct Loader<'a> {
+    cfg: &'a EngineConfig,
+    key: HashKey,
+    files: Vec<SourceFile>,
+    diags: Vec<Diagnostic>,
+}
+
+/// Offset of the text of a TOML string value inside the file, when it can be found verbatim
+/// (no escapes): then expression spans map exactly onto the file.
+fn value_base(text: &str, span: &std::ops::Range<usize>, value: &str) -> Option<usize> {
+    let raw = text.get(span.clone())?;
+    raw.find(value).map(|i| span.start + i)
+}
+
+/// Compiles rule files. `read` loads list files named in them (relative to the rule file).
+pub fn compile(
+    files: Vec<SourceFile>,
+    read: &ReadFile<'_>,
+    cfg: &EngineConfig,
+) -> Result<RuleSet, LoadError> {
+    let mut l = Loader {
+        cfg,
+        key: cfg.hash_key,
+        files,
+        diags: Vec::new(),
+    };
+    if l.files.is_empty() {
+        l.diags.push(Diagnostic::global(
+            "no-files",
+            "no *.toml rule files found in the rule directory",
+        ));
+        return Err(LoadError {
+            files: l.files,
+            diagnostics: l.diags,
+        });
+    }
+    // 1. Parse every file.
+    let mut parsed: Vec<(usize, file::RuleFile)> = Vec::new();
+    for i in 0..l.files.len() {
+        match toml::from_str::<file::RuleFile>(&l.files[i].text) {
+            Ok(f) => parsed.push((i, f)),
+            Err(e) => {
+                let span = e.span().unwrap_or(0..0);
+                let msg = e.message().trim().to_string();
+                l.diags.push(Diagnostic::new(
+                    "toml",
+                    i,
+                    span,
+                    format!("invalid rule file: {msg}"),
+                    "here",
+                ));
+            }
+        }
+    }
+    let rs = l.build(&mut parsed, read);
+    match rs {
+        Some(rs) if l.diags.is_empty() => Ok(rs),
+        _ => Err(LoadError {
+            files: l.files,
+            diagnostics: l.diags,
+        }),
+    }
+}
+
+impl Loader<'_> {
+    fn err(
+        &mut self,
+        code: &'static str,
+        file: usize,
+        span: std::ops::Range<usize>,
+        msg: impl Into<String>,
+        label: impl Into<String>,
+    ) {
+        self.diags
+            .push(Diagnostic::new(code, file, span, msg, label));
+    }
+
+    fn build(
+        &mut self,
+        parsed: &mut [(usize, file::RuleFile)],
+        read: &ReadFile<'_>,
+    ) -> Option<RuleSet> {
+        // 2. The [ruleset] table: exactly one.
+        let mut ruleset: Option<(usize, &Spanned<file::RulesetSection>)> = None;
+        for (fi, f) in parsed.iter() {
+            if let Some(r) = &f.ruleset {
+                if let Some((first, _)) = ruleset {
+                    let first_name = self.files[first].name.clone();
+                    self.err(
+                        "duplicate-ruleset",
+                        *fi,
+                        r.span(),
+                        "a second [ruleset] table",
+                        format!("[ruleset] is already declared in {first_name}"),
+                    );
+                } else {
+                    ruleset = Some((*fi, r));
+                }
+            }
+        }
+        let (label, hold_at, reject_at) = match ruleset {
+            None => {
+                if self.diags.is_empty() {
+                    self.diags.push(
+                        Diagnostic::global("missing-ruleset", "no file declares the [ruleset] table")
+                            .note("add to one file:\n[ruleset]\nversion = \"2026-11-26.1\"\nhold_at = 50\nreject_at = 100"),
+                    );
+                }
+                (String::new(), 0, 0)
+            }
+            Some((fi, r)) => {
+                let r = r.get_ref();
+                if *r.hold_at.get_ref() >= *r.reject_at.get_ref() {
+                    self.err(
+                        "bad-threshold",
+                        fi,
+                        r.hold_at.span(),
+                        "hold_at must be below reject_at",
+                        format!(
+                            "{} >= reject_at {}",
+                            r.hold_at.get_ref(),
+                            r.reject_at.get_ref()
+                        ),
+                    );
+                }
+                if *r.hold_at.get_ref() <= 0 {
+                    self.err(
+                        "bad-threshold",
+                        fi,
+                        r.hold_at.span(),
+                        "hold_at must be positive",
+                        "a score of 0 would hold every transaction",
+                    );
+                }
+                if r.version.get_ref().trim().is_empty() {
+                    self.err(
+                        "bad-version",
+                        fi,
+                        r.version.span(),
+                        "the ruleset version label is empty",
+                        "write a label such as \"2026-11-26.1\"",
+                    );
+                }
+                (
+                    r.version.get_ref().clone(),
+                    *r.hold_at.get_ref(),
+                    *r.reject_at.get_ref(),
+                )
+            }
+        };
+
+        // 3. Attributes (merged over files; a conflicting type is an error).
+        let mut attr_decl: BTreeMap<String, (usize, AttrType, usize)> = BTreeMap::new();
+        for (fi, f) in parsed.iter() {
+            for (name, ty) in &f.attrs {
+                let Some(t) = AttrType::parse(ty.get_ref()) else {
+                    self.err(
+                        "bad-attr-type",
+                        *fi,
+                        ty.span(),
+                        format!("unknown type `{}` for attribute `{name}`", ty.get_ref()),
+                        "use \"string\", \"number\" or \"bool\"",
+                    );
+                    continue;
+                };
+                if !valid_name(name) {
+                    self.err(
+                        "bad-name",
+                        *fi,
+                        ty.span(),
+                        format!("attribute name `{name}` is not a valid identifier"),
+                        "use letters, digits and _",
+                    );
+                    continue;
+                }
+                match attr_decl.get(name) {
+                    Some(&(_, prev, pf)) if prev != t => {
+                        let pname = self.files[pf].name.clone();
+                        self.err(
+                            "attr-conflict",
+                            *fi,
+                            ty.span(),
+                            format!("attribute `{name}` declared with two types"),
+                            format!("{} here, {} in {pname}", t.name(), prev.name()),
+                        );
+                    }
+                    Some(_) => {}
+                    None => {
+                        attr_decl.insert(name.clone(), (0, t, *fi));
+                    }
+                }
+            }
+        }
+        let mut attrs_scope: BTreeMap<String, (usize, AttrType)> = BTreeMap::new();
+        let mut attrs = Vec::new();
+        for (i, (name, (_, t, _))) in attr_decl.iter().enumerate() {
+            attrs_scope.insert(name.clone(), (i, *t));
+            attrs.push((name.clone(), *t));
+        }
+
+        // 4. Lists.
+        let mut lists: BTreeMap<String, CompiledList> = BTreeMap::new();
+        let mut list_sizes = BTreeMap::new();
+        let mut list_origin: BTreeMap<String, usize> = BTreeMap::new();
+        for (fi, f) in parsed.iter() {
+            for (name, def) in &f.lists {
+                if let Some(&prev) = list_origin.get(name) {
+                    let pname = self.files[prev].name.clone();
+                    self.err(
+                        "duplicate-list",
+                        *fi,
+                        def.span(),
+                        format!("list `{name}` is declared twice"),
+                        format!("also declared in {pname}"),
+                    );
+                    continue;
+                }
+                list_origin.insert(name.clone(), *fi);
+                if let Some(l) = self.list(*fi, def, read) {
+                    let n = match &l {
+                        CompiledList::Str(s) => s.hashes.len(),
+                        CompiledList::Num(n) => n.values.len(),
+                    };
+                    list_sizes.insert(name.clone(), n);
+                    lists.insert(name.clone(), l);
+                }
+            }
+        }
+
+        // 5. Windows, grouped by entity key.
+        let mut groups: Vec<Group> = Vec::new();
+        let mut windows: Vec<WindowDef> = Vec::new();
+        let mut window_scope: BTreeMap<String, Reader> = BTreeMap::new();
+        let (mut n_int, mut n_dec) = (0usize, 0usize);
+        let res_ms = self.cfg.resolution.as_millis().max(1) as i64;
+        let lateness = (self.cfg.max_lateness.as_millis() as i64 + res_ms - 1) / res_ms;
+        let empty_windows = BTreeMap::new();
+        let filter_scope = Scope {
+            attrs: &attrs_scope,
+            windows: &empty_windows,
+            lists: &lists,
+            in_filter: true,
+        };
+        for (fi, f) in parsed.iter() {
+            for (name, def) in &f.windows {
+                if window_scope.contains_key(name) || windows.iter().any(|w| &w.name == name) {
+                    self.err(
+                        "duplicate-window",
+                        *fi,
+                        def.span(),
+                        format!("window `{name}` is declared twice"),
+                        "window names are global across files",
+                    );
+                    continue;
+                }
+                if !valid_name(name) || name_clashes(name, &lists) {
+                    self.err(
+                        "bad-name",
+                        *fi,
+                        def.span(),
+                        format!("window name `{name}` clashes with a field or list, or is not an identifier"),
+                        "choose another name",
+                    );
+                    continue;
+                }
+                let Some((gkey, by, read_kind, slot_sig, filter, buckets)) =
+                    self.window(*fi, def, &attrs_scope, &filter_scope, res_ms)
+                else {
+                    continue;
+                };
+                let gi = match groups.iter().position(|g| g.signature == gkey) {
+                    Some(gi) => gi,
+                    None => {
+                        groups.push(Group {
+                            signature: gkey.clone(),
+                            by,
+                            layout: Layout {
+                                counts: 0,
+                                sums: 0,
+                                distincts: 0,
+                                max_window: 0,
+                                lateness,
+                            },
+                            counts: Vec::new(),
+                            sums: Vec::new(),
+                            distincts: Vec::new(),
+                        });
+                        groups.len() - 1
+                    }
+                };
+                let g = &mut groups[gi];
+                g.layout.max_window = g.layout.max_window.max(buckets);
+                let (read, reader) = match read_kind {
+                    SlotKind::Count => {
+                        let slot = match g.counts.iter().position(|s| s.0 == slot_sig) {
+                            Some(s) => s,
+                            None => {
+                                g.counts.push((slot_sig.clone(), filter));
+                                g.counts.len() - 1
+                            }
+                        };
+                        n_int += 1;
+                        (WindowRead::Count(slot), Reader::IntFeature(n_int - 1))
+                    }
+                    SlotKind::Sum(of) => {
+                        let slot = match g.sums.iter().position(|s| s.0 == slot_sig) {
+                            Some(s) => s,
+                            None => {
+                                g.sums.push((slot_sig.clone(), of, filter));
+                                g.sums.len() - 1
+                            }
+                        };
+                        n_dec += 1;
+                        (WindowRead::Sum(slot), Reader::DecFeature(n_dec - 1))
+                    }
+                    SlotKind::Distinct(of) => {
+                        let slot = match g.distincts.iter().position(|s| s.0 == slot_sig) {
+                            Some(s) => s,
+                            None => {
+                                g.distincts.push((slot_sig.clone(), of, filter));
+                                g.distincts.len() - 1
+                            }
+                        };
+                        n_int += 1;
+                        (WindowRead::Distinct(slot), Reader::IntFeature(n_int - 1))
+                    }
+                };
+                g.layout.counts = g.counts.len();
+                g.layout.sums = g.sums.len();
+                g.layout.distincts = g.distincts.len();
+                let feature = match reader {
+                    Reader::IntFeature(i) | Reader::DecFeature(i) => i,
+                    _ => 0,
+                };
+                windows.push(WindowDef {
+                    name: name.clone(),
+                    group: gi,
+                    read,
+                    buckets,
+                    feature,
+                    signature: format!("{gkey}|{slot_sig}|{buckets}"),
+                });
+                window_scope.insert(name.clone(), reader);
+            }
+        }
+
+        // 6. Rules.
+        let scope = Scope {
+            attrs: &attrs_scope,
+            windows: &window_scope,
+            lists: &lists,
+            in_filter: false,
+        };
+        let mut rules: Vec<Rule> = Vec::new();
+        let mut rule_origin: BTreeMap<String, (usize, std::ops::Range<usize>)> = BTreeMap::new();
+        let mut needs_local_time = false;
+        for (fi, f) in parsed.iter() {
+            for r in &f.rules {
+                let rd = r.get_ref();
+                let id = rd.id.get_ref().clone();
+                if let Some((pf, _)) = rule_origin.get(&id) {
+                    let pname = self.files[*pf].name.clone();
+                    self.err(
+                        "duplicate-rule",
+                        *fi,
+                        rd.id.span(),
+                        format!("rule id `{id}` is used twice"),
+                        format!("also used in {pname}"),
+                    );
+                    continue;
+                }
+                rule_origin.insert(id.clone(), (*fi, rd.id.span()));
+                if !valid_rule_id(&id) {
+                    self.err(
+                        "bad-name",
+                        *fi,
+                        rd.id.span(),
+                        format!("rule id `{id}` must be 1-64 characters of letters, digits, _ - ."),
+                        "rule ids become metric labels",
+                    );
+                }
+                let action = match &rd.action {
+                    None => None,
+                    Some(a) => match RuleAction::parse(a.get_ref()) {
+                        Some(a) => Some(a),
+                        None => {
+                            let hint = expr::did_you_mean(
+                                a.get_ref(),
+                                ["block", "reject", "hold", "allow"].into_iter(),
+                            );
+                            self.err(
+                                "bad-action",
+                                *fi,
+                                a.span(),
+                                format!("unknown action `{}`", a.get_ref()),
+                                hint.map_or("use block, reject, hold or allow".into(), |h| {
+                                    format!("did you mean `{h}`?")
+                                }),
+                            );
+                            continue;
+                        }
+                    },
+                };
+                let score = rd.score.as_ref().map_or(0, |s| *s.get_ref());
+                if action.is_none() && rd.score.is_none() {
+                    self.err(
+                        "no-effect",
+                        *fi,
+                        rd.id.span(),
+                        format!("rule `{id}` has neither an action nor a score"),
+                        "add `action = ...` and/or `score = ...`",
+                    );
+                }
+                if let Some(s) = &rd.score {
+                    if !(-1_000_000..=1_000_000).contains(s.get_ref()) {
+                        self.err(
+                            "bad-score",
+                            *fi,
+                            s.span(),
+                            "score out of range",
+                            "use -1000000..=1000000",
+                        );
+                    }
+                }
+                let mode = match rd.mode.as_ref().map(|m| m.get_ref().as_str()) {
+                    None | Some("active") => Mode::Active,
+                    Some("shadow") => Mode::Shadow,
+                    Some(other) => {
+                        let span = rd.mode.as_ref().map(|m| m.span()).unwrap_or(0..0);
+                        self.err(
+                            "bad-mode",
+                            *fi,
+                            span,
+                            format!("unknown mode `{other}`"),
+                            "use \"active\" or \"shadow\"",
+                        );
+                        continue;
+                    }
+                };
+                let Some((when, reads)) = self.expr(*fi, &rd.when, &scope) else {
+                    continue;
+                };
+                if reads.iter().any(|(_, r)| {
+                    matches!(r, Reader::Field(Field::LocalHour | Field::LocalWeekday))
+                }) {
+                    needs_local_time = true;
+                }
+                rules.push(Rule {
+                    id,
+                    description: rd.description.clone(),
+                    reason: rd.reason.clone().unwrap_or_else(|| rd.description.clone()),
+                    action,
+                    score,
+                    mode,
+                    when,
+                    reads,
+                    file: self.files[*fi].name.clone(),
+                });
+            }
+        }
+        if rules.is_empty() && self.diags.is_empty() {
+            self.diags.push(Diagnostic::global(
+                "no-rules",
+                "the rule files declare no [[rule]]",
+            ));
+        }
+        if !self.diags.is_empty() {
+            return None;
+        }
+        let content_hash = content_hash(&self.files);
+        Some(RuleSet {
+            version: format!("{label}+{}", &content_hash[..12]),
+            label,
+            content_hash,
+            hold_at,
+            reject_at,
+            rules,
+            attrs,
+            groups,
+            windows,
+            int_features: n_int,
+            dec_features: n_dec,
+            lists: list_sizes,
+            needs_local_time,
+            files: self.files.iter().map(|f| f.name.clone()).collect(),
+        })
+    }
+
+    /// Compiles one expression held in a TOML string.
+    fn expr(
+        &mut self,
+        fi: usize,
+        src: &Spanned<String>,
+        scope: &Scope<'_>,
+    ) -> Option<(BoolFn, Vec<(String, Reader)>)> {
+        let text = src.get_ref();
+        let base = value_base(&self.files[fi].text, &src.span(), text);
+        let whole = src.span();
+        let map = |s: std::ops::Range<usize>| match base {
+            Some(b) => b + s.start..b + s.end,
+            None => whole.clone(),
+        };
+        let ast = match syntax::parse(text) {
+            Ok(a) => a,
+            Err(e) => {
+                let span = map(e.span.clone());
+                self.err("syntax", fi, span, e.message, e.label);
+                return None;
+            }
+        };
+        let mut c = ExprCompiler {
+            scope,
+            file: fi,
+            base: base.unwrap_or(0),
+            diags: Vec::new(),
+            reads: Vec::new(),
+            key: self.key,
+        };
+        let f = c.condition(&ast);
+        for mut d in c.diags {
+            if base.is_none() {
+                d.span = whole.clone();
+            }
+            self.diags.push(d);
+        }
+        f.map(|f| (f, c.reads))
+    }
+
+    fn list(
+        &mut self,
+        fi: usize,
+        def: &Spanned<file::ListDef>,
+        read: &ReadFile<'_>,
+    ) -> Option<CompiledList> {
+        match def.get_ref() {
+            file::ListDef::Strings(v) => {
+                let mut s = StrSet::default();
+                for x in v {
+                    s.hashes.insert(self.key.hash_str(x));
+                }
+                Some(CompiledList::Str(Arc::new(s)))
+            }
+            file::ListDef::Ints(v) => {
+                let mut values: Vec<Decimal> = v.iter().map(|&i| Decimal::from(i)).collect();
+                values.sort();
+                values.dedup();
+                Some(CompiledList::Num(Arc::new(NumSet { values })))
+            }
+            file::ListDef::File(lf) => {
+                let int = match lf.kind.as_deref() {
+                    None | Some("string") => false,
+                    Some("int") => true,
+                    Some(other) => {
+                        let span = def.span();
+                        self.err(
+                            "bad-list",
+                            fi,
+                            span,
+                            format!("unknown list type `{other}`"),
+                            "use \"string\" or \"int\"",
+                        );
+                        return None;
+                    }
+                };
+                let rel = &lf.file;
+                let dir = Path::new(&self.files[fi].name)
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default();
+                let path = dir.join(rel).display().to_string();
+                let text = match read(&path) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        self.err(
+                            "list-file",
+                            fi,
+                            def.span(),
+                            format!("cannot read list file {path}: {e}"),
+                            "path is relative to this rule file",
+                        );
+                        return None;
+                    }
+                };
+                let li = self.files.len();
+                self.files.push(SourceFile {
+                    name: path,
+                    text: text.clone(),
+                });
+                let mut strs = StrSet::default();
+                let mut nums = Vec::new();
+                let mut offset = 0;
+                for line in text.split_inclusive('\n') {
+                    let start = offset;
+                    offset += line.len();
+                    let entry = line.split('#').next().unwrap_or("").trim();
+                    if entry.is_empty() {
+                        continue;
+                    }
+                    if int {
+                        match entry.parse::<i64>() {
+                            Ok(v) => nums.push(Decimal::from(v)),
+                            Err(_) => {
+                                let col = line.find(entry).unwrap_or(0);
+                                self.err(
+                                    "bad-list",
+                                    li,
+                                    start + col..start + col + entry.len(),
+                                    format!("`{entry}` is not an integer"),
+                                    "this list is declared type = \"int\"",
+                                );
+                            }
+                        }
+                    } else {
+                        strs.hashes.insert(self.key.hash_str(entry));
+                    }
+                }
+                if int {
+                    nums.sort();
+                    nums.dedup();
+                    Some(CompiledList::Num(Arc::new(NumSet { values: nums })))
+                } else {
+                    Some(CompiledList::Str(Arc::new(strs)))
+                }
+            }
+        }
+    }
+
+    /// Checks one window definition. Returns (group key, by fields, slot kind, slot
+    /// signature, filter, length in buckets).
+    #[allow(clippy::type_complexity)]
+    fn window(
+        &mut self,
+        fi: usize,
+        def: &Spanned<file::WindowDef>,
+        attrs: &BTreeMap<String, (usize, AttrType)>,
+        filter_scope: &Scope<'_>,
+        res_ms: i64,
+    ) -> Option<(String, Vec<KeyField>, SlotKind, String, Option<BoolFn>, i64)> {
+        let w = def.get_ref();
+        let before = self.diags.len();
+        // Length.
+        let buckets = match parse_duration(w.over.get_ref()) {
+            Err(e) => {
+                self.err(
+                    "bad-duration",
+                    fi,
+                    w.over.span(),
+                    e,
+                    "e.g. \"10m\", \"24h\", \"7d\"",
+                );
+                None
+            }
+            Ok(d) => {
+                let ms = d.as_millis() as i64;
+                if ms == 0 {
+                    self.err(
+                        "bad-duration",
+                        fi,
+                        w.over.span(),
+                        "a window must be longer than 0",
+                        "zero",
+                    );
+                    None
+                } else if ms % res_ms != 0 {
+                    self.err(
+                        "bad-duration",
+                        fi,
+                        w.over.span(),
+                        format!("window length is not a multiple of the resolution ({res_ms} ms)"),
+                        "round it to the resolution",
+                    );
+                    None
+                } else if ms > 400 * 86_400_000 {
+                    self.err(
+                        "bad-duration",
+                        fi,
+                        w.over.span(),
+                        "windows longer than 400d are not supported",
+                        "too long",
+                    );
+                    None
+                } else {
+                    Some(ms / res_ms)
+                }
+            }
+        };
+        // Entity key.
+        let mut by_names = w.by.get_ref().fields();
+        by_names.sort();
+        by_names.dedup();
+        let mut by = Vec::new();
+        if by_names.is_empty() {
+            self.err(
+                "bad-window",
+                fi,
+                w.by.span(),
+                "`by` names no field",
+                "e.g. by = \"card\"",
+            );
+        }
+        for n in &by_names {
+            match self.key_field(n, attrs) {
+                Ok(k) => by.push(k),
+                Err(label) => self.err(
+                    "unknown-identifier",
+                    fi,
+                    w.by.span(),
+                    format!("cannot key a window by `{n}`"),
+                    label,
+                ),
+            }
+        }
+        // Aggregate.
+        let kind = match (w.agg.get_ref().as_str(), &w.of) {
+            ("count", None) => Some((SlotKind::Count, "count".to_string())),
+            ("count", Some(o)) => {
+                self.err(
+                    "bad-window",
+                    fi,
+                    o.span(),
+                    "`count` takes no `of`",
+                    "remove `of`, or use agg = \"distinct\"",
+                );
+                None
+            }
+            ("sum", Some(o)) => {
+                let of = if o.get_ref() == "amount" {
+                    Some(SumOf::Amount)
+                } else if let Some(&(i, t)) = o
+                    .get_ref()
+                    .strip_prefix("attrs.")
+                    .and_then(|a| attrs.get(a))
+                {
+                    if t == AttrType::Num {
+                        Some(SumOf::Attr(i))
+                    } else {
+                        self.err(
+                            "type-mismatch",
+                            fi,
+                            o.span(),
+                            format!("cannot sum `{}`, a {} attribute", o.get_ref(), t.name()),
+                            "sum needs a number",
+                        );
+                        None
+                    }
+                } else {
+                    self.err(
+                        "unknown-identifier",
+                        fi,
+                        o.span(),
+                        format!("cannot sum `{}`", o.get_ref()),
+                        "use amount or a number attribute (attrs.x)",
+                    );
+                    None
+                };
+                of.map(|of| (SlotKind::Sum(of), format!("sum {}", o.get_ref())))
+            }
+            ("distinct", Some(o)) => match self.key_field(o.get_ref(), attrs) {
+                Ok(k) => Some((SlotKind::Distinct(k), format!("distinct {}", o.get_ref()))),
+                Err(label) => {
+                    self.err(
+                        "unknown-identifier",
+                        fi,
+                        o.span(),
+                        format!("cannot count distinct `{}`", o.get_ref()),
+                        label,
+                    );
+                    None
+                }
+            },
+            ("sum" | "distinct", None) => {
+                self.err(
+                    "bad-window",
+                    fi,
+                    w.agg.span(),
+                    format!("`{}` needs `of`", w.agg.get_ref()),
+                    "e.g. of = \"amount\" / of = \"merchant\"",
+                );
+                None
+            }
+            (other, _) => {
+                let hint = expr::did_you_mean(other, ["count", "sum", "distinct"].into_iter());
+                self.err(
+                    "bad-window",
+                    fi,
+                    w.agg.span(),
+                    format!("unknown aggregate `{other}`"),
+                    hint.map_or("use count, sum or distinct".into(), |h| {
+                        format!("did you mean `{h}`?")
+                    }),
+                );
+                None
+            }
+        };
+        // Filter.
+        let mut filter = None;
+        let mut filter_sig = String::new();
+        if let Some(src) = &w.filter {
+            filter_sig = format!(
+                " where {}",
+                src.get_ref()
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+            if let Some((f, _)) = self.expr(fi, src, filter_scope) {
+                filter = Some(f);
+            }
+        }
+        if self.diags.len() != before {
+            return None;
+        }
+        let (kind, sig) = kind?;
+        Some((
+            by_names.join(","),
+            by,
+            kind,
+            sig + &filter_sig,
+            filter,
+            buckets?,
+        ))
+    }
+
+    fn key_field(
+        &self,
+        name: &str,
+        attrs: &BTreeMap<String, (usize, AttrType)>,
+    ) -> Result<KeyField, String> {
+        if let Some(a) = name.strip_prefix("attrs.") {
+            return attrs
+                .get(a)
+                .map(|&(i, _)| KeyField::Attr(i))
+                .ok_or_else(
+                    || match expr::did_you_mean(a, attrs.keys().map(String::as_str)) {
+                        Some(h) => format!("unknown attribute; did you mean `attrs.{h}`?"),
+                        None => "unknown attribute (declare it in [attrs])".into(),
+                    },
+                );
+        }
+        match expr::FIELDS.iter().find(|(n, _)| *n == name) {
+            Some((_, f)) if !matches!(f, Field::LocalHour | Field::LocalWeekday) => {
+                Ok(KeyField::Field(*f))
+            }
+            _ => Err(
+                match expr::did_you_mean(
+                    name,
+                    [
+                        "card", "device", "merchant", "region", "currency", "mcc", "amount", "id",
+                    ]
+                    .into_iter(),
+                ) {
+                    Some(h) => format!("did you mean `{h}`?"),
+                    None => "use card, device, merchant, region, currency, mcc, amount or attrs.x"
+                        .into(),
+                },
+            ),
+        }
+    }
+}
+
+enum SlotKind {
+    Count,
+    Sum(SumOf),
+    Distinct(KeyField),
+}
+
+fn name_clashes(name: &str, lists: &BTreeMap<String, CompiledList>) -> bool {
+    expr::FIELDS.iter().any(|(n, _)| *n == name)
+        || lists.contains_key(name)
+        || matches!(
+            name,
+            "and" | "or" | "not" | "in" | "true" | "false" | "attrs"
+        )
+}
+
+fn valid_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn valid_rule_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// Hex SipHash-128 over every file's content and its path relative to the rule directory,
+/// so the same rules give the same version wherever the directory lives.
+fn content_hash(files: &[SourceFile]) -> String {
+    let root = Path::new(&files[0].name)
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let mut sorted: Vec<(String, &SourceFile)> = files
+        .iter()
+        .map(|f| {
+            let p = Path::new(&f.name);
+            let rel = p.strip_prefix(&root).unwrap_or(p);
+            (rel.to_string_lossy().replace('\\', "/"), f)
+        })
+        .collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut h = SipHasher13::new_with_keys(0, 0);
+    use std::hash::Hasher;
+    for (rel, f) in sorted {
+        h.write(rel.as_bytes());
+        h.write_u8(0);
+        h.write(f.text.as_bytes());
+        h.write_u8(0);
+    }
+    format!("{:032x}", h.finish128().as_u128())
+}
+
+#[cfg(test)]
+mod tests;
