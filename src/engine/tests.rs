@@ -1,1 +1,269 @@
+use super::*;
+use crate::rules::{compile, SourceFile};
+use std::time::Duration;
 
+const RULES: &str = r#"
+[ruleset]
+version = "test"
+hold_at = 50
+reject_at = 100
+
+[windows]
+card_txn_1m = { agg = "count", by = "card", over = "1m" }
+card_amount_1h = { agg = "sum", of = "amount", by = "card", over = "1h" }
+card_merchants_1h = { agg = "distinct", of = "merchant", by = "card", over = "1h" }
+device_cards_1h = { agg = "distinct", of = "card", by = "device", over = "1h" }
+card_tiny_1h = { agg = "count", by = "card", over = "1h", where = "amount < 2" }
+
+[[rule]]
+id = "burst"
+description = "3 or more in a minute"
+when = "card_txn_1m >= 3"
+action = "hold"
+
+[[rule]]
+id = "spend"
+description = "over 1000 in an hour"
+when = "card_amount_1h > 1000"
+score = 60
+
+[[rule]]
+id = "shared_device"
+description = "device with 3 cards"
+when = "device_cards_1h >= 3"
+action = "reject"
+"#;
+
+fn engine_with(cfg: EngineConfig) -> Engine {
+    let rs = compile(
+        vec![SourceFile {
+            name: "t/r.toml".into(),
+            text: RULES.into(),
+        }],
+        &|_| Err(std::io::Error::other("none")),
+        &cfg,
+    )
+    .unwrap();
+    Engine::new(rs, cfg)
+}
+
+fn engine() -> Engine {
+    engine_with(EngineConfig::default())
+}
+
+const T0: i64 = 1_795_687_200_000;
+
+fn tx(id: &str, card: &str, amount: i64, ts: i64) -> Transaction {
+    let mut t = Transaction::new(id, card, Decimal::new(amount, 0));
+    t.ts_ms = Some(ts);
+    t.merchant = Some(format!("m-{id}"));
+    t
+}
+
+fn feature(o: &Outcome, rule: &str, name: &str) -> Option<serde_json::Value> {
+    o.decision
+        .rules
+        .iter()
+        .find(|r| r.id == rule)
+        .and_then(|r| r.values.get(name).cloned())
+}
+
+#[test]
+fn windows_count_and_decide() {
+    let e = engine();
+    let a = e.decide(&tx("1", "c1", 400, T0), T0);
+    assert_eq!(a.decision.action, crate::Action::Approve);
+    e.decide(&tx("2", "c1", 400, T0 + 10_000), T0);
+    let c = e.decide(&tx("3", "c1", 400, T0 + 20_000), T0);
+    assert_eq!(c.decision.action, crate::Action::Hold);
+    assert_eq!(feature(&c, "burst", "card_txn_1m"), Some(3.into()));
+    assert_eq!(feature(&c, "spend", "card_amount_1h"), Some("1200".into()));
+    assert_eq!(c.decision.score, 60);
+    // 60 s after the first: (t-60s, t] excludes it.
+    let d = e.decide(&tx("4", "c1", 1, T0 + 60_000), T0);
+    assert_eq!(
+        d.decision
+            .rules
+            .iter()
+            .find(|r| r.id == "burst")
+            .map(|r| r.values["card_txn_1m"].clone()),
+        Some(3.into())
+    );
+}
+
+#[test]
+fn retries_return_the_original_and_count_once() {
+    let e = engine();
+    let first = e.decide(&tx("r1", "c2", 600, T0), T0);
+    let again = e.decide(&tx("r1", "c2", 600, T0), T0 + 1_000);
+    assert!(again.duplicate);
+    assert!(Arc::ptr_eq(&first.decision, &again.decision));
+    // Only one 600 counted.
+    let next = e.decide(&tx("r2", "c2", 500, T0 + 1), T0);
+    assert_eq!(
+        feature(&next, "spend", "card_amount_1h"),
+        Some("1100".into())
+    );
+    // After the horizon the id is new again.
+    let cfg = EngineConfig {
+        dedupe_horizon: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let e = engine_with(cfg);
+    e.decide(&tx("r1", "c3", 1, T0), T0);
+    assert!(e.decide(&tx("r1", "c3", 1, T0), T0 + 60_000).duplicate);
+    assert!(!e.decide(&tx("r1", "c3", 1, T0), T0 + 60_001).duplicate);
+}
+
+#[test]
+fn missing_key_field_leaves_window_unknown() {
+    let e = engine();
+    for (i, card) in ["a", "b", "c"].iter().enumerate() {
+        let mut t = tx(&format!("d{i}"), card, 1, T0);
+        t.device = Some("dev".into());
+        let o = e.decide(&t, T0);
+        if i == 2 {
+            assert_eq!(o.decision.action, crate::Action::Reject);
+            assert_eq!(
+                feature(&o, "shared_device", "device_cards_1h"),
+                Some(3.into())
+            );
+        }
+    }
+    // No device: the device window is unknown, the rule cannot fire.
+    let o = e.decide(&tx("nodev", "d", 1, T0), T0);
+    assert!(o.decision.rules.iter().all(|r| r.id != "shared_device"));
+}
+
+#[test]
+fn no_ts_uses_receive_time() {
+    let e = engine();
+    let mut t = tx("now", "c9", 1, 0);
+    t.ts_ms = None;
+    let o = e.decide(&t, T0 + 5);
+    assert_eq!(o.decision.ts, T0 + 5);
+}
+
+#[test]
+fn too_late_events_are_decided_but_add_nothing() {
+    let e = engine();
+    e.decide(&tx("n", "c4", 700, T0 + 7_200_000), T0);
+    let late = e.decide(&tx("old", "c4", 700, T0), T0);
+    assert!(late.too_late);
+    let next = e.decide(&tx("n2", "c4", 400, T0 + 7_200_001), T0);
+    assert_eq!(
+        feature(&next, "spend", "card_amount_1h"),
+        Some("1100".into())
+    );
+}
+
+#[test]
+fn entity_keys_are_not_stored_in_clear() {
+    let e = engine();
+    e.decide(&tx("k", "4111111111111111", 1, T0), T0);
+    let rs = e.rules();
+    let gi = rs
+        .groups
+        .iter()
+        .position(|g| g.signature == "card")
+        .unwrap();
+    let store = &e.stores()[gi];
+    let key = *store.map.iter().next().unwrap().key();
+    assert_eq!(key, e.config().hash_key.hash_str("4111111111111111"));
+    assert_ne!(
+        key,
+        crate::keyhash::HashKey::from_secret("other").hash_str("4111111111111111")
+    );
+    let json = e
+        .decide(&tx("k", "4111111111111111", 1, T0), T0)
+        .decision
+        .to_json();
+    assert!(!json.contains("4111111111111111"), "{json}");
+    assert!(json.contains("411111******1111"));
+}
+
+#[test]
+fn idle_keys_and_old_ids_are_evicted() {
+    let e = engine();
+    for i in 0..100 {
+        e.decide(&tx(&format!("e{i}"), &format!("card{i}"), 1, T0), T0);
+    }
+    let keys = |e: &Engine| e.stats().groups.iter().map(|g| g.1).sum::<usize>();
+    assert_eq!(keys(&e), 100);
+    // Within the longest window (1h) plus the lateness allowance (5m) nothing goes.
+    assert_eq!(e.evict_idle(T0 + 900_000), Evicted { keys: 0, dedupe: 0 });
+    // Past the dedupe horizon (15m) the ids go.
+    assert_eq!(
+        e.evict_idle(T0 + 3_600_000),
+        Evicted {
+            keys: 0,
+            dedupe: 100
+        }
+    );
+    let ev = e.evict_idle(T0 + 3_900_001);
+    assert_eq!(ev.keys, 100);
+    assert_eq!(keys(&e), 0);
+}
+
+#[test]
+fn concurrent_decisions_count_exactly() {
+    let e = Arc::new(engine());
+    let threads = 4;
+    let per = 500;
+    std::thread::scope(|s| {
+        for th in 0..threads {
+            let e = e.clone();
+            s.spawn(move || {
+                for i in 0..per {
+                    // All threads hit the same card and some shared ids (retries).
+                    let id = if i % 10 == 0 {
+                        format!("shared{i}")
+                    } else {
+                        format!("t{th}-{i}")
+                    };
+                    e.decide(&tx(&id, "hot", 1, T0 + i as i64), T0);
+                }
+            });
+        }
+    });
+    let unique = threads * per - (threads - 1) * (per / 10);
+    let o = e.decide(&tx("final", "hot", 2000, T0 + per as i64), T0);
+    let want = Decimal::from(unique as i64 + 2000).to_string();
+    assert_eq!(feature(&o, "spend", "card_amount_1h"), Some(want.into()));
+}
+
+#[test]
+fn local_time_helpers_use_the_zone() {
+    let text = r#"
+[ruleset]
+version = "tz"
+hold_at = 50
+reject_at = 100
+[[rule]]
+id = "night"
+description = "night"
+when = "local_hour < 6 and local_weekday == 5"
+action = "hold"
+"#;
+    let cfg = EngineConfig {
+        timezone: chrono_tz::Europe::Berlin,
+        ..Default::default()
+    };
+    let rs = compile(
+        vec![SourceFile {
+            name: "t/r.toml".into(),
+            text: text.into(),
+        }],
+        &|_| Err(std::io::Error::other("none")),
+        &cfg,
+    )
+    .unwrap();
+    let e = Engine::new(rs, cfg);
+    // 2026-11-26 (Thursday) 23:30 UTC is Friday 00:30 in Berlin.
+    let ts = chrono::DateTime::parse_from_rfc3339("2026-11-26T23:30:00Z")
+        .unwrap()
+        .timestamp_millis();
+    let o = e.decide(&tx("tz", "c", 1, ts), ts);
+    assert_eq!(o.decision.action, crate::Action::Hold);
+    assert_eq!(o.decision.rules[0].values["local_hour"], 0);
+}

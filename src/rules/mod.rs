@@ -287,11 +287,51 @@ struct Loader<'a> {
     diags: Vec<Diagnostic>,
 }
 
-/// Offset of the text of a TOML string value inside the file, when it can be found verbatim
-/// (no escapes): then expression spans map exactly onto the file.
-fn value_base(text: &str, span: &std::ops::Range<usize>, value: &str) -> Option<usize> {
+/// File offset of every byte position `0..=value.len()` of a TOML string value, so that
+/// spans inside an expression map exactly onto the file, escapes included. `None` when the
+/// mapping cannot be worked out (the caller then points at the whole string).
+fn value_offsets(text: &str, span: &std::ops::Range<usize>, value: &str) -> Option<Vec<usize>> {
     let raw = text.get(span.clone())?;
-    raw.find(value).map(|i| span.start + i)
+    if let Some(i) = raw.find(value) {
+        // Verbatim (literal strings, or basic strings without escapes).
+        return Some((0..=value.len()).map(|k| span.start + i + k).collect());
+    }
+    // A single-line basic string with escapes: walk it.
+    let body = raw.strip_prefix('"')?;
+    if body.starts_with("\"\"") {
+        return None;
+    }
+    let bytes = body.as_bytes();
+    let mut table = Vec::with_capacity(value.len() + 1);
+    let mut i = 0;
+    while table.len() < value.len() {
+        let at = span.start + 1 + i;
+        let (raw_len, val_len) = if bytes.get(i) == Some(&b'\\') {
+            match bytes.get(i + 1)? {
+                b'u' => (
+                    6,
+                    char::from_u32(u32::from_str_radix(body.get(i + 2..i + 6)?, 16).ok()?)?
+                        .len_utf8(),
+                ),
+                b'U' => (
+                    10,
+                    char::from_u32(u32::from_str_radix(body.get(i + 2..i + 10)?, 16).ok()?)?
+                        .len_utf8(),
+                ),
+                _ => (2, 1),
+            }
+        } else {
+            let ch = body.get(i..)?.chars().next()?;
+            (ch.len_utf8(), ch.len_utf8())
+        };
+        for _ in 0..val_len {
+            table.push(at);
+        }
+        i += raw_len;
+    }
+    table.truncate(value.len());
+    table.push(span.start + 1 + i);
+    Some(table)
 }
 
 /// Compiles rule files. `read` loads list files named in them (relative to the rule file).
@@ -776,11 +816,11 @@ impl Loader<'_> {
         scope: &Scope<'_>,
     ) -> Option<(BoolFn, Vec<(String, Reader)>)> {
         let text = src.get_ref();
-        let base = value_base(&self.files[fi].text, &src.span(), text);
+        let offsets = value_offsets(&self.files[fi].text, &src.span(), text);
         let whole = src.span();
-        let map = |s: std::ops::Range<usize>| match base {
-            Some(b) => b + s.start..b + s.end,
-            None => whole.clone(),
+        let map = |s: std::ops::Range<usize>| match &offsets {
+            Some(t) if s.end < t.len() => t[s.start]..t[s.end],
+            _ => whole.clone(),
         };
         let ast = match syntax::parse(text) {
             Ok(a) => a,
@@ -793,16 +833,14 @@ impl Loader<'_> {
         let mut c = ExprCompiler {
             scope,
             file: fi,
-            base: base.unwrap_or(0),
+            base: 0,
             diags: Vec::new(),
             reads: Vec::new(),
             key: self.key,
         };
         let f = c.condition(&ast);
         for mut d in c.diags {
-            if base.is_none() {
-                d.span = whole.clone();
-            }
+            d.span = map(d.span.clone());
             self.diags.push(d);
         }
         f.map(|f| (f, c.reads))

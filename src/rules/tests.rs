@@ -1,1 +1,380 @@
+use super::*;
+use crate::txn::Transaction;
 
+const HEADER: &str = r#"
+[ruleset]
+version = "t1"
+hold_at = 50
+reject_at = 100
+
+[attrs]
+merchant_age_days = "number"
+phone_match = "bool"
+channel = "string"
+"#;
+
+fn files(body: &str) -> Vec<SourceFile> {
+    vec![SourceFile {
+        name: "r/a.toml".into(),
+        text: format!("{HEADER}{body}"),
+    }]
+}
+
+fn no_lists(_: &str) -> std::io::Result<String> {
+    Err(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        "no such file",
+    ))
+}
+
+fn compile_ok(body: &str) -> RuleSet {
+    match compile(files(body), &no_lists, &EngineConfig::default()) {
+        Ok(rs) => rs,
+        Err(e) => panic!("{}", e.render()),
+    }
+}
+
+fn compile_err(body: &str) -> LoadError {
+    match compile(files(body), &no_lists, &EngineConfig::default()) {
+        Ok(_) => panic!("expected errors for {body}"),
+        Err(e) => e,
+    }
+}
+
+fn rule(when: &str) -> String {
+    format!("[[rule]]\nid = \"r\"\ndescription = \"d\"\nwhen = \"{when}\"\naction = \"hold\"\n")
+}
+
+/// Evaluates the single rule's condition on a transaction with no window features.
+fn eval(rs: &RuleSet, t: &Transaction) -> Tri {
+    let key = crate::keyhash::HashKey::default();
+    let attrs: Vec<Option<&AttrValue>> = rs.attrs.iter().map(|(n, _)| t.attr(n)).collect();
+    let ints = vec![None; rs.int_features];
+    let decs = vec![None; rs.dec_features];
+    let ctx = Ctx {
+        txn: t,
+        ts_ms: 0,
+        currency: "EUR",
+        attrs: &attrs,
+        ints: &ints,
+        decs: &decs,
+        local_hour: 3,
+        local_weekday: 4,
+        key: &key,
+    };
+    (rs.rules[0].when)(&ctx)
+}
+
+fn txn() -> Transaction {
+    let mut t = Transaction::new("t", "4111111111111111", Decimal::new(150050, 2));
+    t.merchant = Some("m1".into());
+    t.mcc = Some(7995);
+    t.attrs = vec![
+        ("channel".into(), AttrValue::Str("ecom".into())),
+        (
+            "merchant_age_days".into(),
+            AttrValue::Num(Decimal::new(12, 0)),
+        ),
+    ];
+    t
+}
+
+#[test]
+fn evaluates_expressions() {
+    let t = txn();
+    let cases = [
+        ("amount > 1500", Tri::True),
+        ("amount > 1500.50", Tri::False),
+        ("amount >= 1500.5", Tri::True),
+        ("1000 < amount", Tri::True),
+        ("amount * 2 == 3001", Tri::True),
+        ("amount / 3 > 500.16", Tri::True),
+        ("7 / 2 == 3.5", Tri::True),
+        ("7 % 2 == 1", Tri::True),
+        ("-amount < 0", Tri::True),
+        ("mcc in [7995, 6051]", Tri::True),
+        ("mcc not in [7995, 6051]", Tri::False),
+        ("merchant in ['m1', 'm2']", Tri::True),
+        ("merchant == 'm2'", Tri::False),
+        ("merchant != 'm2'", Tri::True),
+        ("attrs.channel == 'ecom'", Tri::True),
+        ("attrs.merchant_age_days < 30", Tri::True),
+        ("local_hour < 6 and local_weekday == 4", Tri::True),
+        ("currency == 'EUR'", Tri::True),
+        // Missing values: unknown, and three-valued logic.
+        ("device == 'd1'", Tri::Unknown),
+        ("device != 'd1'", Tri::Unknown),
+        ("region in ['DE']", Tri::Unknown),
+        ("attrs.phone_match == false", Tri::Unknown),
+        ("not attrs.phone_match", Tri::Unknown),
+        ("attrs.phone_match or amount > 1", Tri::True),
+        ("attrs.phone_match and amount > 1", Tri::Unknown),
+        ("attrs.phone_match and amount < 1", Tri::False),
+        ("present(attrs.phone_match)", Tri::False),
+        ("not present(device)", Tri::True),
+        ("present(amount)", Tri::True),
+        // Division by zero and overflow are unknown, never a crash.
+        ("amount / 0 > 1", Tri::Unknown),
+        ("9223372036854775807 + 1 > 0", Tri::Unknown),
+        ("true and not false", Tri::True),
+        ("'a' == 'a'", Tri::True),
+        ("'a' in ['b']", Tri::False),
+    ];
+    for (when, want) in cases {
+        let rs = compile_ok(&rule(when));
+        assert_eq!(eval(&rs, &t), want, "{when}");
+    }
+}
+
+#[test]
+fn attr_of_wrong_type_is_missing() {
+    let rs = compile_ok(&rule("attrs.merchant_age_days < 30"));
+    let mut t = txn();
+    t.attrs = vec![("merchant_age_days".into(), AttrValue::Str("12".into()))];
+    // eval() does not filter by type; the engine does (resolve_attrs). Check the
+    // compiled closure itself treats a string as unknown.
+    assert_eq!(eval(&rs, &t), Tri::Unknown);
+}
+
+#[test]
+fn reports_what_a_fired_rule_read() {
+    let rs = compile_ok(&rule(
+        "amount > 10 and card in ['x'] or attrs.channel == 'ecom'",
+    ));
+    let names: Vec<&str> = rs.rules[0].reads.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["amount", "card", "attrs.channel"]);
+}
+
+#[test]
+fn windows_share_groups_and_slots() {
+    let rs = compile_ok(
+        r#"
+[windows]
+a = { agg = "count", by = "card", over = "1h" }
+b = { agg = "count", by = "card", over = "24h" }
+c = { agg = "sum", of = "amount", by = "card", over = "24h" }
+d = { agg = "count", by = ["merchant", "card"], over = "2m" }
+e = { agg = "count", by = ["card", "merchant"], over = "5m" }
+f = { agg = "count", by = "card", over = "10m", where = "amount <  2" }
+g = { agg = "count", by = "card", over = "1h", where = "amount < 2" }
+[[rule]]
+id = "r"
+description = "d"
+when = "a > 1 or b > 1 or c > 1 or d > 1 or e > 1 or f > 1 or g > 1"
+score = 1
+"#,
+    );
+    assert_eq!(rs.groups.len(), 2);
+    let card = rs.groups.iter().find(|g| g.signature == "card").unwrap();
+    // count, count where amount < 2 (whitespace-normalised), sum amount.
+    assert_eq!(card.counts.len(), 2);
+    assert_eq!(card.sums.len(), 1);
+    assert_eq!(card.layout.max_window, 86_400);
+    assert!(rs.groups.iter().any(|g| g.signature == "card,merchant"));
+    assert_eq!(rs.int_features, 6);
+    assert_eq!(rs.dec_features, 1);
+}
+
+#[test]
+fn version_is_label_plus_content_hash() {
+    let a = compile_ok(&rule("amount > 1"));
+    let b = compile_ok(&rule("amount > 2"));
+    assert!(a.version.starts_with("t1+"));
+    assert_ne!(a.version, b.version);
+    assert_eq!(a.version, compile_ok(&rule("amount > 1")).version);
+}
+
+#[test]
+fn list_files_are_read_relative_and_hashed() {
+    let body = r#"
+[lists]
+bad = { file = "lists/bad.txt" }
+codes = { file = "codes.txt", type = "int" }
+[[rule]]
+id = "r"
+description = "d"
+when = "card in bad and mcc in codes"
+action = "block"
+"#;
+    let read = |p: &str| -> std::io::Result<String> {
+        match p {
+            "r/lists/bad.txt" => Ok("# comment\n4111111111111111  # trailing\n\n".into()),
+            "r/codes.txt" => Ok("7995\n6051\n".into()),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                p.to_string(),
+            )),
+        }
+    };
+    let rs = compile(files(body), &read, &EngineConfig::default()).unwrap();
+    assert_eq!(rs.lists["bad"], 1);
+    assert_eq!(rs.lists["codes"], 2);
+    assert_eq!(eval(&rs, &txn()), Tri::True);
+    // The version covers list files too.
+    let read2 = |p: &str| -> std::io::Result<String> {
+        match p {
+            "r/lists/bad.txt" => Ok("4111111111111112\n".into()),
+            other => read(other),
+        }
+    };
+    let rs2 = compile(files(body), &read2, &EngineConfig::default()).unwrap();
+    assert_ne!(rs.version, rs2.version);
+    assert_eq!(eval(&rs2, &txn()), Tri::False);
+}
+
+fn codes(e: &LoadError) -> Vec<&'static str> {
+    e.diagnostics.iter().map(|d| d.code).collect()
+}
+
+#[test]
+fn errors_are_all_reported_with_positions() {
+    let e = compile_err(
+        r#"
+[windows]
+w1 = { agg = "count", by = "card", over = "10x" }
+w2 = { agg = "sum", of = "merchant", by = "card", over = "1h" }
+[[rule]]
+id = "a"
+description = "d"
+when = "amout > 5"
+action = "reject"
+[[rule]]
+id = "b"
+description = "d"
+when = "amount > \"abc\""
+action = "hold"
+[[rule]]
+id = "a"
+description = "d"
+when = "amount > 1"
+action = "hold"
+[[rule]]
+id = "c"
+description = "d"
+when = "region in risky"
+action = "hold"
+[[rule]]
+id = "d"
+description = "d"
+when = "amount >"
+action = "rejct"
+"#,
+    );
+    let c = codes(&e);
+    for want in [
+        "bad-duration",
+        "type-mismatch",
+        "unknown-identifier",
+        "duplicate-rule",
+        "bad-action",
+    ] {
+        assert!(c.contains(&want), "missing {want} in {c:?}\n{}", e.render());
+    }
+    let text = e.render();
+    assert!(text.contains("did you mean `amount`?"), "{text}");
+    assert!(text.contains("r/a.toml:"), "{text}");
+    assert!(text.contains("^"), "{text}");
+    // The caret is under `amout` exactly.
+    let d = e
+        .diagnostics
+        .iter()
+        .find(|d| d.message.contains("amout"))
+        .unwrap();
+    let src = &e.files[0].text;
+    assert_eq!(&src[d.span.clone()], "amout");
+}
+
+#[test]
+fn type_errors() {
+    for (when, needle) in [
+        ("amount > 'abc'", "cannot compare a decimal with a string"),
+        ("merchant > 'a'", "cannot order string values"),
+        ("amount", "must be true or false"),
+        ("amount and true", "needs true or false"),
+        ("merchant + 1 > 2", "needs numbers"),
+        (
+            "mcc in ['a']",
+            "cannot look up a integer in a list of strings",
+        ),
+        ("mcc in 5", "must be a list"),
+        ("present()", "takes 1 argument"),
+        ("hour() > 1", "unknown function"),
+        ("attrs.chanel == 'x'", "unknown attribute"),
+        ("[1, 'a'] == 1", "mixes strings and numbers"),
+        ("not amount", "`not` needs true or false"),
+    ] {
+        let e = compile_err(&rule(when));
+        let text = e.render();
+        assert!(text.contains(needle), "{when}: {text}");
+    }
+}
+
+#[test]
+fn structural_errors() {
+    let cases = [
+        ("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"amount > 1\"\n", "no-effect"),
+        ("[[rule]]\nid = \"x y\"\ndescription = \"d\"\nwhen = \"amount > 1\"\nscore = 1\n", "bad-name"),
+        ("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"amount > 1\"\nscore = 1\nmode = \"dry\"\n", "bad-mode"),
+        ("[windows]\nw = { agg = \"avg\", by = \"card\", over = \"1h\" }\n", "bad-window"),
+        ("[windows]\nw = { agg = \"count\", by = \"crad\", over = \"1h\" }\n", "unknown-identifier"),
+        ("[windows]\nw = { agg = \"count\", by = \"card\", over = \"1500ms\" }\n", "bad-duration"),
+        ("[windows]\nw = { agg = \"count\", by = \"card\", over = \"1h\", where = \"w > 1\" }\n", "unknown-identifier"),
+        ("[windows]\namount = { agg = \"count\", by = \"card\", over = \"1h\" }\n", "bad-name"),
+        ("x = \"float\"\n", "bad-attr-type"),
+        ("[ruleset]\nversion = \"x\"\nhold_at = 1\nreject_at = 2\n", "toml"),
+        ("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"amount > 1\"\nacton = \"hold\"\n", "toml"),
+        ("[lists]\nl = { file = \"missing.txt\" }\n", "list-file"),
+    ];
+    for (body, code) in cases {
+        let e = compile_err(body);
+        assert!(
+            codes(&e).contains(&code),
+            "{body}: {:?}\n{}",
+            codes(&e),
+            e.render()
+        );
+    }
+}
+
+#[test]
+fn ruleset_table_rules() {
+    let two = vec![
+        SourceFile {
+            name: "r/a.toml".into(),
+            text: format!("{HEADER}{}", rule("amount > 1")),
+        },
+        SourceFile {
+            name: "r/b.toml".into(),
+            text: "[ruleset]\nversion = \"x\"\nhold_at = 1\nreject_at = 2\n".into(),
+        },
+    ];
+    let e = compile(two, &no_lists, &EngineConfig::default()).unwrap_err();
+    assert_eq!(codes(&e), ["duplicate-ruleset"]);
+    let none = vec![SourceFile {
+        name: "r/a.toml".into(),
+        text: rule("amount > 1"),
+    }];
+    let e = compile(none, &no_lists, &EngineConfig::default()).unwrap_err();
+    assert_eq!(codes(&e), ["missing-ruleset"]);
+    let bad = vec![SourceFile {
+        name: "r/a.toml".into(),
+        text: format!(
+            "[ruleset]\nversion = \"x\"\nhold_at = 100\nreject_at = 50\n{}",
+            rule("amount > 1")
+        ),
+    }];
+    let e = compile(bad, &no_lists, &EngineConfig::default()).unwrap_err();
+    assert_eq!(codes(&e), ["bad-threshold"]);
+}
+
+#[test]
+fn spans_map_through_escapes() {
+    let e = compile_err("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"merchant == \\\"\\u00e9\\\" and amout > 1\"\naction = \"hold\"\n");
+    let d = &e.diagnostics[0];
+    let src = &e.files[0].text;
+    assert_eq!(&src[d.span.clone()], "amout", "{}", e.render());
+    // Multi-line literal strings are verbatim.
+    let e = compile_err("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \'\'\'\namount > 1\nand amout > 1\'\'\'\naction = \"hold\"\n");
+    let d = &e.diagnostics[0];
+    assert_eq!(&e.files[0].text[d.span.clone()], "amout", "{}", e.render());
+}
