@@ -1,1 +1,394 @@
-fn main() {}
+//! Engine benchmarks. Run: `cargo bench --bench engine --features bench-zen`
+//! (without the feature the zen-expression comparison is skipped).
+//!
+//! - `rules/15/fraudgate` vs `rules/15/zen`: the same 15 conditions on the same
+//!   transaction and feature values, in one run.
+//! - `decide/default_rules/{1,2}_threads`: full `decide()` with the shipped rules over a
+//!   realistic key mix (100k cards, 50k devices, 5k merchants, 40 regions), per decision.
+//! - `window/add_and_query`: one window update plus queries on a warm key.
+
+use std::hint::black_box;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use rust_decimal::Decimal;
+
+use fraudgate::keyhash::HashKey;
+use fraudgate::rules::{compile, Ctx, SourceFile, Tri};
+use fraudgate::txn::{AttrValue, Transaction};
+use fraudgate::window::{Contribution, KeyState, Layout};
+use fraudgate::{Engine, EngineConfig};
+
+/// The 15 conditions, in our language and in zen's.
+const RULES: [(&str, &str); 15] = [
+    ("amount > 10000", "amount > 10000"),
+    ("card_amount_24h > 20000", "card_amount_24h > 20000"),
+    (
+        "mcc in high_risk_mcc and amount > 1000",
+        "mcc in [7995, 6051, 6211, 4829, 5967] and amount > 1000",
+    ),
+    (
+        "mcc in high_risk_mcc",
+        "mcc in [7995, 6051, 6211, 4829, 5967]",
+    ),
+    (
+        "mcc in medium_risk_mcc and amount > 2000",
+        "mcc in [5732, 5944, 4722, 5816] and amount > 2000",
+    ),
+    (
+        "attrs.merchant_age_days < 30 and amount > 2000",
+        "merchant_age_days < 30 and amount > 2000",
+    ),
+    (
+        "attrs.merchant_age_days < 90 and amount > 500",
+        "merchant_age_days < 90 and amount > 500",
+    ),
+    (
+        "region in high_risk_regions",
+        "region in ['XA', 'XB', 'XC', 'XD']",
+    ),
+    ("attrs.ip_country != region", "ip_country != region"),
+    ("card_merchants_10m >= 5", "card_merchants_10m >= 5"),
+    (
+        "card_merchant_amount_2m >= 2",
+        "card_merchant_amount_2m >= 2",
+    ),
+    ("device_cards_24h >= 4", "device_cards_24h >= 4"),
+    (
+        "card_tiny_txn_10m >= 4 and amount < 2",
+        "card_tiny_txn_10m >= 4 and amount < 2",
+    ),
+    (
+        "merchant_txn_5m >= 30 and merchant_txn_5m * 12 > 3 * merchant_txn_1h",
+        "merchant_txn_5m >= 30 and merchant_txn_5m * 12 > 3 * merchant_txn_1h",
+    ),
+    (
+        "local_hour < 6 and amount > 1000",
+        "local_hour < 6 and amount > 1000",
+    ),
+];
+
+fn bench_rule_set() -> String {
+    let mut s = String::from(
+        r#"
+[ruleset]
+version = "bench"
+hold_at = 50
+reject_at = 100
+[attrs]
+merchant_age_days = "number"
+ip_country = "string"
+[lists]
+high_risk_mcc = [7995, 6051, 6211, 4829, 5967]
+medium_risk_mcc = [5732, 5944, 4722, 5816]
+high_risk_regions = ["XA", "XB", "XC", "XD"]
+[windows]
+card_amount_24h = { agg = "sum", of = "amount", by = "card", over = "24h" }
+card_merchants_10m = { agg = "distinct", of = "merchant", by = "card", over = "10m" }
+card_merchant_amount_2m = { agg = "count", by = ["card", "merchant", "amount"], over = "2m" }
+device_cards_24h = { agg = "distinct", of = "card", by = "device", over = "24h" }
+card_tiny_txn_10m = { agg = "count", by = "card", over = "10m", where = "amount < 2" }
+merchant_txn_5m = { agg = "count", by = "merchant", over = "5m" }
+merchant_txn_1h = { agg = "count", by = "merchant", over = "1h" }
+"#,
+    );
+    for (i, (ours, _)) in RULES.iter().enumerate() {
+        s += &format!(
+            "[[rule]]\nid = \"r{i}\"\ndescription = \"d\"\nwhen = \"{ours}\"\nscore = 10\n"
+        );
+    }
+    s
+}
+
+/// Feature values used by both sides.
+const FEATURES: [(&str, i64); 8] = [
+    ("card_amount_24h", 3_000),
+    ("card_merchants_10m", 2),
+    ("card_merchant_amount_2m", 1),
+    ("device_cards_24h", 1),
+    ("card_tiny_txn_10m", 0),
+    ("merchant_txn_5m", 12),
+    ("merchant_txn_1h", 140),
+    ("local_hour", 14),
+];
+
+fn rules_bench(c: &mut Criterion) {
+    let cfg = EngineConfig::default();
+    let rs = compile(
+        vec![SourceFile {
+            name: "bench/r.toml".into(),
+            text: bench_rule_set(),
+        }],
+        &|_| Err(std::io::Error::other("no list files")),
+        &cfg,
+    )
+    .unwrap_or_else(|e| panic!("{}", e.render()));
+    let mut t = Transaction::new("t1", "4111111111111111", Decimal::new(150_050, 2));
+    t.mcc = Some(7995);
+    t.region = Some("XB".into());
+    t.attrs = vec![
+        ("ip_country".into(), AttrValue::Str("DE".into())),
+        (
+            "merchant_age_days".into(),
+            AttrValue::Num(Decimal::from(120)),
+        ),
+    ];
+    let mut ints = vec![None; rs.int_features];
+    let mut decs = vec![None; rs.dec_features];
+    for w in &rs.windows {
+        let v = FEATURES.iter().find(|f| f.0 == w.name).unwrap().1;
+        if matches!(w.read, fraudgate::rules::WindowRead::Sum(_)) {
+            decs[w.feature] = Some(Decimal::from(v));
+        } else {
+            ints[w.feature] = Some(v);
+        }
+    }
+    let key = HashKey::default();
+    let mut g = c.benchmark_group("rules/15");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("fraudgate", |b| {
+        b.iter(|| {
+            let t = black_box(&t);
+            let attrs: [Option<&AttrValue>; 2] =
+                [t.attr("ip_country"), t.attr("merchant_age_days")];
+            let ctx = Ctx {
+                txn: t,
+                ts_ms: 0,
+                currency: "EUR",
+                attrs: &attrs,
+                ints: &ints,
+                decs: &decs,
+                local_hour: 14,
+                local_weekday: 4,
+                key: &key,
+            };
+            let mut fired = 0u32;
+            for r in &rs.rules {
+                if (r.when)(&ctx) == Tri::True {
+                    fired += 1;
+                }
+            }
+            fired
+        })
+    });
+    #[cfg(feature = "bench-zen")]
+    {
+        use zen_expression::{Isolate, Scope, Variable};
+        let mut ctx = serde_json::json!({
+            "amount": 1500.5, "mcc": 7995, "region": "XB",
+            "ip_country": "DE", "merchant_age_days": 120,
+        });
+        for (k, v) in FEATURES {
+            ctx[k] = v.into();
+        }
+        let var: Variable = ctx.into();
+        let mut iso = Isolate::new();
+        let compiled: Vec<_> = RULES
+            .iter()
+            .map(|(_, z)| iso.compile_standard(z).expect(z))
+            .collect();
+        // Same answers on both sides before timing anything.
+        let mut vm = zen_expression::vm::VM::new();
+        let scope = Scope::new(var.clone());
+        let zen_fired: Vec<bool> = compiled
+            .iter()
+            .map(|e| e.evaluate_with_scope(&scope, &mut vm).unwrap() == Variable::Bool(true))
+            .collect();
+        let key = HashKey::default();
+        let attrs: [Option<&AttrValue>; 2] = [t.attr("ip_country"), t.attr("merchant_age_days")];
+        let ctx = Ctx {
+            txn: &t,
+            ts_ms: 0,
+            currency: "EUR",
+            attrs: &attrs,
+            ints: &ints,
+            decs: &decs,
+            local_hour: 14,
+            local_weekday: 4,
+            key: &key,
+        };
+        let ours: Vec<bool> = rs
+            .rules
+            .iter()
+            .map(|r| (r.when)(&ctx) == Tri::True)
+            .collect();
+        assert_eq!(ours, zen_fired, "both engines must agree before timing");
+        assert!(ours.iter().filter(|&&f| f).count() >= 4, "{ours:?}");
+        g.bench_function("zen", |b| {
+            b.iter(|| {
+                let scope = Scope::new(black_box(&var).clone());
+                let mut fired = 0u32;
+                for e in &compiled {
+                    if e.evaluate_with_scope(&scope, &mut vm).unwrap() == Variable::Bool(true) {
+                        fired += 1;
+                    }
+                }
+                fired
+            })
+        });
+    }
+    g.finish();
+}
+
+/// Deterministic xorshift generator: the bench needs no `rand`.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    /// Skewed pick in 0..n: small indexes are much more popular (approximately Zipf).
+    fn skewed(&mut self, n: u64) -> u64 {
+        let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        ((n as f64).powf(u) - 1.0) as u64 % n
+    }
+}
+
+const T0: i64 = 1_795_687_200_000;
+
+/// A realistic mix: 100k cards, 50k devices, 5k merchants, 40 regions, one transaction per
+/// millisecond of event time.
+pub fn transactions(n: usize, seed: u64, start_ms: i64) -> Vec<Transaction> {
+    let mut r = Rng(seed | 1);
+    let mccs = [5411, 5812, 5541, 5999, 5732, 4722, 7995, 5944];
+    (0..n)
+        .map(|i| {
+            let card = r.below(100_000);
+            let mut t = Transaction::new(
+                format!("tx-{seed}-{i}"),
+                format!("4{:015}", card * 7_919 % 1_000_000_000_000_000),
+                Decimal::new(
+                    (r.below(20_000) + 1) as i64 * if r.below(10) == 0 { 100 } else { 1 },
+                    2,
+                ),
+            );
+            t.ts_ms = Some(start_ms + i as i64);
+            t.device = Some(format!("dev-{}", (card / 2 + r.below(2)) % 50_000));
+            t.merchant = Some(format!("mer-{}", r.skewed(5_000)));
+            t.region = Some(format!("R{}", r.skewed(40)));
+            t.mcc = Some(mccs[r.below(mccs.len() as u64) as usize]);
+            t.attrs = vec![
+                ("address_match".into(), AttrValue::Bool(r.below(50) != 0)),
+                (
+                    "channel".into(),
+                    AttrValue::Str(if r.below(2) == 0 { "ecom" } else { "pos" }.into()),
+                ),
+                (
+                    "device_age_days".into(),
+                    AttrValue::Num(Decimal::from(r.below(400))),
+                ),
+                (
+                    "ip_country".into(),
+                    AttrValue::Str(format!("R{}", r.skewed(40))),
+                ),
+                (
+                    "merchant_age_days".into(),
+                    AttrValue::Num(Decimal::from(r.below(2000))),
+                ),
+                ("phone_match".into(), AttrValue::Bool(r.below(50) != 0)),
+            ];
+            t
+        })
+        .collect()
+}
+
+fn decide_bench(c: &mut Criterion) {
+    let cfg = EngineConfig::default();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rs = fraudgate::load_dir(&root.join("rules"), &cfg).unwrap();
+    let engine = Arc::new(Engine::new(rs, cfg));
+    // Warm up: 300k transactions (5 minutes of event time) fill the windows.
+    let warm = transactions(300_000, 1, T0);
+    for t in &warm {
+        engine.decide(t, t.ts_ms.unwrap());
+    }
+    let start = T0 + warm.len() as i64;
+    let txns = Arc::new(transactions(1_000_000, 2, start));
+    let cursor = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut g = c.benchmark_group("decide/default_rules");
+    g.throughput(Throughput::Elements(1));
+    for threads in [1usize, 2] {
+        g.bench_function(format!("{threads}_threads"), |b| {
+            b.iter_custom(|iters| {
+                let per = (iters as usize).div_ceil(threads);
+                let t0 = Instant::now();
+                std::thread::scope(|s| {
+                    for _ in 0..threads {
+                        let (e, txns, cursor) = (&engine, &txns, &cursor);
+                        s.spawn(move || {
+                            for _ in 0..per {
+                                let i = cursor.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                let t = &txns[i % txns.len()];
+                                black_box(e.decide(t, t.ts_ms.unwrap()));
+                            }
+                        });
+                    }
+                });
+                // Wall time per decision across all threads.
+                t0.elapsed().mul_f64(iters as f64 / (per * threads) as f64)
+            })
+        });
+    }
+    g.finish();
+}
+
+fn window_bench(c: &mut Criterion) {
+    let layout = Layout {
+        counts: 2,
+        sums: 1,
+        distincts: 1,
+        max_window: 86_400,
+        lateness: 300,
+    };
+    let mut ks = KeyState::new(&layout);
+    // A warm key: 40 events over the last day.
+    for i in 0..40i64 {
+        ks.add(
+            &layout,
+            i * 2_000,
+            &Contribution {
+                counts: &[true, i % 5 == 0],
+                sums: &[Some(Decimal::new(1234 + i, 2))],
+                distincts: &[Some((i % 7) as u64)],
+            },
+        );
+    }
+    let mut b_now = 80_000i64;
+    c.bench_function("window/add_and_query", |b| {
+        b.iter(|| {
+            b_now += 1;
+            let k = &mut ks;
+            k.add(
+                &layout,
+                b_now,
+                &Contribution {
+                    counts: &[true, false],
+                    sums: &[Some(Decimal::new(999, 2))],
+                    distincts: &[Some(3)],
+                },
+            );
+            (
+                k.count(&layout, 0, b_now, 3_600),
+                k.sum(&layout, 0, b_now, 86_400),
+                k.distinct(0, b_now, 600),
+            )
+        })
+    });
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .sample_size(30);
+    targets = rules_bench, decide_bench, window_bench
+}
+criterion_main!(benches);

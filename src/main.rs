@@ -121,7 +121,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
                 match Transaction::from_json(line.as_bytes()) {
                     Ok(t) => {
-                        let now = chrono::Utc::now().timestamp_millis();
+                        // Recorded traffic: the event time is also the receive time, so the
+                        // dedupe horizon applies as it did live.
+                        let now = t
+                            .ts_ms
+                            .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
                         let o = engine.decide(&t, now);
                         writeln!(out, "{}", o.decision.to_json())?;
                     }

@@ -328,7 +328,8 @@ fn parse_attr(raw: &str) -> Option<AttrValue> {
 }
 
 /// Masks a card number as first 6 + last 4 (`411111******1111`). Short values (tokens of
-/// fewer than 13 characters) keep at most their last 4 characters.
+/// fewer than 13 characters) show at most their last 4 characters, and never more than
+/// half of them.
 pub fn mask_card(card: &str) -> String {
     let chars: Vec<char> = card.chars().collect();
     let n = chars.len();
@@ -338,7 +339,7 @@ pub fn mask_card(card: &str) -> String {
         s.extend(&chars[n - 4..]);
         s
     } else {
-        let keep = n.saturating_sub(4).max(n / 2);
+        let keep = n - (n / 2).min(4);
         let mut s: String = std::iter::repeat_n('*', keep).collect();
         s.extend(&chars[keep..]);
         s
@@ -482,7 +483,8 @@ mod tests {
         assert_eq!(mask_card("4111111111111111"), "411111******1111");
         assert_eq!(mask_card("4111111111111"), "411111***1111");
         assert_eq!(mask_card("tok_ab12"), "****ab12");
-        assert_eq!(mask_card("abc"), "*bc");
+        assert_eq!(mask_card("abc"), "**c");
+        assert_eq!(mask_card("a"), "*");
         assert_eq!(mask_card(""), "");
     }
 }

@@ -148,29 +148,90 @@ impl Ty {
             Ty::NumList => "list of numbers",
         }
     }
-}
-
-/// A set of strings, held as keyed hashes (list files may hold card numbers).
-#[derive(Debug, Default)]
-pub struct StrSet {
-    pub hashes: HashSet<KeyHash, PreHashed>,
-}
-
-impl StrSet {
-    pub fn contains(&self, key: &HashKey, s: &str) -> bool {
-        self.hashes.contains(&key.hash_str(s))
+    /// The name with its article, for messages ("an integer", "a string").
+    pub fn a(self) -> String {
+        match self {
+            Ty::Int => "an integer".into(),
+            other => format!("a {}", other.name()),
+        }
     }
 }
 
-/// A set of numbers, sorted.
+/// A set of strings. Lists from list files (which may hold card numbers) are held only as
+/// keyed hashes; small inline lists written in the rule files themselves are compared as
+/// plain strings, which is faster than hashing the probe.
+#[derive(Debug, Default)]
+pub struct StrSet {
+    pub hashes: HashSet<KeyHash, PreHashed>,
+    /// Inline lists of at most [`INLINE_PLAIN_MAX`] entries: the entries in clear.
+    pub plain: Option<Vec<Box<str>>>,
+}
+
+/// Inline string lists up to this size are compared directly.
+pub const INLINE_PLAIN_MAX: usize = 16;
+
+impl StrSet {
+    /// An inline list from a rule file.
+    pub fn inline(key: &HashKey, items: &[String]) -> StrSet {
+        let mut s = StrSet {
+            hashes: items.iter().map(|x| key.hash_str(x)).collect(),
+            plain: None,
+        };
+        if items.len() <= INLINE_PLAIN_MAX {
+            s.plain = Some(items.iter().map(|x| x.as_str().into()).collect());
+        }
+        s
+    }
+
+    pub fn len(&self) -> usize {
+        self.hashes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.hashes.is_empty()
+    }
+
+    #[inline]
+    pub fn contains(&self, key: &HashKey, s: &str) -> bool {
+        match &self.plain {
+            Some(p) => p.iter().any(|x| &**x == s),
+            None => self.hashes.contains(&key.hash_str(s)),
+        }
+    }
+}
+
+/// A set of numbers, sorted; integer members are also kept as `i64` for integer probes.
 #[derive(Debug, Default)]
 pub struct NumSet {
     pub values: Vec<Decimal>,
+    pub ints: Vec<i64>,
 }
 
 impl NumSet {
+    pub fn new(mut values: Vec<Decimal>) -> NumSet {
+        values.iter_mut().for_each(|d| *d = d.normalize());
+        values.sort();
+        values.dedup();
+        let ints = values
+            .iter()
+            .filter(|d| d.fract().is_zero())
+            .filter_map(|d| i64::try_from(*d).ok())
+            .collect();
+        NumSet { values, ints }
+    }
+
+    #[inline]
     pub fn contains(&self, d: Decimal) -> bool {
-        self.values.binary_search(&d).is_ok()
+        self.values.binary_search(&d.normalize()).is_ok()
+    }
+
+    #[inline]
+    pub fn contains_int(&self, i: i64) -> bool {
+        if self.ints.len() <= 8 {
+            self.ints.contains(&i)
+        } else {
+            self.ints.binary_search(&i).is_ok()
+        }
     }
 }
 
@@ -407,12 +468,12 @@ impl<'s> ExprCompiler<'s> {
             V::Bool(f) => (self.diags.is_empty()).then_some(f),
             V::Err => None,
             other => {
-                let ty = Self::ty(&other).map_or("?", Ty::name);
+                let ty = Self::ty(&other).map_or("?".to_string(), Ty::a);
                 self.error(
                     "type-mismatch",
                     &e.span,
-                    format!("a condition must be true or false, but this is a {ty}"),
-                    format!("this is a {ty}; compare it, e.g. `... > 0`"),
+                    format!("a condition must be true or false, but this is {ty}"),
+                    format!("this is {ty}; compare it, e.g. `... > 0`"),
                 );
                 None
             }
@@ -542,11 +603,11 @@ impl<'s> ExprCompiler<'s> {
                 })),
                 V::Err => V::Err,
                 other => {
-                    let ty = Self::ty(&other).map_or("?", Ty::name);
+                    let ty = Self::ty(&other).map_or("?".to_string(), Ty::a);
                     self.type_error(
                         &inner.span,
-                        format!("`not` needs true or false, found a {ty}"),
-                        format!("this is a {ty}"),
+                        format!("`not` needs true or false, found {ty}"),
+                        format!("this is {ty}"),
                     )
                 }
             },
@@ -561,10 +622,10 @@ impl<'s> ExprCompiler<'s> {
                 }
                 V::Err => V::Err,
                 other => {
-                    let ty = Self::ty(&other).map_or("?", Ty::name);
+                    let ty = Self::ty(&other).map_or("?".to_string(), Ty::a);
                     self.type_error(
                         &inner.span,
-                        format!("cannot negate a {ty}"),
+                        format!("cannot negate {ty}"),
                         "expected a number".into(),
                     )
                 }
@@ -599,15 +660,9 @@ impl<'s> ExprCompiler<'s> {
             );
         }
         if !strs.is_empty() {
-            let mut set = StrSet::default();
-            for s in &strs {
-                set.hashes.insert(self.key.hash_str(s));
-            }
-            V::StrList(Arc::new(set))
+            V::StrList(Arc::new(StrSet::inline(&self.key, &strs)))
         } else {
-            nums.sort();
-            nums.dedup();
-            V::NumList(Arc::new(NumSet { values: nums }))
+            V::NumList(Arc::new(NumSet::new(nums)))
         }
     }
 
@@ -689,11 +744,11 @@ impl<'s> ExprCompiler<'s> {
                     self.type_error(
                         &bad.span,
                         format!(
-                            "`{}` needs true or false on both sides, found a {}",
+                            "`{}` needs true or false on both sides, found {}",
                             op.symbol(),
-                            t.name()
+                            t.a()
                         ),
-                        format!("this is a {}", t.name()),
+                        format!("this is {}", t.a()),
                     )
                 }
             },
@@ -751,9 +806,9 @@ impl<'s> ExprCompiler<'s> {
                     format!("`{}` cannot order {} values", op.symbol(), ta.name())
                 } else {
                     format!(
-                        "cannot compare a {} with a {} using `{}`",
-                        ta.name(),
-                        tb.name(),
+                        "cannot compare {} with {} using `{}`",
+                        ta.a(),
+                        tb.a(),
                         op.symbol()
                     )
                 };
@@ -791,13 +846,13 @@ impl<'s> ExprCompiler<'s> {
             (V::Int(i), V::NumList(set)) => {
                 let f = i.into_fn();
                 V::Bool(Box::new(move |c| {
-                    wrap(Tri::opt(f(c).map(|v| set.contains(Decimal::from(v)))))
+                    wrap(Tri::opt(f(c).map(|v| set.contains_int(v))))
                 }))
             }
             (V::Dec(d), V::NumList(set)) => {
                 let f = d.into_fn();
                 V::Bool(Box::new(move |c| {
-                    wrap(Tri::opt(f(c).map(|v| set.contains(v.normalize()))))
+                    wrap(Tri::opt(f(c).map(|v| set.contains(v))))
                 }))
             }
             (va, vb) => {
@@ -805,17 +860,14 @@ impl<'s> ExprCompiler<'s> {
                 if !matches!(tb, Ty::StrList | Ty::NumList) {
                     self.type_error(
                         &b.span,
-                        format!(
-                            "the right side of `in` must be a list, found a {}",
-                            tb.name()
-                        ),
+                        format!("the right side of `in` must be a list, found {}", tb.a()),
                         "expected a list name or [..]".into(),
                     )
                 } else {
                     self.type_error(
                         &a.span,
-                        format!("cannot look up a {} in a {}", ta.name(), tb.name()),
-                        format!("this is a {}", ta.name()),
+                        format!("cannot look up {} in {}", ta.a(), tb.a()),
+                        format!("this is {}", ta.a()),
                     )
                 }
             }
@@ -829,8 +881,8 @@ impl<'s> ExprCompiler<'s> {
             let (bad, t) = if !numeric(ta) { (a, ta) } else { (b, tb) };
             return self.type_error(
                 &bad.span,
-                format!("`{}` needs numbers, found a {}", op.symbol(), t.name()),
-                format!("this is a {}", t.name()),
+                format!("`{}` needs numbers, found {}", op.symbol(), t.a()),
+                format!("this is {}", t.a()),
             );
         }
         match (op, va, vb) {

@@ -281,6 +281,8 @@ pub fn load_dir(dir: &Path, cfg: &EngineConfig) -> Result<RuleSet, LoadError> {
 pub type ReadFile<'a> = dyn Fn(&str) -> std::io::Result<String> + 'a;
 
 struct Loader<'a> {
+    /// Some expression (rule or window filter) reads local_hour / local_weekday.
+    needs_local_time: bool,
     cfg: &'a EngineConfig,
     key: HashKey,
     files: Vec<SourceFile>,
@@ -341,6 +343,7 @@ pub fn compile(
     cfg: &EngineConfig,
 ) -> Result<RuleSet, LoadError> {
     let mut l = Loader {
+        needs_local_time: false,
         cfg,
         key: cfg.hash_key,
         files,
@@ -538,9 +541,19 @@ impl Loader<'_> {
                     continue;
                 }
                 list_origin.insert(name.clone(), *fi);
+                if !valid_name(name) || name_clashes(name, &BTreeMap::new()) {
+                    self.err(
+                        "bad-name",
+                        *fi,
+                        def.span(),
+                        format!("list name `{name}` clashes with a field or keyword, or is not an identifier"),
+                        "choose another name",
+                    );
+                    continue;
+                }
                 if let Some(l) = self.list(*fi, def, read) {
                     let n = match &l {
-                        CompiledList::Str(s) => s.hashes.len(),
+                        CompiledList::Str(s) => s.len(),
                         CompiledList::Num(n) => n.values.len(),
                     };
                     list_sizes.insert(name.clone(), n);
@@ -675,7 +688,6 @@ impl Loader<'_> {
         };
         let mut rules: Vec<Rule> = Vec::new();
         let mut rule_origin: BTreeMap<String, (usize, std::ops::Range<usize>)> = BTreeMap::new();
-        let mut needs_local_time = false;
         for (fi, f) in parsed.iter() {
             for r in &f.rules {
                 let rd = r.get_ref();
@@ -762,11 +774,6 @@ impl Loader<'_> {
                 let Some((when, reads)) = self.expr(*fi, &rd.when, &scope) else {
                     continue;
                 };
-                if reads.iter().any(|(_, r)| {
-                    matches!(r, Reader::Field(Field::LocalHour | Field::LocalWeekday))
-                }) {
-                    needs_local_time = true;
-                }
                 rules.push(Rule {
                     id,
                     description: rd.description.clone(),
@@ -803,7 +810,7 @@ impl Loader<'_> {
             int_features: n_int,
             dec_features: n_dec,
             lists: list_sizes,
-            needs_local_time,
+            needs_local_time: self.needs_local_time,
             files: self.files.iter().map(|f| f.name.clone()).collect(),
         })
     }
@@ -843,6 +850,12 @@ impl Loader<'_> {
             d.span = map(d.span.clone());
             self.diags.push(d);
         }
+        if c.reads
+            .iter()
+            .any(|(_, r)| matches!(r, Reader::Field(Field::LocalHour | Field::LocalWeekday)))
+        {
+            self.needs_local_time = true;
+        }
         f.map(|f| (f, c.reads))
     }
 
@@ -854,18 +867,11 @@ impl Loader<'_> {
     ) -> Option<CompiledList> {
         match def.get_ref() {
             file::ListDef::Strings(v) => {
-                let mut s = StrSet::default();
-                for x in v {
-                    s.hashes.insert(self.key.hash_str(x));
-                }
-                Some(CompiledList::Str(Arc::new(s)))
+                Some(CompiledList::Str(Arc::new(StrSet::inline(&self.key, v))))
             }
-            file::ListDef::Ints(v) => {
-                let mut values: Vec<Decimal> = v.iter().map(|&i| Decimal::from(i)).collect();
-                values.sort();
-                values.dedup();
-                Some(CompiledList::Num(Arc::new(NumSet { values })))
-            }
+            file::ListDef::Ints(v) => Some(CompiledList::Num(Arc::new(NumSet::new(
+                v.iter().map(|&i| Decimal::from(i)).collect(),
+            )))),
             file::ListDef::File(lf) => {
                 let int = match lf.kind.as_deref() {
                     None | Some("string") => false,
@@ -935,9 +941,7 @@ impl Loader<'_> {
                     }
                 }
                 if int {
-                    nums.sort();
-                    nums.dedup();
-                    Some(CompiledList::Num(Arc::new(NumSet { values: nums })))
+                    Some(CompiledList::Num(Arc::new(NumSet::new(nums))))
                 } else {
                     Some(CompiledList::Str(Arc::new(strs)))
                 }

@@ -21,7 +21,7 @@ pub struct Expr {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ExprKind {
-    /// A number literal; `true` when written without a fraction or exponent.
+    /// A number literal; `true` when written without a fraction (no exponents).
     Num(Decimal, bool),
     Str(String),
     Bool(bool),

@@ -294,7 +294,7 @@ fn type_errors() {
         ("merchant + 1 > 2", "needs numbers"),
         (
             "mcc in ['a']",
-            "cannot look up a integer in a list of strings",
+            "cannot look up an integer in a list of strings",
         ),
         ("mcc in 5", "must be a list"),
         ("present()", "takes 1 argument"),

@@ -23,6 +23,8 @@ pub enum Distinct {
         pairs: Vec<(u64, i64)>,
         /// Number of different values in `pairs`.
         values: u32,
+        /// Compact again when `pairs` reaches this length.
+        next_compact: u32,
     },
     Approx(Box<SlidingHll>),
 }
@@ -32,6 +34,7 @@ impl Default for Distinct {
         Distinct::Exact {
             pairs: Vec::new(),
             values: 0,
+            next_compact: COMPACT_MIN,
         }
     }
 }
@@ -46,7 +49,7 @@ impl Distinct {
 
     pub fn add(&mut self, value: u64, bucket: i64) {
         match self {
-            Distinct::Exact { pairs, values } => {
+            Distinct::Exact { pairs, values, .. } => {
                 let pos = pairs.partition_point(|p| *p < (value, bucket));
                 if pairs.get(pos) == Some(&(value, bucket)) {
                     return;
@@ -70,16 +73,21 @@ impl Distinct {
     }
 
     /// Number of distinct values with an occurrence in buckets `(lo, hi]`.
+    /// O(values x log occurrences): one binary search per value group.
     pub fn count(&self, lo: i64, hi: i64) -> u64 {
         match self {
             Distinct::Exact { pairs, .. } => {
                 let mut n = 0;
-                let mut last_counted = None;
-                for &(v, b) in pairs {
-                    if b > lo && b <= hi && last_counted != Some(v) {
+                let mut start = 0;
+                while start < pairs.len() {
+                    let v = pairs[start].0;
+                    let end = start + pairs[start..].partition_point(|p| p.0 == v);
+                    let group = &pairs[start..end];
+                    let first_after_lo = group.partition_point(|p| p.1 <= lo);
+                    if group.get(first_after_lo).is_some_and(|p| p.1 <= hi) {
                         n += 1;
-                        last_counted = Some(v);
                     }
+                    start = end;
                 }
                 n
             }
@@ -87,28 +95,49 @@ impl Distinct {
         }
     }
 
-    /// Drops occurrences in buckets `<= cutoff`.
-    pub fn evict(&mut self, cutoff: i64, force: bool) {
+    /// Drops occurrences in buckets `<= cutoff` and compacts: per value, occurrences at or
+    /// before `edge` (the oldest bucket a query still needs exactly, `newest - lateness`)
+    /// collapse into the latest of them. Any query whose range ends at or after `edge` gets
+    /// the same answer: a value occurs in `(lo, hi]` iff its latest occurrence `<= hi` is
+    /// `> lo`, and compaction keeps that occurrence. Amortised: runs when the pairs have
+    /// doubled since the last time, or when `force`.
+    pub fn maintain(&mut self, cutoff: i64, edge: i64, force: bool) {
         match self {
-            Distinct::Exact { pairs, values } => {
-                let dead = pairs.iter().filter(|p| p.1 <= cutoff).count();
-                if dead > 0 && (force || dead >= 8.max(pairs.len() / 4)) {
-                    pairs.retain(|p| p.1 > cutoff);
-                    let mut n = 0u32;
-                    let mut prev = None;
-                    for p in pairs.iter() {
-                        if prev != Some(p.0) {
-                            n += 1;
-                            prev = Some(p.0);
-                        }
-                    }
-                    *values = n;
+            Distinct::Exact {
+                pairs,
+                values,
+                next_compact,
+            } => {
+                if !force && pairs.len() < *next_compact as usize {
+                    return;
                 }
+                let mut out: Vec<(u64, i64)> = Vec::with_capacity(pairs.len());
+                let mut n = 0u32;
+                let mut i = 0;
+                while i < pairs.len() {
+                    let v = pairs[i].0;
+                    let end = i + pairs[i..].partition_point(|p| p.0 == v);
+                    let group = &pairs[i..end];
+                    let old = group.partition_point(|p| p.1 <= edge);
+                    let keep_from = if old > 0 { old - 1 } else { 0 };
+                    let before = out.len();
+                    out.extend(group[keep_from..].iter().filter(|p| p.1 > cutoff));
+                    if out.len() > before {
+                        n += 1;
+                    }
+                    i = end;
+                }
+                *pairs = out;
+                *values = n;
+                *next_compact = (2 * pairs.len() as u32).max(COMPACT_MIN);
             }
-            Distinct::Approx(h) => h.evict(cutoff),
+            Distinct::Approx(h) => h.maintain(cutoff, force),
         }
     }
 }
+
+/// Smallest pair count at which an exact distinct set compacts.
+const COMPACT_MIN: u32 = 16;
 
 /// Sliding HyperLogLog: per register, the list of possible future maxima.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,12 +146,15 @@ pub struct SlidingHll {
     /// descending, so the maximum over `(lo, hi]` is the first entry after `lo`
     /// (when that entry is `<= hi`).
     regs: Vec<Vec<(i64, u8)>>,
+    /// Adds since the last eviction pass (evicting walks every register).
+    adds: u32,
 }
 
 impl SlidingHll {
     fn new() -> Self {
         SlidingHll {
             regs: vec![Vec::new(); HLL_M],
+            adds: 0,
         }
     }
 
@@ -132,6 +164,7 @@ impl SlidingHll {
     }
 
     fn add(&mut self, value: u64, bucket: i64) {
+        self.adds = self.adds.saturating_add(1);
         // The value is already a keyed 64-bit hash; mix once more so that register and
         // rank bits are independent of how the caller folded it.
         let h = mix64(value);
@@ -148,7 +181,11 @@ impl SlidingHll {
         list.insert(pos, (bucket, rho));
     }
 
-    fn evict(&mut self, cutoff: i64) {
+    fn maintain(&mut self, cutoff: i64, force: bool) {
+        if !force && self.adds < HLL_M as u32 {
+            return;
+        }
+        self.adds = 0;
         for list in &mut self.regs {
             let dead = list.partition_point(|&(b, _)| b <= cutoff);
             if dead > 0 {

@@ -29,7 +29,8 @@ pub struct Layout {
     pub distincts: usize,
     /// Longest window of the group, in buckets.
     pub max_window: i64,
-    /// Extra buckets kept behind `newest - max_window` so late events still see exact values.
+    /// Extra buckets kept behind `newest - max_window`: events up to this far behind the
+    /// key's newest event are added and see exact values; older ones are too late.
     pub lateness: i64,
 }
 
@@ -54,7 +55,8 @@ pub struct Contribution<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Added {
     Yes,
-    /// Older than every window of the key: decided, but adds nothing.
+    /// Older than the key's retention (`newest - longest window - lateness`): decided, but
+    /// adds nothing.
     TooLate,
     /// Nothing to add (all filters failed, all values missing).
     Nothing,
@@ -124,7 +126,7 @@ impl KeyState {
 
     /// Adds one event at bucket `b`.
     pub fn add(&mut self, layout: &Layout, b: i64, c: &Contribution<'_>) -> Added {
-        if self.newest != i64::MIN && b <= self.newest.saturating_sub(layout.max_window) {
+        if self.newest != i64::MIN && b <= self.retention_cutoff(layout) {
             return Added::TooLate;
         }
         let any_row = c.counts.iter().any(|&x| x) || c.sums.iter().any(Option::is_some);
@@ -176,16 +178,21 @@ impl KeyState {
         Added::Yes
     }
 
+    /// Newest bucket that is no longer retained: `newest - max_window - lateness`. An event
+    /// at or before it is too late to add (its own window would read evicted buckets).
+    fn retention_cutoff(&self, layout: &Layout) -> i64 {
+        self.newest
+            .saturating_sub(layout.max_window)
+            .saturating_sub(layout.lateness)
+    }
+
     /// Drops rows and distinct entries older than the retention horizon
     /// (`newest - max_window - lateness`). Batched unless `force`.
     pub fn evict(&mut self, layout: &Layout, force: bool) {
         if self.newest == i64::MIN {
             return;
         }
-        let cutoff = self
-            .newest
-            .saturating_sub(layout.max_window)
-            .saturating_sub(layout.lateness);
+        let cutoff = self.retention_cutoff(layout);
         let stride = layout.stride();
         let n = self.rows.len() / stride;
         let dead = self.upper(stride, cutoff);
@@ -210,8 +217,9 @@ impl KeyState {
                 self.rows.shrink_to_fit();
             }
         }
+        let edge = self.newest.saturating_sub(layout.lateness);
         for d in &mut self.distinct {
-            d.evict(cutoff, force);
+            d.maintain(cutoff, edge, force);
         }
     }
 

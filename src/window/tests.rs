@@ -60,9 +60,13 @@ fn too_late_events_add_nothing() {
     let l = layout(60, 10);
     let mut ks = KeyState::new(&l);
     assert_eq!(add(&mut ks, &l, 1000, 100, false, 1), Added::Yes);
-    assert_eq!(add(&mut ks, &l, 940, 100, false, 2), Added::TooLate);
-    assert_eq!(add(&mut ks, &l, 941, 100, false, 2), Added::Yes);
-    assert_eq!(ks.count(&l, 0, 1000, 60), 2);
+    // newest 1000 - window 60 - lateness 10 = 930.
+    assert_eq!(add(&mut ks, &l, 930, 100, false, 2), Added::TooLate);
+    assert_eq!(add(&mut ks, &l, 931, 100, false, 2), Added::Yes);
+    // Late but within the lateness allowance: its own window is exact.
+    assert_eq!(ks.count(&l, 0, 935, 60), 1);
+    assert_eq!(ks.count(&l, 0, 990, 60), 1);
+    assert_eq!(ks.count(&l, 0, 1000, 60), 1);
 }
 
 #[test]
@@ -93,6 +97,10 @@ fn eviction_keeps_values_and_bounds_memory() {
         assert_eq!(ks.sum(&l, 0, b, 100), Decimal::new((b + 1).min(100), 2));
     }
     assert!(ks.bucket_count(&l) <= 100 + 100 / 4 + 8 + 1);
+    // 10k events over 7 values: the distinct set stays compact (memory independent of
+    // how often a value repeats).
+    assert!(ks.heap_bytes() < 16 * 1024, "{}", ks.heap_bytes());
+    assert_eq!(ks.distinct(0, 9_999, 100), 7);
     ks.evict(&l, true);
     assert_eq!(ks.bucket_count(&l), 100);
 }
@@ -197,7 +205,8 @@ proptest! {
             clock += e.step;
             let b = clock - e.lag;
             let k = e.key as usize;
-            let too_late = newest[k] != i64::MIN && b <= newest[k] - l.max_window;
+            let too_late =
+                newest[k] != i64::MIN && b <= newest[k] - l.max_window - l.lateness;
             let lag_behind_newest = if newest[k] == i64::MIN { 0 } else { newest[k] - b };
             let r = add(&mut states[k], &l, b, e.cents, e.flag, e.value);
             if too_late {

@@ -1,0 +1,143 @@
+//! Memory per tracked card key. Run: `cargo bench --bench memory`
+//! (`MEM_CARDS`, default 1,000,000; `EVENTS_PER_CARD`, default 2).
+//!
+//! Method: resident set size (from /proc/self/statm) before and after deciding
+//! `MEM_CARDS x EVENTS_PER_CARD` transactions of distinct cards, generated on the fly (so
+//! no input is held in memory), after evicting the dedupe table (its horizon is 15 minutes;
+//! the windows are kept). Two rule sets:
+//! 1. `card windows`: only the default rules' card-keyed windows (24h sum, 10m distinct
+//!    merchants, 10m tiny-amount count, 1h count): bytes per card key in the card group;
+//! 2. `default rules`: all shipped rules, so every card also creates keys in the
+//!    card+merchant+amount (duplicate) group, and the shared device/merchant/region groups.
+//!
+//! RSS includes allocator and hash-table slack, which the engine's own estimate
+//! (`Engine::stats`) does not; both are printed.
+
+use std::path::Path;
+
+use rust_decimal::Decimal;
+
+use fraudgate::rules::{compile, SourceFile};
+use fraudgate::txn::AttrValue;
+use fraudgate::{Engine, EngineConfig, Transaction};
+
+fn rss_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: usize = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+const CARD_WINDOWS: &str = r#"
+[ruleset]
+version = "mem"
+hold_at = 50
+reject_at = 100
+[windows]
+card_amount_24h = { agg = "sum", of = "amount", by = "card", over = "24h" }
+card_merchants_10m = { agg = "distinct", of = "merchant", by = "card", over = "10m" }
+card_tiny_txn_10m = { agg = "count", by = "card", over = "10m", where = "amount < 2" }
+card_txn_1h = { agg = "count", by = "card", over = "1h" }
+[[rule]]
+id = "r"
+description = "reads every window"
+when = "card_amount_24h > 20000 or card_merchants_10m >= 5 or card_tiny_txn_10m >= 4 or card_txn_1h >= 10"
+action = "hold"
+"#;
+
+const T0: i64 = 1_795_687_200_000;
+
+fn run(name: &str, engine: Engine, cards: u64, per_card: u64) {
+    let before = rss_bytes();
+    let mut last_ts = T0;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    for round in 0..per_card {
+        for c in 0..cards {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let mut t = Transaction::new(
+                format!("m{round}-{c}"),
+                format!("5{:015}", c),
+                Decimal::new((x % 20_000) as i64 + 100, 2),
+            );
+            last_ts = T0 + (round * cards + c) as i64 / 4; // 4 transactions per ms
+            t.ts_ms = Some(last_ts);
+            t.device = Some(format!("dev-{}", c % 50_000));
+            t.merchant = Some(format!("mer-{}", x % 5_000));
+            t.region = Some(format!("R{}", x % 40));
+            t.mcc = Some(5411);
+            t.attrs = vec![("phone_match".into(), AttrValue::Bool(true))];
+            engine.decide(&t, last_ts);
+        }
+    }
+    // Drop the dedupe table (15 min horizon); every window (<= 24h) stays.
+    let ev = engine.evict_idle(last_ts + 16 * 60_000);
+    assert_eq!(ev.keys, 0, "no window key may be evicted here");
+    let after = rss_bytes();
+    let stats = engine.stats();
+    let card = stats.groups.iter().find(|g| g.0 == "card").unwrap();
+    let est_total: usize = stats.groups.iter().map(|g| g.2).sum();
+    println!("{name}: {cards} cards x {per_card} events");
+    for (sig, keys, bytes) in &stats.groups {
+        println!(
+            "  group {sig:<24} {keys:>9} keys  ~{:>6.1} B/key (engine estimate)",
+            *bytes as f64 / (*keys).max(1) as f64
+        );
+    }
+    println!(
+        "  card group estimate: {:.1} B per card key",
+        card.2 as f64 / card.1 as f64
+    );
+    println!(
+        "  RSS delta: {:.1} MiB = {:.1} B per tracked card (all groups; estimate {:.1})",
+        (after.saturating_sub(before)) as f64 / 1048576.0,
+        after.saturating_sub(before) as f64 / cards as f64,
+        est_total as f64 / cards as f64
+    );
+    drop(engine);
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; ignore arguments.
+    let cards: u64 = std::env::var("MEM_CARDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let per_card: u64 = std::env::var("EVENTS_PER_CARD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    // Each measurement runs in its own process, so memory freed by one run cannot hide
+    // growth in the next.
+    let Ok(only) = std::env::var("MEM_ONLY") else {
+        for which in ["card", "default"] {
+            let status = std::process::Command::new(std::env::current_exe().unwrap())
+                .env("MEM_ONLY", which)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        return;
+    };
+    let cfg = EngineConfig::default();
+    if only == "default" {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let rs = fraudgate::load_dir(&root.join("rules"), &cfg).unwrap();
+        run("default rules", Engine::new(rs, cfg), cards, per_card);
+        return;
+    }
+    let rs = compile(
+        vec![SourceFile {
+            name: "mem/r.toml".into(),
+            text: CARD_WINDOWS.into(),
+        }],
+        &|_| Err(std::io::Error::other("none")),
+        &cfg,
+    )
+    .unwrap();
+    run("card windows", Engine::new(rs, cfg), cards, per_card);
+}
