@@ -9,7 +9,10 @@
 //!    thresholds (`>= reject_at` reject, `>= hold_at` hold)
 //! 5. otherwise                     -> approve
 
-use serde::Serialize;
+use std::sync::Arc;
+
+use serde::ser::SerializeMap;
+use serde::{Serialize, Serializer};
 
 use crate::rules::{Mode, RuleAction};
 
@@ -36,15 +39,42 @@ impl Action {
 /// A rule that fired, with the values it read.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FiredRule {
-    pub id: String,
+    pub id: Arc<str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub action: Option<RuleAction>,
     pub score: i64,
     pub mode: Mode,
-    pub reason: String,
+    pub reason: Arc<str>,
     /// Values of the fields, attributes and windows the condition read. Card numbers are
     /// masked; decimals are strings, so they stay exact.
-    pub values: serde_json::Map<String, serde_json::Value>,
+    pub values: Values,
+}
+
+/// Named values, in the order the condition reads them; serialised as a JSON object.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Values(pub Vec<(Arc<str>, serde_json::Value)>);
+
+impl Values {
+    pub fn get(&self, name: &str) -> Option<&serde_json::Value> {
+        self.0.iter().find(|(n, _)| &**n == name).map(|(_, v)| v)
+    }
+}
+
+impl std::ops::Index<&str> for Values {
+    type Output = serde_json::Value;
+    fn index(&self, name: &str) -> &serde_json::Value {
+        self.get(name).unwrap_or(&serde_json::Value::Null)
+    }
+}
+
+impl Serialize for Values {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(&**k, v)?;
+        }
+        m.end()
+    }
 }
 
 /// The engine's answer for one transaction.
@@ -62,7 +92,7 @@ pub struct Decision {
     /// Event time used for windows and local-time helpers (epoch ms).
     pub ts: i64,
     pub rules: Vec<FiredRule>,
-    pub rules_version: String,
+    pub rules_version: Arc<str>,
     /// Engine time spent on this decision, in microseconds.
     pub engine_us: u64,
 }
@@ -79,11 +109,7 @@ impl Decision {
 pub fn combine(fired: &[FiredRule], hold_at: i64, reject_at: i64) -> (Action, i64, String) {
     let active = || fired.iter().filter(|r| r.mode == Mode::Active);
     let score = active().fold(0i64, |s, r| s.saturating_add(r.score));
-    let first = |a: RuleAction| {
-        active()
-            .find(|r| r.action == Some(a))
-            .map(|r| r.id.as_str())
-    };
+    let first = |a: RuleAction| active().find(|r| r.action == Some(a)).map(|r| &*r.id);
     if let Some(id) = first(RuleAction::Block) {
         return (Action::Reject, score, format!("block:{id}"));
     }
@@ -115,7 +141,7 @@ mod tests {
             action,
             score,
             mode,
-            reason: String::new(),
+            reason: "".into(),
             values: Default::default(),
         }
     }

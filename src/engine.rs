@@ -17,7 +17,8 @@ use smallvec::SmallVec;
 use crate::config::EngineConfig;
 use crate::decision::{combine, Decision, FiredRule};
 use crate::keyhash::{KeyHash, PreHashed};
-use crate::rules::{Ctx, KeyField, RuleSet, Tri, WindowRead};
+use crate::rules::expr::FieldHashes;
+use crate::rules::{Ctx, Field, KeyField, RuleSet, Tri, WindowRead};
 use crate::txn::{AttrValue, Transaction};
 use crate::window::{Added, Contribution, KeyState, Layout};
 
@@ -81,6 +82,8 @@ pub struct Engine {
     /// Declared attrs: name and type, sorted by name.
     dedupe: DashMap<KeyHash, DedupeEntry, PreHashed>,
     res_ms: i64,
+    /// `rules.version`, shared by every decision.
+    version: Arc<str>,
 }
 
 impl Engine {
@@ -89,10 +92,11 @@ impl Engine {
         let stores = rules
             .groups
             .iter()
-            .map(|g| Arc::new(GroupStore::new(g.signature.clone(), g.layout)))
+            .map(|g| Arc::new(GroupStore::new(g.signature.clone(), g.layout.clone())))
             .collect();
         let group_windows = group_windows(&rules);
         Engine {
+            version: rules.version.as_str().into(),
             res_ms: cfg.resolution.as_millis().max(1) as i64,
             cfg,
             rules,
@@ -162,6 +166,7 @@ impl Engine {
         } else {
             (0, 0)
         };
+        let field_hashes = FieldHashes::default();
         let mut ints: SmallVec<[Option<i64>; 32]> = SmallVec::from_elem(None, rs.int_features);
         let mut decs: SmallVec<[Option<Decimal>; 16]> = SmallVec::from_elem(None, rs.dec_features);
         let base = Ctx {
@@ -174,11 +179,23 @@ impl Engine {
             local_hour,
             local_weekday,
             key: &self.cfg.hash_key,
+            hashes: &field_hashes,
         };
         let bucket = ts_ms.div_euclid(self.res_ms);
         let mut too_late = false;
+        let keys: SmallVec<[Option<KeyHash>; 8]> =
+            rs.groups.iter().map(|g| entity_key(&g.by, &base)).collect();
+        // Warm-up pass: look every key up first, in a tight loop, so the cache misses of
+        // the different maps overlap instead of being paid one after another below.
+        for (gi, key) in keys.iter().enumerate() {
+            if let Some(key) = key {
+                if let Some(state) = self.stores[gi].map.get(key) {
+                    state.touch();
+                }
+            }
+        }
         for (gi, g) in rs.groups.iter().enumerate() {
-            let Some(key) = entity_key(&g.by, &base) else {
+            let Some(key) = keys[gi] else {
                 continue; // a key field is missing: the group's windows stay unknown
             };
             let pass =
@@ -245,11 +262,12 @@ impl Engine {
                     score: r.score,
                     mode: r.mode,
                     reason: r.reason.clone(),
-                    values: r
-                        .reads
-                        .iter()
-                        .map(|(name, rd)| (name.clone(), rd.read(&ctx)))
-                        .collect(),
+                    values: crate::decision::Values(
+                        r.reads
+                            .iter()
+                            .map(|(name, rd)| (name.clone(), rd.read(&ctx)))
+                            .collect(),
+                    ),
                 });
             }
         }
@@ -263,7 +281,7 @@ impl Engine {
                 card: txn.masked_card(),
                 ts: ts_ms,
                 rules: fired,
-                rules_version: rs.version.clone(),
+                rules_version: self.version.clone(),
                 engine_us: 0,
             },
             too_late,
@@ -280,7 +298,7 @@ impl Engine {
             let before = s.map.len();
             s.map.retain(|_, st| {
                 let keep = st.newest_bucket().is_some_and(|n| n > keep_after);
-                if keep {
+                if keep && st.has_expired(&s.layout) {
                     st.evict(&s.layout, true);
                 }
                 keep
@@ -351,8 +369,25 @@ fn local_time(cfg: &EngineConfig, ts_ms: i64) -> (i64, i64) {
     }
 }
 
-/// Keyed hash of the entity key, or `None` when a key field is missing.
+/// Keyed hash of the entity key, or `None` when a key field is missing. A single string
+/// field (card, device ...) comes from the per-decision cache, so it is hashed once even
+/// when several groups, distinct counts and list lookups use it.
 fn entity_key(by: &[KeyField], c: &Ctx<'_>) -> Option<KeyHash> {
+    if let [KeyField::Field(
+        f @ (Field::Id
+        | Field::Card
+        | Field::Currency
+        | Field::Device
+        | Field::Merchant
+        | Field::Region),
+    )] = by
+    {
+        return c.hashes.get(*f, c);
+    }
+    hash_fields(by, c)
+}
+
+fn hash_fields(by: &[KeyField], c: &Ctx<'_>) -> Option<KeyHash> {
     let mut h = c.key.hasher();
     for f in by {
         if !f.hash_into(c, &mut h) {

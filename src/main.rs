@@ -10,6 +10,9 @@ use clap::{Parser, Subcommand};
 use fraudgate::config::EngineSection;
 use fraudgate::{Engine, EngineConfig, Transaction};
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "fraudgate", version, about = "Real-time fraud-decision engine")]
 struct Cli {

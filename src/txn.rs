@@ -331,6 +331,14 @@ fn parse_attr(raw: &str) -> Option<AttrValue> {
 /// fewer than 13 characters) show at most their last 4 characters, and never more than
 /// half of them.
 pub fn mask_card(card: &str) -> String {
+    let n = card.len();
+    if card.is_ascii() && n >= 13 {
+        let mut s = String::with_capacity(n);
+        s.push_str(&card[..6]);
+        s.extend(std::iter::repeat_n('*', n - 10));
+        s.push_str(&card[n - 4..]);
+        return s;
+    }
     let chars: Vec<char> = card.chars().collect();
     let n = chars.len();
     if n >= 13 {

@@ -87,7 +87,7 @@ fn run_case(dir: &Path) -> Result<(), String> {
             "score": d.score,
             "decided_by": d.decided_by,
             "rules": d.rules.iter().map(|r| match r.mode {
-                fraudgate::rules::Mode::Active => r.id.clone(),
+                fraudgate::rules::Mode::Active => r.id.to_string(),
                 fraudgate::rules::Mode::Shadow => format!("{} (shadow)", r.id),
             }).collect::<Vec<_>>(),
         });
@@ -98,7 +98,7 @@ fn run_case(dir: &Path) -> Result<(), String> {
         if let Some(want_vals) = expected.get(n).and_then(|e| e.get("values")) {
             let mut vals = serde_json::Map::new();
             for (rule, names) in want_vals.as_object().into_iter().flatten() {
-                let fired = d.rules.iter().find(|r| &r.id == rule);
+                let fired = d.rules.iter().find(|r| *r.id == **rule);
                 let mut m = serde_json::Map::new();
                 for name in names.as_object().into_iter().flatten().map(|(k, _)| k) {
                     let v = fired.and_then(|r| r.values.get(name)).cloned();
@@ -185,7 +185,7 @@ fn every_shipped_rule_has_a_golden_case() {
     let missing: Vec<&str> = rs
         .rules
         .iter()
-        .map(|r| r.id.as_str())
+        .map(|r| &*r.id)
         .filter(|id| {
             !all_expected.contains(&format!("\"{id}\""))
                 && !all_expected.contains(&format!("\"{id} (shadow)\""))

@@ -65,6 +65,43 @@ pub struct Ctx<'a> {
     pub local_hour: i64,
     pub local_weekday: i64,
     pub key: &'a HashKey,
+    /// Keyed hashes of single fields, computed at most once per decision and shared by
+    /// window keys and list lookups.
+    pub hashes: &'a FieldHashes,
+}
+
+/// Per-decision cache of keyed field hashes.
+#[derive(Default)]
+pub struct FieldHashes {
+    /// Per `Field`: `None` not computed yet, `Some(None)` field missing.
+    slots: [std::cell::Cell<Option<Option<KeyHash>>>; 10],
+}
+
+impl FieldHashes {
+    /// The keyed hash of `f` (as `HashKey::hash_str` of its text), or `None` if missing.
+    #[inline]
+    pub fn get(&self, f: Field, c: &Ctx<'_>) -> Option<KeyHash> {
+        let slot = &self.slots[f as usize];
+        if let Some(v) = slot.get() {
+            return v;
+        }
+        let v = field_str(f, c).map(|s| c.key.hash_str(s));
+        slot.set(Some(v));
+        v
+    }
+}
+
+/// The text of a string field.
+fn field_str<'a>(f: Field, c: &'a Ctx<'a>) -> Option<&'a str> {
+    match f {
+        Field::Id => Some(&c.txn.id),
+        Field::Card => Some(&c.txn.card),
+        Field::Currency => Some(c.currency),
+        Field::Device => c.txn.device.as_deref(),
+        Field::Merchant => c.txn.merchant.as_deref(),
+        Field::Region => c.txn.region.as_deref(),
+        _ => None,
+    }
 }
 
 pub type BoolFn = Box<dyn Fn(&Ctx<'_>) -> Tri + Send + Sync>;
@@ -335,6 +372,17 @@ enum D {
 enum S {
     Const(String),
     F(StrFn),
+    /// A string field of the transaction (its hash can come from the per-decision cache).
+    Field(Field, StrFn),
+}
+
+impl S {
+    fn func(self) -> Result<StrFn, String> {
+        match self {
+            S::F(f) | S::Field(_, f) => Ok(f),
+            S::Const(k) => Err(k),
+        }
+    }
 }
 
 impl I {
@@ -490,13 +538,16 @@ impl<'s> ExprCompiler<'s> {
         if let Some((_, f)) = FIELDS.iter().find(|(n, _)| *n == name) {
             self.note_read(name, Reader::Field(*f));
             return match f {
-                Field::Id => V::Str(S::F(Box::new(|c| Some(c.txn.id.as_str())))),
-                Field::Card => V::Str(S::F(Box::new(|c| Some(c.txn.card.as_str())))),
+                Field::Id
+                | Field::Card
+                | Field::Currency
+                | Field::Device
+                | Field::Merchant
+                | Field::Region => {
+                    let f = *f;
+                    V::Str(S::Field(f, Box::new(move |c| field_str(f, c))))
+                }
                 Field::Amount => V::Dec(D::Amount),
-                Field::Currency => V::Str(S::F(Box::new(|c| Some(c.currency)))),
-                Field::Device => V::Str(S::F(Box::new(|c| c.txn.device.as_deref()))),
-                Field::Merchant => V::Str(S::F(Box::new(|c| c.txn.merchant.as_deref()))),
-                Field::Region => V::Str(S::F(Box::new(|c| c.txn.region.as_deref()))),
                 Field::Mcc => V::Int(I::Mcc),
                 Field::LocalHour => V::Int(I::Hour),
                 Field::LocalWeekday => V::Int(I::Weekday),
@@ -685,8 +736,10 @@ impl<'s> ExprCompiler<'s> {
                         let f = d.into_fn();
                         V::Bool(Box::new(move |c| Tri::from(f(c).is_some())))
                     }
-                    V::Str(S::F(f)) => V::Bool(Box::new(move |c| Tri::from(f(c).is_some()))),
-                    V::Str(S::Const(_)) => V::Bool(Box::new(|_| Tri::True)),
+                    V::Str(s) => match s.func() {
+                        Ok(f) => V::Bool(Box::new(move |c| Tri::from(f(c).is_some()))),
+                        Err(_) => V::Bool(Box::new(|_| Tri::True)),
+                    },
                     V::Bool(f) => V::Bool(Box::new(move |c| Tri::from(f(c) != Tri::Unknown))),
                     V::Err => V::Err,
                     _ => self.type_error(
@@ -780,15 +833,15 @@ impl<'s> ExprCompiler<'s> {
             (V::Dec(x), V::Dec(y)) => V::Bool(cmp_dec(cmp, x, y)),
             (V::Str(x), V::Str(y)) if !ordering => {
                 let eq = matches!(cmp, Cmp::Eq);
-                V::Bool(match (x, y) {
-                    (S::F(f), S::Const(k)) | (S::Const(k), S::F(f)) => {
+                V::Bool(match (x.func(), y.func()) {
+                    (Ok(f), Err(k)) | (Err(k), Ok(f)) => {
                         Box::new(move |c| Tri::opt(f(c).map(|v| (v == k) == eq)))
                     }
-                    (S::F(f), S::F(g)) => Box::new(move |c| match (f(c), g(c)) {
+                    (Ok(f), Ok(g)) => Box::new(move |c| match (f(c), g(c)) {
                         (Some(p), Some(q)) => Tri::from((p == q) == eq),
                         _ => Tri::Unknown,
                     }),
-                    (S::Const(p), S::Const(q)) => {
+                    (Err(p), Err(q)) => {
                         let t = Tri::from((p == q) == eq);
                         Box::new(move |_| t)
                     }
@@ -836,13 +889,23 @@ impl<'s> ExprCompiler<'s> {
             (t, _) => t,
         };
         match (va, vb) {
-            (V::Str(S::F(f)), V::StrList(set)) => V::Bool(Box::new(move |c| {
-                wrap(Tri::opt(f(c).map(|v| set.contains(c.key, v))))
-            })),
-            (V::Str(S::Const(k)), V::StrList(set)) => {
-                let t = wrap(Tri::from(set.contains(&self.key, &k)));
-                V::Bool(Box::new(move |_| t))
+            (V::Str(S::Field(fld, _)), V::StrList(set)) if set.plain.is_none() => {
+                // Hashed list: reuse the field's hash from the per-decision cache.
+                V::Bool(Box::new(move |c| {
+                    wrap(Tri::opt(
+                        c.hashes.get(fld, c).map(|h| set.hashes.contains(&h)),
+                    ))
+                }))
             }
+            (V::Str(s), V::StrList(set)) => match s.func() {
+                Ok(f) => V::Bool(Box::new(move |c| {
+                    wrap(Tri::opt(f(c).map(|v| set.contains(c.key, v))))
+                })),
+                Err(k) => {
+                    let t = wrap(Tri::from(set.contains(&self.key, &k)));
+                    V::Bool(Box::new(move |_| t))
+                }
+            },
             (V::Int(i), V::NumList(set)) => {
                 let f = i.into_fn();
                 V::Bool(Box::new(move |c| {

@@ -63,15 +63,16 @@ pub enum Mode {
 
 /// A compiled rule.
 pub struct Rule {
-    pub id: String,
+    pub id: Arc<str>,
     pub description: String,
-    pub reason: String,
+    /// Shared with every decision the rule fires in (no copy per decision).
+    pub reason: Arc<str>,
     pub action: Option<RuleAction>,
     pub score: i64,
     pub mode: Mode,
     pub when: BoolFn,
     /// Names the condition reads, reported with their values when the rule fires.
-    pub reads: Vec<(String, Reader)>,
+    pub reads: Vec<(Arc<str>, Reader)>,
     /// File the rule came from.
     pub file: String,
 }
@@ -615,6 +616,7 @@ impl Loader<'_> {
                                 distincts: 0,
                                 max_window: 0,
                                 lateness,
+                                distinct_windows: Vec::new(),
                             },
                             counts: Vec::new(),
                             sums: Vec::new(),
@@ -663,6 +665,11 @@ impl Loader<'_> {
                 g.layout.counts = g.counts.len();
                 g.layout.sums = g.sums.len();
                 g.layout.distincts = g.distincts.len();
+                if let WindowRead::Distinct(slot) = read {
+                    g.layout.distinct_windows.resize(g.distincts.len(), 0);
+                    let w = &mut g.layout.distinct_windows[slot];
+                    *w = (*w).max(buckets);
+                }
                 let feature = match reader {
                     Reader::IntFeature(i) | Reader::DecFeature(i) => i,
                     _ => 0,
@@ -775,14 +782,14 @@ impl Loader<'_> {
                     continue;
                 };
                 rules.push(Rule {
-                    id,
+                    id: id.into(),
                     description: rd.description.clone(),
-                    reason: rd.reason.clone().unwrap_or_else(|| rd.description.clone()),
+                    reason: rd.reason.as_deref().unwrap_or(&rd.description).into(),
                     action,
                     score,
                     mode,
                     when,
-                    reads,
+                    reads: reads.into_iter().map(|(n, r)| (n.into(), r)).collect(),
                     file: self.files[*fi].name.clone(),
                 });
             }

@@ -254,12 +254,11 @@ fn lex(src: &str) -> Result<Vec<(Tok, Span)>, SyntaxError> {
             b'a'..=b'z' | b'A'..=b'Z' | b'_' => {
                 while i < bytes.len() {
                     let b = bytes[i];
-                    if b.is_ascii_alphanumeric() || b == b'_' {
-                        i += 1;
-                    } else if b == b'.'
+                    // `attrs.x`: a dot continues the name when a letter follows it.
+                    let dotted = b == b'.'
                         && i + 1 < bytes.len()
-                        && (bytes[i + 1].is_ascii_alphabetic() || bytes[i + 1] == b'_')
-                    {
+                        && (bytes[i + 1].is_ascii_alphabetic() || bytes[i + 1] == b'_');
+                    if b.is_ascii_alphanumeric() || b == b'_' || dotted {
                         i += 1;
                     } else {
                         break;

@@ -61,6 +61,7 @@ fn eval(rs: &RuleSet, t: &Transaction) -> Tri {
         local_hour: 3,
         local_weekday: 4,
         key: &key,
+        hashes: &Default::default(),
     };
     (rs.rules[0].when)(&ctx)
 }
@@ -141,7 +142,7 @@ fn reports_what_a_fired_rule_read() {
     let rs = compile_ok(&rule(
         "amount > 10 and card in ['x'] or attrs.channel == 'ecom'",
     ));
-    let names: Vec<&str> = rs.rules[0].reads.iter().map(|(n, _)| n.as_str()).collect();
+    let names: Vec<&str> = rs.rules[0].reads.iter().map(|(n, _)| &**n).collect();
     assert_eq!(names, ["amount", "card", "attrs.channel"]);
 }
 

@@ -40,6 +40,15 @@ impl Default for Distinct {
 }
 
 impl Distinct {
+    #[inline]
+    pub fn touch(&self) {
+        if let Distinct::Exact { pairs, .. } = self {
+            if let Some(p) = pairs.first() {
+                std::hint::black_box(p.0);
+            }
+        }
+    }
+
     pub fn heap_bytes(&self) -> usize {
         match self {
             Distinct::Exact { pairs, .. } => pairs.capacity() * 16,
@@ -69,6 +78,15 @@ impl Distinct {
                 }
             }
             Distinct::Approx(h) => h.add(value, bucket),
+        }
+    }
+
+    /// Oldest bucket held (exact mode), or `None` (empty, or approximate mode where the
+    /// registers are swept on their own schedule).
+    pub fn oldest(&self) -> Option<i64> {
+        match self {
+            Distinct::Exact { pairs, .. } => pairs.iter().map(|p| p.1).min(),
+            Distinct::Approx(_) => None,
         }
     }
 

@@ -18,17 +18,21 @@ pub mod distinct;
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 pub use distinct::{Distinct, DISTINCT_EXACT_BOUND};
 
 /// Shape of a group's rows: how many count, sum and distinct slots each key holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Layout {
     pub counts: usize,
     pub sums: usize,
     pub distincts: usize,
     /// Longest window of the group, in buckets.
     pub max_window: i64,
+    /// Per distinct slot, the longest window that reads it: its `(value, bucket)` pairs are
+    /// kept only that long (plus lateness), not for the group's longest window.
+    pub distinct_windows: Vec<i64>,
     /// Extra buckets kept behind `newest - max_window`: events up to this far behind the
     /// key's newest event are added and see exact values; older ones are too late.
     pub lateness: i64,
@@ -69,9 +73,13 @@ pub struct KeyState {
     newest: i64,
     /// Rows of `stride` u64: `[bucket, count prefixes.., sum prefixes as 2 x u64 ..]`,
     /// sorted by bucket.
-    rows: Vec<u64>,
-    distinct: Vec<Distinct>,
+    rows: SmallVec<[u64; INLINE_ROW_WORDS]>,
+    distinct: SmallVec<[Distinct; 1]>,
 }
+
+/// Row words stored inside the map entry itself: a key with a couple of events needs no
+/// separate allocation (and one cache miss less per decision).
+const INLINE_ROW_WORDS: usize = 10;
 
 /// Evict dead rows only in batches, so a key that slides forward by one bucket per event
 /// does not shift its whole row array every time.
@@ -81,8 +89,20 @@ impl KeyState {
     pub fn new(layout: &Layout) -> Self {
         KeyState {
             newest: i64::MIN,
-            rows: Vec::new(),
+            rows: SmallVec::new(),
             distinct: (0..layout.distincts).map(|_| Distinct::default()).collect(),
+        }
+    }
+
+    /// Reads the first word of each heap block this key uses, so that it is in cache
+    /// before the real update (see `Engine::decide`).
+    #[inline]
+    pub fn touch(&self) {
+        if let Some(w) = self.rows.first() {
+            std::hint::black_box(*w);
+        }
+        for d in &self.distinct {
+            d.touch();
         }
     }
 
@@ -96,8 +116,17 @@ impl KeyState {
 
     /// Approximate heap bytes held by this key (excluding the map entry itself).
     pub fn heap_bytes(&self) -> usize {
-        self.rows.capacity() * 8
-            + self.distinct.capacity() * std::mem::size_of::<Distinct>()
+        let rows = if self.rows.spilled() {
+            self.rows.capacity() * 8
+        } else {
+            0
+        };
+        let distinct = if self.distinct.spilled() {
+            self.distinct.capacity() * std::mem::size_of::<Distinct>()
+        } else {
+            0
+        };
+        rows + distinct
             + self
                 .distinct
                 .iter()
@@ -141,14 +170,18 @@ impl KeyState {
             let start = if exists {
                 idx - 1
             } else {
-                // New row, initialised with the prefix of the row before it.
+                // New row, initialised with the prefix of the row before it (no
+                // temporary allocation: grow in place, then fill).
                 let at = idx * stride;
-                let mut row = vec![0u64; stride];
-                row[0] = b as u64;
-                if idx > 0 {
-                    row[1..].copy_from_slice(&self.rows[at - stride + 1..at]);
+                if at == self.rows.len() {
+                    self.rows.resize(at + stride, 0);
+                } else {
+                    self.rows.insert_many(at, std::iter::repeat_n(0u64, stride));
                 }
-                self.rows.splice(at..at, row);
+                self.rows[at] = b as u64;
+                if idx > 0 {
+                    self.rows.copy_within(at - stride + 1..at, at + 1);
+                }
                 idx
             };
             let n = self.rows.len() / stride;
@@ -186,6 +219,21 @@ impl KeyState {
             .saturating_sub(layout.lateness)
     }
 
+    /// Whether anything is older than the retention horizon (cheap: no eviction).
+    pub fn has_expired(&self, layout: &Layout) -> bool {
+        let cutoff = self.retention_cutoff(layout);
+        let edge = self.newest.saturating_sub(layout.lateness);
+        (!self.rows.is_empty() && self.bucket_at(layout.stride(), 0) <= cutoff)
+            || self.distinct.iter().enumerate().any(|(i, d)| {
+                let w = layout
+                    .distinct_windows
+                    .get(i)
+                    .copied()
+                    .unwrap_or(layout.max_window);
+                d.oldest().is_some_and(|o| o <= edge.saturating_sub(w))
+            })
+    }
+
     /// Drops rows and distinct entries older than the retention horizon
     /// (`newest - max_window - lateness`). Batched unless `force`.
     pub fn evict(&mut self, layout: &Layout, force: bool) {
@@ -202,8 +250,11 @@ impl KeyState {
             let base: Vec<u64> = self.rows[last_dead + 1..last_dead + stride].to_vec();
             for r in dead..n {
                 let at = r * stride;
-                for s in 0..layout.counts {
-                    self.rows[at + 1 + s] -= base[s];
+                for (cell, b) in self.rows[at + 1..at + 1 + layout.counts]
+                    .iter_mut()
+                    .zip(&base)
+                {
+                    *cell -= b;
                 }
                 for s in 0..layout.sums {
                     let o = 1 + layout.counts + 2 * s;
@@ -213,12 +264,18 @@ impl KeyState {
                 }
             }
             self.rows.drain(..dead * stride);
-            if self.rows.capacity() > 2 * self.rows.len() + 4 * stride {
+            if self.rows.spilled() && self.rows.capacity() > 2 * self.rows.len() + 4 * stride {
                 self.rows.shrink_to_fit();
             }
         }
         let edge = self.newest.saturating_sub(layout.lateness);
-        for d in &mut self.distinct {
+        for (i, d) in self.distinct.iter_mut().enumerate() {
+            let w = layout
+                .distinct_windows
+                .get(i)
+                .copied()
+                .unwrap_or(layout.max_window);
+            let cutoff = edge.saturating_sub(w);
             d.maintain(cutoff, edge, force);
         }
     }
