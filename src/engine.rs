@@ -313,9 +313,10 @@ impl Engine {
         ev
     }
 
-    /// Key counts and approximate memory per group.
+    /// Key counts and approximate memory per group: the hash tables' allocated slots (not
+    /// just the used ones) plus each key's heap blocks.
     pub fn stats(&self) -> StateStats {
-        let per_entry = std::mem::size_of::<(KeyHash, KeyState)>() + 1;
+        let per_slot = std::mem::size_of::<(KeyHash, KeyState)>() + 1;
         StateStats {
             groups: self
                 .stores
@@ -323,7 +324,11 @@ impl Engine {
                 .map(|s| {
                     let keys = s.map.len();
                     let heap: usize = s.map.iter().map(|e| e.value().heap_bytes()).sum();
-                    (s.signature.clone(), keys, heap + keys * per_entry)
+                    (
+                        s.signature.clone(),
+                        keys,
+                        heap + s.map.capacity() * per_slot,
+                    )
                 })
                 .collect(),
             dedupe_entries: self.dedupe.len(),
