@@ -9,6 +9,7 @@
 //! newest event.
 
 use serde::{Deserialize, Serialize};
+use thin_vec::ThinVec;
 
 /// Values per key (within the retention horizon) counted exactly.
 pub const DISTINCT_EXACT_BOUND: usize = 128;
@@ -20,7 +21,7 @@ const HLL_M: usize = 1 << HLL_P;
 pub enum Distinct {
     Exact {
         /// Sorted by `(value, bucket)`, no duplicates.
-        pairs: Vec<(u64, i64)>,
+        pairs: ThinVec<(u64, i64)>,
         /// Number of different values in `pairs`.
         values: u32,
         /// Compact again when `pairs` reaches this length.
@@ -32,7 +33,7 @@ pub enum Distinct {
 impl Default for Distinct {
     fn default() -> Self {
         Distinct::Exact {
-            pairs: Vec::new(),
+            pairs: ThinVec::new(),
             values: 0,
             next_compact: COMPACT_MIN,
         }
@@ -51,7 +52,7 @@ impl Distinct {
 
     pub fn heap_bytes(&self) -> usize {
         match self {
-            Distinct::Exact { pairs, .. } => pairs.capacity() * 16,
+            Distinct::Exact { pairs, .. } => super::thin_bytes(pairs),
             Distinct::Approx(h) => h.heap_bytes(),
         }
     }
@@ -129,7 +130,7 @@ impl Distinct {
                 if !force && pairs.len() < *next_compact as usize {
                     return;
                 }
-                let mut out: Vec<(u64, i64)> = Vec::with_capacity(pairs.len());
+                let mut out: ThinVec<(u64, i64)> = ThinVec::with_capacity(pairs.len());
                 let mut n = 0u32;
                 let mut i = 0;
                 while i < pairs.len() {
@@ -139,7 +140,7 @@ impl Distinct {
                     let old = group.partition_point(|p| p.1 <= edge);
                     let keep_from = if old > 0 { old - 1 } else { 0 };
                     let before = out.len();
-                    out.extend(group[keep_from..].iter().filter(|p| p.1 > cutoff));
+                    out.extend(group[keep_from..].iter().copied().filter(|p| p.1 > cutoff));
                     if out.len() > before {
                         n += 1;
                     }

@@ -19,6 +19,7 @@ pub mod distinct;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
+use thin_vec::ThinVec;
 
 pub use distinct::{Distinct, DISTINCT_EXACT_BOUND};
 
@@ -73,13 +74,22 @@ pub struct KeyState {
     newest: i64,
     /// Rows of `stride` u64: `[bucket, count prefixes.., sum prefixes as 2 x u64 ..]`,
     /// sorted by bucket.
-    rows: SmallVec<[u64; INLINE_ROW_WORDS]>,
+    ///
+    /// A `ThinVec` (one pointer; length and capacity live in the heap block) keeps the map
+    /// entry small: most keys are sparse, and the table's empty slots cost the entry size.
+    rows: ThinVec<u64>,
+    /// One slot per distinct aggregate; inline for the common single slot.
     distinct: SmallVec<[Distinct; 1]>,
 }
 
-/// Row words stored inside the map entry itself: a key with a couple of events needs no
-/// separate allocation (and one cache miss less per decision).
-const INLINE_ROW_WORDS: usize = 10;
+/// Heap bytes of a `ThinVec` (its header holds length and capacity).
+pub(crate) fn thin_bytes<T>(v: &ThinVec<T>) -> usize {
+    if v.capacity() == 0 {
+        0
+    } else {
+        16 + v.capacity() * std::mem::size_of::<T>()
+    }
+}
 
 /// Evict dead rows only in batches, so a key that slides forward by one bucket per event
 /// does not shift its whole row array every time.
@@ -89,7 +99,7 @@ impl KeyState {
     pub fn new(layout: &Layout) -> Self {
         KeyState {
             newest: i64::MIN,
-            rows: SmallVec::new(),
+            rows: ThinVec::new(),
             distinct: (0..layout.distincts).map(|_| Distinct::default()).collect(),
         }
     }
@@ -116,11 +126,7 @@ impl KeyState {
 
     /// Approximate heap bytes held by this key (excluding the map entry itself).
     pub fn heap_bytes(&self) -> usize {
-        let rows = if self.rows.spilled() {
-            self.rows.capacity() * 8
-        } else {
-            0
-        };
+        let rows = thin_bytes(&self.rows);
         let distinct = if self.distinct.spilled() {
             self.distinct.capacity() * std::mem::size_of::<Distinct>()
         } else {
@@ -176,7 +182,9 @@ impl KeyState {
                 if at == self.rows.len() {
                     self.rows.resize(at + stride, 0);
                 } else {
-                    self.rows.insert_many(at, std::iter::repeat_n(0u64, stride));
+                    for _ in 0..stride {
+                        self.rows.insert(at, 0);
+                    }
                 }
                 self.rows[at] = b as u64;
                 if idx > 0 {
@@ -264,7 +272,7 @@ impl KeyState {
                 }
             }
             self.rows.drain(..dead * stride);
-            if self.rows.spilled() && self.rows.capacity() > 2 * self.rows.len() + 4 * stride {
+            if self.rows.capacity() > 2 * self.rows.len() + 4 * stride {
                 self.rows.shrink_to_fit();
             }
         }
