@@ -115,6 +115,36 @@ const FEATURES: [(&str, i64); 8] = [
     ("local_hour", 14),
 ];
 
+/// Evaluates every rule of `rs` on `t`; bit i set when rule i fired.
+fn fired_mask(
+    rs: &fraudgate::RuleSet,
+    t: &Transaction,
+    ints: &[Option<i64>],
+    decs: &[Option<Decimal>],
+    key: &HashKey,
+) -> u32 {
+    let attrs: [Option<&AttrValue>; 2] = [t.attr("ip_country"), t.attr("merchant_age_days")];
+    let ctx = Ctx {
+        txn: t,
+        ts_ms: 0,
+        currency: "EUR",
+        attrs: &attrs,
+        ints,
+        decs,
+        local_hour: 14,
+        local_weekday: 4,
+        key,
+        hashes: &FieldHashes::default(),
+    };
+    let mut mask = 0u32;
+    for (i, r) in rs.rules.iter().enumerate() {
+        if (r.when)(&ctx) == Tri::True {
+            mask |= 1 << i;
+        }
+    }
+    mask
+}
+
 fn rules_bench(c: &mut Criterion) {
     let cfg = EngineConfig::default();
     let rs = compile(
@@ -150,30 +180,7 @@ fn rules_bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("rules/15");
     g.throughput(Throughput::Elements(1));
     g.bench_function("fraudgate", |b| {
-        b.iter(|| {
-            let t = black_box(&t);
-            let attrs: [Option<&AttrValue>; 2] =
-                [t.attr("ip_country"), t.attr("merchant_age_days")];
-            let ctx = Ctx {
-                txn: t,
-                ts_ms: 0,
-                currency: "EUR",
-                attrs: &attrs,
-                ints: &ints,
-                decs: &decs,
-                local_hour: 14,
-                local_weekday: 4,
-                key: &key,
-                hashes: &FieldHashes::default(),
-            };
-            let mut fired = 0u32;
-            for r in &rs.rules {
-                if (r.when)(&ctx) == Tri::True {
-                    fired += 1;
-                }
-            }
-            fired
-        })
+        b.iter(|| fired_mask(&rs, black_box(&t), &ints, &decs, &key))
     });
     #[cfg(feature = "bench-zen")]
     {
@@ -191,46 +198,26 @@ fn rules_bench(c: &mut Criterion) {
             .iter()
             .map(|(_, z)| iso.compile_standard(z).expect(z))
             .collect();
-        // Same answers on both sides before timing anything.
         let mut vm = zen_expression::vm::VM::new();
-        let scope = Scope::new(var.clone());
-        let zen_fired: Vec<bool> = compiled
-            .iter()
-            .map(|e| e.evaluate_with_scope(&scope, &mut vm).unwrap() == Variable::Bool(true))
-            .collect();
-        let key = HashKey::default();
-        let attrs: [Option<&AttrValue>; 2] = [t.attr("ip_country"), t.attr("merchant_age_days")];
-        let ctx = Ctx {
-            txn: &t,
-            ts_ms: 0,
-            currency: "EUR",
-            attrs: &attrs,
-            ints: &ints,
-            decs: &decs,
-            local_hour: 14,
-            local_weekday: 4,
-            key: &key,
-            hashes: &FieldHashes::default(),
-        };
-        let ours: Vec<bool> = rs
-            .rules
-            .iter()
-            .map(|r| (r.when)(&ctx) == Tri::True)
-            .collect();
-        assert_eq!(ours, zen_fired, "both engines must agree before timing");
-        assert!(ours.iter().filter(|&&f| f).count() >= 4, "{ours:?}");
-        g.bench_function("zen", |b| {
-            b.iter(|| {
-                let scope = Scope::new(black_box(&var).clone());
-                let mut fired = 0u32;
-                for e in &compiled {
-                    if e.evaluate_with_scope(&scope, &mut vm).unwrap() == Variable::Bool(true) {
-                        fired += 1;
-                    }
+        let zen_mask = |vm: &mut zen_expression::vm::VM, var: &Variable| {
+            let scope = Scope::new(var.clone());
+            let mut mask = 0u32;
+            for (i, e) in compiled.iter().enumerate() {
+                if e.evaluate_with_scope(&scope, vm).unwrap() == Variable::Bool(true) {
+                    mask |= 1 << i;
                 }
-                fired
-            })
-        });
+            }
+            mask
+        };
+        // Same answers on both sides before timing anything.
+        let ours = fired_mask(&rs, &t, &ints, &decs, &key);
+        assert_eq!(
+            ours,
+            zen_mask(&mut vm, &var),
+            "both engines must agree before timing"
+        );
+        assert!(ours.count_ones() >= 4, "{ours:b}");
+        g.bench_function("zen", |b| b.iter(|| zen_mask(&mut vm, black_box(&var))));
     }
     g.finish();
 }

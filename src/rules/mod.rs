@@ -627,37 +627,20 @@ impl Loader<'_> {
                 };
                 let g = &mut groups[gi];
                 g.layout.max_window = g.layout.max_window.max(buckets);
+                // Windows with the same aggregate, value and filter share one slot.
                 let (read, reader) = match read_kind {
                     SlotKind::Count => {
-                        let slot = match g.counts.iter().position(|s| s.0 == slot_sig) {
-                            Some(s) => s,
-                            None => {
-                                g.counts.push((slot_sig.clone(), filter));
-                                g.counts.len() - 1
-                            }
-                        };
+                        let slot = slot_for(&mut g.counts, &slot_sig, |sig| (sig, filter));
                         n_int += 1;
                         (WindowRead::Count(slot), Reader::IntFeature(n_int - 1))
                     }
                     SlotKind::Sum(of) => {
-                        let slot = match g.sums.iter().position(|s| s.0 == slot_sig) {
-                            Some(s) => s,
-                            None => {
-                                g.sums.push((slot_sig.clone(), of, filter));
-                                g.sums.len() - 1
-                            }
-                        };
+                        let slot = slot_for(&mut g.sums, &slot_sig, |sig| (sig, of, filter));
                         n_dec += 1;
                         (WindowRead::Sum(slot), Reader::DecFeature(n_dec - 1))
                     }
                     SlotKind::Distinct(of) => {
-                        let slot = match g.distincts.iter().position(|s| s.0 == slot_sig) {
-                            Some(s) => s,
-                            None => {
-                                g.distincts.push((slot_sig.clone(), of, filter));
-                                g.distincts.len() - 1
-                            }
-                        };
+                        let slot = slot_for(&mut g.distincts, &slot_sig, |sig| (sig, of, filter));
                         n_int += 1;
                         (WindowRead::Distinct(slot), Reader::IntFeature(n_int - 1))
                     }
@@ -1186,6 +1169,31 @@ impl Loader<'_> {
                 },
             ),
         }
+    }
+}
+
+/// Index of the slot with signature `sig`, adding one made by `make` when there is none.
+fn slot_for<T: SlotSig>(slots: &mut Vec<T>, sig: &str, make: impl FnOnce(String) -> T) -> usize {
+    match slots.iter().position(|s| s.sig() == sig) {
+        Some(i) => i,
+        None => {
+            slots.push(make(sig.to_string()));
+            slots.len() - 1
+        }
+    }
+}
+
+trait SlotSig {
+    fn sig(&self) -> &str;
+}
+impl SlotSig for (String, Option<BoolFn>) {
+    fn sig(&self) -> &str {
+        &self.0
+    }
+}
+impl<V> SlotSig for (String, V, Option<BoolFn>) {
+    fn sig(&self) -> &str {
+        &self.0
     }
 }
 
