@@ -2,11 +2,19 @@
 //!
 //! [`Engine::decide`] may be called from many threads at once. Window state lives in one
 //! sharded map per key group; a decision holds at most one shard lock of one map at a time
-//! (plus the dedupe-table shard of its transaction id), so there is no global lock and no
-//! lock-order cycle.
+//! (plus the dedupe-table shard of its transaction id), so there is no lock-order cycle.
+//!
+//! Rules are swapped atomically with [`Engine::swap_rules`]: a decision reads the active
+//! rule set once ([`ArcSwap`]) and finishes on it. Window state survives a swap: groups
+//! (entity keys) and slots (aggregate + value + filter) are matched by signature, new ones
+//! start empty, removed ones are dropped. When a kept group's slots change, its keys are
+//! rewritten to the new layout while decisions wait on the swap barrier, so no update is
+//! lost or applied to the wrong layout.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
+
+use arc_swap::ArcSwap;
 
 use chrono::{Datelike, TimeZone, Timelike};
 use dashmap::mapref::entry::Entry;
@@ -22,21 +30,81 @@ use crate::rules::{Ctx, Field, KeyField, RuleSet, Tri, WindowRead};
 use crate::txn::{AttrValue, Transaction};
 use crate::window::{Added, Contribution, KeyState, Layout};
 
-/// The window state of one key group.
+/// The key states of one key group.
+pub type StateMap = DashMap<KeyHash, KeyState, PreHashed>;
+
+/// The window state of one key group under the active rules.
 pub struct GroupStore {
     pub signature: String,
     pub layout: Layout,
-    pub map: DashMap<KeyHash, KeyState, PreHashed>,
+    /// Slot signatures (counts, sums, distincts), to match slots across reloads.
+    slots: [Vec<String>; 3],
+    /// Shared with the previous rule set's store when the group survives a reload.
+    pub map: Arc<StateMap>,
 }
 
 impl GroupStore {
-    fn new(signature: String, layout: Layout) -> Self {
+    fn new(g: &crate::rules::Group, map: Arc<StateMap>) -> Self {
         GroupStore {
-            signature,
-            layout,
-            map: DashMap::with_hasher_and_shard_amount(PreHashed, SHARDS),
+            signature: g.signature.clone(),
+            layout: g.layout.clone(),
+            slots: slot_sigs(g),
+            map,
         }
     }
+}
+
+fn slot_sigs(g: &crate::rules::Group) -> [Vec<String>; 3] {
+    [
+        g.counts.iter().map(|s| s.0.clone()).collect(),
+        g.sums.iter().map(|s| s.0.clone()).collect(),
+        g.distincts.iter().map(|s| s.0.clone()).collect(),
+    ]
+}
+
+fn new_map() -> Arc<StateMap> {
+    Arc::new(DashMap::with_hasher_and_shard_amount(PreHashed, SHARDS))
+}
+
+/// A compiled rule set with the state stores its windows read.
+struct Active {
+    rules: Arc<RuleSet>,
+    stores: Vec<GroupStore>,
+    /// Per group: indexes of its windows in `rules.windows`.
+    group_windows: Vec<Vec<usize>>,
+    /// `rules.version`, shared by every decision.
+    version: Arc<str>,
+}
+
+impl Active {
+    fn new(rules: Arc<RuleSet>, maps: impl Fn(&crate::rules::Group) -> Arc<StateMap>) -> Active {
+        Active {
+            stores: rules
+                .groups
+                .iter()
+                .map(|g| GroupStore::new(g, maps(g)))
+                .collect(),
+            group_windows: group_windows(&rules),
+            version: rules.version.as_str().into(),
+            rules,
+        }
+    }
+}
+
+/// What [`Engine::swap_rules`] did with the window state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Swapped {
+    pub version: String,
+    /// Groups kept as they were (same key, same slots).
+    pub kept: usize,
+    /// Groups kept whose keys were rewritten for added or removed slots.
+    pub migrated: usize,
+    /// Keys rewritten.
+    pub migrated_keys: usize,
+    /// New groups (empty).
+    pub added: usize,
+    /// Groups no window reads any more (their state is dropped).
+    pub dropped: usize,
 }
 
 /// Shards per map: many more than cores, so two deciding threads rarely meet.
@@ -75,39 +143,102 @@ pub struct Evicted {
 
 pub struct Engine {
     cfg: EngineConfig,
-    rules: Arc<RuleSet>,
-    stores: Vec<Arc<GroupStore>>,
-    /// Per group: indexes of its windows in `rules.windows`.
-    group_windows: Vec<Vec<usize>>,
-    /// Declared attrs: name and type, sorted by name.
+    active: ArcSwap<Active>,
+    /// Decisions hold it shared; a swap that rewrites key states holds it exclusively.
+    barrier: RwLock<()>,
     dedupe: DashMap<KeyHash, DedupeEntry, PreHashed>,
     res_ms: i64,
-    /// `rules.version`, shared by every decision.
-    version: Arc<str>,
 }
 
 impl Engine {
     pub fn new(rules: RuleSet, cfg: EngineConfig) -> Self {
-        let rules = Arc::new(rules);
-        let stores = rules
-            .groups
-            .iter()
-            .map(|g| Arc::new(GroupStore::new(g.signature.clone(), g.layout.clone())))
-            .collect();
-        let group_windows = group_windows(&rules);
         Engine {
-            version: rules.version.as_str().into(),
+            active: ArcSwap::from_pointee(Active::new(Arc::new(rules), |_| new_map())),
+            barrier: RwLock::new(()),
             res_ms: cfg.resolution.as_millis().max(1) as i64,
             cfg,
-            rules,
-            stores,
-            group_windows,
             dedupe: DashMap::with_hasher_and_shard_amount(PreHashed, SHARDS),
         }
     }
 
-    pub fn rules(&self) -> &Arc<RuleSet> {
-        &self.rules
+    /// The active rule set.
+    pub fn rules(&self) -> Arc<RuleSet> {
+        self.active.load().rules.clone()
+    }
+
+    /// Replaces the rule set. In-flight decisions finish on the old rules; the next ones
+    /// use the new. Window state is carried over (see the module docs). Never fails: the
+    /// new set was fully compiled before.
+    pub fn swap_rules(&self, rules: RuleSet) -> Swapped {
+        let rules = Arc::new(rules);
+        let old = self.active.load_full();
+        let mut report = Swapped {
+            version: rules.version.clone(),
+            ..Default::default()
+        };
+        // Plan: per new group, the old store it continues (if any) and whether its slots
+        // changed.
+        let mut plans = Vec::new();
+        for g in &rules.groups {
+            let prev = old.stores.iter().find(|s| s.signature == g.signature);
+            let sigs = slot_sigs(g);
+            match prev {
+                None => {
+                    report.added += 1;
+                    plans.push((None, None));
+                }
+                Some(p) if p.slots == sigs => {
+                    report.kept += 1;
+                    plans.push((Some(p.map.clone()), None));
+                }
+                Some(p) => {
+                    report.migrated += 1;
+                    let map = |old: &[String], new: &[String]| -> Vec<Option<usize>> {
+                        new.iter()
+                            .map(|n| old.iter().position(|o| o == n))
+                            .collect()
+                    };
+                    let mapping = [
+                        map(&p.slots[0], &sigs[0]),
+                        map(&p.slots[1], &sigs[1]),
+                        map(&p.slots[2], &sigs[2]),
+                    ];
+                    plans.push((Some(p.map.clone()), Some((p.layout.clone(), mapping))));
+                }
+            }
+        }
+        report.dropped = old
+            .stores
+            .iter()
+            .filter(|s| !rules.groups.iter().any(|g| g.signature == s.signature))
+            .count();
+        let next = Active {
+            stores: rules
+                .groups
+                .iter()
+                .zip(&plans)
+                .map(|(g, (map, _))| GroupStore::new(g, map.clone().unwrap_or_else(new_map)))
+                .collect(),
+            group_windows: group_windows(&rules),
+            version: rules.version.as_str().into(),
+            rules: rules.clone(),
+        };
+        if plans.iter().any(|p| p.1.is_some()) {
+            // Key states change shape: no decision may run on either layout meanwhile.
+            let _excl = self.barrier.write().unwrap_or_else(|e| e.into_inner());
+            for (store, (_, migration)) in next.stores.iter().zip(&plans) {
+                if let Some((old_layout, mapping)) = migration {
+                    store
+                        .map
+                        .alter_all(|_, st| st.migrate(old_layout, &store.layout, mapping));
+                    report.migrated_keys += store.map.len();
+                }
+            }
+            self.active.store(Arc::new(next));
+        } else {
+            self.active.store(Arc::new(next));
+        }
+        report
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -118,6 +249,8 @@ impl Engine {
     /// when the transaction has no `ts`, and the clock of the dedupe horizon.
     pub fn decide(&self, txn: &Transaction, now_ms: i64) -> Outcome {
         let start = Instant::now();
+        let _shared = self.barrier.read().unwrap_or_else(|e| e.into_inner());
+        let active = self.active.load();
         let id_hash = self.cfg.hash_key.hash_str(&txn.id);
         let horizon = self.cfg.dedupe_horizon.as_millis() as i64;
         // The dedupe shard stays locked while this id is decided, so a concurrent retry of
@@ -129,7 +262,7 @@ impl Engine {
                 too_late: false,
             },
             entry => {
-                let (mut decision, too_late) = self.decide_fresh(txn, now_ms);
+                let (mut decision, too_late) = self.decide_fresh(&active, txn, now_ms);
                 decision.engine_us = start.elapsed().as_micros() as u64;
                 let decision = Arc::new(decision);
                 let value = DedupeEntry {
@@ -153,8 +286,8 @@ impl Engine {
         }
     }
 
-    fn decide_fresh(&self, txn: &Transaction, now_ms: i64) -> (Decision, bool) {
-        let rs = &*self.rules;
+    fn decide_fresh(&self, active: &Active, txn: &Transaction, now_ms: i64) -> (Decision, bool) {
+        let rs = &*active.rules;
         let ts_ms = txn.ts_ms.unwrap_or(now_ms);
         let currency = txn
             .currency
@@ -189,7 +322,7 @@ impl Engine {
         // the different maps overlap instead of being paid one after another below.
         for (gi, key) in keys.iter().enumerate() {
             if let Some(key) = key {
-                if let Some(state) = self.stores[gi].map.get(key) {
+                if let Some(state) = active.stores[gi].map.get(key) {
                     state.touch();
                 }
             }
@@ -217,7 +350,7 @@ impl Engine {
                     }
                 })
                 .collect();
-            let store = &self.stores[gi];
+            let store = &active.stores[gi];
             let mut state = store
                 .map
                 .entry(key)
@@ -232,7 +365,7 @@ impl Engine {
                 },
             );
             too_late |= added == Added::TooLate;
-            for &wi in &self.group_windows[gi] {
+            for &wi in &active.group_windows[gi] {
                 let w = &rs.windows[wi];
                 match w.read {
                     WindowRead::Count(s) => {
@@ -281,7 +414,7 @@ impl Engine {
                 card: txn.masked_card(),
                 ts: ts_ms,
                 rules: fired,
-                rules_version: self.version.clone(),
+                rules_version: active.version.clone(),
                 engine_us: 0,
             },
             too_late,
@@ -293,7 +426,9 @@ impl Engine {
     pub fn evict_idle(&self, now_ms: i64) -> Evicted {
         let mut ev = Evicted::default();
         let now_b = now_ms.div_euclid(self.res_ms);
-        for s in &self.stores {
+        let _shared = self.barrier.read().unwrap_or_else(|e| e.into_inner());
+        let active = self.active.load();
+        for s in &active.stores {
             let keep_after = now_b - s.layout.max_window - s.layout.lateness;
             let before = s.map.len();
             s.map.retain(|_, st| {
@@ -319,6 +454,8 @@ impl Engine {
         let per_slot = std::mem::size_of::<(KeyHash, KeyState)>() + 1;
         StateStats {
             groups: self
+                .active
+                .load()
                 .stores
                 .iter()
                 .map(|s| {
@@ -335,9 +472,15 @@ impl Engine {
         }
     }
 
-    /// The group stores, for snapshots and tests.
-    pub fn stores(&self) -> &[Arc<GroupStore>] {
-        &self.stores
+    /// Runs `f` on the state map of the group keyed by `signature` (e.g. `card`), if the
+    /// active rules have one. For snapshots and tests.
+    pub fn with_group<R>(&self, signature: &str, f: impl FnOnce(&GroupStore) -> R) -> Option<R> {
+        let active = self.active.load();
+        active
+            .stores
+            .iter()
+            .find(|s| s.signature == signature)
+            .map(f)
     }
 }
 

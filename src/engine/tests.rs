@@ -34,17 +34,20 @@ when = "device_cards_1h >= 3"
 action = "reject"
 "#;
 
-fn engine_with(cfg: EngineConfig) -> Engine {
-    let rs = compile(
+fn rules_from(text: &str, cfg: &EngineConfig) -> RuleSet {
+    compile(
         vec![SourceFile {
             name: "t/r.toml".into(),
-            text: RULES.into(),
+            text: text.into(),
         }],
         &|_| Err(std::io::Error::other("none")),
-        &cfg,
+        cfg,
     )
-    .unwrap();
-    Engine::new(rs, cfg)
+    .unwrap_or_else(|e| panic!("{}", e.render()))
+}
+
+fn engine_with(cfg: EngineConfig) -> Engine {
+    Engine::new(rules_from(RULES, &cfg), cfg)
 }
 
 fn engine() -> Engine {
@@ -161,14 +164,9 @@ fn too_late_events_are_decided_but_add_nothing() {
 fn entity_keys_are_not_stored_in_clear() {
     let e = engine();
     e.decide(&tx("k", "4111111111111111", 1, T0), T0);
-    let rs = e.rules();
-    let gi = rs
-        .groups
-        .iter()
-        .position(|g| g.signature == "card")
+    let key = e
+        .with_group("card", |g| *g.map.iter().next().unwrap().key())
         .unwrap();
-    let store = &e.stores()[gi];
-    let key = *store.map.iter().next().unwrap().key();
     assert_eq!(key, e.config().hash_key.hash_str("4111111111111111"));
     assert_ne!(
         key,
@@ -266,4 +264,92 @@ action = "hold"
     let o = e.decide(&tx("tz", "c", 1, ts), ts);
     assert_eq!(o.decision.action, crate::Action::Hold);
     assert_eq!(o.decision.rules[0].values["local_hour"], 0);
+}
+
+#[test]
+fn swap_keeps_state_adds_and_drops_windows() {
+    let e = engine();
+    for i in 0..3 {
+        let mut t = tx(&format!("s{i}"), "c-swap", 300, T0 + i * 1000);
+        t.device = Some("dev-swap".into());
+        e.decide(&t, T0);
+    }
+    let v1 = e.rules().version.clone();
+    // New set: the card count and sum stay; the card distinct and the device window go;
+    // a filtered card sum and a merchant window are new.
+    let v2_text = r#"
+[ruleset]
+version = "test-2"
+hold_at = 50
+reject_at = 100
+[windows]
+card_txn_1m = { agg = "count", by = "card", over = "1m" }
+card_amount_1h = { agg = "sum", of = "amount", by = "card", over = "1h" }
+card_big_1h = { agg = "sum", of = "amount", by = "card", over = "1h", where = "amount > 100" }
+merchant_txn_1h = { agg = "count", by = "merchant", over = "1h" }
+[[rule]]
+id = "show"
+description = "report the windows"
+when = "card_txn_1m >= 0 and card_amount_1h >= 0 and card_big_1h >= 0 and merchant_txn_1h >= 0"
+score = 1
+"#;
+    let report = e.swap_rules(rules_from(v2_text, e.config()));
+    assert_eq!(
+        (report.kept, report.migrated, report.added, report.dropped),
+        (0, 1, 1, 1),
+        "{report:?}"
+    );
+    assert_eq!(report.migrated_keys, 1);
+    assert!(report.version.starts_with("test-2+"));
+    assert_ne!(e.rules().version, v1);
+    let o = e.decide(&tx("s3", "c-swap", 200, T0 + 3000), T0);
+    assert!(o.decision.rules_version.starts_with("test-2+"));
+    let v = &o.decision.rules[0].values;
+    // Kept slots carry their history; the new slot starts empty.
+    assert_eq!(v["card_txn_1m"], 4);
+    assert_eq!(v["card_amount_1h"], "1100");
+    assert_eq!(v["card_big_1h"], "200");
+    assert_eq!(v["merchant_txn_1h"], 1);
+    // Swapping to identical slots keeps the maps without rewriting.
+    let report = e.swap_rules(rules_from(v2_text, e.config()));
+    assert_eq!(
+        (report.kept, report.migrated, report.migrated_keys),
+        (2, 0, 0)
+    );
+    let o = e.decide(&tx("s4", "c-swap", 1, T0 + 4000), T0);
+    assert_eq!(o.decision.rules[0].values["card_txn_1m"], 5);
+}
+
+#[test]
+fn swap_during_concurrent_decisions_loses_nothing() {
+    let e = Arc::new(engine());
+    let cfg = e.config().clone();
+    let alt = RULES
+        .replace("version = \"test\"", "version = \"alt\"")
+        .replace(
+        "card_tiny_1h = { agg = \"count\", by = \"card\", over = \"1h\", where = \"amount < 2\" }",
+        "card_tiny_1h = { agg = \"count\", by = \"card\", over = \"1h\", where = \"amount < 3\" }",
+    );
+    assert_ne!(alt, RULES);
+    std::thread::scope(|s| {
+        for th in 0..2 {
+            let e = e.clone();
+            s.spawn(move || {
+                for i in 0..2_000i64 {
+                    e.decide(&tx(&format!("c{th}-{i}"), "shared", 1, T0 + i), T0);
+                }
+            });
+        }
+        let e2 = e.clone();
+        s.spawn(move || {
+            for k in 0..20 {
+                let text = if k % 2 == 0 { &alt } else { RULES };
+                e2.swap_rules(rules_from(text, &cfg));
+            }
+        });
+    });
+    let o = e.decide(&tx("last", "shared", 1, T0 + 2_000), T0);
+    let sum = o.decision.rules.iter().find(|r| &*r.id == "spend");
+    // 4,001 transactions of 1 each: the 1h sum never lost or doubled one.
+    assert!(sum.is_some() && sum.unwrap().values["card_amount_1h"] == "4001");
 }

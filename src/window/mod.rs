@@ -227,6 +227,59 @@ impl KeyState {
             .saturating_sub(layout.lateness)
     }
 
+    /// Rewrites this key for a new layout of its group (after a rule reload). `mapping`
+    /// gives, per new count / sum / distinct slot, the old slot it continues, or `None` for
+    /// a new slot, which starts empty. Old slots nobody maps to are dropped.
+    pub fn migrate(
+        mut self,
+        old: &Layout,
+        new: &Layout,
+        mapping: &[Vec<Option<usize>>; 3],
+    ) -> KeyState {
+        let (os, ns) = (old.stride(), new.stride());
+        let n = self.rows.len() / os;
+        let mut rows = ThinVec::with_capacity(if ns > 1 { n * ns } else { 0 });
+        if new.counts + new.sums > 0 {
+            for r in 0..n {
+                let row = &self.rows[r * os..(r + 1) * os];
+                rows.push(row[0]);
+                for m in &mapping[0] {
+                    rows.push(m.map_or(0, |o| row[1 + o]));
+                }
+                for m in &mapping[1] {
+                    match m {
+                        Some(o) => {
+                            let at = 1 + old.counts + 2 * o;
+                            rows.push(row[at]);
+                            rows.push(row[at + 1]);
+                        }
+                        None => {
+                            let mut z = [0u64; 2];
+                            write_dec(&mut z, Decimal::ZERO);
+                            rows.extend(z);
+                        }
+                    }
+                }
+            }
+        }
+        let mut old_distinct: Vec<Option<Distinct>> = std::mem::take(&mut self.distinct)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let distinct = mapping[2]
+            .iter()
+            .map(|m| {
+                m.and_then(|o| old_distinct.get_mut(o).and_then(Option::take))
+                    .unwrap_or_default()
+            })
+            .collect();
+        KeyState {
+            newest: self.newest,
+            rows,
+            distinct,
+        }
+    }
+
     /// Whether anything is older than the retention horizon (cheap: no eviction).
     pub fn has_expired(&self, layout: &Layout) -> bool {
         let cutoff = self.retention_cutoff(layout);
