@@ -16,6 +16,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use rust_decimal::Decimal;
 
 use fraudgate::keyhash::HashKey;
+use fraudgate::loadgen::{GenConfig, Generator};
 use fraudgate::rules::expr::FieldHashes;
 use fraudgate::rules::{compile, Ctx, SourceFile, Tri};
 use fraudgate::txn::{AttrValue, Transaction};
@@ -222,58 +223,6 @@ fn rules_bench(c: &mut Criterion) {
     g.finish();
 }
 
-/// Deterministic xorshift generator: the bench needs no `rand`.
-struct Rng(u64);
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        // splitmix64 of the seed, so nearby seeds give unrelated streams.
-        let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        Rng((z ^ (z >> 31)) | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    /// Skewed pick in 0..n: small indexes are much more popular (approximately Zipf).
-    fn skewed(&mut self, n: u64) -> u64 {
-        ((n as f64).powf(self.unit()) - 1.0) as u64 % n
-    }
-    /// Approximately standard normal (sum of four uniforms).
-    fn normal(&mut self) -> f64 {
-        ((0..4).map(|_| self.unit()).sum::<f64>() - 2.0) * 3f64.sqrt()
-    }
-    /// Weighted pick from `(value, weight)` pairs.
-    fn weighted(&mut self, items: &[(i64, u64)]) -> i64 {
-        let total: u64 = items.iter().map(|x| x.1).sum();
-        let mut k = self.below(total);
-        for &(v, w) in items {
-            if k < w {
-                return v;
-            }
-            k -= w;
-        }
-        items[0].0
-    }
-    /// Days since onboarding: 95% established (1-8 years), 5% within the last year.
-    fn age_days(&mut self) -> u64 {
-        if self.below(100) < 95 {
-            365 + self.below(2_555)
-        } else {
-            self.below(365)
-        }
-    }
-}
-
 const T0: i64 = 1_795_687_200_000;
 
 // The same allocator as the `fraudgate` binary.
@@ -290,68 +239,16 @@ fn card_shard(card: &str, threads: usize) -> usize {
 /// transactions per 24 hours, and each merchant about 200 (skewed).
 const STEP_MS: i64 = 86;
 
-/// A realistic mix: 100k cards, 50k devices (98% of the time a card uses its own device,
-/// which two cards share), 5k merchants (skewed), 40 regions (skewed), log-normal amounts (median 40), an MCC
-/// mix with 4% high-risk categories, mostly established merchants and devices, one
-/// transaction every [`STEP_MS`] of event time.
+/// The realistic mix of [`fraudgate::loadgen`] (100k cards, 50k devices, 5k merchants,
+/// 40 regions; no injected fraud), one transaction every [`STEP_MS`] of event time.
 pub fn transactions(n: usize, seed: u64, start_ms: i64) -> Vec<Transaction> {
-    let mut r = Rng::new(seed);
-    let mccs = [
-        (5411, 30),
-        (5812, 20),
-        (5541, 15),
-        (5999, 15),
-        (5732, 8),
-        (4722, 5),
-        (5944, 3),
-        (7995, 2),
-        (6051, 2),
-    ];
-    (0..n)
-        .map(|i| {
-            let card = r.below(100_000);
-            let cents = (4_000.0 * r.normal().exp()).clamp(1.0, 1_500_000.0) as i64;
-            let mut t = Transaction::new(
-                format!("tx-{seed}-{i}"),
-                format!("4{:015}", card * 7_919 % 1_000_000_000_000_000),
-                Decimal::new(cents, 2),
-            );
-            t.ts_ms = Some(start_ms + i as i64 * STEP_MS);
-            let device = if r.below(100) < 98 {
-                card % 50_000
-            } else {
-                r.below(50_000)
-            };
-            t.device = Some(format!("dev-{device}"));
-            t.merchant = Some(format!("mer-{}", r.skewed(5_000)));
-            let region = format!("R{}", r.skewed(40));
-            // The IP country matches the region for 97% of customers.
-            let ip_country = if r.below(100) < 97 {
-                region.clone()
-            } else {
-                format!("R{}", r.skewed(40))
-            };
-            t.region = Some(region);
-            t.mcc = Some(r.weighted(&mccs));
-            t.attrs = vec![
-                ("address_match".into(), AttrValue::Bool(r.below(100) != 0)),
-                (
-                    "channel".into(),
-                    AttrValue::Str(if r.below(2) == 0 { "ecom" } else { "pos" }.into()),
-                ),
-                (
-                    "device_age_days".into(),
-                    AttrValue::Num(Decimal::from(r.age_days())),
-                ),
-                ("ip_country".into(), AttrValue::Str(ip_country)),
-                (
-                    "merchant_age_days".into(),
-                    AttrValue::Num(Decimal::from(r.age_days())),
-                ),
-                ("phone_match".into(), AttrValue::Bool(r.below(100) != 0)),
-            ];
-            t
-        })
+    let mut g = Generator::new(GenConfig {
+        seed,
+        fraud_rate: 0.0,
+        ..GenConfig::default()
+    });
+    (0..n as i64)
+        .map(|i| g.next_at(start_ms + i * STEP_MS).txn)
         .collect()
 }
 

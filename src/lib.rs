@@ -8,6 +8,7 @@ pub mod config;
 pub mod decision;
 pub mod engine;
 pub mod keyhash;
+pub mod loadgen;
 pub mod rules;
 pub mod txn;
 pub mod window;

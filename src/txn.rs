@@ -67,6 +67,62 @@ impl Transaction {
         mask_card(&self.card)
     }
 
+    /// Encodes the transaction as wire JSON (amount and numeric attrs as exact decimal
+    /// strings, `ts` as epoch milliseconds). The inverse of [`Transaction::from_json`].
+    pub fn to_json(&self) -> String {
+        use std::fmt::Write;
+        let q = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into());
+        let mut o = String::with_capacity(256);
+        let _ = write!(o, "{{\"id\":{}", q(&self.id));
+        if let Some(ts) = self.ts_ms {
+            let _ = write!(o, ",\"ts\":{ts}");
+        }
+        let _ = write!(
+            o,
+            ",\"card\":{},\"amount\":\"{}\"",
+            q(&self.card),
+            self.amount
+        );
+        for (k, v) in [
+            ("currency", &self.currency),
+            ("device", &self.device),
+            ("merchant", &self.merchant),
+            ("region", &self.region),
+        ] {
+            if let Some(v) = v {
+                let _ = write!(o, ",\"{k}\":{}", q(v));
+            }
+        }
+        if let Some(mcc) = self.mcc {
+            let _ = write!(o, ",\"mcc\":{mcc}");
+        }
+        if !self.attrs.is_empty() {
+            o.push_str(",\"attrs\":{");
+            for (i, (k, v)) in self.attrs.iter().enumerate() {
+                if i > 0 {
+                    o.push(',');
+                }
+                let _ = match v {
+                    AttrValue::Str(s) => write!(o, "{}:{}", q(k), q(s)),
+                    // Decimal's Display is a valid JSON number (no exponent).
+                    AttrValue::Num(d) => write!(o, "{}:{d}", q(k)),
+                    AttrValue::Bool(b) => write!(o, "{}:{b}", q(k)),
+                };
+            }
+            o.push('}');
+        }
+        o.push('}');
+        o
+    }
+
+    /// Sets an attribute, keeping `attrs` sorted by name (as [`Transaction::attr`] needs).
+    pub fn set_attr(&mut self, name: &str, value: AttrValue) {
+        match self.attrs.binary_search_by(|(k, _)| k.as_str().cmp(name)) {
+            Ok(i) => self.attrs[i].1 = value,
+            Err(i) => self.attrs.insert(i, (name.to_string(), value)),
+        }
+    }
+
     /// Decodes one transaction from its JSON bytes.
     pub fn from_json(bytes: &[u8]) -> Result<Transaction, DecodeError> {
         let wire: Wire<'_> = serde_json::from_slice(bytes).map_err(DecodeError::from_serde)?;
@@ -484,6 +540,20 @@ mod tests {
         }
         let err = Transaction::from_json(br#"{"id":"x9","card":"c","amount":"abc"}"#).unwrap_err();
         assert_eq!(err.id.as_deref(), Some("x9"));
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let mut t = Transaction::new("rt-1", "4111111111111111", dec("10.50"));
+        t.ts_ms = Some(1_700_000_000_000);
+        t.merchant = Some("m\"1".into());
+        t.mcc = Some(5411);
+        t.set_attr("phone_match", AttrValue::Bool(true));
+        t.set_attr("age", AttrValue::Num(dec("12.5")));
+        t.set_attr("channel", AttrValue::Str("ecom".into()));
+        assert_eq!(t.attrs[0].0, "age");
+        let back = Transaction::from_json(t.to_json().as_bytes()).unwrap();
+        assert_eq!(back, t);
     }
 
     #[test]
