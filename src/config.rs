@@ -18,6 +18,10 @@ pub struct EngineConfig {
     pub resolution: Duration,
     /// Events up to this far behind their key's newest event still see exact window values.
     pub max_lateness: Duration,
+    /// An event time further than this ahead of the receive time is replaced by the
+    /// receive time: one transaction dated in the future must not move its keys' windows
+    /// ahead and make every real event "late".
+    pub max_future_skew: Duration,
     /// How long a transaction id is remembered for idempotent retries. Every decision in
     /// the horizon is kept (a few hundred bytes each): at 5,000 transactions/s the default
     /// 2 minutes holds 600k decisions, roughly 300 MB. Size it to the switch's retry window.
@@ -33,6 +37,7 @@ impl Default for EngineConfig {
             default_currency: "EUR".into(),
             resolution: Duration::from_secs(1),
             max_lateness: Duration::from_secs(300),
+            max_future_skew: Duration::from_secs(60),
             dedupe_horizon: Duration::from_secs(120),
             hash_key: HashKey::default(),
         }
@@ -47,6 +52,7 @@ pub struct EngineSection {
     pub default_currency: Option<String>,
     pub resolution: Option<String>,
     pub max_lateness: Option<String>,
+    pub max_future_skew: Option<String>,
     pub dedupe_horizon: Option<String>,
     /// Secret for entity hashing. Prefer `hash_key_env`, naming an environment variable.
     pub hash_key: Option<String>,
@@ -98,6 +104,7 @@ impl EngineSection {
             });
         }
         c.max_lateness = dur("max_lateness", &self.max_lateness, c.max_lateness)?;
+        c.max_future_skew = dur("max_future_skew", &self.max_future_skew, c.max_future_skew)?;
         c.dedupe_horizon = dur("dedupe_horizon", &self.dedupe_horizon, c.dedupe_horizon)?;
         if let Some(var) = &self.hash_key_env {
             let secret = env(var).ok_or_else(|| ConfigError::MissingEnv(var.clone()))?;
@@ -194,5 +201,164 @@ mod tests {
             bad.resolve(|_| None),
             Err(ConfigError::TimeZone(_))
         ));
+    }
+}
+
+/// The whole config file of `fraudgate run` (TOML). Every table and key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub engine: EngineSection,
+    #[serde(default)]
+    pub nats: NatsSection,
+    #[serde(default)]
+    pub subjects: SubjectsSection,
+    #[serde(default)]
+    pub limits: LimitsSection,
+    #[serde(default)]
+    pub log: LogSection,
+    #[serde(default)]
+    pub service: ServiceSection,
+}
+
+impl FileConfig {
+    /// Parses a config file's text.
+    pub fn parse(text: &str) -> Result<FileConfig, toml::de::Error> {
+        toml::from_str(text)
+    }
+}
+
+/// How to reach NATS. Secrets can come from the environment (`*_env` keys name the
+/// variable) so they stay out of the file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsSection {
+    /// One URL or several, comma-separated (`nats://a:4222,nats://b:4222`).
+    pub url: String,
+    /// Client name shown in the server's monitoring.
+    pub name: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub password_env: Option<String>,
+    pub token: Option<String>,
+    pub token_env: Option<String>,
+    /// A `.creds` file (JWT + NKey seed).
+    pub credentials_file: Option<String>,
+    /// CA certificate(s) to trust (PEM), for servers with a private CA.
+    pub tls_ca: Option<String>,
+    /// Client certificate and key (PEM), for mutual TLS.
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    /// Refuse to talk to a server without TLS.
+    pub tls_required: bool,
+    /// Messages buffered per subscription before the client drops them (slow consumer).
+    pub subscription_capacity: usize,
+    /// Timeout of the first connection attempt, e.g. `5s`.
+    pub connect_timeout: String,
+}
+
+impl Default for NatsSection {
+    fn default() -> Self {
+        NatsSection {
+            url: "nats://127.0.0.1:4222".into(),
+            name: "fraudgate".into(),
+            user: None,
+            password: None,
+            password_env: None,
+            token: None,
+            token_env: None,
+            credentials_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_required: false,
+            subscription_capacity: 65_536,
+            connect_timeout: "5s".into(),
+        }
+    }
+}
+
+/// Subjects and queue group of the wire contract.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SubjectsSection {
+    /// Request-reply decisions.
+    pub check: String,
+    /// Asynchronous intake.
+    pub txn: String,
+    /// Decisions of the asynchronous path go to `<decision_prefix>.<action>`.
+    pub decision_prefix: String,
+    /// Invalid asynchronous input, with the reason in headers.
+    pub invalid: String,
+    pub queue_group: String,
+}
+
+impl Default for SubjectsSection {
+    fn default() -> Self {
+        SubjectsSection {
+            check: "fraud.check".into(),
+            txn: "fraud.txn".into(),
+            decision_prefix: "fraud.decision".into(),
+            invalid: "fraud.invalid".into(),
+            queue_group: "fraudgate".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Largest accepted transaction payload in bytes.
+    pub max_payload: usize,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        LimitsSection {
+            max_payload: 16 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `human` or `json`.
+    pub format: String,
+    /// A tracing filter, e.g. `info` or `fraudgate=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        LogSection {
+            format: "human".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceSection {
+    /// Decision workers (transactions are sharded over them by card); 0 = two per core.
+    pub workers: usize,
+    /// Transactions queued per worker and path before intake waits.
+    pub queue_depth: usize,
+    /// Quiet time after a change in the rule directory before reloading, e.g. `300ms`.
+    pub reload_debounce: String,
+    /// How often idle keys and old transaction ids are swept, e.g. `10s`.
+    pub sweep_interval: String,
+}
+
+impl Default for ServiceSection {
+    fn default() -> Self {
+        ServiceSection {
+            workers: 0,
+            queue_depth: 4096,
+            reload_debounce: "300ms".into(),
+            sweep_interval: "10s".into(),
+        }
     }
 }

@@ -124,6 +124,9 @@ pub struct Outcome {
     pub duplicate: bool,
     /// The event was older than every window of some key and added nothing there.
     pub too_late: bool,
+    /// The event time was further in the future than `max_future_skew` and was replaced
+    /// by the receive time.
+    pub ts_clamped: bool,
 }
 
 /// Sizes of the engine's state, for metrics and memory measurements.
@@ -260,9 +263,14 @@ impl Engine {
                 decision: o.get().decision.clone(),
                 duplicate: true,
                 too_late: false,
+                ts_clamped: false,
             },
             entry => {
-                let (mut decision, too_late) = self.decide_fresh(&active, txn, now_ms);
+                let skew = self.cfg.max_future_skew.as_millis() as i64;
+                let ts_ms = txn.ts_ms.unwrap_or(now_ms);
+                let ts_clamped = ts_ms > now_ms.saturating_add(skew);
+                let ts_ms = if ts_clamped { now_ms } else { ts_ms };
+                let (mut decision, too_late) = self.decide_fresh(&active, txn, ts_ms);
                 decision.engine_us = start.elapsed().as_micros() as u64;
                 let decision = Arc::new(decision);
                 let value = DedupeEntry {
@@ -281,14 +289,15 @@ impl Engine {
                     decision,
                     duplicate: false,
                     too_late,
+                    ts_clamped,
                 }
             }
         }
     }
 
-    fn decide_fresh(&self, active: &Active, txn: &Transaction, now_ms: i64) -> (Decision, bool) {
+    /// Decides a transaction not seen before, at event time `ts_ms`.
+    fn decide_fresh(&self, active: &Active, txn: &Transaction, ts_ms: i64) -> (Decision, bool) {
         let rs = &*active.rules;
-        let ts_ms = txn.ts_ms.unwrap_or(now_ms);
         let currency = txn
             .currency
             .as_deref()

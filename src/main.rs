@@ -117,6 +117,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             let mut bad = 0usize;
+            const SWEEP_EVERY_MS: i64 = 60_000;
+            let mut last_sweep = i64::MIN / 2;
             for (n, line) in reader.lines().enumerate() {
                 let line = line?;
                 if line.trim().is_empty() {
@@ -131,6 +133,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
                         let o = engine.decide(&t, now);
                         writeln!(out, "{}", o.decision.to_json())?;
+                        // Sweep idle keys and old ids as the service does, so a long
+                        // backtest runs in bounded memory.
+                        if now >= last_sweep + SWEEP_EVERY_MS {
+                            engine.evict_idle(now);
+                            last_sweep = now;
+                        }
                     }
                     Err(e) => {
                         bad += 1;

@@ -150,10 +150,10 @@ fn no_ts_uses_receive_time() {
 #[test]
 fn too_late_events_are_decided_but_add_nothing() {
     let e = engine();
-    e.decide(&tx("n", "c4", 700, T0 + 7_200_000), T0);
-    let late = e.decide(&tx("old", "c4", 700, T0), T0);
+    e.decide(&tx("n", "c4", 700, T0 + 7_200_000), T0 + 7_200_000);
+    let late = e.decide(&tx("old", "c4", 700, T0), T0 + 7_200_000);
     assert!(late.too_late);
-    let next = e.decide(&tx("n2", "c4", 400, T0 + 7_200_001), T0);
+    let next = e.decide(&tx("n2", "c4", 400, T0 + 7_200_001), T0 + 7_200_001);
     assert_eq!(
         feature(&next, "spend", "card_amount_1h"),
         Some("1100".into())
@@ -352,4 +352,20 @@ fn swap_during_concurrent_decisions_loses_nothing() {
     let sum = o.decision.rules.iter().find(|r| &*r.id == "spend");
     // 4,001 transactions of 1 each: the 1h sum never lost or doubled one.
     assert!(sum.is_some() && sum.unwrap().values["card_amount_1h"] == "4001");
+}
+
+#[test]
+fn event_times_far_in_the_future_are_clamped() {
+    let e = engine();
+    // A transaction claiming 2099 must not push the card's windows into the future.
+    let o = e.decide(&tx("f0", "c-fut", 900, 4_070_908_800_000), T0);
+    assert!(o.ts_clamped);
+    assert_eq!(o.decision.ts, T0);
+    let o = e.decide(&tx("f1", "c-fut", 200, T0 + 1_000), T0 + 1_000);
+    assert!(!o.ts_clamped && !o.too_late);
+    assert_eq!(feature(&o, "spend", "card_amount_1h"), Some("1100".into()));
+    // Within the allowed skew the event time is kept.
+    let o = e.decide(&tx("f2", "c-fut2", 1, T0 + 30_000), T0);
+    assert!(!o.ts_clamped);
+    assert_eq!(o.decision.ts, T0 + 30_000);
 }

@@ -7,12 +7,22 @@ use codespan_reporting::diagnostic::{Diagnostic as CsDiagnostic, Label};
 use codespan_reporting::files::SimpleFiles;
 use codespan_reporting::term;
 
-/// One source file of a rule set (a `.toml` rule file or a list file).
-#[derive(Debug, Clone)]
+/// One source file of a rule set (a `.toml` rule file or a list file). `Debug` omits the
+/// text: list files may hold card numbers.
+#[derive(Clone)]
 pub struct SourceFile {
     /// Path as shown to the analyst (relative to where they ran the command).
     pub name: String,
     pub text: String,
+}
+
+impl std::fmt::Debug for SourceFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceFile")
+            .field("name", &self.name)
+            .field("bytes", &self.text.len())
+            .finish()
+    }
 }
 
 /// One problem found while loading rules.

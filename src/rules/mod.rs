@@ -135,8 +135,15 @@ impl SumOf {
     pub fn value(&self, c: &Ctx<'_>) -> Option<Decimal> {
         match *self {
             SumOf::Amount => Some(c.txn.amount),
+            // Attribute values get the same bounds as amounts before they are summed, so a
+            // window sum can never overflow (an out-of-range value adds nothing).
             SumOf::Attr(i) => match c.attrs[i] {
-                Some(AttrValue::Num(d)) => Some(*d),
+                Some(AttrValue::Num(d))
+                    if d.scale() <= crate::txn::MAX_AMOUNT_SCALE
+                        && d.abs() < Decimal::from(crate::txn::MAX_AMOUNT) =>
+                {
+                    Some(*d)
+                }
                 _ => None,
             },
         }
@@ -378,7 +385,24 @@ pub fn compile(
             }
         }
     }
+    let broken = parsed.len() < l.files.len();
     let rs = l.build(&mut parsed, read);
+    if broken {
+        // A file that failed to parse declared nothing, so names it declares look unknown
+        // elsewhere: those errors would mislead. Say how many were held back.
+        let before = l.diags.len();
+        l.diags
+            .retain(|d| !matches!(d.code, "unknown-identifier" | "unknown-attribute"));
+        let held = before - l.diags.len();
+        if held > 0 {
+            l.diags.push(Diagnostic::global(
+                "held-back",
+                format!(
+                    "{held} unknown-name error(s) not shown: a file above failed to parse, so the names it declares are unknown; fix it and check again"
+                ),
+            ));
+        }
+    }
     match rs {
         Some(rs) if l.diags.is_empty() => Ok(rs),
         _ => Err(LoadError {

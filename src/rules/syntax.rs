@@ -279,18 +279,15 @@ fn lex(src: &str) -> Result<Vec<(Tok, Span)>, SyntaxError> {
             }
             _ => {}
         }
-        let two = if i + 1 < bytes.len() {
-            &src[i..i + 2]
-        } else {
-            ""
-        };
+        // Bytes, not a `&str` slice: the next character may be multi-byte (`≥`).
+        let two = bytes.get(i..i + 2).unwrap_or(b"");
         let (tok, len) = match two {
-            "==" => (Tok::Eq, 2),
-            "!=" => (Tok::Ne, 2),
-            "<=" => (Tok::Le, 2),
-            ">=" => (Tok::Ge, 2),
-            "&&" => return Err(err(i..i + 2, "unknown operator `&&`", "use `and`")),
-            "||" => return Err(err(i..i + 2, "unknown operator `||`", "use `or`")),
+            b"==" => (Tok::Eq, 2),
+            b"!=" => (Tok::Ne, 2),
+            b"<=" => (Tok::Le, 2),
+            b">=" => (Tok::Ge, 2),
+            b"&&" => return Err(err(i..i + 2, "unknown operator `&&`", "use `and`")),
+            b"||" => return Err(err(i..i + 2, "unknown operator `||`", "use `or`")),
             _ => match c {
                 b'<' => (Tok::Lt, 1),
                 b'>' => (Tok::Gt, 1),
@@ -308,10 +305,17 @@ fn lex(src: &str) -> Result<Vec<(Tok, Span)>, SyntaxError> {
                 b'!' => return Err(err(i..i + 1, "unknown operator `!`", "use `not`")),
                 _ => {
                     let ch = src[i..].chars().next().unwrap_or('?');
+                    let hint = match ch {
+                        '≥' => "use `>=`",
+                        '≤' => "use `<=`",
+                        '≠' => "use `!=`",
+                        '“' | '”' | '‘' | '’' => "use straight quotes \" or '",
+                        _ => "not part of the rule language",
+                    };
                     return Err(err(
                         i..i + ch.len_utf8(),
                         format!("unexpected character `{ch}`"),
-                        "not part of the rule language",
+                        hint,
                     ));
                 }
             },
@@ -331,10 +335,23 @@ struct Parser {
 
 /// Nesting limit, so hostile input cannot overflow the stack.
 const MAX_DEPTH: usize = 64;
+/// Token limit: checking, compiling and evaluating walk the tree recursively, and a long
+/// chain (`a and b and c ...`) nests as deeply as it is long.
+const MAX_TOKENS: usize = 1_000;
 
 /// Parses one expression.
 pub fn parse(src: &str) -> Result<Expr, SyntaxError> {
     let toks = lex(src)?;
+    if toks.len() > MAX_TOKENS {
+        return Err(err(
+            0..src.len(),
+            format!(
+                "expression too long ({} tokens, at most {MAX_TOKENS})",
+                toks.len()
+            ),
+            "split it into several rules or windows",
+        ));
+    }
     let mut p = Parser {
         toks,
         pos: 0,
@@ -626,5 +643,11 @@ mod tests {
         }
         let deep = "(".repeat(200) + "a" + &")".repeat(200);
         assert!(parse(&deep).unwrap_err().message.contains("deeply"));
+        let long = vec!["amount > 0"; 400].join(" and ");
+        assert!(parse(&long).unwrap_err().message.contains("too long"));
+        let e = parse("amount ≥ 1000").unwrap_err();
+        assert_eq!(e.span, 7..10);
+        assert_eq!(e.label, "use `>=`");
+        assert!(parse("amount >€ 1").is_err());
     }
 }

@@ -57,8 +57,10 @@ impl Distinct {
         }
     }
 
-    pub fn add(&mut self, value: u64, bucket: i64) {
-        match self {
+    /// Adds an occurrence of `value` at `bucket`. `cutoff` and `edge` are the slot's
+    /// retention cut-off and exactness edge (see [`Distinct::maintain`]).
+    pub fn add(&mut self, value: u64, bucket: i64, cutoff: i64, edge: i64) {
+        let over_bound = match self {
             Distinct::Exact { pairs, values, .. } => {
                 let pos = pairs.partition_point(|p| *p < (value, bucket));
                 if pairs.get(pos) == Some(&(value, bucket)) {
@@ -69,16 +71,26 @@ impl Distinct {
                 pairs.insert(pos, (value, bucket));
                 if new_value {
                     *values += 1;
-                    if *values as usize > DISTINCT_EXACT_BOUND {
-                        let mut h = SlidingHll::new();
-                        for &(v, b) in pairs.iter() {
-                            h.add(v, b);
-                        }
-                        *self = Distinct::Approx(Box::new(h));
+                }
+                new_value && *values as usize > DISTINCT_EXACT_BOUND
+            }
+            Distinct::Approx(h) => {
+                h.add(value, bucket, edge);
+                false
+            }
+        };
+        if over_bound {
+            // Expired values must not push a key into approximate mode: drop them first.
+            self.maintain(cutoff, edge, true);
+            if let Distinct::Exact { pairs, values, .. } = self {
+                if *values as usize > DISTINCT_EXACT_BOUND {
+                    let mut h = SlidingHll::new();
+                    for &(v, b) in pairs.iter() {
+                        h.add(v, b, edge);
                     }
+                    *self = Distinct::Approx(Box::new(h));
                 }
             }
-            Distinct::Approx(h) => h.add(value, bucket),
         }
     }
 
@@ -150,7 +162,7 @@ impl Distinct {
                 *values = n;
                 *next_compact = (2 * pairs.len() as u32).max(COMPACT_MIN);
             }
-            Distinct::Approx(h) => h.maintain(cutoff, force),
+            Distinct::Approx(h) => h.maintain(cutoff, edge, force),
         }
     }
 }
@@ -159,11 +171,15 @@ impl Distinct {
 const COMPACT_MIN: u32 = 16;
 
 /// Sliding HyperLogLog: per register, the list of possible future maxima.
+///
+/// An entry `(t', r')` is needed by a query `(lo, hi]` only if no other entry `(t, r)` with
+/// `r >= r'` falls in the range whenever `t'` does. That is certain when `t' <= t <= edge`
+/// (queries end at or after `edge`, the exactness edge `newest - lateness`), so such
+/// entries are dropped; entries in the lateness span are all kept, which keeps late
+/// queries as accurate as in-order ones.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SlidingHll {
-    /// Per register: `(bucket, rho)` sorted by bucket ascending with rho strictly
-    /// descending, so the maximum over `(lo, hi]` is the first entry after `lo`
-    /// (when that entry is `<= hi`).
+    /// Per register: `(bucket, rho)` sorted by bucket.
     regs: Vec<Vec<(i64, u8)>>,
     /// Adds since the last eviction pass (evicting walks every register).
     adds: u32,
@@ -182,7 +198,7 @@ impl SlidingHll {
             + self.regs.iter().map(|r| r.capacity() * 16).sum::<usize>()
     }
 
-    fn add(&mut self, value: u64, bucket: i64) {
+    fn add(&mut self, value: u64, bucket: i64, edge: i64) {
         self.adds = self.adds.saturating_add(1);
         // The value is already a keyed 64-bit hash; mix once more so that register and
         // rank bits are independent of how the caller folded it.
@@ -191,16 +207,19 @@ impl SlidingHll {
         let rest = h << HLL_P;
         let rho = (rest.leading_zeros().min(64 - HLL_P) + 1) as u8;
         let list = &mut self.regs[reg];
-        // Dominated: a newer-or-equal entry with rank >= rho already exists.
-        if list.iter().any(|&(b, r)| b >= bucket && r >= rho) {
+        // Redundant: another entry at the same bucket, or later but not past the edge,
+        // with rank >= rho.
+        let covers =
+            |(t, r): (i64, u8), (t2, r2): (i64, u8)| r >= r2 && t >= t2 && (t == t2 || t <= edge);
+        if list.iter().any(|&e| covers(e, (bucket, rho))) {
             return;
         }
-        list.retain(|&(b, r)| !(b <= bucket && r <= rho));
+        list.retain(|&e| !covers((bucket, rho), e));
         let pos = list.partition_point(|&(b, _)| b < bucket);
         list.insert(pos, (bucket, rho));
     }
 
-    fn maintain(&mut self, cutoff: i64, force: bool) {
+    fn maintain(&mut self, cutoff: i64, edge: i64, force: bool) {
         if !force && self.adds < HLL_M as u32 {
             return;
         }
@@ -210,6 +229,13 @@ impl SlidingHll {
             if dead > 0 {
                 list.drain(..dead);
             }
+            // The edge moved: entries now covered by a later one at or before it go.
+            let snapshot = list.clone();
+            list.retain(|&(t, r)| {
+                !snapshot
+                    .iter()
+                    .any(|&(t2, r2)| (t2, r2) != (t, r) && r2 >= r && t2 >= t && t2 <= edge)
+            });
         }
     }
 

@@ -43,6 +43,14 @@ impl Layout {
     fn stride(&self) -> usize {
         1 + self.counts + 2 * self.sums
     }
+
+    /// Longest window reading distinct slot `i`.
+    fn distinct_window(&self, i: usize) -> i64 {
+        self.distinct_windows
+            .get(i)
+            .copied()
+            .unwrap_or(self.max_window)
+    }
 }
 
 /// What one event contributes to a key.
@@ -209,12 +217,13 @@ impl KeyState {
                 }
             }
         }
-        for (d, v) in self.distinct.iter_mut().zip(c.distincts) {
+        self.newest = self.newest.max(b);
+        let edge = self.newest.saturating_sub(layout.lateness);
+        for (i, (d, v)) in self.distinct.iter_mut().zip(c.distincts).enumerate() {
             if let Some(v) = v {
-                d.add(*v, b);
+                d.add(*v, b, edge.saturating_sub(layout.distinct_window(i)), edge);
             }
         }
-        self.newest = self.newest.max(b);
         self.evict(layout, false);
         Added::Yes
     }
@@ -286,12 +295,8 @@ impl KeyState {
         let edge = self.newest.saturating_sub(layout.lateness);
         (!self.rows.is_empty() && self.bucket_at(layout.stride(), 0) <= cutoff)
             || self.distinct.iter().enumerate().any(|(i, d)| {
-                let w = layout
-                    .distinct_windows
-                    .get(i)
-                    .copied()
-                    .unwrap_or(layout.max_window);
-                d.oldest().is_some_and(|o| o <= edge.saturating_sub(w))
+                d.oldest()
+                    .is_some_and(|o| o <= edge.saturating_sub(layout.distinct_window(i)))
             })
     }
 
@@ -331,13 +336,7 @@ impl KeyState {
         }
         let edge = self.newest.saturating_sub(layout.lateness);
         for (i, d) in self.distinct.iter_mut().enumerate() {
-            let w = layout
-                .distinct_windows
-                .get(i)
-                .copied()
-                .unwrap_or(layout.max_window);
-            let cutoff = edge.saturating_sub(w);
-            d.maintain(cutoff, edge, force);
+            d.maintain(edge.saturating_sub(layout.distinct_window(i)), edge, force);
         }
     }
 

@@ -242,3 +242,72 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn hll_is_as_accurate_for_late_events_as_for_in_order_ones() {
+    // 400 different values on one key, one per bucket, then queries ending 100, 250 and
+    // 299 buckets back (inside the lateness allowance of 300).
+    let l = Layout {
+        counts: 0,
+        sums: 0,
+        distincts: 1,
+        max_window: 86_400,
+        lateness: 300,
+        distinct_windows: vec![86_400],
+    };
+    let mut ks = KeyState::new(&l);
+    let key = crate::keyhash::HashKey::default();
+    for i in 0..400i64 {
+        let v = key.hash_str(&format!("card-{i}")) as u64;
+        ks.add(
+            &l,
+            1_000 + i,
+            &Contribution {
+                counts: &[],
+                sums: &[],
+                distincts: &[Some(v)],
+            },
+        );
+    }
+    assert!(!ks.distinct_is_exact(0));
+    for (end, truth) in [
+        (1_399i64, 400f64),
+        (1_299, 300.0),
+        (1_149, 150.0),
+        (1_100, 101.0),
+    ] {
+        let est = ks.distinct(0, end, 86_400) as f64;
+        assert!(
+            (est - truth).abs() / truth < 0.2,
+            "end {end}: est {est}, truth {truth}"
+        );
+    }
+}
+
+#[test]
+fn expired_values_do_not_force_approximation() {
+    // 100 values long ago, then 100 new ones: never more than 128 live at once.
+    let l = Layout {
+        counts: 0,
+        sums: 0,
+        distincts: 1,
+        max_window: 60,
+        lateness: 0,
+        distinct_windows: vec![60],
+    };
+    let mut ks = KeyState::new(&l);
+    for i in 0..200u64 {
+        let b = if i < 100 { 0 } else { 1_000 };
+        ks.add(
+            &l,
+            b,
+            &Contribution {
+                counts: &[],
+                sums: &[],
+                distincts: &[Some(i)],
+            },
+        );
+    }
+    assert!(ks.distinct_is_exact(0));
+    assert_eq!(ks.distinct(0, 1_000, 60), 100);
+}
