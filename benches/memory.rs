@@ -77,7 +77,7 @@ fn run(name: &str, engine: Engine, cards: u64, per_card: u64) {
             t.mcc = Some(5411);
             t.attrs = vec![("phone_match".into(), AttrValue::Bool(true))];
             engine.decide(&t, last_ts);
-            if (round * cards + c) % 100_000 == 0 {
+            if (round * cards + c).is_multiple_of(100_000) {
                 engine.evict_idle(last_ts);
             }
         }

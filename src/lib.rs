@@ -6,10 +6,14 @@
 
 pub mod config;
 pub mod decision;
+pub mod demo;
 pub mod engine;
 pub mod keyhash;
 pub mod loadgen;
 pub mod rules;
+pub mod service;
+pub mod telemetry;
+pub mod transport;
 pub mod txn;
 pub mod window;
 

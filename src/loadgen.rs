@@ -286,7 +286,8 @@ impl Generator {
                 plan.push((later, again));
             }
             Pattern::MerchantSpike => {
-                let merchant = format!("mer-spike-{}", self.rng.below(1 << 40));
+                // An established, moderately popular merchant suddenly gets a burst.
+                let merchant = format!("mer-{}", 20 + self.rng.below(40));
                 let mut at = now_ms;
                 for i in 0..45u64 {
                     let mut t = self.normal_for(card + i, at);

@@ -1,13 +1,15 @@
 //! The `fraudgate` command line. `anyhow` lives here only; the library's errors are typed.
 
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use fraudgate::config::EngineSection;
+use fraudgate::config::{parse_duration, FileConfig};
+use fraudgate::service::{RunOptions, Running};
 use fraudgate::{Engine, EngineConfig, Transaction};
 
 #[global_allocator]
@@ -22,6 +24,44 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run the engine as a NATS service (request-reply on fraud.check, stream on fraud.txn).
+    Run {
+        /// NATS server URL(s), comma-separated. Overrides [nats] url.
+        #[arg(long)]
+        nats_url: Option<String>,
+        /// The rule directory, watched for changes (SIGHUP also reloads).
+        #[arg(long)]
+        rules: PathBuf,
+        /// Config file (TOML): [engine], [nats], [subjects], [limits], [service], [log].
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Send one transaction to a running engine and print the decision.
+    Ask {
+        /// The transaction JSON; `-` or nothing reads stdin.
+        transaction: Option<String>,
+        #[arg(long)]
+        nats_url: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// How long to wait for the decision, e.g. `2s`.
+        #[arg(long, default_value = "2s")]
+        timeout: String,
+    },
+    /// A private nats-server, the engine with the shipped rules, and generated traffic with
+    /// injected fraud; prints a one-line summary per second. Ctrl-C stops everything.
+    Demo {
+        #[arg(long, default_value = "rules")]
+        rules: PathBuf,
+        /// Transactions per second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Stop after this long (e.g. `30s`) instead of waiting for Ctrl-C.
+        #[arg(long)]
+        duration: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Check a rule directory: exit 0 with a summary, or 1 with every error.
     Check {
         /// The rule directory (every *.toml in it).
@@ -31,8 +71,7 @@ enum Cmd {
         config: Option<PathBuf>,
     },
     /// Decide transactions from a JSONL file (or stdin) offline and print one decision per
-    /// line: a backtest of a rule directory on recorded traffic. Transactions without `ts`
-    /// use the current time.
+    /// line: a backtest of a rule directory on recorded traffic.
     Replay {
         /// The rule directory.
         #[arg(long)]
@@ -44,25 +83,35 @@ enum Cmd {
     },
 }
 
-/// The config file. Later sections (transport, metrics) join this struct.
-#[derive(serde::Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ConfigFile {
-    #[serde(default)]
-    engine: EngineSection,
-}
-
-fn engine_config(path: Option<&Path>) -> anyhow::Result<EngineConfig> {
+fn read_config(path: Option<&Path>) -> anyhow::Result<FileConfig> {
     let Some(path) = path else {
-        return Ok(EngineConfig::default());
+        return Ok(FileConfig::default());
     };
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
-    let file: ConfigFile =
-        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+    FileConfig::parse(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+fn engine_config(file: &FileConfig) -> anyhow::Result<EngineConfig> {
     file.engine
         .resolve(|k| std::env::var(k).ok())
-        .with_context(|| format!("invalid [engine] in {}", path.display()))
+        .context("invalid [engine] table")
+}
+
+fn init_logging(format: &str, level: &str) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .context("invalid [log] level")?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        "json" => builder.json().init(),
+        "human" => builder.init(),
+        other => anyhow::bail!("[log] format must be `human` or `json`, not `{other}`"),
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -76,10 +125,97 @@ fn main() -> ExitCode {
     }
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
+        Cmd::Run {
+            nats_url,
+            rules,
+            config,
+        } => {
+            let file = read_config(config.as_deref())?;
+            init_logging(&file.log.format, &file.log.level)?;
+            let engine = engine_config(&file)?;
+            let nats_url = nats_url.unwrap_or_else(|| file.nats.url.clone());
+            runtime()?.block_on(async {
+                let running = Running::start(RunOptions {
+                    rules_dir: rules,
+                    nats_url,
+                    engine,
+                    file,
+                })
+                .await?;
+                terminated().await;
+                running.shutdown().await;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Cmd::Ask {
+            transaction,
+            nats_url,
+            config,
+            timeout,
+        } => {
+            let file = read_config(config.as_deref())?;
+            let timeout = parse_duration(&timeout).map_err(anyhow::Error::msg)?;
+            let body = match transaction.as_deref() {
+                None | Some("-") => {
+                    let mut s = String::new();
+                    std::io::stdin().read_to_string(&mut s)?;
+                    s
+                }
+                Some(s) => s.to_string(),
+            };
+            let url = nats_url.unwrap_or_else(|| file.nats.url.clone());
+            runtime()?.block_on(ask(&file, &url, body, timeout))
+        }
+        Cmd::Demo {
+            rules,
+            rate,
+            duration,
+            seed,
+        } => {
+            init_logging("human", "warn")?;
+            let duration = duration
+                .map(|d| parse_duration(&d).map_err(anyhow::Error::msg))
+                .transpose()?;
+            let decided =
+                runtime()?.block_on(fraudgate::demo::run(fraudgate::demo::DemoOptions {
+                    rules_dir: rules,
+                    rate,
+                    duration,
+                    seed,
+                    engine: EngineConfig::default(),
+                }))?;
+            Ok(if decided > 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
         Cmd::Check { rules, config } => {
-            let cfg = engine_config(config.as_deref())?;
+            let cfg = engine_config(&read_config(config.as_deref())?)?;
             match fraudgate::load_dir(&rules, &cfg) {
                 Ok(rs) => {
                     println!("ok: {}", rs.summary());
@@ -101,57 +237,87 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             input,
             config,
         } => {
-            let cfg = engine_config(config.as_deref())?;
-            let rs = fraudgate::load_dir(&rules, &cfg).map_err(|e| {
-                eprint!("{}", e.render());
-                anyhow::anyhow!("rules in {} do not compile", rules.display())
-            })?;
-            let engine = Engine::new(rs, cfg);
-            let reader: Box<dyn BufRead> = match input.as_deref() {
-                None => Box::new(std::io::stdin().lock()),
-                Some(p) if p == Path::new("-") => Box::new(std::io::stdin().lock()),
-                Some(p) => Box::new(std::io::BufReader::new(
-                    std::fs::File::open(p)
-                        .with_context(|| format!("cannot open {}", p.display()))?,
-                )),
-            };
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            let mut bad = 0usize;
-            const SWEEP_EVERY_MS: i64 = 60_000;
-            let mut last_sweep = i64::MIN / 2;
-            for (n, line) in reader.lines().enumerate() {
-                let line = line?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                match Transaction::from_json(line.as_bytes()) {
-                    Ok(t) => {
-                        // Recorded traffic: the event time is also the receive time, so the
-                        // dedupe horizon applies as it did live.
-                        let now = t
-                            .ts_ms
-                            .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
-                        let o = engine.decide(&t, now);
-                        writeln!(out, "{}", o.decision.to_json())?;
-                        // Sweep idle keys and old ids as the service does, so a long
-                        // backtest runs in bounded memory.
-                        if now >= last_sweep + SWEEP_EVERY_MS {
-                            engine.evict_idle(now);
-                            last_sweep = now;
-                        }
-                    }
-                    Err(e) => {
-                        bad += 1;
-                        eprintln!("line {}: {} ({})", n + 1, e, e.code.as_str());
-                    }
-                }
-            }
-            out.flush()?;
-            Ok(if bad == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            })
+            let cfg = engine_config(&read_config(config.as_deref())?)?;
+            replay(&rules, input.as_deref(), cfg)
         }
     }
+}
+
+async fn ask(
+    file: &FileConfig,
+    url: &str,
+    body: String,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
+    let counters = std::sync::Arc::new(fraudgate::telemetry::Counters::default());
+    let client = fraudgate::transport::connect(&file.nats, url, counters).await?;
+    let reply = tokio::time::timeout(
+        timeout,
+        client.request(file.subjects.check.clone(), body.trim().to_string().into()),
+    )
+    .await
+    .with_context(|| format!("no decision within {timeout:?} (is `fraudgate run` up?)"))?
+    .context("request failed")?;
+    let text = String::from_utf8_lossy(&reply.payload);
+    println!("{text}");
+    let is_error = serde_json::from_str::<serde_json::Value>(&text)
+        .map(|v| v.get("error").is_some())
+        .unwrap_or(true);
+    Ok(if is_error {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn replay(rules: &Path, input: Option<&Path>, cfg: EngineConfig) -> anyhow::Result<ExitCode> {
+    let rs = fraudgate::load_dir(rules, &cfg).map_err(|e| {
+        eprint!("{}", e.render());
+        anyhow::anyhow!("rules in {} do not compile", rules.display())
+    })?;
+    let engine = Engine::new(rs, cfg);
+    let reader: Box<dyn BufRead> = match input {
+        None => Box::new(std::io::stdin().lock()),
+        Some(p) if p == Path::new("-") => Box::new(std::io::stdin().lock()),
+        Some(p) => Box::new(std::io::BufReader::new(
+            std::fs::File::open(p).with_context(|| format!("cannot open {}", p.display()))?,
+        )),
+    };
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut bad = 0usize;
+    const SWEEP_EVERY_MS: i64 = 60_000;
+    let mut last_sweep = i64::MIN / 2;
+    for (n, line) in reader.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match Transaction::from_json(line.as_bytes()) {
+            Ok(t) => {
+                // Recorded traffic: the event time is also the receive time, so the
+                // dedupe horizon applies as it did live.
+                let now = t
+                    .ts_ms
+                    .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+                let o = engine.decide(&t, now);
+                writeln!(out, "{}", o.decision.to_json())?;
+                // Sweep idle keys and old ids as the service does, so a long backtest runs
+                // in bounded memory.
+                if now >= last_sweep + SWEEP_EVERY_MS {
+                    engine.evict_idle(now);
+                    last_sweep = now;
+                }
+            }
+            Err(e) => {
+                bad += 1;
+                eprintln!("line {}: {} ({})", n + 1, e, e.code.as_str());
+            }
+        }
+    }
+    out.flush()?;
+    Ok(if bad == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

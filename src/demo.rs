@@ -1,0 +1,345 @@
+//! `fraudgate demo`: a private nats-server, the engine with the shipped rules, and
+//! generated traffic with injected fraud, with a live one-line summary every second.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::process::{Child, Command};
+use tokio::sync::Semaphore;
+
+use crate::config::{EngineConfig, FileConfig};
+use crate::loadgen::{GenConfig, Generator, Pattern};
+use crate::service::{now_ms, RunOptions, Running, ServiceError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(
+        "nats-server is not installed or not on PATH.\n  On Debian/Ubuntu: sudo apt-get install nats-server\n  Or download it from the NATS project and put it on PATH."
+    )]
+    NoNatsServer,
+    #[error("cannot start nats-server: {0}")]
+    Spawn(std::io::Error),
+    #[error("nats-server did not accept connections on port {0} within 10 s")]
+    NotReady(u16),
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error("NATS client: {0}")]
+    Client(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct DemoOptions {
+    pub rules_dir: PathBuf,
+    /// Transactions per second sent by the generator.
+    pub rate: u32,
+    /// Stop after this long (None: until Ctrl-C).
+    pub duration: Option<Duration>,
+    pub seed: u64,
+    pub engine: EngineConfig,
+}
+
+/// Finds an executable on PATH.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A nats-server child process on a free loopback port; killed on drop.
+pub struct NatsServer {
+    pub port: u16,
+    child: Child,
+    _dir: Option<tempdir::TempDir>,
+}
+
+mod tempdir {
+    /// A directory removed on drop (no extra dependency for one temp dir).
+    pub struct TempDir(pub std::path::PathBuf);
+    impl TempDir {
+        pub fn new(prefix: &str) -> std::io::Result<TempDir> {
+            let p = std::env::temp_dir().join(format!(
+                "{prefix}-{}-{}",
+                std::process::id(),
+                super::now_ms()
+            ));
+            std::fs::create_dir_all(&p)?;
+            Ok(TempDir(p))
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl NatsServer {
+    /// Starts `nats-server` on a free port of 127.0.0.1 (with JetStream in a temp dir when
+    /// `jetstream`), and waits until it accepts connections.
+    pub async fn start(jetstream: bool) -> Result<NatsServer, DemoError> {
+        let bin = find_on_path("nats-server").ok_or(DemoError::NoNatsServer)?;
+        let port = free_port().map_err(DemoError::Spawn)?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        let dir = if jetstream {
+            let d = tempdir::TempDir::new("fraudgate-js").map_err(DemoError::Spawn)?;
+            cmd.arg("-js").arg("-sd").arg(&d.0);
+            Some(d)
+        } else {
+            None
+        };
+        let child = cmd.spawn().map_err(DemoError::Spawn)?;
+        let server = NatsServer {
+            port,
+            child,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return Ok(server);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(DemoError::NotReady(port))
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> std::io::Result<u16> {
+    let l = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+    Ok(l.local_addr()?.port())
+}
+
+#[derive(Default)]
+struct Tally {
+    sent: u64,
+    answered: u64,
+    errors: u64,
+    timeouts: u64,
+    actions: [u64; 3],
+    rules: HashMap<String, u64>,
+    /// Per pattern: (injected transactions, held or rejected).
+    patterns: HashMap<Pattern, (u64, u64)>,
+    latency_us: Option<hdrhistogram::Histogram<u64>>,
+}
+
+impl Tally {
+    fn hist(&mut self) -> &mut hdrhistogram::Histogram<u64> {
+        self.latency_us.get_or_insert_with(|| {
+            hdrhistogram::Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid bounds")
+        })
+    }
+}
+
+/// Runs the demo until Ctrl-C (or `duration`). Returns the number of decisions received.
+pub async fn run(opts: DemoOptions) -> Result<u64, DemoError> {
+    println!("fraudgate demo: starting a private nats-server ...");
+    let nats = NatsServer::start(false).await?;
+    println!("  nats-server on {}", nats.url());
+    let running = Running::start(RunOptions {
+        rules_dir: opts.rules_dir.clone(),
+        nats_url: nats.url(),
+        engine: opts.engine.clone(),
+        file: FileConfig::default(),
+    })
+    .await?;
+    let rules = running.engine().rules();
+    println!(
+        "  engine: rules {} ({} rules), request-reply on fraud.check",
+        rules.version,
+        rules.rules.len()
+    );
+    println!(
+        "  traffic: {} transactions/s with injected fraud (card testing, account takeover, many merchants, duplicates, merchant spikes, high-risk regions at night)",
+        opts.rate
+    );
+    println!("  try it yourself: fraudgate ask --nats-url {} '{{\"id\":\"t1\",\"card\":\"4111111111111111\",\"amount\":\"12000\"}}'", nats.url());
+    println!("  Ctrl-C stops everything\n");
+
+    let client = async_nats::connect(nats.url())
+        .await
+        .map_err(|e| DemoError::Client(e.to_string()))?;
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let gen_task = tokio::spawn(generate(
+        client.clone(),
+        opts.clone(),
+        tally.clone(),
+        stop_rx,
+    ));
+
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut last_answered = 0;
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        let done = opts.duration.is_some_and(|d| started.elapsed() >= d);
+        if done {
+            break;
+        }
+        tokio::select! {
+            _ = tick.tick() => {
+                let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+                let rate = t.answered - last_answered;
+                last_answered = t.answered;
+                let (p50, p99) = {
+                    let h = t.hist();
+                    (h.value_at_quantile(0.5), h.value_at_quantile(0.99))
+                };
+                let total: u64 = t.actions.iter().sum::<u64>().max(1);
+                let pct = |i: usize| 100.0 * t.actions[i] as f64 / total as f64;
+                let mut top: Vec<(&String, &u64)> = t.rules.iter().collect();
+                top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+                let top: Vec<String> = top.iter().take(3).map(|(k, v)| format!("{k} {v}")).collect();
+                println!(
+                    "t={:>3}s {:>6} tx/s  approve {:>5.1}%  hold {:>4.1}%  reject {:>4.1}%  p50 {:.2} ms  p99 {:.2} ms  top rules: {}",
+                    started.elapsed().as_secs(),
+                    rate,
+                    pct(0),
+                    pct(1),
+                    pct(2),
+                    p50 as f64 / 1000.0,
+                    p99 as f64 / 1000.0,
+                    top.join(", ")
+                );
+                if let Some(h) = t.latency_us.as_mut() {
+                    h.reset();
+                }
+            }
+            _ = &mut ctrl_c => break,
+        }
+    }
+    println!("\nstopping ...");
+    let _ = stop.send(true);
+    let _ = gen_task.await;
+    let snapshot = running.shutdown().await;
+    nats.stop().await;
+    let t = tally.lock().unwrap_or_else(|e| e.into_inner());
+    println!(
+        "sent {}, decided {} (engine: {}), errors {}, timeouts {}",
+        t.sent,
+        t.answered,
+        snapshot.decided(),
+        t.errors,
+        t.timeouts
+    );
+    let mut pats: Vec<_> = t.patterns.iter().collect();
+    pats.sort();
+    for (p, (n, caught)) in pats {
+        println!(
+            "  {:<18} {:>5} injected transactions, {:>5} held or rejected",
+            p.name(),
+            n,
+            caught
+        );
+    }
+    Ok(t.answered)
+}
+
+async fn generate(
+    client: async_nats::Client,
+    opts: DemoOptions,
+    tally: Arc<Mutex<Tally>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut g = Generator::new(GenConfig {
+        seed: opts.seed,
+        fraud_rate: 0.01,
+        ..GenConfig::default()
+    });
+    let in_flight = Arc::new(Semaphore::new(64));
+    let per_tick = (opts.rate as f64 / 100.0).max(0.01);
+    let mut owed = 0.0;
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => break,
+        }
+        owed += per_tick;
+        while owed >= 1.0 {
+            owed -= 1.0;
+            let labeled = g.next_at(now_ms());
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                return;
+            };
+            let (client, tally) = (client.clone(), tally.clone());
+            tally.lock().unwrap_or_else(|e| e.into_inner()).sent += 1;
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let body = Bytes::from(labeled.txn.to_json());
+                let res = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    client.request("fraud.check", body),
+                )
+                .await;
+                let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+                match res {
+                    Ok(Ok(msg)) => {
+                        let us = started.elapsed().as_micros() as u64;
+                        let _ = t.hist().record(us.max(1));
+                        let v: serde_json::Value =
+                            serde_json::from_slice(&msg.payload).unwrap_or_default();
+                        let action = v["action"].as_str().unwrap_or("");
+                        let idx = match action {
+                            "approve" => Some(0),
+                            "hold" => Some(1),
+                            "reject" => Some(2),
+                            _ => None,
+                        };
+                        match idx {
+                            Some(i) => {
+                                t.answered += 1;
+                                t.actions[i] += 1;
+                                for r in v["rules"].as_array().into_iter().flatten() {
+                                    if let Some(id) = r["id"].as_str() {
+                                        *t.rules.entry(id.to_string()).or_insert(0) += 1;
+                                    }
+                                }
+                                if let Some(p) = labeled.pattern {
+                                    let e = t.patterns.entry(p).or_insert((0, 0));
+                                    e.0 += 1;
+                                    if i > 0 {
+                                        e.1 += 1;
+                                    }
+                                }
+                            }
+                            None => t.errors += 1,
+                        }
+                    }
+                    Ok(Err(_)) => t.errors += 1,
+                    Err(_) => t.timeouts += 1,
+                }
+                drop(permit);
+            });
+        }
+    }
+    // Let the requests in flight finish.
+    let _ = in_flight.acquire_many(64).await;
+}

@@ -1,0 +1,491 @@
+//! `fraudgate run`: the engine as a NATS service.
+//!
+//! ```text
+//!  fraud.check ──► intake (decode, size limit) ──┐            ┌─► reply to the requester
+//!                                               ├─► worker k ─┤
+//!  fraud.txn   ──► intake (decode, size limit) ──┘  (card k)  └─► fraud.decision.<action>
+//! ```
+//! Transactions are sharded over workers by card, so one card's transactions are applied
+//! in arrival order. Each worker has a request-reply queue and a stream queue and always
+//! serves the request-reply queue first, so a stream backlog never delays `fraud.check`.
+//! Rules reload on file changes (debounced) and on SIGHUP through [`crate::rules::load_dir`];
+//! a set that does not compile leaves the old one active. SIGTERM/SIGINT drain the
+//! subscriptions, finish every queued transaction, flush and exit.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::config::{parse_duration, EngineConfig, FileConfig};
+use crate::engine::Engine;
+use crate::keyhash::HashKey;
+use crate::telemetry::{Counters, Path as IntakePath, Snapshot};
+use crate::transport::{self, Reply, TransportError, Wire};
+use crate::txn::Transaction;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("rules in {dir} do not compile:\n{rendered}")]
+    Rules { dir: String, rendered: String },
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("config: {0}")]
+    Config(String),
+    #[error("cannot watch the rule directory {dir}: {source}")]
+    Watch { dir: String, source: notify::Error },
+}
+
+/// Everything `fraudgate run` needs.
+#[derive(Debug)]
+pub struct RunOptions {
+    pub rules_dir: PathBuf,
+    pub nats_url: String,
+    pub engine: EngineConfig,
+    pub file: FileConfig,
+}
+
+struct Job {
+    txn: Transaction,
+    received_ms: i64,
+    reply: Reply,
+}
+
+struct Shard {
+    check: mpsc::Sender<Job>,
+    stream: mpsc::Sender<Job>,
+}
+
+/// A running service. [`Running::shutdown`] stops it cleanly.
+pub struct Running {
+    engine: Arc<Engine>,
+    counters: Arc<Counters>,
+    wire: Wire,
+    stop: watch::Sender<bool>,
+    intake: Vec<JoinHandle<()>>,
+    workers: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+    /// Keeps the file watcher alive.
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn duration(field: &str, v: &str) -> Result<Duration, ServiceError> {
+    parse_duration(v).map_err(|e| ServiceError::Config(format!("{field}: {e}")))
+}
+
+/// Which worker a card goes to.
+fn shard_of(card: &str, n: usize) -> usize {
+    // FNV-1a: cheap and stable; only spreads load, no secrecy needed.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in card.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % n as u64) as usize
+}
+
+impl Running {
+    /// Loads the rules, connects, subscribes and starts the workers.
+    pub async fn start(opts: RunOptions) -> Result<Running, ServiceError> {
+        let rs = crate::rules::load_dir(&opts.rules_dir, &opts.engine).map_err(|e| {
+            ServiceError::Rules {
+                dir: opts.rules_dir.display().to_string(),
+                rendered: e.render(),
+            }
+        })?;
+        if opts.engine.hash_key == HashKey::default() {
+            tracing::warn!(
+                "using the built-in entity hash key; set [engine] hash_key_env in production"
+            );
+        }
+        tracing::info!(version = %rs.version, "rules loaded: {}", rs.summary());
+        let engine = Arc::new(Engine::new(rs, opts.engine.clone()));
+        let counters = Arc::new(Counters::default());
+        let client = transport::connect(&opts.file.nats, &opts.nats_url, counters.clone()).await?;
+        let wire = Wire {
+            client,
+            subjects: opts.file.subjects.clone(),
+            max_payload: opts.file.limits.max_payload,
+        };
+        let svc = &opts.file.service;
+        let n = if svc.workers > 0 {
+            svc.workers
+        } else {
+            2 * std::thread::available_parallelism().map_or(2, |n| n.get())
+        };
+        let depth = svc.queue_depth.max(1);
+        let (stop, stop_rx) = watch::channel(false);
+        let mut shards = Vec::with_capacity(n);
+        let mut workers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (ctx, crx) = mpsc::channel(depth);
+            let (stx, srx) = mpsc::channel(depth);
+            shards.push(Shard {
+                check: ctx,
+                stream: stx,
+            });
+            workers.push(tokio::spawn(worker(
+                crx,
+                srx,
+                engine.clone(),
+                wire.clone(),
+                counters.clone(),
+            )));
+        }
+        let shards = Arc::new(shards);
+        let check_sub = wire.subscribe_check().await?;
+        let txn_sub = wire.subscribe_txn().await?;
+        // The subscriptions exist on the server once the client has sent them.
+        wire.flush(Duration::from_secs(5)).await;
+        let intake = vec![
+            tokio::spawn(intake(
+                check_sub,
+                IntakePath::Check,
+                wire.clone(),
+                shards.clone(),
+                counters.clone(),
+                stop_rx.clone(),
+            )),
+            tokio::spawn(intake(
+                txn_sub,
+                IntakePath::Stream,
+                wire.clone(),
+                shards,
+                counters.clone(),
+                stop_rx.clone(),
+            )),
+        ];
+        let (watcher, reload) = reload_task(
+            opts.rules_dir.clone(),
+            opts.engine.clone(),
+            engine.clone(),
+            counters.clone(),
+            duration("reload_debounce", &svc.reload_debounce)?,
+            stop_rx.clone(),
+        )?;
+        let sweep = tokio::spawn(sweeper(
+            engine.clone(),
+            duration("sweep_interval", &svc.sweep_interval)?,
+            stop_rx,
+        ));
+        tracing::info!(
+            check = %wire.subjects.check,
+            txn = %wire.subjects.txn,
+            queue_group = %wire.subjects.queue_group,
+            workers = n,
+            "fraudgate is taking transactions"
+        );
+        Ok(Running {
+            engine,
+            counters,
+            wire,
+            stop,
+            intake,
+            workers,
+            background: vec![reload, sweep],
+            _watcher: Some(watcher),
+        })
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.counters
+    }
+
+    /// Stops taking messages, decides and publishes everything already received, flushes
+    /// and closes the connection.
+    pub async fn shutdown(self) -> Snapshot {
+        tracing::info!("shutting down: draining subscriptions");
+        let _ = self.stop.send(true);
+        for t in self.intake {
+            let _ = t.await;
+        }
+        // The intake tasks held the only senders: the workers finish their queues and stop.
+        for t in self.workers {
+            let _ = t.await;
+        }
+        for t in self.background {
+            let _ = t.await;
+        }
+        if !self.wire.flush(Duration::from_secs(10)).await {
+            tracing::warn!("NATS flush did not complete before exit");
+        }
+        let _ = self.wire.client.drain().await;
+        let s = self.counters.snapshot();
+        tracing::info!(
+            received_check = s.received_check,
+            received_stream = s.received_stream,
+            decided = s.decided(),
+            invalid = s.invalid_total(),
+            publish_errors = s.publish_errors,
+            "stopped"
+        );
+        s
+    }
+}
+
+async fn intake(
+    mut sub: async_nats::Subscriber,
+    path: IntakePath,
+    wire: Wire,
+    shards: Arc<Vec<Shard>>,
+    counters: Arc<Counters>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            msg = sub.next() => {
+                let Some(msg) = msg else { break };
+                counters.received(path);
+                let received_ms = now_ms();
+                match wire.decode(&msg.payload) {
+                    Err(e) => {
+                        counters.invalid(e.code);
+                        let sent = match path {
+                            IntakePath::Check => match msg.reply {
+                                Some(inbox) => wire.reply_error(inbox, &e).await,
+                                None => {
+                                    counters.no_reply();
+                                    Ok(())
+                                }
+                            },
+                            IntakePath::Stream => wire.publish_invalid(msg.payload, &e).await,
+                        };
+                        if sent.is_err() {
+                            counters.publish_error();
+                        }
+                        tracing::debug!(code = e.code.as_str(), path = path.as_str(), "invalid input: {}", e.message);
+                    }
+                    Ok(txn) => {
+                        let reply = match path {
+                            IntakePath::Check => {
+                                if msg.reply.is_none() {
+                                    counters.no_reply();
+                                }
+                                Reply::Check(msg.reply)
+                            }
+                            IntakePath::Stream => Reply::Stream,
+                        };
+                        let shard = &shards[shard_of(&txn.card, shards.len())];
+                        let tx = match path {
+                            IntakePath::Check => &shard.check,
+                            IntakePath::Stream => &shard.stream,
+                        };
+                        // Waits when the worker's queue is full: back-pressure into the
+                        // subscription buffer rather than unbounded memory.
+                        let _ = tx.send(Job { txn, received_ms, reply }).await;
+                    }
+                }
+            }
+            _ = stop.changed(), if !draining => {
+                draining = true;
+                // Unsubscribe; messages already delivered to the client still arrive,
+                // then the stream ends.
+                if let Err(e) = sub.drain().await {
+                    tracing::warn!(error = %e, path = path.as_str(), "drain failed");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+async fn worker(
+    mut check: mpsc::Receiver<Job>,
+    mut stream: mpsc::Receiver<Job>,
+    engine: Arc<Engine>,
+    wire: Wire,
+    counters: Arc<Counters>,
+) {
+    loop {
+        let (job, path) = tokio::select! {
+            biased;
+            Some(j) = check.recv() => (j, IntakePath::Check),
+            Some(j) = stream.recv() => (j, IntakePath::Stream),
+            else => break,
+        };
+        let out = engine.decide(&job.txn, job.received_ms);
+        if out.duplicate {
+            counters.duplicate();
+        }
+        if out.too_late {
+            counters.too_late();
+        }
+        match wire.deliver(&job.reply, &out.decision).await {
+            Ok(()) => counters.decided(path, out.decision.action),
+            Err(e) => {
+                counters.publish_error();
+                tracing::warn!(error = %e, id = %out.decision.id, "could not publish a decision");
+            }
+        }
+    }
+}
+
+async fn sweeper(engine: Arc<Engine>, every: Duration, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let e = engine.clone();
+                let started = Instant::now();
+                if let Ok(ev) = tokio::task::spawn_blocking(move || e.evict_idle(now_ms())).await {
+                    tracing::debug!(keys = ev.keys, ids = ev.dedupe, took_ms = started.elapsed().as_millis() as u64, "swept idle state");
+                }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+/// Watches the rule directory (recursively: list files live in subdirectories) and
+/// SIGHUP; reloads after `debounce` of quiet.
+fn reload_task(
+    dir: PathBuf,
+    cfg: EngineConfig,
+    engine: Arc<Engine>,
+    counters: Arc<Counters>,
+    debounce: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(notify::RecommendedWatcher, JoinHandle<()>), ServiceError> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res {
+            // Editors save by writing a temp file and renaming it over the original:
+            // creations, modifications, renames and removals all count.
+            if !matches!(ev.kind, EventKind::Access(_)) {
+                let _ = tx.send(());
+            }
+        }
+    })
+    .map_err(|source| ServiceError::Watch {
+        dir: dir.display().to_string(),
+        source,
+    })?;
+    watcher
+        .watch(&dir, RecursiveMode::Recursive)
+        .map_err(|source| ServiceError::Watch {
+            dir: dir.display().to_string(),
+            source,
+        })?;
+    let task = tokio::spawn(async move {
+        #[cfg(unix)]
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            #[cfg(unix)]
+            let sighup = async {
+                match hup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let sighup = std::future::pending::<()>();
+            let cause = tokio::select! {
+                Some(()) = rx.recv() => {
+                    // Debounce: wait for a quiet period, swallowing the burst.
+                    while let Ok(Some(())) = tokio::time::timeout(debounce, rx.recv()).await {}
+                    "file change"
+                }
+                _ = sighup => "SIGHUP",
+                _ = stop.changed() => break,
+            };
+            reload(&dir, &cfg, &engine, &counters, cause).await;
+        }
+    });
+    Ok((watcher, task))
+}
+
+/// Compiles the directory and swaps it in, or logs every error and keeps the old rules.
+pub async fn reload(
+    dir: &Path,
+    cfg: &EngineConfig,
+    engine: &Arc<Engine>,
+    counters: &Counters,
+    cause: &str,
+) {
+    let (d, c) = (dir.to_path_buf(), cfg.clone());
+    let loaded = match tokio::task::spawn_blocking(move || crate::rules::load_dir(&d, &c)).await {
+        Ok(r) => r,
+        Err(e) => {
+            counters.reload(false);
+            tracing::error!(error = %e, "rule reload task failed");
+            return;
+        }
+    };
+    let current = engine.rules().version.clone();
+    match loaded {
+        Ok(rs) if rs.version == current => {
+            tracing::debug!(version = %current, cause, "rules unchanged");
+        }
+        Ok(rs) => {
+            let summary = rs.summary();
+            let e = engine.clone();
+            match tokio::task::spawn_blocking(move || e.swap_rules(rs)).await {
+                Ok(sw) => {
+                    counters.reload(true);
+                    tracing::info!(
+                        version = %sw.version,
+                        previous = %current,
+                        cause,
+                        kept_groups = sw.kept,
+                        migrated_groups = sw.migrated,
+                        migrated_keys = sw.migrated_keys,
+                        new_groups = sw.added,
+                        dropped_groups = sw.dropped,
+                        "rules reloaded: {summary}"
+                    );
+                }
+                Err(e) => {
+                    counters.reload(false);
+                    tracing::error!(error = %e, "rule swap failed");
+                }
+            }
+        }
+        Err(e) => {
+            counters.reload(false);
+            tracing::error!(
+                errors = e.diagnostics.len(),
+                keeping = %current,
+                cause,
+                "rule reload failed; the previous rules stay active\n{}",
+                e.render()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shards_spread_and_are_stable() {
+        let n = 8;
+        let mut seen = vec![0; n];
+        for i in 0..8_000 {
+            seen[shard_of(&format!("4{i:015}"), n)] += 1;
+        }
+        assert!(seen.iter().all(|&c| c > 700), "{seen:?}");
+        assert_eq!(
+            shard_of("4111111111111111", n),
+            shard_of("4111111111111111", n)
+        );
+    }
+}
