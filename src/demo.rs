@@ -41,10 +41,12 @@ pub struct DemoOptions {
     pub engine: EngineConfig,
 }
 
-/// Finds an executable on PATH.
+/// Finds an executable on PATH, or in the sbin directories where Debian puts servers
+/// (they are not on an ordinary user's PATH).
 pub fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin"].map(PathBuf::from))
         .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
@@ -81,8 +83,13 @@ impl NatsServer {
     /// Starts `nats-server` on a free port of 127.0.0.1 (with JetStream in a temp dir when
     /// `jetstream`), and waits until it accepts connections.
     pub async fn start(jetstream: bool) -> Result<NatsServer, DemoError> {
-        let bin = find_on_path("nats-server").ok_or(DemoError::NoNatsServer)?;
         let port = free_port().map_err(DemoError::Spawn)?;
+        Self::start_on(port, jetstream).await
+    }
+
+    /// Starts `nats-server` on a given loopback port (e.g. to restart it where it was).
+    pub async fn start_on(port: u16, jetstream: bool) -> Result<NatsServer, DemoError> {
+        let bin = find_on_path("nats-server").ok_or(DemoError::NoNatsServer)?;
         let mut cmd = Command::new(bin);
         cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .stdin(std::process::Stdio::null())

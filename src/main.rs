@@ -251,13 +251,19 @@ async fn ask(
 ) -> anyhow::Result<ExitCode> {
     let counters = std::sync::Arc::new(fraudgate::telemetry::Counters::default());
     let client = fraudgate::transport::connect(&file.nats, url, counters).await?;
+    let subject = file.subjects.check.clone();
     let reply = tokio::time::timeout(
         timeout,
-        client.request(file.subjects.check.clone(), body.trim().to_string().into()),
+        client.request(subject.clone(), body.trim().to_string().into()),
     )
     .await
     .with_context(|| format!("no decision within {timeout:?} (is `fraudgate run` up?)"))?
-    .context("request failed")?;
+    .map_err(|e| match e.kind() {
+        async_nats::RequestErrorKind::NoResponders => anyhow::anyhow!(
+            "no decision: no engine is subscribed to {subject} (is `fraudgate run` up?)"
+        ),
+        _ => anyhow::anyhow!("request failed: {e}"),
+    })?;
     let text = String::from_utf8_lossy(&reply.payload);
     println!("{text}");
     let is_error = serde_json::from_str::<serde_json::Value>(&text)

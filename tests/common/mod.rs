@@ -1,0 +1,169 @@
+//! Shared helpers for tests that run a real nats-server and the real `fraudgate` binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fraudgate::demo::NatsServer;
+use tokio::process::{Child, Command};
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+/// A scratch directory removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(name: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!(
+            "fraudgate-test-{name}-{}-{}",
+            std::process::id(),
+            fraudgate::service::now_ms()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub async fn nats() -> NatsServer {
+    NatsServer::start(false)
+        .await
+        .expect("nats-server must be installed (scripts/test installs it)")
+}
+
+/// A running `fraudgate run` child with a private copy of the shipped rules.
+pub struct Engine {
+    pub child: Child,
+    pub dir: Scratch,
+    pub rules: PathBuf,
+    pub log: PathBuf,
+}
+
+pub const CONFIG: &str = r#"
+[log]
+format = "json"
+level = "info"
+[limits]
+max_payload = 2048
+[service]
+reload_debounce = "100ms"
+workers = 4
+"#;
+
+impl Engine {
+    pub async fn start(url: &str) -> Engine {
+        Self::start_with(url, CONFIG).await
+    }
+
+    pub async fn start_with(url: &str, config: &str) -> Engine {
+        let dir = Scratch::new("engine");
+        let rules = dir.0.join("rules");
+        copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"), &rules);
+        let cfg = dir.0.join("fraudgate.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let log = dir.0.join("engine.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+            .args(["run", "--nats-url", url, "--rules"])
+            .arg(&rules)
+            .arg("--config")
+            .arg(&cfg)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let e = Engine {
+            child,
+            dir,
+            rules,
+            log,
+        };
+        e.wait_log("taking transactions", Duration::from_secs(20))
+            .await;
+        e
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the engine's log contains `needle`.
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log_text().contains(needle) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("engine log never showed {needle:?}:\n{}", self.log_text());
+    }
+
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.log_text().matches(needle).count()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = std::process::Command::new("kill")
+            .args([&format!("-{sig}"), &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Writes a rule file the way editors do: a temp file renamed over the target.
+    pub fn write_rule_file(&self, name: &str, text: &str) {
+        let tmp = self.rules.join(format!(".{name}.swp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, self.rules.join(name)).unwrap();
+    }
+}
+
+pub async fn client(url: &str) -> async_nats::Client {
+    async_nats::connect(url).await.unwrap()
+}
+
+/// Sends a request to fraud.check and parses the JSON reply.
+pub async fn check(client: &async_nats::Client, body: &str) -> serde_json::Value {
+    let msg = tokio::time::timeout(
+        Duration::from_secs(5),
+        client.request("fraud.check", Bytes::from(body.to_string())),
+    )
+    .await
+    .expect("reply within 5 s")
+    .expect("request");
+    serde_json::from_slice(&msg.payload).expect("JSON reply")
+}
+
+/// A transaction JSON with clean attributes (no rule fires unless the fields say so).
+pub fn txn(id: &str, card: &str, amount: &str) -> String {
+    serde_json::json!({
+        "id": id, "card": card, "amount": amount, "currency": "EUR",
+        "merchant": "m-test", "region": "DE", "mcc": 5411,
+        "attrs": {"phone_match": true, "address_match": true, "ip_country": "DE",
+                  "merchant_age_days": 900, "device_age_days": 300},
+    })
+    .to_string()
+}

@@ -1,0 +1,482 @@
+//! The NATS service end to end: a real nats-server on a free port, the real `fraudgate run`
+//! binary, real clients. No mocks.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use futures::StreamExt;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_reply_round_trip() {
+    let nats = nats().await;
+    let engine = Engine::start(&nats.url()).await;
+    let c = client(&nats.url()).await;
+    let d = check(&c, &txn("rr-1", "4111111111111111", "25.00")).await;
+    assert_eq!(d["id"], "rr-1");
+    assert_eq!(d["action"], "approve");
+    assert_eq!(d["card"], "411111******1111");
+    assert!(d["rules_version"]
+        .as_str()
+        .unwrap()
+        .starts_with("2026-11-26.1+"));
+    assert!(d["engine_us"].is_u64());
+    let reject = check(&c, &txn("rr-2", "4111111111111112", "12000")).await;
+    assert_eq!(reject["action"], "reject");
+    assert_eq!(reject["decided_by"], "reject:single_txn_limit");
+    // The reply carries the contract headers too.
+    let msg = c
+        .request(
+            "fraud.check",
+            Bytes::from(txn("rr-3", "4111111111111113", "5")),
+        )
+        .await
+        .unwrap();
+    let h = msg.headers.expect("headers");
+    assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "rr-3");
+    assert_eq!(h.get("Fraudgate-Action").unwrap().as_str(), "approve");
+    assert!(!msg.payload.windows(16).any(|w| w == b"4111111111111113"));
+    drop(engine);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_decisions_go_to_action_subjects() {
+    let nats = nats().await;
+    let _engine = Engine::start(&nats.url()).await;
+    let c = client(&nats.url()).await;
+    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    c.flush().await.unwrap();
+    let hold = serde_json::json!({
+        "id": "st-hold", "card": "4111111111119001", "amount": "50", "merchant": "m1",
+        "region": "DE", "mcc": 5411, "attrs": {"phone_match": false}
+    })
+    .to_string();
+    for body in [
+        txn("st-approve", "4111111111119000", "10"),
+        hold,
+        txn("st-reject", "4000000000000002", "10"),
+    ] {
+        c.publish("fraud.txn", Bytes::from(body)).await.unwrap();
+    }
+    let mut got = std::collections::HashMap::new();
+    for _ in 0..3 {
+        let m = tokio::time::timeout(Duration::from_secs(5), decisions.next())
+            .await
+            .expect("decision within 5 s")
+            .unwrap();
+        let id = m
+            .headers
+            .as_ref()
+            .unwrap()
+            .get("Nats-Msg-Id")
+            .unwrap()
+            .to_string();
+        let version = m
+            .headers
+            .as_ref()
+            .unwrap()
+            .get("Fraudgate-Rules-Version")
+            .unwrap()
+            .to_string();
+        assert!(version.starts_with("2026-11-26.1+"));
+        let d: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(d["id"], id.as_str());
+        assert_eq!(
+            m.subject.as_str(),
+            format!("fraud.decision.{}", d["action"].as_str().unwrap())
+        );
+        got.insert(id, m.subject.to_string());
+    }
+    assert_eq!(got["st-approve"], "fraud.decision.approve");
+    assert_eq!(got["st-hold"], "fraud.decision.hold");
+    assert_eq!(got["st-reject"], "fraud.decision.reject");
+}
+
+const BAD: &[(&str, &str)] = &[
+    ("{not json", "invalid_json"),
+    (r#"{"card":"c","amount":"1"}"#, "missing_field"),
+    (r#"{"id":"b2","amount":"1"}"#, "missing_field"),
+    (r#"{"id":"b3","card":"c"}"#, "missing_field"),
+    (r#"{"id":"b4","card":"c","amount":"-5"}"#, "negative_amount"),
+    (r#"{"id":"b5","card":"c","amount":"ten"}"#, "invalid_amount"),
+    (
+        r#"{"id":"b6","card":"c","amount":"1","ts":"yesterday"}"#,
+        "invalid_timestamp",
+    ),
+    (
+        r#"{"id":"b7","card":4111111111111111,"amount":"1"}"#,
+        "wrong_type",
+    ),
+    (
+        r#"{"id":"b8","card":"c","amount":"1","mcc":"food"}"#,
+        "wrong_type",
+    ),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_coded_error_and_nothing_stops() {
+    let nats = nats().await;
+    let engine = Engine::start(&nats.url()).await;
+    let c = client(&nats.url()).await;
+    let oversized = format!(
+        r#"{{"id":"big","card":"c","amount":"1","pad":"{}"}}"#,
+        "x".repeat(4096)
+    );
+    let mut cases: Vec<(String, &str)> = BAD.iter().map(|(b, c)| (b.to_string(), *c)).collect();
+    cases.push((oversized, "oversized"));
+    // Request-reply: an error object with the stable code.
+    for (body, code) in &cases {
+        let r = check(&c, body).await;
+        assert_eq!(r["error"]["code"], *code, "{body}: {r}");
+        assert!(r["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+        assert!(!r.to_string().contains("4111111111111111"), "{r}");
+    }
+    let r = check(&c, r#"{"id":"b4","card":"c","amount":"-5"}"#).await;
+    assert_eq!(r["id"], "b4");
+    // Stream: the original payload goes to fraud.invalid with the reason in headers.
+    let mut invalid = c.subscribe("fraud.invalid").await.unwrap();
+    c.flush().await.unwrap();
+    for (body, _) in &cases {
+        c.publish("fraud.txn", Bytes::from(body.clone()))
+            .await
+            .unwrap();
+    }
+    for (body, code) in &cases {
+        let m = tokio::time::timeout(Duration::from_secs(5), invalid.next())
+            .await
+            .expect("invalid message within 5 s")
+            .unwrap();
+        assert_eq!(m.payload.as_ref(), body.as_bytes());
+        let h = m.headers.unwrap();
+        assert_eq!(h.get("Fraudgate-Error-Code").unwrap().as_str(), *code);
+        assert!(!h.get("Fraudgate-Error").unwrap().as_str().is_empty());
+    }
+    // The engine is still deciding.
+    let ok = check(&c, &txn("after-bad", "4111111111110001", "3")).await;
+    assert_eq!(ok["action"], "approve");
+    drop(engine);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_get_the_original_decision_and_count_once() {
+    let nats = nats().await;
+    let _engine = Engine::start(&nats.url()).await;
+    let c = client(&nats.url()).await;
+    let first = check(&c, &txn("retry-1", "4111111111112001", "8000")).await;
+    let again = check(&c, &txn("retry-1", "4111111111112001", "8000")).await;
+    assert_eq!(first, again, "a retry returns the original decision");
+    // Counted once: 8000 + 8000 stays under the 20000 daily limit; counted twice
+    // (24000) it would reject.
+    let next = check(&c, &txn("retry-2", "4111111111112001", "7999")).await;
+    assert_eq!(next["action"], "approve", "{next}");
+    let over = check(&c, &txn("retry-3", "4111111111112001", "4002")).await;
+    assert_eq!(over["decided_by"], "reject:daily_card_limit", "{over}");
+    assert_eq!(over["rules"][0]["values"]["card_amount_24h"], "20001");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ask_prints_the_decision() {
+    let nats = nats().await;
+    let _engine = Engine::start(&nats.url()).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+        .args([
+            "ask",
+            "--nats-url",
+            &nats.url(),
+            &txn("ask-1", "4111111111113001", "12000"),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(d["id"], "ask-1");
+    assert_eq!(d["action"], "reject");
+    // From stdin, and a bad one exits 1 with the error object.
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+        .args(["ask", "--nats-url", &nats.url()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncWriteExt;
+    let mut stdin = child.stdin.take().unwrap();
+    stdin
+        .write_all(br#"{"id":"ask-2","card":"c","amount":"-1"}"#)
+        .await
+        .unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(e["error"]["code"], "negative_amount");
+    // No engine listening: a clear error, exit 2.
+    let nobody = fraudgate::demo::NatsServer::start(false).await.unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+        .args([
+            "ask",
+            "--timeout",
+            "300ms",
+            "--nats-url",
+            &nobody.url(),
+            &txn("x", "c", "1"),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no decision"));
+}
+
+/// Publishes `n` stream transactions at about `rate`/s; returns the ids sent.
+async fn stream_traffic(c: async_nats::Client, prefix: &str, n: usize, rate: u64) -> Vec<String> {
+    let mut ids = Vec::with_capacity(n);
+    let pause = Duration::from_micros(1_000_000 / rate);
+    for i in 0..n {
+        let id = format!("{prefix}-{i}");
+        let card = format!("45{:014}", i % 5000);
+        c.publish("fraud.txn", Bytes::from(txn(&id, &card, "12.50")))
+            .await
+            .unwrap();
+        ids.push(id);
+        tokio::time::sleep(pause).await;
+    }
+    c.flush().await.unwrap();
+    ids
+}
+
+/// Collects decisions until `n` distinct ids arrived or `timeout` passed: id -> version.
+async fn collect(
+    sub: &mut async_nats::Subscriber,
+    n: usize,
+    timeout: Duration,
+) -> std::collections::HashMap<String, String> {
+    let mut got = std::collections::HashMap::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while got.len() < n {
+        match tokio::time::timeout_at(deadline, sub.next()).await {
+            Ok(Some(m)) => {
+                let h = m.headers.unwrap();
+                got.insert(
+                    h.get("Nats-Msg-Id").unwrap().to_string(),
+                    h.get("Fraudgate-Rules-Version").unwrap().to_string(),
+                );
+            }
+            _ => break,
+        }
+    }
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_reload_under_traffic_switches_version_and_loses_nothing() {
+    let nats = nats().await;
+    let engine = Engine::start(&nats.url()).await;
+    let c = client(&nats.url()).await;
+    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    c.flush().await.unwrap();
+    let sender = tokio::spawn(stream_traffic(c.clone(), "hr", 1500, 500));
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    // A new label and a new window: state of the kept windows carries over.
+    let head = std::fs::read_to_string(engine.rules.join("00-ruleset.toml"))
+        .unwrap()
+        .replace("version = \"2026-11-26.1\"", "version = \"2026-11-26.2\"");
+    engine.write_rule_file("00-ruleset.toml", &head);
+    engine
+        .wait_log("rules reloaded", Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A broken file while traffic flows: the old (new) rules stay live.
+    engine.write_rule_file(
+        "zz-broken.toml",
+        "[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"amount >\"\naction = \"hold\"\n",
+    );
+    engine
+        .wait_log("rule reload failed", Duration::from_secs(10))
+        .await;
+    let ids = sender.await.unwrap();
+    let got = collect(&mut decisions, ids.len(), Duration::from_secs(15)).await;
+    let missing: Vec<_> = ids
+        .iter()
+        .filter(|i| !got.contains_key(*i))
+        .take(5)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} decisions missing, e.g. {missing:?}",
+        ids.len() - got.len(),
+        ids.len()
+    );
+    let v1 = got
+        .values()
+        .filter(|v| v.starts_with("2026-11-26.1+"))
+        .count();
+    let v2 = got
+        .values()
+        .filter(|v| v.starts_with("2026-11-26.2+"))
+        .count();
+    assert!(
+        v1 > 0 && v2 > 0,
+        "both versions decided: {v1} old, {v2} new"
+    );
+    assert_eq!(v1 + v2, ids.len());
+    // The version switched once: every decision after the first new one is new.
+    let last_old = ids
+        .iter()
+        .rposition(|i| got[i].starts_with("2026-11-26.1+"))
+        .unwrap();
+    let first_new = ids
+        .iter()
+        .position(|i| got[i].starts_with("2026-11-26.2+"))
+        .unwrap();
+    assert!(
+        last_old < first_new + 50,
+        "versions interleave: old at {last_old}, new from {first_new}"
+    );
+    // The broken file was reported with file:line:col and the old set kept.
+    let log = engine.log_text();
+    assert!(log.contains("zz-broken.toml:4:"), "{log}");
+    let after = check(&c, &txn("after-broken", "4111111111114001", "1")).await;
+    assert!(after["rules_version"]
+        .as_str()
+        .unwrap()
+        .starts_with("2026-11-26.2+"));
+    // Removing the broken file and sending SIGHUP reloads cleanly.
+    std::fs::remove_file(engine.rules.join("zz-broken.toml")).unwrap();
+    engine.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ok = check(&c, &txn("after-fix", "4111111111114002", "1")).await;
+    assert_eq!(ok["action"], "approve");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_reconnects_after_nats_restarts() {
+    let nats = nats().await;
+    let port = nats.port;
+    let url = nats.url();
+    let engine = Engine::start(&url).await;
+    let c = client(&url).await;
+    assert_eq!(
+        check(&c, &txn("nr-1", "4111111111115001", "1")).await["action"],
+        "approve"
+    );
+    nats.stop().await;
+    engine
+        .wait_log("NATS disconnected", Duration::from_secs(10))
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _nats2 = fraudgate::demo::NatsServer::start_on(port, false)
+        .await
+        .unwrap();
+    // Both the engine and this client reconnect by themselves; decisions resume.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut answered = false;
+    while std::time::Instant::now() < deadline {
+        let r = tokio::time::timeout(
+            Duration::from_secs(2),
+            c.request(
+                "fraud.check",
+                Bytes::from(txn("nr-2", "4111111111115002", "1")),
+            ),
+        )
+        .await;
+        if let Ok(Ok(m)) = r {
+            let d: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            assert_eq!(d["id"], "nr-2");
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        answered,
+        "no decision after the restart:\n{}",
+        engine.log_text()
+    );
+    assert!(
+        engine.count_log("NATS connected") >= 1,
+        "{}",
+        engine.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_decides_every_accepted_transaction() {
+    let nats = nats().await;
+    let mut engine = Engine::start(&nats.url()).await;
+    let c = client(&nats.url()).await;
+    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    c.flush().await.unwrap();
+    // A burst without pauses, then SIGTERM while it is being worked through.
+    for i in 0..4000 {
+        let body = txn(&format!("tl-{i}"), &format!("46{:014}", i % 700), "9.99");
+        c.publish("fraud.txn", Bytes::from(body)).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), decisions.next()).await;
+    assert!(first.is_ok(), "no decision before SIGTERM");
+    engine.signal("TERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), engine.child.wait())
+        .await
+        .expect("exits within 30 s")
+        .unwrap();
+    assert!(
+        status.success(),
+        "exit status {status}:\n{}",
+        engine.log_text()
+    );
+    // The final log line says how many stream transactions were taken in and decided.
+    let log = engine.log_text();
+    let stopped: serde_json::Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "stopped")
+        .unwrap_or_else(|| panic!("no final line:\n{log}"));
+    let received = stopped["fields"]["received_stream"].as_u64().unwrap();
+    let decided = stopped["fields"]["decided"].as_u64().unwrap();
+    assert_eq!(received, decided, "every accepted transaction was decided");
+    assert_eq!(stopped["fields"]["publish_errors"].as_u64(), Some(0));
+    // ... and published: this subscriber saw them all.
+    let got = collect(
+        &mut decisions,
+        received as usize - 1,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(got.len() as u64 + 1, received, "decisions seen vs accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_and_stops_cleanly() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+        .args(["demo", "--duration", "3s", "--rate", "300"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("nats-server on nats://127.0.0.1:"),
+        "{stdout}"
+    );
+    let lines = stdout.lines().filter(|l| l.starts_with("t=")).count();
+    assert!(lines >= 2, "a summary line per second: {stdout}");
+    assert!(
+        stdout.contains("tx/s") && stdout.contains("p99"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("errors 0, timeouts 0"), "{stdout}");
+}
