@@ -158,7 +158,21 @@ async fn bad_input_gets_a_coded_error_and_nothing_stops() {
     // The engine is still deciding.
     let ok = check(&c, &txn("after-bad", "4111111111110001", "3")).await;
     assert_eq!(ok["action"], "approve");
-    drop(engine);
+    // Every bad input was counted: both paths, plus the repeated request above.
+    let mut engine = engine;
+    engine.signal("TERM");
+    engine.child.wait().await.unwrap();
+    let log = engine.log_text();
+    let stopped: serde_json::Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "stopped")
+        .unwrap_or_else(|| panic!("no final line:\n{log}"));
+    assert_eq!(
+        stopped["fields"]["invalid"].as_u64(),
+        Some(2 * cases.len() as u64 + 1),
+        "{stopped}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -479,4 +493,31 @@ async fn demo_runs_and_stops_cleanly() {
         "{stdout}"
     );
     assert!(stdout.contains("errors 0, timeouts 0"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_reply_is_not_stuck_behind_a_stream_backlog() {
+    let nats = nats().await;
+    let _engine = Engine::start(&nats.url()).await;
+    let c = client(&nats.url()).await;
+    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    c.flush().await.unwrap();
+    let n = 30_000;
+    for i in 0..n {
+        let body = txn(&format!("bl-{i}"), &format!("47{:014}", i % 1000), "1.25");
+        c.publish("fraud.txn", Bytes::from(body)).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    // The stream backlog is being worked through; a request goes ahead of it.
+    let d = check(&c, &txn("urgent", "4111111111116001", "5")).await;
+    assert_eq!(d["id"], "urgent");
+    let mut seen = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(1), decisions.next()).await {
+        seen += 1;
+    }
+    eprintln!("reply arrived after {seen} of {n} stream decisions");
+    assert!(
+        seen < n - 1_000,
+        "the reply came only after {seen} of {n} stream decisions"
+    );
 }
