@@ -220,6 +220,16 @@ pub struct FileConfig {
     pub log: LogSection,
     #[serde(default)]
     pub service: ServiceSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// Prometheus exporter.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSection {
+    /// `host:port` to serve `/metrics` on, e.g. `0.0.0.0:9464`; unset = no exporter.
+    pub addr: Option<String>,
 }
 
 impl FileConfig {

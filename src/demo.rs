@@ -163,11 +163,16 @@ pub async fn run(opts: DemoOptions) -> Result<u64, DemoError> {
     println!("fraudgate demo: starting a private nats-server ...");
     let nats = NatsServer::start(false).await?;
     println!("  nats-server on {}", nats.url());
+    let mut file = FileConfig::default();
+    file.metrics.addr = Some(format!(
+        "127.0.0.1:{}",
+        free_port().map_err(DemoError::Spawn)?
+    ));
     let running = Running::start(RunOptions {
         rules_dir: opts.rules_dir.clone(),
         nats_url: nats.url(),
         engine: opts.engine.clone(),
-        file: FileConfig::default(),
+        file,
     })
     .await?;
     let rules = running.engine().rules();
@@ -180,6 +185,9 @@ pub async fn run(opts: DemoOptions) -> Result<u64, DemoError> {
         "  traffic: {} transactions/s with injected fraud (card testing, account takeover, many merchants, duplicates, merchant spikes, high-risk regions at night)",
         opts.rate
     );
+    if let Some(addr) = running.metrics_addr() {
+        println!("  metrics: http://{addr}/metrics");
+    }
     println!("  try it yourself: fraudgate ask --nats-url {} '{{\"id\":\"t1\",\"card\":\"4111111111111111\",\"amount\":\"12000\"}}'", nats.url());
     println!("  Ctrl-C stops everything\n");
 

@@ -32,7 +32,11 @@ enum Cmd {
         /// The rule directory, watched for changes (SIGHUP also reloads).
         #[arg(long)]
         rules: PathBuf,
-        /// Config file (TOML): [engine], [nats], [subjects], [limits], [service], [log].
+        /// Serve Prometheus metrics on host:port (`/metrics`). Overrides [metrics] addr.
+        #[arg(long)]
+        metrics_addr: Option<String>,
+        /// Config file (TOML): [engine], [nats], [subjects], [limits], [service],
+        /// [metrics], [log].
         #[arg(long)]
         config: Option<PathBuf>,
     },
@@ -152,9 +156,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Run {
             nats_url,
             rules,
+            metrics_addr,
             config,
         } => {
-            let file = read_config(config.as_deref())?;
+            let mut file = read_config(config.as_deref())?;
+            if metrics_addr.is_some() {
+                file.metrics.addr = metrics_addr;
+            }
             init_logging(&file.log.format, &file.log.level)?;
             let engine = engine_config(&file)?;
             let nats_url = nats_url.unwrap_or_else(|| file.nats.url.clone());

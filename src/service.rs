@@ -37,6 +37,16 @@ pub enum ServiceError {
     Config(String),
     #[error("cannot watch the rule directory {dir}: {source}")]
     Watch { dir: String, source: notify::Error },
+    #[error(transparent)]
+    Metrics(#[from] crate::telemetry::TelemetryError),
+}
+
+/// The Prometheus recorder is process-wide: install it once (the demo and tests may start
+/// several services in one process).
+static EXPORTER: std::sync::OnceLock<std::net::SocketAddr> = std::sync::OnceLock::new();
+
+fn unix_secs() -> f64 {
+    now_ms() as f64 / 1000.0
 }
 
 /// Everything `fraudgate run` needs.
@@ -51,6 +61,7 @@ pub struct RunOptions {
 struct Job {
     txn: Transaction,
     received_ms: i64,
+    received_at: Instant,
     reply: Reply,
 }
 
@@ -108,8 +119,24 @@ impl Running {
             );
         }
         tracing::info!(version = %rs.version, "rules loaded: {}", rs.summary());
+        if let Some(addr) = &opts.file.metrics.addr {
+            let addr: std::net::SocketAddr = addr
+                .parse()
+                .map_err(|e| ServiceError::Config(format!("[metrics] addr `{addr}`: {e}")))?;
+            match EXPORTER.get() {
+                Some(existing) => {
+                    tracing::warn!(%existing, "metrics exporter already running in this process")
+                }
+                None => {
+                    crate::telemetry::install_exporter(addr)?;
+                    let _ = EXPORTER.set(addr);
+                    tracing::info!("metrics on http://{addr}/metrics");
+                }
+            }
+        }
+        let counters = Arc::new(Counters::new());
+        counters.rules_loaded(&rs, unix_secs());
         let engine = Arc::new(Engine::new(rs, opts.engine.clone()));
-        let counters = Arc::new(Counters::default());
         let client = transport::connect(&opts.file.nats, &opts.nats_url, counters.clone()).await?;
         let wire = Wire {
             client,
@@ -141,6 +168,10 @@ impl Running {
                 counters.clone(),
             )));
         }
+        let weak: Vec<_> = shards
+            .iter()
+            .map(|s| (s.check.downgrade(), s.stream.downgrade()))
+            .collect();
         let shards = Arc::new(shards);
         let check_sub = wire.subscribe_check().await?;
         let txn_sub = wire.subscribe_txn().await?;
@@ -174,9 +205,11 @@ impl Running {
         )?;
         let sweep = tokio::spawn(sweeper(
             engine.clone(),
+            counters.clone(),
             duration("sweep_interval", &svc.sweep_interval)?,
-            stop_rx,
+            stop_rx.clone(),
         ));
+        let queues = tokio::spawn(queue_monitor(weak, counters.clone(), stop_rx));
         tracing::info!(
             check = %wire.subjects.check,
             txn = %wire.subjects.txn,
@@ -191,7 +224,7 @@ impl Running {
             stop,
             intake,
             workers,
-            background: vec![reload, sweep],
+            background: vec![reload, sweep, queues],
             _watcher: Some(watcher),
         })
     }
@@ -202,6 +235,11 @@ impl Running {
 
     pub fn counters(&self) -> &Arc<Counters> {
         &self.counters
+    }
+
+    /// Where `/metrics` is served, when the exporter runs.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        EXPORTER.get().copied()
     }
 
     /// Stops taking messages, decides and publishes everything already received, flushes
@@ -251,6 +289,7 @@ async fn intake(
                 let Some(msg) = msg else { break };
                 counters.received(path);
                 let received_ms = now_ms();
+                let received_at = Instant::now();
                 match wire.decode(&msg.payload) {
                     Err(e) => {
                         counters.invalid(e.code);
@@ -286,7 +325,8 @@ async fn intake(
                         };
                         // Waits when the worker's queue is full: back-pressure into the
                         // subscription buffer rather than unbounded memory.
-                        let _ = tx.send(Job { txn, received_ms, reply }).await;
+                        let job = Job { txn, received_ms, received_at, reply };
+                        let _ = tx.send(job).await;
                     }
                 }
             }
@@ -317,15 +357,27 @@ async fn worker(
             Some(j) = stream.recv() => (j, IntakePath::Stream),
             else => break,
         };
+        let started = Instant::now();
         let out = engine.decide(&job.txn, job.received_ms);
+        counters.decision_time(path, started.elapsed().as_secs_f64());
         if out.duplicate {
             counters.duplicate();
+        } else {
+            for r in &out.decision.rules {
+                counters.rule_hit(&r.id);
+            }
         }
         if out.too_late {
             counters.too_late();
         }
+        if out.ts_clamped {
+            counters.ts_clamped();
+        }
         match wire.deliver(&job.reply, &out.decision).await {
-            Ok(()) => counters.decided(path, out.decision.action),
+            Ok(()) => {
+                counters.decided(path, out.decision.action);
+                counters.end_to_end_time(path, job.received_at.elapsed().as_secs_f64());
+            }
             Err(e) => {
                 counters.publish_error();
                 tracing::warn!(error = %e, id = %out.decision.id, "could not publish a decision");
@@ -334,17 +386,56 @@ async fn worker(
     }
 }
 
-async fn sweeper(engine: Arc<Engine>, every: Duration, mut stop: watch::Receiver<bool>) {
+/// Evicts idle keys and old ids, then publishes the state sizes.
+async fn sweeper(
+    engine: Arc<Engine>,
+    counters: Arc<Counters>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
-    tick.tick().await;
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 let e = engine.clone();
                 let started = Instant::now();
-                if let Ok(ev) = tokio::task::spawn_blocking(move || e.evict_idle(now_ms())).await {
+                let swept = tokio::task::spawn_blocking(move || {
+                    let ev = e.evict_idle(now_ms());
+                    (ev, e.stats())
+                })
+                .await;
+                if let Ok((ev, stats)) = swept {
+                    counters.state(&stats, &ev);
                     tracing::debug!(keys = ev.keys, ids = ev.dedupe, took_ms = started.elapsed().as_millis() as u64, "swept idle state");
                 }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+/// The queues of one worker, held weakly so monitoring never keeps them open.
+type WeakQueues = (mpsc::WeakSender<Job>, mpsc::WeakSender<Job>);
+
+/// Publishes how many transactions wait in the workers' queues, every second.
+async fn queue_monitor(
+    queues: Vec<WeakQueues>,
+    counters: Arc<Counters>,
+    mut stop: watch::Receiver<bool>,
+) {
+    fn depth(queues: &[WeakQueues], pick: fn(&WeakQueues) -> &mpsc::WeakSender<Job>) -> usize {
+        queues
+            .iter()
+            .filter_map(|q| pick(q).upgrade())
+            .map(|s| s.max_capacity() - s.capacity())
+            .sum()
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                counters.in_flight(IntakePath::Check, depth(&queues, |q| &q.0));
+                counters.in_flight(IntakePath::Stream, depth(&queues, |q| &q.1));
             }
             _ = stop.changed() => break,
         }
@@ -440,6 +531,7 @@ pub async fn reload(
             match tokio::task::spawn_blocking(move || e.swap_rules(rs)).await {
                 Ok(sw) => {
                     counters.reload(true);
+                    counters.rules_loaded(&engine.rules(), unix_secs());
                     tracing::info!(
                         version = %sw.version,
                         previous = %current,

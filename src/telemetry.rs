@@ -1,10 +1,200 @@
-//! Everything the service counts. One place owns every counter (and, with the metrics
-//! exporter, every metric name), so dashboards, logs and tests read the same numbers.
+//! Everything the service measures. This module owns every metric name, label and help
+//! text; the rest of the code calls methods here. Counts are kept twice: as Prometheus
+//! metrics (through the `metrics` facade, exported by metrics-exporter-prometheus) and as
+//! plain atomics that tests, logs and the demo read without an exporter.
+//!
+//! Labels are bounded: path (2), action (3), error code (7), rule id and mode (the rule
+//! count), key group signature (the group count), result (2). Never a card, device or
+//! merchant value.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use metrics::{Counter, Gauge, Histogram, Unit};
 
 use crate::decision::Action;
+use crate::engine::{Evicted, StateStats};
+use crate::rules::{Mode, RuleSet};
 use crate::txn::ErrorCode;
+
+/// Metric names. Dashboards, alerts and tests use exactly these.
+pub mod names {
+    pub const RECEIVED: &str = "fraudgate_transactions_received_total";
+    pub const DECISIONS: &str = "fraudgate_decisions_total";
+    pub const INVALID: &str = "fraudgate_invalid_inputs_total";
+    pub const DUPLICATES: &str = "fraudgate_duplicates_total";
+    pub const LATE_DROPPED: &str = "fraudgate_late_events_dropped_total";
+    pub const TS_CLAMPED: &str = "fraudgate_future_timestamps_clamped_total";
+    pub const PUBLISH_ERRORS: &str = "fraudgate_publish_errors_total";
+    pub const DECISION_SECONDS: &str = "fraudgate_decision_duration_seconds";
+    pub const END_TO_END_SECONDS: &str = "fraudgate_end_to_end_duration_seconds";
+    pub const RULE_HITS: &str = "fraudgate_rule_hits_total";
+    pub const RELOADS: &str = "fraudgate_rule_reloads_total";
+    pub const RULES_INFO: &str = "fraudgate_rules_info";
+    pub const RULES_LOADED: &str = "fraudgate_rules_loaded";
+    pub const LAST_RELOAD: &str = "fraudgate_rules_last_reload_timestamp_seconds";
+    pub const STATE_KEYS: &str = "fraudgate_state_keys";
+    pub const STATE_BYTES: &str = "fraudgate_state_bytes";
+    pub const DEDUPE_ENTRIES: &str = "fraudgate_dedupe_entries";
+    pub const EVICTED_KEYS: &str = "fraudgate_state_evicted_keys_total";
+    pub const EVICTED_IDS: &str = "fraudgate_dedupe_evicted_total";
+    pub const IN_FLIGHT: &str = "fraudgate_in_flight";
+    pub const NATS_CONNECTED: &str = "fraudgate_nats_connected";
+    pub const NATS_RECONNECTS: &str = "fraudgate_nats_reconnects_total";
+    pub const NATS_DISCONNECTS: &str = "fraudgate_nats_disconnects_total";
+    pub const NATS_SLOW_CONSUMER: &str = "fraudgate_nats_slow_consumer_total";
+    pub const BUILD_INFO: &str = "fraudgate_build_info";
+}
+
+/// Histogram buckets for every `*_duration_seconds` metric: 10 µs to 1 s.
+pub const DURATION_BUCKETS: [f64; 16] = [
+    0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    #[error("cannot serve metrics on {addr}: {message}")]
+    Exporter { addr: SocketAddr, message: String },
+}
+
+/// Installs the Prometheus exporter serving `/metrics` on `addr` and describes every
+/// metric. Call before creating [`Counters`] (handles made earlier are no-ops).
+pub fn install_exporter(addr: SocketAddr) -> Result<(), TelemetryError> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    PrometheusBuilder::new()
+        .with_http_listener(addr)
+        .set_buckets_for_metric(
+            Matcher::Suffix("_duration_seconds".into()),
+            &DURATION_BUCKETS,
+        )
+        .and_then(|b| b.install())
+        .map_err(|e| TelemetryError::Exporter {
+            addr,
+            message: e.to_string(),
+        })?;
+    describe();
+    Ok(())
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    use names::*;
+    describe_counter!(
+        RECEIVED,
+        Unit::Count,
+        "Messages taken from NATS, by path (check = request-reply, stream = fraud.txn)."
+    );
+    describe_counter!(
+        DECISIONS,
+        Unit::Count,
+        "Decisions published, by path and action."
+    );
+    describe_counter!(
+        INVALID,
+        Unit::Count,
+        "Inputs refused, by stable error code."
+    );
+    describe_counter!(
+        DUPLICATES,
+        Unit::Count,
+        "Retries answered from the dedupe table (counted once in the windows)."
+    );
+    describe_counter!(
+        LATE_DROPPED,
+        Unit::Count,
+        "Events older than their key's retention: decided, added to nothing."
+    );
+    describe_counter!(
+        TS_CLAMPED,
+        Unit::Count,
+        "Event times too far in the future, replaced by the receive time."
+    );
+    describe_counter!(
+        PUBLISH_ERRORS,
+        Unit::Count,
+        "Decisions or error replies that could not be published."
+    );
+    describe_histogram!(
+        DECISION_SECONDS,
+        Unit::Seconds,
+        "Engine time of one decision (windows, rules, dedupe), by path."
+    );
+    describe_histogram!(
+        END_TO_END_SECONDS,
+        Unit::Seconds,
+        "From message receipt to the decision published, by path."
+    );
+    describe_counter!(RULE_HITS, Unit::Count, "Rules that fired, by rule id, mode (active or shadow) and the rule's own action (block, reject, hold, allow or score).");
+    describe_counter!(
+        RELOADS,
+        Unit::Count,
+        "Rule reloads, by result (success or failure)."
+    );
+    describe_gauge!(
+        RULES_INFO,
+        "The loaded rules version (1 for the active version, 0 for earlier ones)."
+    );
+    describe_gauge!(
+        RULES_LOADED,
+        Unit::Count,
+        "Rules in the active set, by mode."
+    );
+    describe_gauge!(
+        LAST_RELOAD,
+        Unit::Seconds,
+        "Unix time of the last successful rule load."
+    );
+    describe_gauge!(
+        STATE_KEYS,
+        Unit::Count,
+        "Tracked keys, by key group (card, device, merchant, ...)."
+    );
+    describe_gauge!(
+        STATE_BYTES,
+        Unit::Bytes,
+        "Estimated window-state memory, by key group."
+    );
+    describe_gauge!(
+        DEDUPE_ENTRIES,
+        Unit::Count,
+        "Transaction ids remembered for retries."
+    );
+    describe_counter!(
+        EVICTED_KEYS,
+        Unit::Count,
+        "Keys evicted after being idle longer than their longest window."
+    );
+    describe_counter!(
+        EVICTED_IDS,
+        Unit::Count,
+        "Transaction ids evicted after the dedupe horizon."
+    );
+    describe_gauge!(
+        IN_FLIGHT,
+        Unit::Count,
+        "Transactions taken in and not yet decided (queued in workers), by path."
+    );
+    describe_gauge!(
+        NATS_CONNECTED,
+        "1 while connected to NATS, 0 while disconnected."
+    );
+    describe_counter!(
+        NATS_RECONNECTS,
+        Unit::Count,
+        "Successful reconnects to NATS."
+    );
+    describe_counter!(NATS_DISCONNECTS, Unit::Count, "Disconnects from NATS.");
+    describe_counter!(
+        NATS_SLOW_CONSUMER,
+        Unit::Count,
+        "Slow-consumer events: the NATS client dropped messages of a full subscription."
+    );
+    describe_gauge!(BUILD_INFO, "Build information (always 1).");
+}
 
 /// Which intake a transaction came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +206,7 @@ pub enum Path {
 }
 
 impl Path {
+    pub const ALL: [Path; 2] = [Path::Check, Path::Stream];
     pub fn as_str(self) -> &'static str {
         match self {
             Path::Check => "check",
@@ -35,21 +226,79 @@ fn code_idx(c: ErrorCode) -> usize {
     ErrorCode::ALL.iter().position(|x| *x == c).unwrap_or(0)
 }
 
-/// Service counters. Cheap to bump from any task.
-#[derive(Debug, Default)]
+/// A counter kept both as an atomic (readable in-process) and as a Prometheus metric.
+#[derive(Debug)]
+struct Both {
+    n: AtomicU64,
+    metric: Counter,
+}
+
+impl Both {
+    fn new(metric: Counter) -> Both {
+        // Registering with 0 makes the series exist from the start (no absent series).
+        metric.increment(0);
+        Both {
+            n: AtomicU64::new(0),
+            metric,
+        }
+    }
+    fn inc(&self) {
+        self.n.fetch_add(1, Relaxed);
+        self.metric.increment(1);
+    }
+    fn add(&self, v: u64) {
+        self.n.fetch_add(v, Relaxed);
+        self.metric.increment(v);
+    }
+    fn get(&self) -> u64 {
+        self.n.load(Relaxed)
+    }
+}
+
+/// Handles of the active rule set's per-rule metrics.
+#[derive(Default)]
+struct RuleMetrics {
+    version: String,
+    hits: HashMap<Arc<str>, Counter>,
+}
+
+/// Service counters and metric handles. Cheap to bump from any task.
 pub struct Counters {
-    received: [AtomicU64; 2],
-    decided: [[AtomicU64; 3]; 2],
-    duplicates: AtomicU64,
-    too_late: AtomicU64,
-    invalid: [AtomicU64; 7],
-    publish_errors: AtomicU64,
-    reloads_ok: AtomicU64,
-    reloads_failed: AtomicU64,
-    disconnects: AtomicU64,
+    received: [Both; 2],
+    decided: [[Both; 3]; 2],
+    invalid: [Both; 7],
+    duplicates: Both,
+    late_dropped: Both,
+    ts_clamped: Both,
+    publish_errors: Both,
+    reloads_ok: Both,
+    reloads_failed: Both,
+    disconnects: Both,
     connects: AtomicU64,
-    slow_consumer: AtomicU64,
+    reconnects: Counter,
+    connected: Gauge,
+    slow_consumer: Both,
     no_reply: AtomicU64,
+    evicted_keys: Counter,
+    evicted_ids: Counter,
+    decision_seconds: [Histogram; 2],
+    end_to_end_seconds: [Histogram; 2],
+    in_flight: [Gauge; 2],
+    rules: ArcSwap<RuleMetrics>,
+}
+
+impl std::fmt::Debug for Counters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counters")
+            .field("snapshot", &self.snapshot())
+            .finish()
+    }
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters::new()
+    }
 }
 
 /// A point-in-time copy of the counters.
@@ -62,6 +311,7 @@ pub struct Snapshot {
     pub decided_stream: [u64; 3],
     pub duplicates: u64,
     pub too_late: u64,
+    pub ts_clamped: u64,
     /// Invalid inputs by error code, in [`ErrorCode::ALL`] order.
     pub invalid: [u64; 7],
     pub publish_errors: u64,
@@ -86,67 +336,205 @@ impl Snapshot {
 }
 
 impl Counters {
+    /// Registers every fixed series (with the installed recorder, if any).
+    pub fn new() -> Counters {
+        use metrics::{counter, gauge, histogram};
+        use names::*;
+        let path_counter =
+            |name: &'static str| Path::ALL.map(|p| Both::new(counter!(name, "path" => p.as_str())));
+        let decided = Path::ALL.map(|p| {
+            Action::ALL.map(|a| {
+                Both::new(counter!(DECISIONS, "path" => p.as_str(), "action" => a.as_str()))
+            })
+        });
+        let invalid = ErrorCode::ALL.map(|c| Both::new(counter!(INVALID, "code" => c.as_str())));
+        let reloads = |r: &'static str| Both::new(counter!(RELOADS, "result" => r));
+        gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        let connected = gauge!(NATS_CONNECTED);
+        connected.set(0.0);
+        let reconnects = counter!(NATS_RECONNECTS);
+        reconnects.increment(0);
+        let evicted_keys = counter!(EVICTED_KEYS);
+        evicted_keys.increment(0);
+        let evicted_ids = counter!(EVICTED_IDS);
+        evicted_ids.increment(0);
+        let in_flight = Path::ALL.map(|p| gauge!(IN_FLIGHT, "path" => p.as_str()));
+        for g in &in_flight {
+            g.set(0.0);
+        }
+        Counters {
+            received: path_counter(RECEIVED),
+            decided,
+            invalid,
+            duplicates: Both::new(counter!(DUPLICATES)),
+            late_dropped: Both::new(counter!(LATE_DROPPED)),
+            ts_clamped: Both::new(counter!(TS_CLAMPED)),
+            publish_errors: Both::new(counter!(PUBLISH_ERRORS)),
+            reloads_ok: reloads("success"),
+            reloads_failed: reloads("failure"),
+            disconnects: Both::new(counter!(NATS_DISCONNECTS)),
+            connects: AtomicU64::new(0),
+            reconnects,
+            connected,
+            slow_consumer: Both::new(counter!(NATS_SLOW_CONSUMER)),
+            no_reply: AtomicU64::new(0),
+            evicted_keys,
+            evicted_ids,
+            decision_seconds: Path::ALL.map(|p| histogram!(DECISION_SECONDS, "path" => p.as_str())),
+            end_to_end_seconds: Path::ALL
+                .map(|p| histogram!(END_TO_END_SECONDS, "path" => p.as_str())),
+            in_flight,
+            rules: ArcSwap::from_pointee(RuleMetrics::default()),
+        }
+    }
+
     pub fn received(&self, p: Path) {
-        self.received[p.idx()].fetch_add(1, Relaxed);
+        self.received[p.idx()].inc();
     }
     pub fn decided(&self, p: Path, a: Action) {
-        self.decided[p.idx()][action_idx(a)].fetch_add(1, Relaxed);
+        self.decided[p.idx()][action_idx(a)].inc();
     }
     pub fn duplicate(&self) {
-        self.duplicates.fetch_add(1, Relaxed);
+        self.duplicates.inc();
     }
     pub fn too_late(&self) {
-        self.too_late.fetch_add(1, Relaxed);
+        self.late_dropped.inc();
+    }
+    pub fn ts_clamped(&self) {
+        self.ts_clamped.inc();
     }
     pub fn invalid(&self, c: ErrorCode) {
-        self.invalid[code_idx(c)].fetch_add(1, Relaxed);
+        self.invalid[code_idx(c)].inc();
     }
     pub fn publish_error(&self) {
-        self.publish_errors.fetch_add(1, Relaxed);
+        self.publish_errors.inc();
     }
     pub fn reload(&self, ok: bool) {
         if ok {
-            self.reloads_ok.fetch_add(1, Relaxed);
+            self.reloads_ok.inc();
         } else {
-            self.reloads_failed.fetch_add(1, Relaxed);
+            self.reloads_failed.inc();
         }
     }
     pub fn disconnected(&self) {
-        self.disconnects.fetch_add(1, Relaxed);
+        self.disconnects.inc();
+        self.connected.set(0.0);
     }
     pub fn connected(&self) {
-        self.connects.fetch_add(1, Relaxed);
+        if self.connects.fetch_add(1, Relaxed) > 0 {
+            self.reconnects.increment(1);
+        }
+        self.connected.set(1.0);
     }
     pub fn slow_consumer(&self) {
-        self.slow_consumer.fetch_add(1, Relaxed);
+        self.slow_consumer.inc();
     }
     pub fn no_reply(&self) {
         self.no_reply.fetch_add(1, Relaxed);
     }
+    /// Engine time of one decision.
+    pub fn decision_time(&self, p: Path, secs: f64) {
+        self.decision_seconds[p.idx()].record(secs);
+    }
+    /// Receipt to publish.
+    pub fn end_to_end_time(&self, p: Path, secs: f64) {
+        self.end_to_end_seconds[p.idx()].record(secs);
+    }
+    pub fn in_flight(&self, p: Path, n: usize) {
+        self.in_flight[p.idx()].set(n as f64);
+    }
+
+    /// A rule fired (counted for fresh decisions, not for answered retries).
+    pub fn rule_hit(&self, id: &str) {
+        if let Some(c) = self.rules.load().hits.get(id) {
+            c.increment(1);
+        }
+    }
+
+    /// A rule set became active: per-rule series, version info, rule counts, load time.
+    pub fn rules_loaded(&self, rs: &RuleSet, unix_secs: f64) {
+        use metrics::{counter, gauge};
+        use names::*;
+        let previous = self.rules.load();
+        if !previous.version.is_empty() && previous.version != rs.version {
+            gauge!(RULES_INFO, "version" => previous.version.clone()).set(0.0);
+        }
+        gauge!(RULES_INFO, "version" => rs.version.clone()).set(1.0);
+        for mode in [Mode::Active, Mode::Shadow] {
+            let n = rs.rules.iter().filter(|r| r.mode == mode).count();
+            gauge!(RULES_LOADED, "mode" => mode_str(mode)).set(n as f64);
+        }
+        gauge!(LAST_RELOAD).set(unix_secs);
+        let hits = rs
+            .rules
+            .iter()
+            .map(|r| {
+                let action = match r.action {
+                    Some(crate::rules::RuleAction::Block) => "block",
+                    Some(crate::rules::RuleAction::Reject) => "reject",
+                    Some(crate::rules::RuleAction::Hold) => "hold",
+                    Some(crate::rules::RuleAction::Allow) => "allow",
+                    None => "score",
+                };
+                let c = counter!(RULE_HITS, "rule" => r.id.to_string(), "mode" => mode_str(r.mode), "action" => action);
+                c.increment(0);
+                (r.id.clone(), c)
+            })
+            .collect();
+        self.rules.store(Arc::new(RuleMetrics {
+            version: rs.version.clone(),
+            hits,
+        }));
+    }
+
+    /// Window-state sizes (from `Engine::stats`) and what a sweep evicted.
+    pub fn state(&self, stats: &StateStats, evicted: &Evicted) {
+        use metrics::gauge;
+        use names::*;
+        for (group, keys, bytes) in &stats.groups {
+            gauge!(STATE_KEYS, "group" => group.clone()).set(*keys as f64);
+            gauge!(STATE_BYTES, "group" => group.clone()).set(*bytes as f64);
+        }
+        gauge!(DEDUPE_ENTRIES).set(stats.dedupe_entries as f64);
+        self.evicted_keys.increment(evicted.keys as u64);
+        self.evicted_ids.increment(evicted.dedupe as u64);
+    }
 
     pub fn snapshot(&self) -> Snapshot {
-        let l = |a: &AtomicU64| a.load(Relaxed);
-        let arr3 = |a: &[AtomicU64; 3]| [l(&a[0]), l(&a[1]), l(&a[2])];
+        let arr3 = |a: &[Both; 3]| [a[0].get(), a[1].get(), a[2].get()];
         let mut invalid = [0; 7];
         for (i, a) in self.invalid.iter().enumerate() {
-            invalid[i] = l(a);
+            invalid[i] = a.get();
         }
         Snapshot {
-            received_check: l(&self.received[0]),
-            received_stream: l(&self.received[1]),
+            received_check: self.received[0].get(),
+            received_stream: self.received[1].get(),
             decided_check: arr3(&self.decided[0]),
             decided_stream: arr3(&self.decided[1]),
-            duplicates: l(&self.duplicates),
-            too_late: l(&self.too_late),
+            duplicates: self.duplicates.get(),
+            too_late: self.late_dropped.get(),
+            ts_clamped: self.ts_clamped.get(),
             invalid,
-            publish_errors: l(&self.publish_errors),
-            reloads_ok: l(&self.reloads_ok),
-            reloads_failed: l(&self.reloads_failed),
-            disconnects: l(&self.disconnects),
-            connects: l(&self.connects),
-            slow_consumer: l(&self.slow_consumer),
-            no_reply: l(&self.no_reply),
+            publish_errors: self.publish_errors.get(),
+            reloads_ok: self.reloads_ok.get(),
+            reloads_failed: self.reloads_failed.get(),
+            disconnects: self.disconnects.get(),
+            connects: self.connects.load(Relaxed),
+            slow_consumer: self.slow_consumer.get(),
+            no_reply: self.no_reply.load(Relaxed),
         }
+    }
+
+    /// Adds to the slow-consumer count (for events that report several drops).
+    pub fn slow_consumer_n(&self, n: u64) {
+        self.slow_consumer.add(n);
+    }
+}
+
+fn mode_str(m: Mode) -> &'static str {
+    match m {
+        Mode::Active => "active",
+        Mode::Shadow => "shadow",
     }
 }
 
@@ -168,5 +556,34 @@ mod tests {
         assert_eq!(s.decided(), 2);
         assert_eq!(s.invalid_of(ErrorCode::NegativeAmount), 1);
         assert_eq!(s.invalid_total(), 1);
+    }
+
+    #[test]
+    fn every_name_is_prometheus_style() {
+        use names::*;
+        for n in [
+            RECEIVED,
+            DECISIONS,
+            INVALID,
+            DUPLICATES,
+            LATE_DROPPED,
+            TS_CLAMPED,
+            PUBLISH_ERRORS,
+            RULE_HITS,
+            RELOADS,
+            EVICTED_KEYS,
+            EVICTED_IDS,
+            NATS_RECONNECTS,
+            NATS_DISCONNECTS,
+            NATS_SLOW_CONSUMER,
+        ] {
+            assert!(n.starts_with("fraudgate_") && n.ends_with("_total"), "{n}");
+        }
+        for n in [DECISION_SECONDS, END_TO_END_SECONDS, LAST_RELOAD] {
+            assert!(n.ends_with("_seconds"), "{n}");
+        }
+        assert!(DURATION_BUCKETS.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(DURATION_BUCKETS[0], 0.000_01);
+        assert_eq!(*DURATION_BUCKETS.last().unwrap(), 1.0);
     }
 }

@@ -147,7 +147,6 @@ pub async fn connect(
             url: url.to_string(),
             source,
         })?;
-    counters.connected();
     Ok(client)
 }
 
