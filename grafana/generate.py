@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Writes the Grafana dashboards in dashboards/ from the definitions below (dashboards as
+code: edit here, run `python3 grafana/generate.py`, commit both). Every PromQL expression
+is checked against a real Prometheus scraping a real engine by tests/prometheus.rs."""
+import json
+import os
+
+DS = {"type": "prometheus", "uid": "${datasource}"}
+I = 'instance=~"$instance"'
+RI = "$__rate_interval"
+
+
+def templating():
+    return {"list": [
+        {"name": "datasource", "label": "Data source", "type": "datasource",
+         "query": "prometheus", "current": {}, "hide": 0, "refresh": 1},
+        {"name": "instance", "label": "Engine", "type": "query", "datasource": DS,
+         "definition": "label_values(fraudgate_build_info, instance)",
+         "query": {"query": "label_values(fraudgate_build_info, instance)", "refId": "instances"},
+         "includeAll": True, "multi": True, "allValue": ".+",
+         "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+         "refresh": 2, "sort": 1, "hide": 0},
+    ]}
+
+
+class Board:
+    def __init__(self, uid, title, description):
+        self.uid, self.title, self.description = uid, title, description
+        self.panels, self.y, self.x, self.row_h = [], 0, 0, 0
+
+    def panel(self, kind, title, description, targets, unit, w=12, h=8, **extra):
+        if self.x + w > 24:
+            self.x, self.y = 0, self.y + self.row_h
+            self.row_h = 0
+        p = {
+            "id": len(self.panels) + 1, "type": kind, "title": title,
+            "description": description, "datasource": DS,
+            "gridPos": {"h": h, "w": w, "x": self.x, "y": self.y},
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+            "targets": [
+                {"refId": chr(65 + i), "datasource": DS, "expr": e, "legendFormat": l,
+                 "range": True, "instant": False}
+                for i, (e, l) in enumerate(targets)
+            ],
+        }
+        if kind == "timeseries":
+            p["options"] = {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                            "tooltip": {"mode": "multi", "sort": "desc"}}
+            p["fieldConfig"]["defaults"]["custom"] = {"lineWidth": 1, "fillOpacity": 10}
+        elif kind == "stat":
+            p["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                            "colorMode": "value", "graphMode": "area", "textMode": "auto"}
+        elif kind == "bargauge":
+            p["options"] = {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                            "orientation": "horizontal", "displayMode": "gradient", "showUnfilled": True}
+        p.update(extra)
+        self.panels.append(p)
+        self.x += w
+        self.row_h = max(self.row_h, h)
+
+    def json(self):
+        return {
+            "uid": self.uid, "title": self.title, "description": self.description,
+            "tags": ["fraudgate"], "timezone": "browser", "editable": True,
+            "schemaVersion": 39, "version": 1, "refresh": "10s",
+            "time": {"from": "now-1h", "to": "now"}, "graphTooltip": 1,
+            "templating": templating(), "annotations": {"list": []}, "links": [],
+            "panels": self.panels,
+        }
+
+
+def quantile(q, metric, by="path"):
+    return f'histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{{I}}}[{RI}])))'
+
+
+def rate_share(action):
+    return (f'sum(rate(fraudgate_decisions_total{{{I},action="{action}"}}[{RI}]))'
+            f' / sum(rate(fraudgate_decisions_total{{{I}}}[{RI}]))')
+
+
+overview = Board("fraudgate-overview", "fraudgate / Overview",
+                 "Throughput, decisions, latency, bad input and NATS health of the fraud engines.")
+overview.panel("timeseries", "Throughput by path",
+               "Transactions taken from NATS per second: check = request-reply (fraud.check), stream = fraud.txn.",
+               [(f'sum by (path) (rate(fraudgate_transactions_received_total{{{I}}}[{RI}]))', "{{path}}")], "reqps")
+overview.panel("timeseries", "Decision mix",
+               "Decisions published per second, by action.",
+               [(f'sum by (action) (rate(fraudgate_decisions_total{{{I}}}[{RI}]))', "{{action}}")], "reqps")
+overview.panel("stat", "Hold rate", "Share of decisions sent to manual review.",
+               [(rate_share("hold"), "hold")], "percentunit", w=6, h=5)
+overview.panel("stat", "Reject rate", "Share of decisions rejected.",
+               [(rate_share("reject"), "reject")], "percentunit", w=6, h=5)
+overview.panel("stat", "NATS connected", "1: every selected engine is connected to NATS; 0: at least one is not.",
+               [(f'min(fraudgate_nats_connected{{{I}}})', "connected")], "none", w=6, h=5)
+overview.panel("stat", "Rules version", "The active rule set (label + content hash).",
+               [(f'count by (version) (fraudgate_rules_info{{{I}}} == 1)', "{{version}}")], "none", w=6, h=5,
+               options={"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                        "textMode": "name", "colorMode": "none", "graphMode": "none"})
+overview.panel("timeseries", "End-to-end latency (receipt to publish)",
+               "p50, p99 and p99.9 from the moment a message is taken from NATS to its decision being published, by path.",
+               [(quantile(0.5, "fraudgate_end_to_end_duration_seconds"), "p50 {{path}}"),
+                (quantile(0.99, "fraudgate_end_to_end_duration_seconds"), "p99 {{path}}"),
+                (quantile(0.999, "fraudgate_end_to_end_duration_seconds"), "p99.9 {{path}}")], "s")
+overview.panel("timeseries", "Engine decision time",
+               "p50, p99 and p99.9 of the time spent inside the engine (windows, rules, dedupe) per decision.",
+               [(quantile(0.5, "fraudgate_decision_duration_seconds"), "p50 {{path}}"),
+                (quantile(0.99, "fraudgate_decision_duration_seconds"), "p99 {{path}}"),
+                (quantile(0.999, "fraudgate_decision_duration_seconds"), "p99.9 {{path}}")], "s")
+overview.panel("timeseries", "Invalid inputs by code",
+               "Refused inputs per second by stable error code (request-reply answers them; the stream forwards them to fraud.invalid).",
+               [(f'sum by (code) (rate(fraudgate_invalid_inputs_total{{{I}}}[{RI}]))', "{{code}}")], "reqps")
+overview.panel("timeseries", "Retries and queues",
+               "Retries answered from the dedupe table per second, and transactions waiting in the workers' queues.",
+               [(f'sum(rate(fraudgate_duplicates_total{{{I}}}[{RI}]))', "retries/s"),
+                (f'sum by (path) (fraudgate_in_flight{{{I}}})', "queued {{path}}")], "short")
+overview.panel("timeseries", "NATS connection",
+               "Connection state per engine (1 connected), and reconnects, disconnects and slow-consumer events in the interval.",
+               [(f'fraudgate_nats_connected{{{I}}}', "connected {{instance}}"),
+                (f'sum(increase(fraudgate_nats_reconnects_total{{{I}}}[{RI}]))', "reconnects"),
+                (f'sum(increase(fraudgate_nats_disconnects_total{{{I}}}[{RI}]))', "disconnects"),
+                (f'sum(increase(fraudgate_nats_slow_consumer_total{{{I}}}[{RI}]))', "slow consumer")], "short", w=24)
+
+rules = Board("fraudgate-rules", "fraudgate / Rules",
+              "What the rules do: hits per rule, shadow against active, reloads and the active version.")
+rules.panel("timeseries", "Active rule hits",
+            "Hits per second of each active rule.",
+            [(f'sum by (rule) (rate(fraudgate_rule_hits_total{{{I},mode="active"}}[{RI}]))', "{{rule}}")], "reqps", w=24)
+rules.panel("timeseries", "Shadow vs active",
+            "Hits per second of shadow rules (evaluated and reported, never acting) against active ones.",
+            [(f'sum by (mode) (rate(fraudgate_rule_hits_total{{{I}}}[{RI}]))', "{{mode}}")], "reqps")
+rules.panel("bargauge", "Shadow rule hits (range)",
+            "How often each shadow rule would have fired over the dashboard's time range: the candidates to activate.",
+            [(f'sum by (rule) (increase(fraudgate_rule_hits_total{{{I},mode="shadow"}}[$__range]))', "{{rule}}")], "short")
+rules.panel("bargauge", "Top rules by reject share",
+            "For the rules that reject or block, their hits as a share of all rejected decisions (a decision can be rejected by several rules).",
+            [(f'topk(10, sum by (rule) (rate(fraudgate_rule_hits_total{{{I},mode="active",action=~"reject|block"}}[{RI}]))'
+              f' / scalar(sum(rate(fraudgate_decisions_total{{{I},action="reject"}}[{RI}]))))', "{{rule}}")], "percentunit")
+rules.panel("timeseries", "Rule reloads",
+            "Reloads in the interval by result; a failure keeps the previous rules active.",
+            [(f'sum by (result) (increase(fraudgate_rule_reloads_total{{{I}}}[{RI}]))', "{{result}}")], "short")
+rules.panel("stat", "Active version", "Label + content hash of the active rule set.",
+            [(f'count by (version) (fraudgate_rules_info{{{I}}} == 1)', "{{version}}")], "none", w=6, h=5,
+            options={"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                     "textMode": "name", "colorMode": "none", "graphMode": "none"})
+rules.panel("stat", "Rules loaded", "Rules in the active set, by mode.",
+            [(f'max by (mode) (fraudgate_rules_loaded{{{I}}})', "{{mode}}")], "none", w=6, h=5)
+rules.panel("stat", "Since last reload", "Time since the rules were last loaded successfully.",
+            [(f'time() - max(fraudgate_rules_last_reload_timestamp_seconds{{{I}}})', "age")], "s", w=6, h=5)
+rules.panel("stat", "Reload failures (24h)", "Failed reloads in the last 24 hours.",
+            [(f'sum(increase(fraudgate_rule_reloads_total{{{I},result="failure"}}[24h]))', "failures")], "none", w=6, h=5)
+
+state = Board("fraudgate-state", "fraudgate / State",
+              "Window state: tracked keys, memory, evictions, late events and the dedupe table.")
+state.panel("timeseries", "Tracked keys by key group",
+            "Keys held per key group (card, device, merchant, composite keys ...).",
+            [(f'sum by (group) (fraudgate_state_keys{{{I}}})', "{{group}}")], "short")
+state.panel("timeseries", "Window state memory",
+            "Estimated bytes of window state per key group (hash-table slots and heap blocks).",
+            [(f'sum by (group) (fraudgate_state_bytes{{{I}}})', "{{group}}")], "bytes")
+state.panel("timeseries", "Evictions",
+            "Keys evicted after being idle longer than their longest window, and transaction ids past the dedupe horizon, per second.",
+            [(f'sum(rate(fraudgate_state_evicted_keys_total{{{I}}}[{RI}]))', "keys"),
+             (f'sum(rate(fraudgate_dedupe_evicted_total{{{I}}}[{RI}]))', "transaction ids")], "short")
+state.panel("timeseries", "Dedupe table",
+            "Transaction ids remembered for retries.",
+            [(f'sum(fraudgate_dedupe_entries{{{I}}})', "ids")], "short")
+state.panel("timeseries", "Late and future events",
+            "Events too late for their key's retention (decided, counted nowhere) and event times in the future replaced by the receive time, per second.",
+            [(f'sum(rate(fraudgate_late_events_dropped_total{{{I}}}[{RI}]))', "too late"),
+             (f'sum(rate(fraudgate_future_timestamps_clamped_total{{{I}}}[{RI}]))', "future, clamped")], "short", w=24)
+
+here = os.path.dirname(os.path.abspath(__file__))
+for b in (overview, rules, state):
+    with open(os.path.join(here, "dashboards", f"{b.uid}.json"), "w") as f:
+        json.dump(b.json(), f, indent=2)
+        f.write("\n")
+    print(f"dashboards/{b.uid}.json: {len(b.panels)} panels")
