@@ -404,6 +404,7 @@ async fn sweeper(
                     (ev, e.stats())
                 })
                 .await;
+                counters.refresh();
                 if let Ok((ev, stats)) = swept {
                     counters.state(&stats, &ev);
                     tracing::debug!(keys = ev.keys, ids = ev.dedupe, took_ms = started.elapsed().as_millis() as u64, "swept idle state");

@@ -49,6 +49,9 @@ pub mod names {
     pub const BUILD_INFO: &str = "fraudgate_build_info";
 }
 
+/// How long an unset gauge survives in the exporter.
+pub const GAUGE_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Histogram buckets for every `*_duration_seconds` metric: 10 µs to 1 s.
 pub const DURATION_BUCKETS: [f64; 16] = [
     0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025,
@@ -65,8 +68,12 @@ pub enum TelemetryError {
 /// metric. Call before creating [`Counters`] (handles made earlier are no-ops).
 pub fn install_exporter(addr: SocketAddr) -> Result<(), TelemetryError> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    use metrics_util::MetricKindMask;
     PrometheusBuilder::new()
         .with_http_listener(addr)
+        // Gauges nobody sets for 10 minutes go (e.g. the info series of a replaced rules
+        // version); live gauges are refreshed by `Counters::refresh` on every sweep.
+        .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE))
         .set_buckets_for_metric(
             Matcher::Suffix("_duration_seconds".into()),
             &DURATION_BUCKETS,
@@ -259,6 +266,10 @@ impl Both {
 #[derive(Default)]
 struct RuleMetrics {
     version: String,
+    /// Rules by mode (active, shadow).
+    loaded: [usize; 2],
+    /// Unix seconds of the load.
+    loaded_at: f64,
     hits: HashMap<Arc<str>, Counter>,
 }
 
@@ -277,6 +288,7 @@ pub struct Counters {
     connects: AtomicU64,
     reconnects: Counter,
     connected: Gauge,
+    is_connected: std::sync::atomic::AtomicBool,
     slow_consumer: Both,
     no_reply: AtomicU64,
     evicted_keys: Counter,
@@ -376,6 +388,7 @@ impl Counters {
             connects: AtomicU64::new(0),
             reconnects,
             connected,
+            is_connected: std::sync::atomic::AtomicBool::new(false),
             slow_consumer: Both::new(counter!(NATS_SLOW_CONSUMER)),
             no_reply: AtomicU64::new(0),
             evicted_keys,
@@ -418,12 +431,14 @@ impl Counters {
     }
     pub fn disconnected(&self) {
         self.disconnects.inc();
+        self.is_connected.store(false, Relaxed);
         self.connected.set(0.0);
     }
     pub fn connected(&self) {
         if self.connects.fetch_add(1, Relaxed) > 0 {
             self.reconnects.increment(1);
         }
+        self.is_connected.store(true, Relaxed);
         self.connected.set(1.0);
     }
     pub fn slow_consumer(&self) {
@@ -459,12 +474,8 @@ impl Counters {
         if !previous.version.is_empty() && previous.version != rs.version {
             gauge!(RULES_INFO, "version" => previous.version.clone()).set(0.0);
         }
-        gauge!(RULES_INFO, "version" => rs.version.clone()).set(1.0);
-        for mode in [Mode::Active, Mode::Shadow] {
-            let n = rs.rules.iter().filter(|r| r.mode == mode).count();
-            gauge!(RULES_LOADED, "mode" => mode_str(mode)).set(n as f64);
-        }
-        gauge!(LAST_RELOAD).set(unix_secs);
+        let loaded = [Mode::Active, Mode::Shadow]
+            .map(|mode| rs.rules.iter().filter(|r| r.mode == mode).count());
         let hits = rs
             .rules
             .iter()
@@ -483,8 +494,32 @@ impl Counters {
             .collect();
         self.rules.store(Arc::new(RuleMetrics {
             version: rs.version.clone(),
+            loaded,
+            loaded_at: unix_secs,
             hits,
         }));
+        self.refresh();
+    }
+
+    /// Sets every gauge that otherwise changes only on events (rules loaded, NATS state,
+    /// build info), so the exporter's idle timeout keeps only live series.
+    pub fn refresh(&self) {
+        use metrics::gauge;
+        use names::*;
+        let r = self.rules.load();
+        if !r.version.is_empty() {
+            gauge!(RULES_INFO, "version" => r.version.clone()).set(1.0);
+            for (i, mode) in [Mode::Active, Mode::Shadow].into_iter().enumerate() {
+                gauge!(RULES_LOADED, "mode" => mode_str(mode)).set(r.loaded[i] as f64);
+            }
+            gauge!(LAST_RELOAD).set(r.loaded_at);
+        }
+        gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        self.connected.set(if self.is_connected.load(Relaxed) {
+            1.0
+        } else {
+            0.0
+        });
     }
 
     /// Window-state sizes (from `Engine::stats`) and what a sweep evicted.
