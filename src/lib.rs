@@ -10,6 +10,7 @@ pub mod demo;
 pub mod engine;
 pub mod keyhash;
 pub mod loadgen;
+pub mod loadrun;
 pub mod rules;
 pub mod service;
 pub mod telemetry;

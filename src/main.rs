@@ -66,6 +66,33 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Drive generated traffic (with injected, labelled fraud) at a running engine and
+    /// report throughput, latency, errors and detection quality.
+    Loadgen {
+        #[arg(long)]
+        nats_url: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// `check` (request-reply) or `stream` (fraud.txn -> fraud.decision.*).
+        #[arg(long, default_value = "check")]
+        path: String,
+        /// Open loop: transactions per second on schedule (latency from the scheduled
+        /// time). Without it the load is closed-loop with --concurrency in flight.
+        #[arg(long)]
+        rate: Option<f64>,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// How many transactions; default: 10 s worth at --rate, else 100,000.
+        #[arg(long)]
+        count: Option<usize>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Share of normal transactions that start an injected fraud pattern.
+        #[arg(long, default_value_t = 0.005)]
+        fraud_rate: f64,
+        #[arg(long, default_value = "5s")]
+        timeout: String,
+    },
     /// Check a rule directory: exit 0 with a summary, or 1 with every error.
     Check {
         /// The rule directory (every *.toml in it).
@@ -220,6 +247,65 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::from(1)
+            })
+        }
+        Cmd::Loadgen {
+            nats_url,
+            config,
+            path,
+            rate,
+            concurrency,
+            count,
+            seed,
+            fraud_rate,
+            timeout,
+        } => {
+            use fraudgate::loadrun::{LoadMode, LoadOptions, LoadPath};
+            let file = read_config(config.as_deref())?;
+            let path = match path.as_str() {
+                "check" => LoadPath::Check,
+                "stream" => LoadPath::Stream,
+                other => anyhow::bail!("--path must be `check` or `stream`, not `{other}`"),
+            };
+            let mode = match rate {
+                Some(r) if r > 0.0 => LoadMode::Open(r),
+                Some(_) => anyhow::bail!("--rate must be positive"),
+                None => LoadMode::Closed(concurrency.max(1)),
+            };
+            let count = count.unwrap_or(match rate {
+                Some(r) => (r * 10.0) as usize,
+                None => 100_000,
+            });
+            let timeout = parse_duration(&timeout).map_err(anyhow::Error::msg)?;
+            let url = nats_url.unwrap_or_else(|| file.nats.url.clone());
+            runtime()?.block_on(async {
+                let counters = std::sync::Arc::new(fraudgate::telemetry::Counters::default());
+                let client = fraudgate::transport::connect(&file.nats, &url, counters).await?;
+                eprintln!("loadgen: {count} transactions, {mode:?} on {path:?}, seed {seed}");
+                let report = fraudgate::loadrun::run(
+                    client,
+                    LoadOptions {
+                        path,
+                        mode,
+                        count,
+                        gen: fraudgate::loadgen::GenConfig {
+                            seed,
+                            fraud_rate,
+                            ..Default::default()
+                        },
+                        timeout,
+                        subjects: file.subjects.clone(),
+                        progress: true,
+                        event_step_ms: 1.0,
+                    },
+                )
+                .await?;
+                print!("{}", report.render());
+                Ok(if report.errors + report.timeouts == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                })
             })
         }
         Cmd::Check { rules, config } => {

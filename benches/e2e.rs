@@ -1,0 +1,282 @@
+//! End-to-end benchmark: fraudgate against the bare-NATS ceiling, in one run, on one
+//! private nats-server. Run: `cargo bench --bench e2e` (needs nats-server; scripts/bench
+//! installs it). Sizes can be changed with E2E_STREAM, E2E_RR, E2E_RATE, E2E_LATENCY_SECS,
+//! E2E_CARDS.
+//!
+//! For each target (the ceiling responder `fraudgate-ceiling`, then `fraudgate run` with
+//! the shipped rules and metrics on), measured by the same load client:
+//! 1. stream throughput: decisions/s from fraud.txn to fraud.decision.*, 10,000 in flight,
+//!    nothing may be dropped;
+//! 2. request-reply throughput with 64 requests in flight;
+//! 3. request-reply latency p50/p99/p99.9 at a fixed 5,000/s (open loop, measured from the
+//!    scheduled send time).
+//!
+//! Then fraudgate's resident memory with 1M distinct cards tracked.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+
+use fraudgate::config::SubjectsSection;
+use fraudgate::demo::{free_port, NatsServer};
+use fraudgate::loadgen::GenConfig;
+use fraudgate::loadrun::{self, LoadMode, LoadOptions, LoadPath, LoadReport};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+struct Row {
+    name: &'static str,
+    stream: f64,
+    stream_lost: u64,
+    rr: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+}
+
+async fn load(
+    client: &async_nats::Client,
+    path: LoadPath,
+    mode: LoadMode,
+    count: usize,
+    seed: u64,
+) -> LoadReport {
+    loadrun::run(
+        client.clone(),
+        LoadOptions {
+            path,
+            mode,
+            count,
+            gen: GenConfig {
+                seed,
+                fraud_rate: 0.002,
+                ..GenConfig::default()
+            },
+            timeout: Duration::from_secs(30),
+            subjects: SubjectsSection::default(),
+            progress: false,
+            event_step_ms: 1.0,
+        },
+    )
+    .await
+    .expect("load run")
+}
+
+async fn wait_ready(client: &async_nats::Client) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let probe = r#"{"id":"ready","card":"4111111111111111","amount":"1"}"#;
+    while Instant::now() < deadline {
+        if let Ok(Ok(_)) = tokio::time::timeout(
+            Duration::from_millis(500),
+            client.request("fraud.check", Bytes::from_static(probe.as_bytes())),
+        )
+        .await
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("target never answered");
+}
+
+async fn measure(name: &'static str, client: &async_nats::Client, sizes: (usize, usize, f64, usize)) -> Row {
+    let (stream_n, rr_n, rate, lat_secs) = sizes;
+    // Warm-up: fill windows and caches, settle the connection.
+    load(client, LoadPath::Check, LoadMode::Closed(64), 20_000, 7).await;
+    let stream = load(client, LoadPath::Stream, LoadMode::Closed(10_000), stream_n, 11).await;
+    let rr = load(client, LoadPath::Check, LoadMode::Closed(64), rr_n, 13).await;
+    let lat = load(
+        client,
+        LoadPath::Check,
+        LoadMode::Open(rate),
+        (rate as usize) * lat_secs,
+        17,
+    )
+    .await;
+    println!(
+        "  {name:<10} stream {:>9.0}/s ({} of {} decided)  request-reply {:>8.0}/s  at {rate:.0}/s: p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  (errors {}, timeouts {})",
+        stream.throughput(),
+        stream.answered,
+        stream.sent,
+        rr.throughput(),
+        lat.quantile_ms(0.5),
+        lat.quantile_ms(0.99),
+        lat.quantile_ms(0.999),
+        stream.errors + rr.errors + lat.errors,
+        stream.timeouts + rr.timeouts + lat.timeouts,
+    );
+    Row {
+        name,
+        stream: stream.throughput(),
+        stream_lost: stream.sent - stream.answered,
+        rr: rr.throughput(),
+        p50: lat.quantile_ms(0.5),
+        p99: lat.quantile_ms(0.99),
+        p999: lat.quantile_ms(0.999),
+    }
+}
+
+fn main() {
+    let stream_n = env_or("E2E_STREAM", 300_000);
+    let rr_n = env_or("E2E_RR", 200_000);
+    let rate = env_or("E2E_RATE", 5_000) as f64;
+    let lat_secs = env_or("E2E_LATENCY_SECS", 10);
+    let cards = env_or("E2E_CARDS", 1_000_000);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let nats = NatsServer::start(false).await.expect("nats-server (scripts/bench installs it)");
+        let url = nats.url();
+        let root = env!("CARGO_MANIFEST_DIR");
+        println!(
+            "e2e: nats-server {url}; stream {stream_n} msgs, request-reply {rr_n}, latency {lat_secs} s at {rate}/s"
+        );
+        let mut rows = Vec::new();
+
+        // 1. The ceiling.
+        let mut ceiling = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate-ceiling"))
+            .args(["--nats-url", &url])
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let client = async_nats::connect(&url).await.unwrap();
+        wait_ready(&client).await;
+        rows.push(measure("ceiling", &client, (stream_n, rr_n, rate, lat_secs)).await);
+        let _ = ceiling.kill().await;
+
+        // 2. fraudgate with the shipped rules and its metrics exporter on.
+        let dir = std::env::temp_dir().join(format!("fraudgate-e2e-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("fraudgate.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "[log]\nlevel = \"warn\"\n[metrics]\naddr = \"127.0.0.1:{}\"\n",
+                free_port().unwrap()
+            ),
+        )
+        .unwrap();
+        let spawn_engine = |cfg: &std::path::Path| {
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+                .args(["run", "--nats-url", &url, "--rules"])
+                .arg(format!("{root}/rules"))
+                .arg("--config")
+                .arg(cfg)
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap()
+        };
+        let mut engine = spawn_engine(&cfg);
+        wait_ready(&client).await;
+        rows.push(measure("fraudgate", &client, (stream_n, rr_n, rate, lat_secs)).await);
+        let _ = engine.kill().await;
+
+        let (c, f) = (&rows[0], &rows[1]);
+        println!();
+        println!("| figure | ceiling | fraudgate | fraudgate / ceiling | target |");
+        println!("|---|---|---|---|---|");
+        println!(
+            "| stream throughput (decisions/s) | {:.0} | {:.0} | {:.2} | >= 0.70 |",
+            c.stream,
+            f.stream,
+            f.stream / c.stream
+        );
+        println!(
+            "| request-reply throughput, 64 in flight (/s) | {:.0} | {:.0} | {:.2} | >= 0.80 |",
+            c.rr,
+            f.rr,
+            f.rr / c.rr
+        );
+        println!("| p50 at {rate:.0}/s (ms) | {:.3} | {:.3} | {:.2} | |", c.p50, f.p50, f.p50 / c.p50);
+        println!(
+            "| p99 at {rate:.0}/s (ms) | {:.3} | {:.3} | +{:.0} us | <= +100 us |",
+            c.p99,
+            f.p99,
+            (f.p99 - c.p99) * 1000.0
+        );
+        println!("| p99.9 at {rate:.0}/s (ms) | {:.3} | {:.3} | {:.2} | |", c.p999, f.p999, f.p999 / c.p999);
+        if c.stream_lost + f.stream_lost > 0 {
+            println!("DROPPED: ceiling {} / fraudgate {} stream transactions", c.stream_lost, f.stream_lost);
+        }
+        let _ = (c.name, f.name);
+
+        // 3. Memory with `cards` distinct cards tracked. Retried ids are kept only 5 s
+        // and swept every second, so the figure is window state, not the dedupe table.
+        std::fs::write(
+            &cfg,
+            "[log]\nlevel = \"warn\"\n[engine]\ndedupe_horizon = \"5s\"\n[service]\nsweep_interval = \"1s\"\n",
+        )
+        .unwrap();
+        let mut engine = spawn_engine(&cfg);
+        wait_ready(&client).await;
+        let pid = engine.id().unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let before = rss_kib(pid);
+        let mut decisions = client.subscribe("fraud.decision.>").await.unwrap();
+        client.flush().await.unwrap();
+        let counter = tokio::spawn(async move {
+            let mut n = 0usize;
+            while n < cards {
+                match tokio::time::timeout(Duration::from_secs(30), decisions.next()).await {
+                    Ok(Some(_)) => n += 1,
+                    _ => break,
+                }
+            }
+            n
+        });
+        let now = fraudgate::service::now_ms();
+        for i in 0..cards {
+            let body = format!(
+                r#"{{"id":"mem-{i}","ts":{},"card":"5{i:015}","amount":"{}.{:02}","device":"dev-{}","merchant":"mer-{}","region":"R{}","mcc":5411}}"#,
+                now - (cards - i) as i64 / 10,
+                10 + i % 500,
+                i % 100,
+                i % 50_000,
+                i % 5_000,
+                i % 40
+            );
+            client.publish("fraud.txn", Bytes::from(body)).await.unwrap();
+            if i % 10_000 == 0 {
+                client.flush().await.unwrap();
+                // Keep the engine's backlog bounded (no slow-consumer drop).
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        client.flush().await.unwrap();
+        let decided = counter.await.unwrap();
+        tokio::time::sleep(Duration::from_secs(8)).await; // dedupe horizon + sweeps
+        let after = rss_kib(pid);
+        let _ = engine.kill().await;
+        println!();
+        println!(
+            "memory: {decided} of {cards} distinct cards decided; RSS {:.1} MiB -> {:.1} MiB: {:.0} bytes per tracked card (all window groups of the shipped rules; target <= 256 for the card key)",
+            before as f64 / 1024.0,
+            after as f64 / 1024.0,
+            (after.saturating_sub(before) * 1024) as f64 / cards as f64
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        nats.stop().await;
+    });
+}

@@ -1,0 +1,450 @@
+//! `fraudgate loadgen`: drives generated traffic against a running engine over NATS and
+//! reports throughput, latency, errors and detection quality.
+//!
+//! - **Open loop** (`rate`): transaction *i* is due at `start + i / rate`; latency is
+//!   measured from that scheduled time, so a stall shows up in the latency instead of
+//!   silently slowing the sender (no coordinated omission).
+//! - **Closed loop** (`concurrency`): N transactions in flight; each answer releases the
+//!   next. Latency is measured from the send.
+//! - **check** path: request-reply on the check subject. **stream** path: publish on the
+//!   txn subject; latency runs from the (scheduled) publish to the decision received on
+//!   `<decision_prefix>.>`.
+//!
+//! Payloads are generated before the run (with their event times), so the generator's cost
+//! is not part of the measurement.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use tokio::sync::Semaphore;
+
+use crate::config::SubjectsSection;
+use crate::loadgen::{GenConfig, Generator, Pattern};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoadPath {
+    Check,
+    Stream,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LoadMode {
+    /// Transactions per second, on schedule.
+    Open(f64),
+    /// Transactions in flight.
+    Closed(usize),
+    /// Everything at once, as fast as the client can publish (stream throughput).
+    Flood,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub path: LoadPath,
+    pub mode: LoadMode,
+    /// How many transactions to send.
+    pub count: usize,
+    pub gen: GenConfig,
+    /// An answer later than this counts as a timeout.
+    pub timeout: Duration,
+    pub subjects: SubjectsSection,
+    /// Print a progress line every second.
+    pub progress: bool,
+    /// Event time between two generated transactions, in ms (1 ms = 1,000/s of traffic).
+    pub event_step_ms: f64,
+}
+
+/// Per injected pattern: transactions sent, and held or rejected.
+pub type PatternTally = HashMap<Pattern, (u64, u64)>;
+
+#[derive(Debug, Clone)]
+pub struct LoadReport {
+    pub sent: u64,
+    pub answered: u64,
+    pub errors: u64,
+    pub timeouts: u64,
+    /// Wall time from the first send to the last answer.
+    pub elapsed: Duration,
+    /// Latency in microseconds.
+    pub latency_us: Histogram<u64>,
+    /// approve, hold, reject.
+    pub actions: [u64; 3],
+    pub patterns: PatternTally,
+    /// Normal (unlabelled) transactions held or rejected: false positives.
+    pub false_positives: u64,
+}
+
+impl LoadReport {
+    pub fn throughput(&self) -> f64 {
+        self.answered as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+    /// Of the held or rejected transactions, the share that was injected fraud.
+    pub fn precision(&self) -> f64 {
+        let tp: u64 = self.patterns.values().map(|p| p.1).sum();
+        tp as f64 / (tp + self.false_positives).max(1) as f64
+    }
+    /// Of the injected fraud transactions, the share held or rejected.
+    pub fn recall(&self) -> f64 {
+        let (n, tp) = self
+            .patterns
+            .values()
+            .fold((0, 0), |a, p| (a.0 + p.0, a.1 + p.1));
+        tp as f64 / n.max(1) as f64
+    }
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        self.latency_us.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    /// A human-readable report.
+    pub fn render(&self) -> String {
+        let mut s = format!(
+            "sent {}  answered {}  errors {}  timeouts {}  in {:.2} s  =>  {:.0} decisions/s\n",
+            self.sent,
+            self.answered,
+            self.errors,
+            self.timeouts,
+            self.elapsed.as_secs_f64(),
+            self.throughput()
+        );
+        s += &format!(
+            "latency ms  p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}\n",
+            self.quantile_ms(0.5),
+            self.quantile_ms(0.9),
+            self.quantile_ms(0.99),
+            self.quantile_ms(0.999),
+            self.latency_us.max() as f64 / 1000.0
+        );
+        let total = self.actions.iter().sum::<u64>().max(1) as f64;
+        s += &format!(
+            "decisions   approve {:.2}%  hold {:.2}%  reject {:.2}%\n",
+            100.0 * self.actions[0] as f64 / total,
+            100.0 * self.actions[1] as f64 / total,
+            100.0 * self.actions[2] as f64 / total
+        );
+        if !self.patterns.is_empty() {
+            s += "detection   pattern            injected   caught   missed\n";
+            let mut pats: Vec<_> = self.patterns.iter().collect();
+            pats.sort();
+            for (p, (n, caught)) in pats {
+                s += &format!(
+                    "            {:<18} {:>8} {:>8} {:>8}\n",
+                    p.name(),
+                    n,
+                    caught,
+                    n - caught
+                );
+            }
+            s += &format!(
+                "            precision {:.3}  recall {:.3}  (normal transactions held or rejected: {})\n",
+                self.precision(),
+                self.recall(),
+                self.false_positives
+            );
+        }
+        s
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+struct Item {
+    id: String,
+    payload: Bytes,
+    pattern: Option<Pattern>,
+}
+
+/// Shared outcome counters of a run.
+struct Tally {
+    answered: AtomicU64,
+    errors: AtomicU64,
+    timeouts: AtomicU64,
+    inner: Mutex<TallyInner>,
+}
+
+struct TallyInner {
+    hist: Histogram<u64>,
+    actions: [u64; 3],
+    patterns: PatternTally,
+    false_positives: u64,
+    last_answer: Option<Instant>,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        Tally {
+            answered: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            timeouts: AtomicU64::new(0),
+            inner: Mutex::new(TallyInner {
+                hist: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds"),
+                actions: [0; 3],
+                patterns: HashMap::new(),
+                false_positives: 0,
+                last_answer: None,
+            }),
+        }
+    }
+
+    /// Records one decision (its JSON) answered `latency` after it was due.
+    fn answer(&self, body: &[u8], latency: Duration, pattern: Option<Pattern>) {
+        let action = action_of(body);
+        let mut t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        t.last_answer = Some(Instant::now());
+        match action {
+            Some(i) => {
+                self.answered.fetch_add(1, Relaxed);
+                let _ = t.hist.record((latency.as_micros() as u64).max(1));
+                t.actions[i] += 1;
+                let flagged = i > 0;
+                match pattern {
+                    Some(p) => {
+                        let e = t.patterns.entry(p).or_insert((0, 0));
+                        e.0 += 1;
+                        e.1 += u64::from(flagged);
+                    }
+                    None => t.false_positives += u64::from(flagged),
+                }
+            }
+            None => {
+                self.errors.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
+/// The action of a decision JSON without parsing all of it (`"action":"hold"`).
+fn action_of(body: &[u8]) -> Option<usize> {
+    let s = std::str::from_utf8(body).ok()?;
+    let at = s.find("\"action\":\"")? + 10;
+    let rest = &s[at..];
+    if rest.starts_with("approve") {
+        Some(0)
+    } else if rest.starts_with("hold") {
+        Some(1)
+    } else if rest.starts_with("reject") {
+        Some(2)
+    } else {
+        None
+    }
+}
+
+/// Generates `count` transactions before the run. Event times advance by `step_ms` per
+/// transaction and end now: injected patterns keep their real spacing (seconds to
+/// minutes) however fast the run sends, and no event time lies in the future.
+fn prepare(gen: &GenConfig, count: usize, step_ms: f64) -> Vec<Item> {
+    let mut g = Generator::new(gen.clone());
+    let start = crate::service::now_ms() - (count as f64 * step_ms) as i64;
+    (0..count)
+        .map(|i| {
+            let l = g.next_at(start + (i as f64 * step_ms) as i64);
+            Item {
+                id: l.txn.id.clone(),
+                payload: Bytes::from(l.txn.to_json()),
+                pattern: l.pattern,
+            }
+        })
+        .collect()
+}
+
+/// Runs one load against `client`.
+pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadReport, LoadError> {
+    let items = Arc::new(prepare(&opts.gen, opts.count, opts.event_step_ms));
+    let tally = Arc::new(Tally::new());
+    let sent = Arc::new(AtomicU64::new(0));
+    // Stream path: decisions come back on the decision subjects; match them by id.
+    type Waiting = HashMap<String, (Instant, Option<Pattern>)>;
+    let waiting: Arc<Mutex<Waiting>> = Arc::new(Mutex::new(HashMap::with_capacity(opts.count)));
+    let slots = Arc::new(Semaphore::new(match opts.mode {
+        LoadMode::Closed(n) => n.max(1),
+        _ => Semaphore::MAX_PERMITS,
+    }));
+    let mut collector = None;
+    if opts.path == LoadPath::Stream {
+        let mut sub = client
+            .subscribe(format!("{}.>", opts.subjects.decision_prefix))
+            .await
+            .map_err(|e| LoadError::Nats(e.to_string()))?;
+        client.flush().await.map_err(|e| LoadError::Nats(e.to_string()))?;
+        let (tally, waiting, slots) = (tally.clone(), waiting.clone(), slots.clone());
+        let expected = opts.count as u64;
+        let closed = matches!(opts.mode, LoadMode::Closed(_));
+        collector = Some(tokio::spawn(async move {
+            let mut got = 0u64;
+            while got < expected {
+                let Some(m) = sub.next().await else { break };
+                let Some(id) = m.headers.as_ref().and_then(|h| h.get(crate::transport::HEADER_MSG_ID)) else {
+                    continue;
+                };
+                let entry = waiting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(id.as_str());
+                if let Some((due, pattern)) = entry {
+                    tally.answer(&m.payload, due.elapsed(), pattern);
+                    if closed {
+                        slots.add_permits(1);
+                    }
+                    got += 1;
+                }
+            }
+        }));
+    }
+
+    let started = Instant::now();
+    let progress = opts.progress.then(|| {
+        let (tally, sent) = (tally.clone(), sent.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            let mut last = 0;
+            loop {
+                tick.tick().await;
+                let a = tally.answered.load(Relaxed);
+                eprintln!(
+                    "  {:>4} s  sent {:>9}  answered {:>9}  {:>8} /s  errors {}  timeouts {}",
+                    started.elapsed().as_secs(),
+                    sent.load(Relaxed),
+                    a,
+                    a - last,
+                    tally.errors.load(Relaxed),
+                    tally.timeouts.load(Relaxed)
+                );
+                last = a;
+            }
+        })
+    });
+
+    let mut tasks = Vec::new();
+    for (i, item) in items.iter().enumerate() {
+        let due = match opts.mode {
+            LoadMode::Open(rate) => {
+                let due = started + Duration::from_secs_f64(i as f64 / rate.max(1e-9));
+                tokio::time::sleep_until(due.into()).await;
+                due
+            }
+            _ => Instant::now(),
+        };
+        let permit = match opts.mode {
+            LoadMode::Closed(_) => Some(
+                slots
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|e| LoadError::Nats(e.to_string()))?,
+            ),
+            _ => None,
+        };
+        sent.fetch_add(1, Relaxed);
+        match opts.path {
+            LoadPath::Check => {
+                let (client, tally, items) = (client.clone(), tally.clone(), items.clone());
+                let (subject, timeout) = (opts.subjects.check.clone(), opts.timeout);
+                tasks.push(tokio::spawn(async move {
+                    let item = &items[i];
+                    let r = tokio::time::timeout(
+                        timeout,
+                        client.request(subject, item.payload.clone()),
+                    )
+                    .await;
+                    match r {
+                        Ok(Ok(m)) => tally.answer(&m.payload, due.elapsed(), item.pattern),
+                        Ok(Err(_)) => {
+                            tally.errors.fetch_add(1, Relaxed);
+                        }
+                        Err(_) => {
+                            tally.timeouts.fetch_add(1, Relaxed);
+                        }
+                    }
+                    drop(permit);
+                }));
+            }
+            LoadPath::Stream => {
+                if let Some(p) = permit {
+                    // Released by the collector when the decision arrives.
+                    p.forget();
+                }
+                waiting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(item.id.clone(), (due, item.pattern));
+                if client
+                    .publish(opts.subjects.txn.clone(), item.payload.clone())
+                    .await
+                    .is_err()
+                {
+                    tally.errors.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        // Keep the task list short in long runs.
+        if tasks.len() >= 4096 {
+            tasks.retain(|t| !t.is_finished());
+        }
+    }
+    let _ = client.flush().await;
+    for t in tasks {
+        let _ = t.await;
+    }
+    if let Some(c) = collector {
+        if tokio::time::timeout(opts.timeout, c).await.is_err() {
+            let lost = waiting.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
+            tally.timeouts.fetch_add(lost, Relaxed);
+        }
+    }
+    if let Some(p) = progress {
+        p.abort();
+    }
+    let inner = tally.inner.lock().unwrap_or_else(|e| e.into_inner());
+    let elapsed = inner
+        .last_answer
+        .map_or(started.elapsed(), |t| t.duration_since(started));
+    Ok(LoadReport {
+        sent: sent.load(Relaxed),
+        answered: tally.answered.load(Relaxed),
+        errors: tally.errors.load(Relaxed),
+        timeouts: tally.timeouts.load(Relaxed),
+        elapsed,
+        latency_us: inner.hist.clone(),
+        actions: inner.actions,
+        patterns: inner.patterns.clone(),
+        false_positives: inner.false_positives,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_action() {
+        assert_eq!(action_of(br#"{"id":"a","action":"hold","score":1}"#), Some(1));
+        assert_eq!(action_of(br#"{"id":"a","error":{"code":"x"}}"#), None);
+    }
+
+    #[test]
+    fn precision_and_recall() {
+        let mut r = LoadReport {
+            sent: 10,
+            answered: 10,
+            errors: 0,
+            timeouts: 0,
+            elapsed: Duration::from_secs(1),
+            latency_us: Histogram::new(3).unwrap(),
+            actions: [6, 2, 2],
+            patterns: HashMap::new(),
+            false_positives: 1,
+        };
+        r.patterns.insert(Pattern::CardTesting, (4, 3));
+        assert!((r.precision() - 0.75).abs() < 1e-9);
+        assert!((r.recall() - 0.75).abs() < 1e-9);
+        assert!(r.render().contains("card_testing"));
+    }
+}
