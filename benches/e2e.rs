@@ -97,11 +97,22 @@ async fn wait_ready(client: &async_nats::Client) {
     panic!("target never answered");
 }
 
-async fn measure(name: &'static str, client: &async_nats::Client, sizes: (usize, usize, f64, usize)) -> Row {
+async fn measure(
+    name: &'static str,
+    client: &async_nats::Client,
+    sizes: (usize, usize, f64, usize),
+) -> Row {
     let (stream_n, rr_n, rate, lat_secs) = sizes;
     // Warm-up: fill windows and caches, settle the connection.
     load(client, LoadPath::Check, LoadMode::Closed(64), 20_000, 7).await;
-    let stream = load(client, LoadPath::Stream, LoadMode::Closed(10_000), stream_n, 11).await;
+    let stream = load(
+        client,
+        LoadPath::Stream,
+        LoadMode::Closed(10_000),
+        stream_n,
+        11,
+    )
+    .await;
     let rr = load(client, LoadPath::Check, LoadMode::Closed(64), rr_n, 13).await;
     let lat = load(
         client,

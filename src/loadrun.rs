@@ -272,7 +272,10 @@ pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadRe
             .subscribe(format!("{}.>", opts.subjects.decision_prefix))
             .await
             .map_err(|e| LoadError::Nats(e.to_string()))?;
-        client.flush().await.map_err(|e| LoadError::Nats(e.to_string()))?;
+        client
+            .flush()
+            .await
+            .map_err(|e| LoadError::Nats(e.to_string()))?;
         let (tally, waiting, slots) = (tally.clone(), waiting.clone(), slots.clone());
         let expected = opts.count as u64;
         let closed = matches!(opts.mode, LoadMode::Closed(_));
@@ -280,7 +283,11 @@ pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadRe
             let mut got = 0u64;
             while got < expected {
                 let Some(m) = sub.next().await else { break };
-                let Some(id) = m.headers.as_ref().and_then(|h| h.get(crate::transport::HEADER_MSG_ID)) else {
+                let Some(id) = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(crate::transport::HEADER_MSG_ID))
+                else {
                     continue;
                 };
                 let entry = waiting
@@ -425,7 +432,10 @@ mod tests {
 
     #[test]
     fn reads_the_action() {
-        assert_eq!(action_of(br#"{"id":"a","action":"hold","score":1}"#), Some(1));
+        assert_eq!(
+            action_of(br#"{"id":"a","action":"hold","score":1}"#),
+            Some(1)
+        );
         assert_eq!(action_of(br#"{"id":"a","error":{"code":"x"}}"#), None);
     }
 

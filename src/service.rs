@@ -65,9 +65,16 @@ struct Job {
     reply: Reply,
 }
 
+/// Jobs travel in batches: under load, one channel operation and one wake-up carry many
+/// transactions instead of one each.
+type Batch = Vec<Job>;
+
+/// Most messages taken from a subscription in one go.
+const MAX_BATCH: usize = 64;
+
 struct Shard {
-    check: mpsc::Sender<Job>,
-    stream: mpsc::Sender<Job>,
+    check: mpsc::Sender<Batch>,
+    stream: mpsc::Sender<Batch>,
 }
 
 /// A running service. [`Running::shutdown`] stops it cleanly.
@@ -149,7 +156,8 @@ impl Running {
         } else {
             2 * std::thread::available_parallelism().map_or(2, |n| n.get())
         };
-        let depth = svc.queue_depth.max(1);
+        // Capacity in batches; a batch holds up to MAX_BATCH transactions.
+        let depth = svc.queue_depth.div_ceil(MAX_BATCH).max(2);
         let (stop, stop_rx) = watch::channel(false);
         let mut shards = Vec::with_capacity(n);
         let mut workers = Vec::with_capacity(n);
@@ -168,10 +176,6 @@ impl Running {
                 counters.clone(),
             )));
         }
-        let weak: Vec<_> = shards
-            .iter()
-            .map(|s| (s.check.downgrade(), s.stream.downgrade()))
-            .collect();
         let shards = Arc::new(shards);
         let check_sub = wire.subscribe_check().await?;
         let txn_sub = wire.subscribe_txn().await?;
@@ -209,7 +213,7 @@ impl Running {
             duration("sweep_interval", &svc.sweep_interval)?,
             stop_rx.clone(),
         ));
-        let queues = tokio::spawn(queue_monitor(weak, counters.clone(), stop_rx));
+        let queues = tokio::spawn(queue_monitor(counters.clone(), stop_rx));
         tracing::info!(
             check = %wire.subjects.check,
             txn = %wire.subjects.txn,
@@ -282,14 +286,25 @@ async fn intake(
     counters: Arc<Counters>,
     mut stop: watch::Receiver<bool>,
 ) {
+    use futures::FutureExt;
     let mut draining = false;
+    let mut batches: Vec<Batch> = (0..shards.len()).map(|_| Vec::new()).collect();
     loop {
         tokio::select! {
             msg = sub.next() => {
-                let Some(msg) = msg else { break };
-                counters.received(path);
+                let Some(first) = msg else { break };
+                // Take what is already buffered too (without waiting), up to a batch.
+                let mut msgs = vec![first];
+                while msgs.len() < MAX_BATCH {
+                    match sub.next().now_or_never() {
+                        Some(Some(m)) => msgs.push(m),
+                        _ => break,
+                    }
+                }
                 let received_ms = now_ms();
                 let received_at = Instant::now();
+                for msg in msgs {
+                counters.received(path);
                 match wire.decode(&msg.payload) {
                     Err(e) => {
                         counters.invalid(e.code);
@@ -318,16 +333,23 @@ async fn intake(
                             }
                             IntakePath::Stream => Reply::Stream,
                         };
-                        let shard = &shards[shard_of(&txn.card, shards.len())];
-                        let tx = match path {
-                            IntakePath::Check => &shard.check,
-                            IntakePath::Stream => &shard.stream,
-                        };
-                        // Waits when the worker's queue is full: back-pressure into the
-                        // subscription buffer rather than unbounded memory.
                         let job = Job { txn, received_ms, received_at, reply };
-                        let _ = tx.send(job).await;
+                        batches[shard_of(&job.txn.card, shards.len())].push(job);
                     }
+                }
+                }
+                for (i, batch) in batches.iter_mut().enumerate() {
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    let tx = match path {
+                        IntakePath::Check => &shards[i].check,
+                        IntakePath::Stream => &shards[i].stream,
+                    };
+                    counters.queued(path, batch.len() as i64);
+                    // Waits when the worker's queue is full: back-pressure into the
+                    // subscription buffer rather than unbounded memory.
+                    let _ = tx.send(std::mem::take(batch)).await;
                 }
             }
             _ = stop.changed(), if !draining => {
@@ -344,22 +366,38 @@ async fn intake(
 }
 
 async fn worker(
-    mut check: mpsc::Receiver<Job>,
-    mut stream: mpsc::Receiver<Job>,
+    mut check: mpsc::Receiver<Batch>,
+    mut stream: mpsc::Receiver<Batch>,
     engine: Arc<Engine>,
     wire: Wire,
     counters: Arc<Counters>,
 ) {
     loop {
-        let (job, path) = tokio::select! {
+        let (batch, path) = tokio::select! {
             biased;
-            Some(j) = check.recv() => (j, IntakePath::Check),
-            Some(j) = stream.recv() => (j, IntakePath::Stream),
+            Some(b) = check.recv() => (b, IntakePath::Check),
+            Some(b) = stream.recv() => (b, IntakePath::Stream),
             else => break,
         };
-        let started = Instant::now();
+        for job in batch {
+            if path == IntakePath::Stream {
+                // Request-reply first, even in the middle of a stream batch.
+                while let Ok(urgent) = check.try_recv() {
+                    for j in urgent {
+                        decide_one(&engine, &wire, &counters, j, IntakePath::Check).await;
+                    }
+                }
+            }
+            decide_one(&engine, &wire, &counters, job, path).await;
+        }
+    }
+}
+
+async fn decide_one(engine: &Engine, wire: &Wire, counters: &Counters, job: Job, path: IntakePath) {
+    counters.queued(path, -1);
+    {
         let out = engine.decide(&job.txn, job.received_ms);
-        counters.decision_time(path, started.elapsed().as_secs_f64());
+        counters.decision_time(path, out.decision.engine_us as f64 / 1e6);
         if out.duplicate {
             counters.duplicate();
         } else {
@@ -415,29 +453,12 @@ async fn sweeper(
     }
 }
 
-/// The queues of one worker, held weakly so monitoring never keeps them open.
-type WeakQueues = (mpsc::WeakSender<Job>, mpsc::WeakSender<Job>);
-
 /// Publishes how many transactions wait in the workers' queues, every second.
-async fn queue_monitor(
-    queues: Vec<WeakQueues>,
-    counters: Arc<Counters>,
-    mut stop: watch::Receiver<bool>,
-) {
-    fn depth(queues: &[WeakQueues], pick: fn(&WeakQueues) -> &mpsc::WeakSender<Job>) -> usize {
-        queues
-            .iter()
-            .filter_map(|q| pick(q).upgrade())
-            .map(|s| s.max_capacity() - s.capacity())
-            .sum()
-    }
+async fn queue_monitor(counters: Arc<Counters>, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = tick.tick() => {
-                counters.in_flight(IntakePath::Check, depth(&queues, |q| &q.0));
-                counters.in_flight(IntakePath::Stream, depth(&queues, |q| &q.1));
-            }
+            _ = tick.tick() => counters.publish_queued(),
             _ = stop.changed() => break,
         }
     }

@@ -296,6 +296,7 @@ pub struct Counters {
     decision_seconds: [Histogram; 2],
     end_to_end_seconds: [Histogram; 2],
     in_flight: [Gauge; 2],
+    queued: [std::sync::atomic::AtomicI64; 2],
     rules: ArcSwap<RuleMetrics>,
 }
 
@@ -397,6 +398,7 @@ impl Counters {
             end_to_end_seconds: Path::ALL
                 .map(|p| histogram!(END_TO_END_SECONDS, "path" => p.as_str())),
             in_flight,
+            queued: Default::default(),
             rules: ArcSwap::from_pointee(RuleMetrics::default()),
         }
     }
@@ -455,8 +457,17 @@ impl Counters {
     pub fn end_to_end_time(&self, p: Path, secs: f64) {
         self.end_to_end_seconds[p.idx()].record(secs);
     }
-    pub fn in_flight(&self, p: Path, n: usize) {
-        self.in_flight[p.idx()].set(n as f64);
+    /// Transactions handed to (positive) or taken by (negative) the workers.
+    pub fn queued(&self, p: Path, delta: i64) {
+        self.queued[p.idx()].fetch_add(delta, Relaxed);
+    }
+
+    /// Sets the in-flight gauges from the queued counts.
+    pub fn publish_queued(&self) {
+        for p in Path::ALL {
+            let n = self.queued[p.idx()].load(Relaxed).max(0);
+            self.in_flight[p.idx()].set(n as f64);
+        }
     }
 
     /// A rule fired (counted for fresh decisions, not for answered retries).

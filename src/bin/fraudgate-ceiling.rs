@@ -30,8 +30,12 @@ fn main() -> anyhow::Result<()> {
         .build()?
         .block_on(async move {
             let client = async_nats::connect(url).await?;
-            let mut check = client.queue_subscribe("fraud.check", "fraudgate".into()).await?;
-            let mut txn = client.queue_subscribe("fraud.txn", "fraudgate".into()).await?;
+            let mut check = client
+                .queue_subscribe("fraud.check", "fraudgate".into())
+                .await?;
+            let mut txn = client
+                .queue_subscribe("fraud.txn", "fraudgate".into())
+                .await?;
             client.flush().await?;
             eprintln!("fraudgate-ceiling is taking transactions");
             let c = client.clone();
