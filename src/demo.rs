@@ -63,10 +63,12 @@ mod tempdir {
     pub struct TempDir(pub std::path::PathBuf);
     impl TempDir {
         pub fn new(prefix: &str) -> std::io::Result<TempDir> {
+            static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
             let p = std::env::temp_dir().join(format!(
-                "{prefix}-{}-{}",
+                "{prefix}-{}-{}-{}",
                 std::process::id(),
-                super::now_ms()
+                super::now_ms(),
+                SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             ));
             std::fs::create_dir_all(&p)?;
             Ok(TempDir(p))
@@ -91,6 +93,10 @@ impl NatsServer {
     pub async fn start_on(port: u16, jetstream: bool) -> Result<NatsServer, DemoError> {
         let bin = find_on_path("nats-server").ok_or(DemoError::NoNatsServer)?;
         let mut cmd = Command::new(bin);
+        // Its own process group: Ctrl-C in the terminal must reach the demo (which then
+        // stops everything in order), not kill the server under a running engine.
+        #[cfg(unix)]
+        cmd.process_group(0);
         cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -104,13 +110,17 @@ impl NatsServer {
             None
         };
         let child = cmd.spawn().map_err(DemoError::Spawn)?;
-        let server = NatsServer {
+        let mut server = NatsServer {
             port,
             child,
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
+            // Our child must be the one listening (not another process on a reused port).
+            if !matches!(server.child.try_wait(), Ok(None)) {
+                return Err(DemoError::NotReady(port));
+            }
             if tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
                 .is_ok()

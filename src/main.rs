@@ -163,19 +163,38 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn terminated() {
+/// SIGTERM and SIGINT, registered before anything starts (so a signal during startup is
+/// not lost to the default action).
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
+                int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Signals {})
     }
-    #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -194,6 +213,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let engine = engine_config(&file)?;
             let nats_url = nats_url.unwrap_or_else(|| file.nats.url.clone());
             runtime()?.block_on(async {
+                let mut signals = Signals::new()?;
                 let running = Running::start(RunOptions {
                     rules_dir: rules,
                     nats_url,
@@ -201,7 +221,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     file,
                 })
                 .await?;
-                terminated().await;
+                signals.recv().await;
+                // A second signal while draining means "now".
+                tokio::spawn(async move {
+                    signals.recv().await;
+                    eprintln!("second signal: exiting without finishing the shutdown");
+                    std::process::exit(130);
+                });
                 running.shutdown().await;
                 Ok(ExitCode::SUCCESS)
             })
@@ -280,7 +306,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let url = nats_url.unwrap_or_else(|| file.nats.url.clone());
             runtime()?.block_on(async {
                 let counters = std::sync::Arc::new(fraudgate::telemetry::Counters::default());
-                let client = fraudgate::transport::connect(&file.nats, &url, counters).await?;
+                let client =
+                    fraudgate::transport::connect(&file.nats, &url, "loadgen", counters).await?;
                 eprintln!("loadgen: {count} transactions, {mode:?} on {path:?}, seed {seed}");
                 let report = fraudgate::loadrun::run(
                     client,
@@ -344,7 +371,7 @@ async fn ask(
     timeout: Duration,
 ) -> anyhow::Result<ExitCode> {
     let counters = std::sync::Arc::new(fraudgate::telemetry::Counters::default());
-    let client = fraudgate::transport::connect(&file.nats, url, counters).await?;
+    let client = fraudgate::transport::connect(&file.nats, url, "ask", counters).await?;
     let subject = file.subjects.check.clone();
     let reply = tokio::time::timeout(
         timeout,

@@ -77,6 +77,9 @@ struct Shard {
     stream: mpsc::Sender<Batch>,
 }
 
+/// Longest a shutdown may take before the process exits anyway.
+pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(15);
+
 /// A running service. [`Running::shutdown`] stops it cleanly.
 pub struct Running {
     engine: Arc<Engine>,
@@ -144,9 +147,13 @@ impl Running {
         let counters = Arc::new(Counters::new());
         counters.rules_loaded(&rs, unix_secs());
         let engine = Arc::new(Engine::new(rs, opts.engine.clone()));
-        let client = transport::connect(&opts.file.nats, &opts.nats_url, counters.clone()).await?;
+        let client =
+            transport::connect(&opts.file.nats, &opts.nats_url, "check", counters.clone()).await?;
+        let stream =
+            transport::connect(&opts.file.nats, &opts.nats_url, "stream", counters.clone()).await?;
         let wire = Wire {
             client,
+            stream,
             subjects: opts.file.subjects.clone(),
             max_payload: opts.file.limits.max_payload,
         };
@@ -209,6 +216,7 @@ impl Running {
         )?;
         let sweep = tokio::spawn(sweeper(
             engine.clone(),
+            wire.clone(),
             counters.clone(),
             duration("sweep_interval", &svc.sweep_interval)?,
             stop_rx.clone(),
@@ -248,23 +256,37 @@ impl Running {
 
     /// Stops taking messages, decides and publishes everything already received, flushes
     /// and closes the connection.
+    /// The whole shutdown has a deadline ([`SHUTDOWN_DEADLINE`]), so a NATS server that
+    /// is down cannot hold the process forever; what could not be finished is logged.
     pub async fn shutdown(self) -> Snapshot {
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
+        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
         tracing::info!("shutting down: draining subscriptions");
         let _ = self.stop.send(true);
-        for t in self.intake {
-            let _ = t.await;
+        let mut clean = true;
+        for mut t in self.intake {
+            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                clean = false;
+                tracing::error!("intake did not drain in time (is NATS reachable?)");
+                t.abort();
+            }
         }
         // The intake tasks held the only senders: the workers finish their queues and stop.
-        for t in self.workers {
-            let _ = t.await;
+        for mut t in self.workers {
+            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+                clean = false;
+                tracing::error!("a worker did not finish in time");
+                t.abort();
+            }
         }
         for t in self.background {
-            let _ = t.await;
+            t.abort();
         }
-        if !self.wire.flush(Duration::from_secs(10)).await {
+        if !self.wire.flush(left()).await {
+            clean = false;
             tracing::warn!("NATS flush did not complete before exit");
         }
-        let _ = self.wire.client.drain().await;
+        self.wire.close(left()).await;
         let s = self.counters.snapshot();
         tracing::info!(
             received_check = s.received_check,
@@ -272,6 +294,7 @@ impl Running {
             decided = s.decided(),
             invalid = s.invalid_total(),
             publish_errors = s.publish_errors,
+            clean,
             "stopped"
         );
         s
@@ -346,10 +369,18 @@ async fn intake(
                         IntakePath::Check => &shards[i].check,
                         IntakePath::Stream => &shards[i].stream,
                     };
-                    counters.queued(path, batch.len() as i64);
+                    let n = batch.len();
+                    counters.queued(path, n as i64);
                     // Waits when the worker's queue is full: back-pressure into the
                     // subscription buffer rather than unbounded memory.
-                    let _ = tx.send(std::mem::take(batch)).await;
+                    if tx.send(std::mem::take(batch)).await.is_err() {
+                        // Only after a worker died: never drop silently.
+                        counters.queued(path, -(n as i64));
+                        for _ in 0..n {
+                            counters.publish_error();
+                        }
+                        tracing::error!(lost = n, path = path.as_str(), "a decision worker is gone; transactions not decided");
+                    }
                 }
             }
             _ = stop.changed(), if !draining => {
@@ -396,7 +427,18 @@ async fn worker(
 async fn decide_one(engine: &Engine, wire: &Wire, counters: &Counters, job: Job, path: IntakePath) {
     counters.queued(path, -1);
     {
-        let out = engine.decide(&job.txn, job.received_ms);
+        // A bug must cost one transaction, not the worker (and every card routed to it).
+        let decided = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            engine.decide(&job.txn, job.received_ms)
+        }));
+        let out = match decided {
+            Ok(out) => out,
+            Err(_) => {
+                counters.publish_error();
+                tracing::error!(id = %job.txn.id, "decision panicked; transaction not decided");
+                return;
+            }
+        };
         counters.decision_time(path, out.decision.engine_us as f64 / 1e6);
         if out.duplicate {
             counters.duplicate();
@@ -427,6 +469,7 @@ async fn decide_one(engine: &Engine, wire: &Wire, counters: &Counters, job: Job,
 /// Evicts idle keys and old ids, then publishes the state sizes.
 async fn sweeper(
     engine: Arc<Engine>,
+    wire: Wire,
     counters: Arc<Counters>,
     every: Duration,
     mut stop: watch::Receiver<bool>,
@@ -443,6 +486,7 @@ async fn sweeper(
                 })
                 .await;
                 counters.refresh();
+                counters.nats(wire.connected(), wire.in_messages());
                 if let Ok((ev, stats)) = swept {
                     counters.state(&stats, &ev);
                     tracing::debug!(keys = ev.keys, ids = ev.dedupe, took_ms = started.elapsed().as_millis() as u64, "swept idle state");
@@ -498,6 +542,7 @@ fn reload_task(
     let task = tokio::spawn(async move {
         #[cfg(unix)]
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut pending: Option<tokio::time::Instant> = None;
         loop {
             #[cfg(unix)]
             let sighup = async {
@@ -510,15 +555,24 @@ fn reload_task(
             };
             #[cfg(not(unix))]
             let sighup = std::future::pending::<()>();
+            // Debounce: a change arms a deadline; more changes push it back; SIGHUP
+            // reloads at once whatever is pending.
+            let quiet = async {
+                match pending {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending::<()>().await,
+                }
+            };
             let cause = tokio::select! {
                 Some(()) = rx.recv() => {
-                    // Debounce: wait for a quiet period, swallowing the burst.
-                    while let Ok(Some(())) = tokio::time::timeout(debounce, rx.recv()).await {}
-                    "file change"
+                    pending = Some(tokio::time::Instant::now() + debounce);
+                    continue;
                 }
+                _ = quiet => "file change",
                 _ = sighup => "SIGHUP",
                 _ = stop.changed() => break,
             };
+            pending = None;
             reload(&dir, &cfg, &engine, &counters, cause).await;
         }
     });
@@ -545,6 +599,7 @@ pub async fn reload(
     let current = engine.rules().version.clone();
     match loaded {
         Ok(rs) if rs.version == current => {
+            counters.rules_dir_valid(true);
             tracing::debug!(version = %current, cause, "rules unchanged");
         }
         Ok(rs) => {
@@ -553,6 +608,7 @@ pub async fn reload(
             match tokio::task::spawn_blocking(move || e.swap_rules(rs)).await {
                 Ok(sw) => {
                     counters.reload(true);
+                    counters.rules_dir_valid(true);
                     counters.rules_loaded(&engine.rules(), unix_secs());
                     tracing::info!(
                         version = %sw.version,
@@ -574,6 +630,7 @@ pub async fn reload(
         }
         Err(e) => {
             counters.reload(false);
+            counters.rules_dir_valid(false);
             tracing::error!(
                 errors = e.diagnostics.len(),
                 keeping = %current,

@@ -47,6 +47,8 @@ pub mod names {
     pub const NATS_DISCONNECTS: &str = "fraudgate_nats_disconnects_total";
     pub const NATS_SLOW_CONSUMER: &str = "fraudgate_nats_slow_consumer_total";
     pub const BUILD_INFO: &str = "fraudgate_build_info";
+    pub const RULES_DIR_VALID: &str = "fraudgate_rules_dir_valid";
+    pub const NATS_PENDING: &str = "fraudgate_nats_pending_messages";
 }
 
 /// How long an unset gauge survives in the exporter.
@@ -201,6 +203,8 @@ fn describe() {
         "Slow-consumer events: the NATS client dropped messages of a full subscription."
     );
     describe_gauge!(BUILD_INFO, "Build information (always 1).");
+    describe_gauge!(RULES_DIR_VALID, "1 while the rule directory compiles, 0 after a failed load (the previous rules stay active).");
+    describe_gauge!(NATS_PENDING, Unit::Count, "Messages the NATS client has received and the engine has not taken yet (subscription buffers).");
 }
 
 /// Which intake a transaction came through.
@@ -289,6 +293,7 @@ pub struct Counters {
     reconnects: Counter,
     connected: Gauge,
     is_connected: std::sync::atomic::AtomicBool,
+    dir_valid: std::sync::atomic::AtomicBool,
     slow_consumer: Both,
     no_reply: AtomicU64,
     evicted_keys: Counter,
@@ -390,6 +395,7 @@ impl Counters {
             reconnects,
             connected,
             is_connected: std::sync::atomic::AtomicBool::new(false),
+            dir_valid: std::sync::atomic::AtomicBool::new(true),
             slow_consumer: Both::new(counter!(NATS_SLOW_CONSUMER)),
             no_reply: AtomicU64::new(0),
             evicted_keys,
@@ -457,6 +463,21 @@ impl Counters {
     pub fn end_to_end_time(&self, p: Path, secs: f64) {
         self.end_to_end_seconds[p.idx()].record(secs);
     }
+    /// Whether the last load of the rule directory compiled.
+    pub fn rules_dir_valid(&self, ok: bool) {
+        self.dir_valid.store(ok, Relaxed);
+        metrics::gauge!(names::RULES_DIR_VALID).set(if ok { 1.0 } else { 0.0 });
+    }
+
+    /// NATS state, read from the client (events can be missed): connected, and messages
+    /// received by the client but not yet taken by the intake.
+    pub fn nats(&self, connected: bool, in_messages: u64) {
+        self.is_connected.store(connected, Relaxed);
+        self.connected.set(if connected { 1.0 } else { 0.0 });
+        let taken = self.received[0].get() + self.received[1].get();
+        metrics::gauge!(names::NATS_PENDING).set(in_messages.saturating_sub(taken) as f64);
+    }
+
     /// Transactions handed to (positive) or taken by (negative) the workers.
     pub fn queued(&self, p: Path, delta: i64) {
         self.queued[p.idx()].fetch_add(delta, Relaxed);
@@ -526,6 +547,11 @@ impl Counters {
             gauge!(LAST_RELOAD).set(r.loaded_at);
         }
         gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        gauge!(RULES_DIR_VALID).set(if self.dir_valid.load(Relaxed) {
+            1.0
+        } else {
+            0.0
+        });
         self.connected.set(if self.is_connected.load(Relaxed) {
             1.0
         } else {

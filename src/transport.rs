@@ -51,49 +51,107 @@ fn secret(
     value: &Option<String>,
     env: &Option<String>,
     what: &str,
+    lookup: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Option<String>, TransportError> {
-    match env {
-        Some(var) => std::env::var(var).map(Some).map_err(|_| {
+    match (value, env) {
+        (Some(_), Some(_)) => Err(TransportError::Config(format!(
+            "set either {what} or {what}_env, not both"
+        ))),
+        (_, Some(var)) => lookup(var).map(Some).ok_or_else(|| {
             TransportError::Config(format!("{what}_env names `{var}`, which is not set"))
         }),
-        None => Ok(value.clone()),
+        (v, None) => Ok(v.clone()),
     }
 }
 
+/// How to authenticate, from `[nats]`. Exactly one method (or none) may be configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Auth {
+    None,
+    UserPassword(String, String),
+    Token(String),
+    CredentialsFile(String),
+}
+
+/// Checks the auth settings and resolves secrets (`lookup` reads environment variables).
+pub fn auth_plan(
+    nats: &NatsSection,
+    lookup: &dyn Fn(&str) -> Option<String>,
+) -> Result<Auth, TransportError> {
+    let password = secret(&nats.password, &nats.password_env, "password", lookup)?;
+    let token = secret(&nats.token, &nats.token_env, "token", lookup)?;
+    let mut methods = Vec::new();
+    match (&nats.user, password) {
+        (Some(u), Some(p)) => methods.push(Auth::UserPassword(u.clone(), p)),
+        (Some(_), None) => {
+            return Err(TransportError::Config(
+                "user is set but neither password nor password_env".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(TransportError::Config(
+                "password is set but user is not".into(),
+            ))
+        }
+        (None, None) => {}
+    }
+    if let Some(t) = token {
+        methods.push(Auth::Token(t));
+    }
+    if let Some(f) = &nats.credentials_file {
+        methods.push(Auth::CredentialsFile(f.clone()));
+    }
+    match methods.len() {
+        0 => Ok(Auth::None),
+        1 => Ok(methods.remove(0)),
+        _ => Err(TransportError::Config(
+            "configure one of user/password, token or credentials_file".into(),
+        )),
+    }
+}
+
+/// A URL for messages and logs, with any `user:password@` removed.
+pub fn redact_url(url: &str) -> String {
+    url.split(',')
+        .map(|u| match (u.find("://"), u.rfind('@')) {
+            (Some(scheme), Some(at)) if at > scheme => {
+                format!("{}***@{}", &u[..scheme + 3], &u[at + 1..])
+            }
+            _ => u.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Connects with the configured auth and TLS. The client reconnects by itself, forever;
-/// disconnects, reconnects and slow-consumer drops are logged and counted.
+/// disconnects, reconnects and slow-consumer drops are logged and counted. `role` names
+/// the connection (`check` or `stream`) in the server's monitoring and in logs.
 pub async fn connect(
     nats: &NatsSection,
     url: &str,
+    role: &str,
     counters: Arc<Counters>,
 ) -> Result<Client, TransportError> {
     let mut opts = async_nats::ConnectOptions::new()
-        .name(&nats.name)
+        .name(format!("{}-{role}", nats.name))
         .subscription_capacity(nats.subscription_capacity.max(1))
         .max_reconnects(None)
         .connection_timeout(
             parse_duration(&nats.connect_timeout)
                 .map_err(|e| TransportError::Config(format!("connect_timeout: {e}")))?,
         );
-    if let Some(path) = &nats.credentials_file {
-        opts = opts
-            .credentials_file(path)
-            .await
-            .map_err(|source| TransportError::Credentials {
-                path: path.clone(),
-                source,
+    match auth_plan(nats, &|k| std::env::var(k).ok())? {
+        Auth::None => {}
+        Auth::UserPassword(u, p) => opts = opts.user_and_password(u, p),
+        Auth::Token(t) => opts = opts.token(t),
+        Auth::CredentialsFile(path) => {
+            opts = opts.credentials_file(&path).await.map_err(|source| {
+                TransportError::Credentials {
+                    path: path.clone(),
+                    source,
+                }
             })?;
-    }
-    let password = secret(&nats.password, &nats.password_env, "password")?;
-    if let (Some(user), Some(pass)) = (&nats.user, password) {
-        opts = opts.user_and_password(user.clone(), pass);
-    } else if nats.user.is_some() {
-        return Err(TransportError::Config(
-            "user is set but neither password nor password_env".into(),
-        ));
-    }
-    if let Some(token) = secret(&nats.token, &nats.token_env, "token")? {
-        opts = opts.token(token);
+        }
     }
     if let Some(ca) = &nats.tls_ca {
         opts = opts.add_root_certificates(ca.into());
@@ -111,27 +169,34 @@ pub async fn connect(
         opts = opts.require_tls(true);
     }
     let c = counters.clone();
+    let role_name = role.to_string();
+    let last_slow_log = Arc::new(std::sync::Mutex::new(None::<std::time::Instant>));
     opts = opts.event_callback(move |event| {
-        let c = c.clone();
+        let (c, role, last_slow_log) = (c.clone(), role_name.clone(), last_slow_log.clone());
         async move {
             use async_nats::Event;
             match event {
                 Event::Connected => {
                     c.connected();
-                    tracing::info!("NATS connected");
+                    tracing::info!(connection = %role, "NATS connected");
                 }
                 Event::Disconnected => {
                     c.disconnected();
-                    tracing::warn!("NATS disconnected; reconnecting");
+                    tracing::warn!(connection = %role, "NATS disconnected; reconnecting");
                 }
                 Event::SlowConsumer(sid) => {
                     c.slow_consumer();
-                    tracing::warn!(sid, "NATS slow consumer: messages dropped");
+                    // One event per dropped message: log at most once a second.
+                    let mut last = last_slow_log.lock().unwrap_or_else(|e| e.into_inner());
+                    if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        *last = Some(std::time::Instant::now());
+                        tracing::warn!(sid, connection = %role, "NATS slow consumer: messages dropped");
+                    }
                 }
                 Event::LameDuckMode => tracing::warn!("NATS server entering lame duck mode"),
                 Event::ServerError(e) => tracing::error!(error = %e, "NATS server error"),
                 Event::ClientError(e) => tracing::error!(error = %e, "NATS client error"),
-                Event::Draining | Event::Closed => tracing::info!(%event, "NATS"),
+                Event::Draining | Event::Closed => tracing::info!(%event, connection = %role, "NATS"),
             }
         }
     });
@@ -144,7 +209,7 @@ pub async fn connect(
         .connect(urls)
         .await
         .map_err(|source| TransportError::Connect {
-            url: url.to_string(),
+            url: redact_url(url),
             source,
         })?;
     Ok(client)
@@ -160,30 +225,32 @@ pub enum Reply {
 }
 
 /// Subject and encoding knowledge, shared by the intake and the workers.
+///
+/// The request-reply path and the stream path use separate connections, so a stream
+/// backlog (in the socket, the client's buffers or the server's pending queue) never sits
+/// in front of a request or its reply.
 #[derive(Clone)]
 pub struct Wire {
+    /// The fraud.check subscription and its replies.
     pub client: Client,
+    /// The fraud.txn subscription, decisions and invalid messages.
+    pub stream: Client,
     pub subjects: SubjectsSection,
     pub max_payload: usize,
 }
 
 impl Wire {
     pub async fn subscribe_check(&self) -> Result<Subscriber, TransportError> {
-        self.queue_subscribe(&self.subjects.check).await
+        queue_subscribe(
+            &self.client,
+            &self.subjects.check,
+            &self.subjects.queue_group,
+        )
+        .await
     }
 
     pub async fn subscribe_txn(&self) -> Result<Subscriber, TransportError> {
-        self.queue_subscribe(&self.subjects.txn).await
-    }
-
-    async fn queue_subscribe(&self, subject: &str) -> Result<Subscriber, TransportError> {
-        self.client
-            .queue_subscribe(subject.to_string(), self.subjects.queue_group.clone())
-            .await
-            .map_err(|source| TransportError::Subscribe {
-                subject: subject.to_string(),
-                source,
-            })
+        queue_subscribe(&self.stream, &self.subjects.txn, &self.subjects.queue_group).await
     }
 
     /// Decodes a payload, enforcing the size limit first.
@@ -204,7 +271,9 @@ impl Wire {
 
     fn decision_headers(d: &Decision) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert(HEADER_MSG_ID, d.id.as_str());
+        // Header values cannot hold CR/LF (async-nats panics on them). The decoder refuses
+        // such ids; this is the second line of defence.
+        h.insert(HEADER_MSG_ID, header_safe(&d.id).as_str());
         h.insert(HEADER_ACTION, d.action.as_str());
         h.insert(HEADER_VERSION, &*d.rules_version);
         h
@@ -227,7 +296,7 @@ impl Wire {
             Reply::Check(None) => Ok(()),
             Reply::Stream => {
                 let subject = format!("{}.{}", self.subjects.decision_prefix, d.action.as_str());
-                self.client
+                self.stream
                     .publish_with_headers(subject, Self::decision_headers(d), body)
                     .await
             }
@@ -260,18 +329,53 @@ impl Wire {
         if let Some(id) = &e.id {
             h.insert(HEADER_MSG_ID, header_safe(id).as_str());
         }
-        self.client
+        self.stream
             .publish_with_headers(self.subjects.invalid.clone(), h, payload)
             .await
     }
 
-    /// Pushes buffered publishes to the server.
+    /// Pushes buffered publishes of both connections to the server.
     pub async fn flush(&self, timeout: Duration) -> bool {
+        let both = async { (self.client.flush().await, self.stream.flush().await) };
         matches!(
-            tokio::time::timeout(timeout, self.client.flush()).await,
-            Ok(Ok(()))
+            tokio::time::timeout(timeout, both).await,
+            Ok((Ok(()), Ok(())))
         )
     }
+
+    /// Closes both connections after what they buffered went out, or after `timeout`.
+    pub async fn close(&self, timeout: Duration) {
+        let both = async { (self.client.drain().await, self.stream.drain().await) };
+        let _ = tokio::time::timeout(timeout, both).await;
+    }
+
+    /// Both connections are up.
+    pub fn connected(&self) -> bool {
+        use async_nats::connection::State;
+        self.client.connection_state() == State::Connected
+            && self.stream.connection_state() == State::Connected
+    }
+
+    /// Messages received from the server on both connections.
+    pub fn in_messages(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.client.statistics().in_messages.load(Relaxed)
+            + self.stream.statistics().in_messages.load(Relaxed)
+    }
+}
+
+async fn queue_subscribe(
+    client: &Client,
+    subject: &str,
+    group: &str,
+) -> Result<Subscriber, TransportError> {
+    client
+        .queue_subscribe(subject.to_string(), group.to_string())
+        .await
+        .map_err(|source| TransportError::Subscribe {
+            subject: subject.to_string(),
+            source,
+        })
 }
 
 /// `{"id": ..., "error": {"code": ..., "message": ...}}`
@@ -293,6 +397,49 @@ fn header_safe(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auth_is_one_method_with_resolved_secrets() {
+        let env = |k: &str| (k == "PW").then(|| "s3cret".to_string());
+        let mut n = NatsSection::default();
+        assert_eq!(auth_plan(&n, &env).unwrap(), Auth::None);
+        n.user = Some("fg".into());
+        assert!(auth_plan(&n, &env).is_err(), "user without password");
+        n.password_env = Some("PW".into());
+        assert_eq!(
+            auth_plan(&n, &env).unwrap(),
+            Auth::UserPassword("fg".into(), "s3cret".into())
+        );
+        n.password = Some("inline".into());
+        assert!(auth_plan(&n, &env).is_err(), "password and password_env");
+        n.password = None;
+        n.token = Some("t".into());
+        assert!(auth_plan(&n, &env).is_err(), "two methods");
+        let mut t = NatsSection {
+            password: Some("p".into()),
+            ..Default::default()
+        };
+        assert!(auth_plan(&t, &env).is_err(), "password without user");
+        t.password = None;
+        t.token_env = Some("MISSING".into());
+        let e = auth_plan(&t, &env).unwrap_err().to_string();
+        assert!(e.contains("MISSING") && e.contains("not set"), "{e}");
+        t.token_env = None;
+        t.credentials_file = Some("/etc/x.creds".into());
+        assert_eq!(
+            auth_plan(&t, &env).unwrap(),
+            Auth::CredentialsFile("/etc/x.creds".into())
+        );
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(
+            redact_url("nats://fg:s3cretPW@10.0.0.5:4222,nats://10.0.0.6:4222"),
+            "nats://***@10.0.0.5:4222,nats://10.0.0.6:4222"
+        );
+        assert_eq!(redact_url("nats://127.0.0.1:4222"), "nats://127.0.0.1:4222");
+    }
 
     #[test]
     fn error_object_shape() {

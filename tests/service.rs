@@ -161,7 +161,10 @@ async fn bad_input_gets_a_coded_error_and_nothing_stops() {
     // Every bad input was counted: both paths, plus the repeated request above.
     let mut engine = engine;
     engine.signal("TERM");
-    engine.child.wait().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), engine.child.wait())
+        .await
+        .expect("exits within 30 s")
+        .unwrap();
     let log = engine.log_text();
     let stopped: serde_json::Value = log
         .lines()
@@ -415,11 +418,21 @@ async fn engine_reconnects_after_nats_restarts() {
         "no decision after the restart:\n{}",
         engine.log_text()
     );
+    // Both connections (check, stream) logged their reconnect.
     assert!(
-        engine.count_log("NATS connected") >= 1,
+        engine.count_log("NATS connected") >= 2,
         "{}",
         engine.log_text()
     );
+    // The stream path resumed too.
+    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    c.flush().await.unwrap();
+    for i in 0..200 {
+        let body = txn(&format!("nr-s{i}"), &format!("4511{:012}", i), "2");
+        c.publish("fraud.txn", Bytes::from(body)).await.unwrap();
+    }
+    let got = collect(&mut decisions, 200, Duration::from_secs(15)).await;
+    assert_eq!(got.len(), 200, "stream decisions after the restart");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,26 +511,158 @@ async fn demo_runs_and_stops_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_reply_is_not_stuck_behind_a_stream_backlog() {
     let nats = nats().await;
-    let _engine = Engine::start(&nats.url()).await;
+    let config = format!("{CONFIG}\n[subjects]\ndecision_prefix = \"bl.decision\"\n");
+    let _engine = Engine::start_with(&nats.url(), &config).await;
     let c = client(&nats.url()).await;
-    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    // Decisions and the reply arrive on one subscription, so their order is the order
+    // in which the server delivered them.
+    let mut seen = c.subscribe("bl.>").await.unwrap();
     c.flush().await.unwrap();
     let n = 30_000;
     for i in 0..n {
         let body = txn(&format!("bl-{i}"), &format!("47{:014}", i % 1000), "1.25");
         c.publish("fraud.txn", Bytes::from(body)).await.unwrap();
     }
+    c.publish_with_reply(
+        "fraud.check",
+        "bl.reply",
+        Bytes::from(txn("urgent", "4111111111116001", "5")),
+    )
+    .await
+    .unwrap();
     c.flush().await.unwrap();
-    // The stream backlog is being worked through; a request goes ahead of it.
-    let d = check(&c, &txn("urgent", "4111111111116001", "5")).await;
-    assert_eq!(d["id"], "urgent");
-    let mut seen = 0;
-    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(1), decisions.next()).await {
-        seen += 1;
+    let mut before = 0;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(20), seen.next())
+            .await
+            .expect("reply within 20 s")
+            .unwrap();
+        if m.subject.as_str() == "bl.reply" {
+            let d: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            assert_eq!(d["id"], "urgent");
+            break;
+        }
+        before += 1;
     }
-    eprintln!("reply arrived after {seen} of {n} stream decisions");
+    eprintln!("reply arrived after {before} of {n} stream decisions");
     assert!(
-        seen < n - 1_000,
-        "the reply came only after {seen} of {n} stream decisions"
+        before < n - 1_000,
+        "the reply came only after {before} of {n} stream decisions"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_without_waiting_for_the_watcher() {
+    let nats = nats().await;
+    // The file watcher would wait an hour; only SIGHUP can reload in time.
+    let config = CONFIG.replace("reload_debounce = \"100ms\"", "reload_debounce = \"1h\"");
+    let engine = Engine::start_with(&nats.url(), &config).await;
+    let c = client(&nats.url()).await;
+    let head = std::fs::read_to_string(engine.rules.join("00-ruleset.toml"))
+        .unwrap()
+        .replace("version = \"2026-11-26.1\"", "version = \"2026-11-26.5\"");
+    engine.write_rule_file("00-ruleset.toml", &head);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let d = check(&c, &txn("hup-1", "4111111111117001", "1")).await;
+    assert!(
+        d["rules_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("2026-11-26.1+"),
+        "{d}"
+    );
+    engine.signal("HUP");
+    engine
+        .wait_log("rules reloaded", Duration::from_secs(10))
+        .await;
+    assert!(engine.log_text().contains("SIGHUP"));
+    let d = check(&c, &txn("hup-2", "4111111111117001", "1")).await;
+    assert!(
+        d["rules_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("2026-11-26.5+"),
+        "{d}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_auth_from_the_environment() {
+    let port = fraudgate::demo::free_port().unwrap();
+    let mut server =
+        tokio::process::Command::new(fraudgate::demo::find_on_path("nats-server").unwrap())
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .args(["--user", "fraudgate", "--pass", "s3cret-pw"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+    let url = format!("nats://127.0.0.1:{port}");
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let auth =
+        format!("{CONFIG}\n[nats]\nuser = \"fraudgate\"\npassword_env = \"FG_TEST_NATS_PW\"\n");
+    // Wrong password: a clear error, no secret in it, exit 2.
+    let dir = Scratch::new("auth");
+    std::fs::write(dir.0.join("c.toml"), &auth).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+        .args([
+            "run",
+            "--rules",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/rules"),
+        ])
+        .arg("--nats-url")
+        .arg(format!("nats://user:leaked-pw@127.0.0.1:{port}"))
+        .arg("--config")
+        .arg(dir.0.join("c.toml"))
+        .env("FG_TEST_NATS_PW", "wrong")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect to NATS"), "{err}");
+    assert!(
+        !err.contains("leaked-pw") && !err.contains("wrong"),
+        "{err}"
+    );
+    // Right password from the environment: decisions flow.
+    let engine = Engine::start_env(&url, &auth, &[("FG_TEST_NATS_PW", "s3cret-pw")]).await;
+    let c =
+        async_nats::ConnectOptions::with_user_and_password("fraudgate".into(), "s3cret-pw".into())
+            .connect(&url)
+            .await
+            .unwrap();
+    let d = check(&c, &txn("auth-1", "4111111111118001", "1")).await;
+    assert_eq!(d["action"], "approve");
+    drop(engine);
+    let _ = server.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_even_when_nats_is_gone() {
+    let nats = nats().await;
+    let mut engine = Engine::start(&nats.url()).await;
+    let c = client(&nats.url()).await;
+    let d = check(&c, &txn("gone-1", "4111111111119101", "1")).await;
+    assert_eq!(d["action"], "approve");
+    nats.stop().await;
+    engine
+        .wait_log("NATS disconnected", Duration::from_secs(10))
+        .await;
+    engine.signal("INT");
+    let status = tokio::time::timeout(Duration::from_secs(40), engine.child.wait())
+        .await
+        .expect("exits within the shutdown deadline")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    assert!(engine.log_text().contains("stopped"));
 }

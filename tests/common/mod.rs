@@ -27,10 +27,12 @@ pub struct Scratch(pub PathBuf);
 
 impl Scratch {
     pub fn new(name: &str) -> Scratch {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let p = std::env::temp_dir().join(format!(
-            "fraudgate-test-{name}-{}-{}",
+            "fraudgate-test-{name}-{}-{}-{}",
             std::process::id(),
-            fraudgate::service::now_ms()
+            fraudgate::service::now_ms(),
+            SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
@@ -75,6 +77,10 @@ impl Engine {
     }
 
     pub async fn start_with(url: &str, config: &str) -> Engine {
+        Self::start_env(url, config, &[]).await
+    }
+
+    pub async fn start_env(url: &str, config: &str, env: &[(&str, &str)]) -> Engine {
         let dir = Scratch::new("engine");
         let rules = dir.0.join("rules");
         copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"), &rules);
@@ -86,6 +92,7 @@ impl Engine {
             .arg(&rules)
             .arg("--config")
             .arg(&cfg)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
