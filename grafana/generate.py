@@ -109,16 +109,21 @@ overview.panel("timeseries", "Engine decision time",
 overview.panel("timeseries", "Invalid inputs by code",
                "Refused inputs per second by stable error code (request-reply answers them; the stream forwards them to fraud.invalid).",
                [(f'sum by (code) (rate(fraudgate_invalid_inputs_total{{{I}}}[{RI}]))', "{{code}}")], "reqps")
-overview.panel("timeseries", "Retries and queues",
-               "Retries answered from the dedupe table per second, and transactions waiting in the workers' queues.",
-               [(f'sum(rate(fraudgate_duplicates_total{{{I}}}[{RI}]))', "retries/s"),
+overview.panel("timeseries", "Retries",
+               "Retries answered from the dedupe table (the original decision again, counted once) per second.",
+               [(f'sum(rate(fraudgate_duplicates_total{{{I}}}[{RI}]))', "retries")], "reqps")
+overview.panel("timeseries", "Waiting transactions",
+               "Transactions the NATS client holds that intake has not taken yet, and transactions queued in the decision workers, by path.",
+               [(f'sum(fraudgate_nats_pending_messages{{{I}}})', "in NATS client buffers"),
                 (f'sum by (path) (fraudgate_in_flight{{{I}}})', "queued {{path}}")], "short")
-overview.panel("timeseries", "NATS connection",
-               "Connection state per engine (1 connected), and reconnects, disconnects and slow-consumer events in the interval.",
-               [(f'fraudgate_nats_connected{{{I}}}', "connected {{instance}}"),
-                (f'sum(increase(fraudgate_nats_reconnects_total{{{I}}}[{RI}]))', "reconnects"),
+overview.panel("timeseries", "NATS connection state",
+               "1 while an engine's NATS connections are up, 0 while it is reconnecting.",
+               [(f'fraudgate_nats_connected{{{I}}}', "{{instance}}")], "bool_on_off")
+overview.panel("timeseries", "NATS events",
+               "Reconnects, disconnects and slow-consumer events (messages dropped by a full subscription) in each interval.",
+               [(f'sum(increase(fraudgate_nats_reconnects_total{{{I}}}[{RI}]))', "reconnects"),
                 (f'sum(increase(fraudgate_nats_disconnects_total{{{I}}}[{RI}]))', "disconnects"),
-                (f'sum(increase(fraudgate_nats_slow_consumer_total{{{I}}}[{RI}]))', "slow consumer")], "short", w=24)
+                (f'sum(increase(fraudgate_nats_slow_consumer_total{{{I}}}[{RI}]))', "slow-consumer events")], "short")
 
 rules = Board("fraudgate-rules", "fraudgate / Rules",
               "What the rules do: hits per rule, shadow against active, reloads and the active version.")
@@ -148,6 +153,8 @@ rules.panel("stat", "Since last reload", "Time since the rules were last loaded 
             [(f'time() - max(fraudgate_rules_last_reload_timestamp_seconds{{{I}}})', "age")], "s", w=6, h=5)
 rules.panel("stat", "Reload failures (24h)", "Failed reloads in the last 24 hours.",
             [(f'sum(increase(fraudgate_rule_reloads_total{{{I},result="failure"}}[24h]))', "failures")], "none", w=6, h=5)
+rules.panel("stat", "Rule directory compiles", "1: the rule directory compiles now; 0: the last change failed and the previous rules are still active.",
+            [(f'min(fraudgate_rules_dir_valid{{{I}}})', "valid")], "bool_yes_no", w=6, h=5)
 
 state = Board("fraudgate-state", "fraudgate / State",
               "Window state: tracked keys, memory, evictions, late events and the dedupe table.")
@@ -160,14 +167,14 @@ state.panel("timeseries", "Window state memory",
 state.panel("timeseries", "Evictions",
             "Keys evicted after being idle longer than their longest window, and transaction ids past the dedupe horizon, per second.",
             [(f'sum(rate(fraudgate_state_evicted_keys_total{{{I}}}[{RI}]))', "keys"),
-             (f'sum(rate(fraudgate_dedupe_evicted_total{{{I}}}[{RI}]))', "transaction ids")], "short")
+             (f'sum(rate(fraudgate_dedupe_evicted_total{{{I}}}[{RI}]))', "transaction ids")], "ops")
 state.panel("timeseries", "Dedupe table",
             "Transaction ids remembered for retries.",
             [(f'sum(fraudgate_dedupe_entries{{{I}}})', "ids")], "short")
 state.panel("timeseries", "Late and future events",
             "Events too late for their key's retention (decided, counted nowhere) and event times in the future replaced by the receive time, per second.",
             [(f'sum(rate(fraudgate_late_events_dropped_total{{{I}}}[{RI}]))', "too late"),
-             (f'sum(rate(fraudgate_future_timestamps_clamped_total{{{I}}}[{RI}]))', "future, clamped")], "short", w=24)
+             (f'sum(rate(fraudgate_future_timestamps_clamped_total{{{I}}}[{RI}]))', "future, clamped")], "ops", w=24)
 
 here = os.path.dirname(os.path.abspath(__file__))
 for b in (overview, rules, state):
