@@ -247,11 +247,16 @@ fn main() {
         let before = rss_kib(pid);
         let mut decisions = client.subscribe("fraud.decision.>").await.unwrap();
         client.flush().await.unwrap();
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = done.clone();
         let counter = tokio::spawn(async move {
             let mut n = 0usize;
             while n < cards {
                 match tokio::time::timeout(Duration::from_secs(30), decisions.next()).await {
-                    Ok(Some(_)) => n += 1,
+                    Ok(Some(_)) => {
+                        n += 1;
+                        seen.store(n, std::sync::atomic::Ordering::Relaxed);
+                    }
                     _ => break,
                 }
             }
@@ -269,10 +274,13 @@ fn main() {
                 i % 40
             );
             client.publish("fraud.txn", Bytes::from(body)).await.unwrap();
-            if i % 10_000 == 0 {
+            if i % 5_000 == 0 {
                 client.flush().await.unwrap();
-                // Keep the engine's backlog bounded (no slow-consumer drop).
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                // Keep at most 20k undecided (core NATS has no flow control: a flood
+                // would overflow the engine's subscription buffer).
+                while i.saturating_sub(done.load(std::sync::atomic::Ordering::Relaxed)) > 20_000 {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
             }
         }
         client.flush().await.unwrap();

@@ -329,15 +329,36 @@ pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadRe
         })
     });
 
+    // Open loop: a plain thread keeps the schedule (the async runtime's timer has 1 ms
+    // granularity, which would blur sub-millisecond latencies); each tick releases one send.
+    let mut pacer = match opts.mode {
+        LoadMode::Open(rate) => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+            let n = items.len();
+            std::thread::spawn(move || {
+                for i in 0..n {
+                    let due = started + Duration::from_secs_f64(i as f64 / rate.max(1e-9));
+                    let now = Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                    if tx.send(due).is_err() {
+                        return;
+                    }
+                }
+            });
+            Some(rx)
+        }
+        _ => None,
+    };
     let mut tasks = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        let due = match opts.mode {
-            LoadMode::Open(rate) => {
-                let due = started + Duration::from_secs_f64(i as f64 / rate.max(1e-9));
-                tokio::time::sleep_until(due.into()).await;
-                due
-            }
-            _ => Instant::now(),
+        let due = match pacer.as_mut() {
+            Some(rx) => match rx.recv().await {
+                Some(due) => due,
+                None => break,
+            },
+            None => Instant::now(),
         };
         let permit = match opts.mode {
             LoadMode::Closed(_) => Some(
