@@ -36,7 +36,7 @@ impl Default for EngineConfig {
             timezone: Tz::UTC,
             default_currency: "EUR".into(),
             resolution: Duration::from_secs(1),
-            max_lateness: Duration::from_secs(300),
+            max_lateness: Duration::from_secs(60),
             max_future_skew: Duration::from_secs(60),
             dedupe_horizon: Duration::from_secs(120),
             hash_key: HashKey::default(),
