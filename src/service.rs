@@ -130,9 +130,14 @@ impl Running {
         }
         tracing::info!(version = %rs.version, "rules loaded: {}", rs.summary());
         if let Some(addr) = &opts.file.metrics.addr {
+            use std::net::ToSocketAddrs;
             let addr: std::net::SocketAddr = addr
-                .parse()
-                .map_err(|e| ServiceError::Config(format!("[metrics] addr `{addr}`: {e}")))?;
+                .to_socket_addrs()
+                .map_err(|e| ServiceError::Config(format!("[metrics] addr `{addr}`: {e}")))?
+                .next()
+                .ok_or_else(|| {
+                    ServiceError::Config(format!("[metrics] addr `{addr}` resolves to nothing"))
+                })?;
             match EXPORTER.get() {
                 Some(existing) => {
                     tracing::warn!(%existing, "metrics exporter already running in this process")
@@ -214,11 +219,19 @@ impl Running {
             duration("reload_debounce", &svc.reload_debounce)?,
             stop_rx.clone(),
         )?;
+        let sweep_every = duration("sweep_interval", &svc.sweep_interval)?;
+        if sweep_every > Duration::from_secs(300) {
+            // The sweep also refreshes the gauges, which the exporter drops after 10
+            // minutes without an update.
+            return Err(ServiceError::Config(
+                "[service] sweep_interval must be at most 5m".into(),
+            ));
+        }
         let sweep = tokio::spawn(sweeper(
             engine.clone(),
             wire.clone(),
             counters.clone(),
-            duration("sweep_interval", &svc.sweep_interval)?,
+            sweep_every,
             stop_rx.clone(),
         ));
         let queues = tokio::spawn(queue_monitor(counters.clone(), stop_rx));

@@ -100,7 +100,7 @@ fn describe() {
     describe_counter!(
         DECISIONS,
         Unit::Count,
-        "Decisions published, by path and action."
+        "Decisions published, by path and action (retries answered from the dedupe table included)."
     );
     describe_counter!(
         INVALID,
