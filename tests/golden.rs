@@ -13,24 +13,15 @@
 //!
 //! `UPDATE_GOLDEN=1 cargo test --test golden` rewrites `expected.jsonl`; review the diff.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::copy_dir;
 
 use fraudgate::config::EngineSection;
 use fraudgate::{Engine, Transaction};
 use serde_json::{json, Value};
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
-}
 
 #[derive(serde::Deserialize, Default)]
 struct CaseFile {

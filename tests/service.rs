@@ -165,12 +165,7 @@ async fn bad_input_gets_a_coded_error_and_nothing_stops() {
         .await
         .expect("exits within 30 s")
         .unwrap();
-    let log = engine.log_text();
-    let stopped: serde_json::Value = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["fields"]["message"] == "stopped")
-        .unwrap_or_else(|| panic!("no final line:\n{log}"));
+    let stopped = engine.stopped_line();
     assert_eq!(
         stopped["fields"]["invalid"].as_u64(),
         Some(2 * cases.len() as u64 + 1),
@@ -461,12 +456,7 @@ async fn sigterm_under_load_decides_every_accepted_transaction() {
         engine.log_text()
     );
     // The final log line says how many stream transactions were taken in and decided.
-    let log = engine.log_text();
-    let stopped: serde_json::Value = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|v| v["fields"]["message"] == "stopped")
-        .unwrap_or_else(|| panic!("no final line:\n{log}"));
+    let stopped = engine.stopped_line();
     let received = stopped["fields"]["received_stream"].as_u64().unwrap();
     let decided = stopped["fields"]["decided"].as_u64().unwrap();
     assert_eq!(received, decided, "every accepted transaction was decided");

@@ -126,6 +126,15 @@ impl Engine {
         panic!("engine log never showed {needle:?}:\n{}", self.log_text());
     }
 
+    /// The engine's final JSON log line (`"stopped"`, with its counts).
+    pub fn stopped_line(&self) -> serde_json::Value {
+        let log = self.log_text();
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["fields"]["message"] == "stopped")
+            .unwrap_or_else(|| panic!("no final line:\n{log}"))
+    }
+
     pub fn count_log(&self, needle: &str) -> usize {
         self.log_text().matches(needle).count()
     }
