@@ -24,14 +24,14 @@ use smallvec::SmallVec;
 
 use crate::config::EngineConfig;
 use crate::decision::{combine, Decision, FiredRule};
-use crate::keyhash::{KeyHash, PreHashed};
+use crate::keyhash::{KeyHash, PreHashed, StateKey};
 use crate::rules::expr::FieldHashes;
 use crate::rules::{Ctx, Field, KeyField, RuleSet, Tri, WindowRead};
 use crate::txn::{AttrValue, Transaction};
 use crate::window::{Added, Contribution, KeyState, Layout};
 
 /// The key states of one key group.
-pub type StateMap = DashMap<KeyHash, KeyState, PreHashed>;
+pub type StateMap = DashMap<StateKey, KeyState, PreHashed>;
 
 /// The window state of one key group under the active rules.
 pub struct GroupStore {
@@ -331,7 +331,7 @@ impl Engine {
         // the different maps overlap instead of being paid one after another below.
         for (gi, key) in keys.iter().enumerate() {
             if let Some(key) = key {
-                if let Some(state) = active.stores[gi].map.get(key) {
+                if let Some(state) = active.stores[gi].map.get(&StateKey::from(*key)) {
                     state.touch();
                 }
             }
@@ -362,7 +362,7 @@ impl Engine {
             let store = &active.stores[gi];
             let mut state = store
                 .map
-                .entry(key)
+                .entry(StateKey::from(key))
                 .or_insert_with(|| KeyState::new(&store.layout));
             let added = state.add(
                 &store.layout,
@@ -441,7 +441,7 @@ impl Engine {
             let keep_after = now_b - s.layout.max_window - s.layout.lateness;
             let before = s.map.len();
             s.map.retain(|_, st| {
-                let keep = st.newest_bucket().is_some_and(|n| n > keep_after);
+                let keep = st.newest_bucket(&s.layout).is_some_and(|n| n > keep_after);
                 if keep && st.has_expired(&s.layout) {
                     st.evict(&s.layout, true);
                 }
@@ -460,7 +460,7 @@ impl Engine {
     /// Key counts and approximate memory per group: the hash tables' allocated slots (not
     /// just the used ones) plus each key's heap blocks.
     pub fn stats(&self) -> StateStats {
-        let per_slot = std::mem::size_of::<(KeyHash, KeyState)>() + 1;
+        let per_slot = std::mem::size_of::<(StateKey, KeyState)>() + 1;
         StateStats {
             groups: self
                 .active

@@ -75,6 +75,30 @@ impl KeyHasher {
     }
 }
 
+/// A [`KeyHash`] stored as two `u64`s: 8-byte alignment instead of `u128`'s 16 keeps
+/// map entries (key + state) free of padding.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
+pub struct StateKey(pub [u64; 2]);
+
+impl From<KeyHash> for StateKey {
+    fn from(h: KeyHash) -> StateKey {
+        StateKey([h as u64, (h >> 64) as u64])
+    }
+}
+
+impl From<StateKey> for KeyHash {
+    fn from(k: StateKey) -> KeyHash {
+        (k.0[0] as u128) | ((k.0[1] as u128) << 64)
+    }
+}
+
+impl std::hash::Hash for StateKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Already a keyed hash: one word is enough for the table.
+        state.write_u64(self.0[0] ^ self.0[1].rotate_left(32));
+    }
+}
+
 /// `BuildHasher` for maps keyed by an already keyed, uniformly distributed [`KeyHash`]:
 /// re-hashing would only cost time.
 #[derive(Clone, Copy, Default, Debug)]

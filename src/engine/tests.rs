@@ -167,10 +167,12 @@ fn entity_keys_are_not_stored_in_clear() {
     let key = e
         .with_group("card", |g| *g.map.iter().next().unwrap().key())
         .unwrap();
-    assert_eq!(key, e.config().hash_key.hash_str("4111111111111111"));
+    assert_eq!(key, e.config().hash_key.hash_str("4111111111111111").into());
     assert_ne!(
         key,
-        crate::keyhash::HashKey::from_secret("other").hash_str("4111111111111111")
+        crate::keyhash::HashKey::from_secret("other")
+            .hash_str("4111111111111111")
+            .into()
     );
     let json = e
         .decide(&tx("k", "4111111111111111", 1, T0), T0)

@@ -22,10 +22,11 @@ pub enum Distinct {
     Exact {
         /// Sorted by `(value, bucket)`, no duplicates.
         pairs: ThinVec<(u64, i64)>,
-        /// Number of different values in `pairs`.
-        values: u32,
-        /// Compact again when `pairs` reaches this length.
-        next_compact: u32,
+        /// Number of different values in `pairs` (at most the bound + 1).
+        values: u16,
+        /// Compact again when `pairs` reaches this length (saturating). u16 fields keep
+        /// the whole enum at 16 bytes, inline in the map entry.
+        next_compact: u16,
     },
     Approx(Box<SlidingHll>),
 }
@@ -68,6 +69,11 @@ impl Distinct {
                 }
                 let new_value = !(pos > 0 && pairs[pos - 1].0 == value
                     || pairs.get(pos).is_some_and(|p| p.0 == value));
+                if pairs.len() < 4 {
+                    // Most keys hold one or two values: grow one by one at first (a
+                    // ThinVec would otherwise start at four).
+                    pairs.reserve_exact(1);
+                }
                 pairs.insert(pos, (value, bucket));
                 if new_value {
                     *values += 1;
@@ -143,7 +149,7 @@ impl Distinct {
                     return;
                 }
                 let mut out: ThinVec<(u64, i64)> = ThinVec::with_capacity(pairs.len());
-                let mut n = 0u32;
+                let mut n = 0u16;
                 let mut i = 0;
                 while i < pairs.len() {
                     let v = pairs[i].0;
@@ -160,7 +166,9 @@ impl Distinct {
                 }
                 *pairs = out;
                 *values = n;
-                *next_compact = (2 * pairs.len() as u32).max(COMPACT_MIN);
+                *next_compact = u16::try_from(2 * pairs.len())
+                    .unwrap_or(u16::MAX)
+                    .max(COMPACT_MIN);
             }
             Distinct::Approx(h) => h.maintain(cutoff, edge, force),
         }
@@ -168,7 +176,7 @@ impl Distinct {
 }
 
 /// Smallest pair count at which an exact distinct set compacts.
-const COMPACT_MIN: u32 = 16;
+const COMPACT_MIN: u16 = 16;
 
 /// Sliding HyperLogLog: per register, the list of possible future maxima.
 ///

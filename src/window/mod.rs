@@ -78,8 +78,6 @@ pub enum Added {
 /// All window aggregates of one entity key. Serializable for snapshots.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct KeyState {
-    /// Newest bucket ever added; `i64::MIN` when empty.
-    newest: i64,
     /// Rows of `stride` u64: `[bucket, count prefixes.., sum prefixes as 2 x u64 ..]`,
     /// sorted by bucket.
     ///
@@ -106,7 +104,6 @@ const EVICT_BATCH_MIN: usize = 8;
 impl KeyState {
     pub fn new(layout: &Layout) -> Self {
         KeyState {
-            newest: i64::MIN,
             rows: ThinVec::new(),
             distinct: (0..layout.distincts).map(|_| Distinct::default()).collect(),
         }
@@ -124,8 +121,12 @@ impl KeyState {
         }
     }
 
-    pub fn newest_bucket(&self) -> Option<i64> {
-        (self.newest != i64::MIN).then_some(self.newest)
+    /// Newest bucket ever added (every added event has a row, and rows are sorted, so it
+    /// is the last row's bucket; no separate field keeps the map entry small).
+    pub fn newest_bucket(&self, layout: &Layout) -> Option<i64> {
+        let stride = layout.stride();
+        let n = self.rows.len() / stride;
+        (n > 0).then(|| self.bucket_at(stride, n - 1))
     }
 
     pub fn bucket_count(&self, layout: &Layout) -> usize {
@@ -169,7 +170,10 @@ impl KeyState {
 
     /// Adds one event at bucket `b`.
     pub fn add(&mut self, layout: &Layout, b: i64, c: &Contribution<'_>) -> Added {
-        if self.newest != i64::MIN && b <= self.retention_cutoff(layout) {
+        if self
+            .newest_bucket(layout)
+            .is_some_and(|n| b <= retention_cutoff(n, layout))
+        {
             return Added::TooLate;
         }
         let any_row = c.counts.iter().any(|&x| x) || c.sums.iter().any(Option::is_some);
@@ -178,7 +182,13 @@ impl KeyState {
             return Added::Nothing;
         }
         let stride = layout.stride();
-        if any_row {
+        if stride == 1 {
+            // No count or sum slot: the only row needed is the newest bucket.
+            match self.rows.first_mut() {
+                Some(n) => *n = (*n as i64).max(b) as u64,
+                None => self.rows.push(b as u64),
+            }
+        } else {
             let idx = self.upper(stride, b);
             let exists = idx > 0 && self.bucket_at(stride, idx - 1) == b;
             let start = if exists {
@@ -217,8 +227,8 @@ impl KeyState {
                 }
             }
         }
-        self.newest = self.newest.max(b);
-        let edge = self.newest.saturating_sub(layout.lateness);
+        let newest = self.newest_bucket(layout).unwrap_or(b);
+        let edge = newest.saturating_sub(layout.lateness);
         for (i, (d, v)) in self.distinct.iter_mut().zip(c.distincts).enumerate() {
             if let Some(v) = v {
                 d.add(*v, b, edge.saturating_sub(layout.distinct_window(i)), edge);
@@ -226,14 +236,6 @@ impl KeyState {
         }
         self.evict(layout, false);
         Added::Yes
-    }
-
-    /// Newest bucket that is no longer retained: `newest - max_window - lateness`. An event
-    /// at or before it is too late to add (its own window would read evicted buckets).
-    fn retention_cutoff(&self, layout: &Layout) -> i64 {
-        self.newest
-            .saturating_sub(layout.max_window)
-            .saturating_sub(layout.lateness)
     }
 
     /// Rewrites this key for a new layout of its group (after a rule reload). `mapping`
@@ -247,8 +249,13 @@ impl KeyState {
     ) -> KeyState {
         let (os, ns) = (old.stride(), new.stride());
         let n = self.rows.len() / os;
-        let mut rows = ThinVec::with_capacity(if ns > 1 { n * ns } else { 0 });
-        if new.counts + new.sums > 0 {
+        let mut rows = ThinVec::with_capacity(n * ns);
+        if ns == 1 {
+            // No count or sum slot any more: keep the newest bucket only.
+            if n > 0 {
+                rows.push(self.rows[(n - 1) * os]);
+            }
+        } else {
             for r in 0..n {
                 let row = &self.rows[r * os..(r + 1) * os];
                 rows.push(row[0]);
@@ -282,17 +289,16 @@ impl KeyState {
                     .unwrap_or_default()
             })
             .collect();
-        KeyState {
-            newest: self.newest,
-            rows,
-            distinct,
-        }
+        KeyState { rows, distinct }
     }
 
     /// Whether anything is older than the retention horizon (cheap: no eviction).
     pub fn has_expired(&self, layout: &Layout) -> bool {
-        let cutoff = self.retention_cutoff(layout);
-        let edge = self.newest.saturating_sub(layout.lateness);
+        let Some(newest) = self.newest_bucket(layout) else {
+            return false;
+        };
+        let cutoff = retention_cutoff(newest, layout);
+        let edge = newest.saturating_sub(layout.lateness);
         (!self.rows.is_empty() && self.bucket_at(layout.stride(), 0) <= cutoff)
             || self.distinct.iter().enumerate().any(|(i, d)| {
                 d.oldest()
@@ -303,10 +309,10 @@ impl KeyState {
     /// Drops rows and distinct entries older than the retention horizon
     /// (`newest - max_window - lateness`). Batched unless `force`.
     pub fn evict(&mut self, layout: &Layout, force: bool) {
-        if self.newest == i64::MIN {
+        let Some(newest) = self.newest_bucket(layout) else {
             return;
-        }
-        let cutoff = self.retention_cutoff(layout);
+        };
+        let cutoff = retention_cutoff(newest, layout);
         let stride = layout.stride();
         let n = self.rows.len() / stride;
         let dead = self.upper(stride, cutoff);
@@ -334,7 +340,7 @@ impl KeyState {
                 self.rows.shrink_to_fit();
             }
         }
-        let edge = self.newest.saturating_sub(layout.lateness);
+        let edge = newest.saturating_sub(layout.lateness);
         for (i, d) in self.distinct.iter_mut().enumerate() {
             d.maintain(edge.saturating_sub(layout.distinct_window(i)), edge, force);
         }
@@ -390,6 +396,14 @@ impl KeyState {
     pub fn distinct_is_exact(&self, slot: usize) -> bool {
         matches!(self.distinct[slot], Distinct::Exact { .. })
     }
+}
+
+/// Newest bucket that is no longer retained: `newest - max_window - lateness`. An event at
+/// or before it is too late to add (its own window would read evicted buckets).
+fn retention_cutoff(newest: i64, layout: &Layout) -> i64 {
+    newest
+        .saturating_sub(layout.max_window)
+        .saturating_sub(layout.lateness)
 }
 
 /// Decimal addition that saturates instead of panicking. Decoded amounts are bounded

@@ -85,7 +85,7 @@ fn nothing_to_add_creates_no_bucket() {
     );
     assert_eq!(r, Added::Nothing);
     assert_eq!(ks.bucket_count(&l), 0);
-    assert_eq!(ks.newest_bucket(), None);
+    assert_eq!(ks.newest_bucket(&l), None);
 }
 
 #[test]
@@ -310,4 +310,15 @@ fn expired_values_do_not_force_approximation() {
     }
     assert!(ks.distinct_is_exact(0));
     assert_eq!(ks.distinct(0, 1_000, 60), 100);
+}
+
+#[test]
+fn map_entries_stay_small() {
+    // Distinct slot inline (16 bytes), no padding: a card key costs 48 bytes per table
+    // slot with its 16-byte keyed hash.
+    assert_eq!(std::mem::size_of::<Distinct>(), 16);
+    assert_eq!(
+        std::mem::size_of::<(crate::keyhash::StateKey, KeyState)>(),
+        48
+    );
 }
