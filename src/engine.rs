@@ -520,6 +520,12 @@ fn resolve_attrs<'t>(rs: &RuleSet, txn: &'t Transaction) -> SmallVec<[Option<&'t
 }
 
 fn local_time(cfg: &EngineConfig, ts_ms: i64) -> (i64, i64) {
+    if cfg.timezone == chrono_tz::Tz::UTC {
+        // No zone rules to look up: plain arithmetic (1970-01-01 was a Thursday).
+        let days = ts_ms.div_euclid(86_400_000);
+        let hour = ts_ms.rem_euclid(86_400_000) / 3_600_000;
+        return (hour, (days + 3).rem_euclid(7) + 1);
+    }
     match cfg.timezone.timestamp_millis_opt(ts_ms).single() {
         Some(t) => (t.hour() as i64, t.weekday().number_from_monday() as i64),
         None => (0, 0),
@@ -556,3 +562,32 @@ fn hash_fields(by: &[KeyField], c: &Ctx<'_>) -> Option<KeyHash> {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod local_time_tests {
+    use super::*;
+
+    #[test]
+    fn utc_fast_path_matches_chrono() {
+        let cfg = EngineConfig::default();
+        for ts in [
+            0i64,
+            1,
+            86_399_999,
+            86_400_000,
+            1_795_687_200_123,
+            1_795_730_000_000,
+            951_782_400_000,
+        ] {
+            let t = chrono_tz::Tz::UTC
+                .timestamp_millis_opt(ts)
+                .single()
+                .unwrap();
+            assert_eq!(
+                local_time(&cfg, ts),
+                (t.hour() as i64, t.weekday().number_from_monday() as i64),
+                "{ts}"
+            );
+        }
+    }
+}
