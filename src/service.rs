@@ -326,7 +326,7 @@ async fn intake(
     let mut draining = false;
     let mut batches: Vec<Batch> = (0..shards.len()).map(|_| Vec::new()).collect();
     loop {
-        tokio::select! {
+        let msgs = tokio::select! {
             msg = sub.next() => {
                 let Some(first) = msg else { break };
                 // Take what is already buffered too (without waiting), up to a batch.
@@ -337,64 +337,7 @@ async fn intake(
                         _ => break,
                     }
                 }
-                let received_ms = now_ms();
-                let received_at = Instant::now();
-                for msg in msgs {
-                counters.received(path);
-                match wire.decode(&msg.payload) {
-                    Err(e) => {
-                        counters.invalid(e.code);
-                        let sent = match path {
-                            IntakePath::Check => match msg.reply {
-                                Some(inbox) => wire.reply_error(inbox, &e).await,
-                                None => {
-                                    counters.no_reply();
-                                    Ok(())
-                                }
-                            },
-                            IntakePath::Stream => wire.publish_invalid(msg.payload, &e).await,
-                        };
-                        if sent.is_err() {
-                            counters.publish_error();
-                        }
-                        tracing::debug!(code = e.code.as_str(), path = path.as_str(), "invalid input: {}", e.message);
-                    }
-                    Ok(txn) => {
-                        let reply = match path {
-                            IntakePath::Check => {
-                                if msg.reply.is_none() {
-                                    counters.no_reply();
-                                }
-                                Reply::Check(msg.reply)
-                            }
-                            IntakePath::Stream => Reply::Stream,
-                        };
-                        let job = Job { txn, received_ms, received_at, reply };
-                        batches[shard_of(&job.txn.card, shards.len())].push(job);
-                    }
-                }
-                }
-                for (i, batch) in batches.iter_mut().enumerate() {
-                    if batch.is_empty() {
-                        continue;
-                    }
-                    let tx = match path {
-                        IntakePath::Check => &shards[i].check,
-                        IntakePath::Stream => &shards[i].stream,
-                    };
-                    let n = batch.len();
-                    counters.queued(path, n as i64);
-                    // Waits when the worker's queue is full: back-pressure into the
-                    // subscription buffer rather than unbounded memory.
-                    if tx.send(std::mem::take(batch)).await.is_err() {
-                        // Only after a worker died: never drop silently.
-                        counters.queued(path, -(n as i64));
-                        for _ in 0..n {
-                            counters.publish_error();
-                        }
-                        tracing::error!(lost = n, path = path.as_str(), "a decision worker is gone; transactions not decided");
-                    }
-                }
+                msgs
             }
             _ = stop.changed(), if !draining => {
                 draining = true;
@@ -404,7 +347,95 @@ async fn intake(
                     tracing::warn!(error = %e, path = path.as_str(), "drain failed");
                     break;
                 }
+                continue;
             }
+        };
+        let received_ms = now_ms();
+        let received_at = Instant::now();
+        for msg in msgs {
+            if let Some(job) = take(msg, path, &wire, &counters, received_ms, received_at).await {
+                batches[shard_of(&job.txn.card, shards.len())].push(job);
+            }
+        }
+        for (i, batch) in batches.iter_mut().enumerate() {
+            if batch.is_empty() {
+                continue;
+            }
+            let tx = match path {
+                IntakePath::Check => &shards[i].check,
+                IntakePath::Stream => &shards[i].stream,
+            };
+            let n = batch.len();
+            counters.queued(path, n as i64);
+            // Waits when the worker's queue is full: back-pressure into the subscription
+            // buffer rather than unbounded memory.
+            if tx.send(std::mem::take(batch)).await.is_err() {
+                // Only after a worker died: never drop silently.
+                counters.queued(path, -(n as i64));
+                for _ in 0..n {
+                    counters.publish_error();
+                }
+                tracing::error!(
+                    lost = n,
+                    path = path.as_str(),
+                    "a decision worker is gone; transactions not decided"
+                );
+            }
+        }
+    }
+}
+
+/// Counts and decodes one message. Bad input is answered here (error reply, or
+/// fraud.invalid); a valid transaction becomes a job for a worker.
+async fn take(
+    msg: async_nats::Message,
+    path: IntakePath,
+    wire: &Wire,
+    counters: &Counters,
+    received_ms: i64,
+    received_at: Instant,
+) -> Option<Job> {
+    counters.received(path);
+    match wire.decode(&msg.payload) {
+        Err(e) => {
+            counters.invalid(e.code);
+            let sent = match path {
+                IntakePath::Check => match msg.reply {
+                    Some(inbox) => wire.reply_error(inbox, &e).await,
+                    None => {
+                        counters.no_reply();
+                        Ok(())
+                    }
+                },
+                IntakePath::Stream => wire.publish_invalid(msg.payload, &e).await,
+            };
+            if sent.is_err() {
+                counters.publish_error();
+            }
+            tracing::debug!(
+                code = e.code.as_str(),
+                path = path.as_str(),
+                "invalid input: {}",
+                e.message
+            );
+            None
+        }
+        Ok(txn) => {
+            let reply = match path {
+                IntakePath::Check => {
+                    if msg.reply.is_none() {
+                        counters.no_reply();
+                    }
+                    Reply::Check(msg.reply)
+                }
+                IntakePath::Stream => Reply::Stream,
+            };
+            Some(Job {
+                txn,
+                received_ms,
+                received_at,
+                reply,
+            })
         }
     }
 }
@@ -439,42 +470,41 @@ async fn worker(
 
 async fn decide_one(engine: &Engine, wire: &Wire, counters: &Counters, job: Job, path: IntakePath) {
     counters.queued(path, -1);
-    {
-        // A bug must cost one transaction, not the worker (and every card routed to it).
-        let decided = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            engine.decide(&job.txn, job.received_ms)
-        }));
-        let out = match decided {
-            Ok(out) => out,
-            Err(_) => {
-                counters.publish_error();
-                tracing::error!(id = %job.txn.id, "decision panicked; transaction not decided");
-                return;
-            }
-        };
+    // A bug must cost one transaction, not the worker (and every card routed to it).
+    let decided = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        engine.decide(&job.txn, job.received_ms)
+    }));
+    let out = match decided {
+        Ok(out) => out,
+        Err(_) => {
+            counters.publish_error();
+            tracing::error!(id = %job.txn.id, "decision panicked; transaction not decided");
+            return;
+        }
+    };
+    if out.duplicate {
+        // Answered from the dedupe table: no engine time of its own, no rule hits.
+        counters.duplicate();
+    } else {
         counters.decision_time(path, out.decision.engine_us as f64 / 1e6);
-        if out.duplicate {
-            counters.duplicate();
-        } else {
-            for r in &out.decision.rules {
-                counters.rule_hit(&r.id);
-            }
+        for r in &out.decision.rules {
+            counters.rule_hit(&r.id);
         }
-        if out.too_late {
-            counters.too_late();
+    }
+    if out.too_late {
+        counters.too_late();
+    }
+    if out.ts_clamped {
+        counters.ts_clamped();
+    }
+    match wire.deliver(&job.reply, &out.decision).await {
+        Ok(()) => {
+            counters.decided(path, out.decision.action);
+            counters.end_to_end_time(path, job.received_at.elapsed().as_secs_f64());
         }
-        if out.ts_clamped {
-            counters.ts_clamped();
-        }
-        match wire.deliver(&job.reply, &out.decision).await {
-            Ok(()) => {
-                counters.decided(path, out.decision.action);
-                counters.end_to_end_time(path, job.received_at.elapsed().as_secs_f64());
-            }
-            Err(e) => {
-                counters.publish_error();
-                tracing::warn!(error = %e, id = %out.decision.id, "could not publish a decision");
-            }
+        Err(e) => {
+            counters.publish_error();
+            tracing::warn!(error = %e, id = %out.decision.id, "could not publish a decision");
         }
     }
 }
