@@ -352,7 +352,7 @@ impl Default for LogSection {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceSection {
-    /// Decision workers (transactions are sharded over them by card); 0 = two per core.
+    /// Decision workers (transactions are sharded over them by card); 0 = one per core (measured best: more workers mean more thread wake-ups).
     pub workers: usize,
     /// Transactions queued per worker and path before intake waits.
     pub queue_depth: usize,

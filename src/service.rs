@@ -166,7 +166,7 @@ impl Running {
         let n = if svc.workers > 0 {
             svc.workers
         } else {
-            2 * std::thread::available_parallelism().map_or(2, |n| n.get())
+            std::thread::available_parallelism().map_or(2, |n| n.get())
         };
         // Capacity in batches; a batch holds up to MAX_BATCH transactions.
         let depth = svc.queue_depth.div_ceil(MAX_BATCH).max(2);
