@@ -656,3 +656,130 @@ async fn shutdown_finishes_even_when_nats_is_gone() {
     assert!(status.success(), "{status}");
     assert!(engine.log_text().contains("stopped"));
 }
+
+/// Makes a private CA and a server certificate for 127.0.0.1 with openssl.
+fn test_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (scripts/ensure-deps installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=fraudgate-test-ca",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_over_tls_with_a_private_ca() {
+    let dir = Scratch::new("tls");
+    test_certs(&dir.0);
+    let port = fraudgate::demo::free_port().unwrap();
+    let mut server =
+        tokio::process::Command::new(fraudgate::demo::find_on_path("nats-server").unwrap())
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "--tls"])
+            .arg("--tlscert")
+            .arg(dir.0.join("server.pem"))
+            .arg("--tlskey")
+            .arg(dir.0.join("server.key"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let url = format!("nats://127.0.0.1:{port}");
+    let ca = dir.0.join("ca.pem");
+    let tls = format!(
+        "{CONFIG}\n[nats]\ntls_ca = \"{}\"\ntls_required = true\n",
+        ca.display()
+    );
+    let engine = Engine::start_with(&url, &tls).await;
+    let c = async_nats::ConnectOptions::new()
+        .add_root_certificates(ca.clone())
+        .require_tls(true)
+        .connect(&url)
+        .await
+        .unwrap();
+    let d = check(&c, &txn("tls-1", "4111111111119201", "1")).await;
+    assert_eq!(d["action"], "approve");
+    drop(engine);
+    // Without the private CA the engine refuses the server's certificate: exit 2.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+        .args([
+            "run",
+            "--rules",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/rules"),
+        ])
+        .args(["--nats-url", &url])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = server.kill().await;
+}
