@@ -137,6 +137,57 @@ pub struct StateStats {
     pub dedupe_entries: usize,
 }
 
+/// Version of the snapshot format; any change to the snapshot types bumps it.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+/// All window state and the retry table (see [`Engine::snapshot`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StateSnapshot {
+    pub format: u32,
+    /// Identifies the entity hash key: state hashed under another key is meaningless.
+    pub key_fingerprint: u64,
+    pub resolution_ms: i64,
+    pub taken_at_ms: i64,
+    /// Last applied stream sequence, when the intake knows it (JetStream).
+    pub stream_sequence: Option<u64>,
+    pub groups: Vec<GroupSnapshot>,
+    /// Retry table: id hash, first-seen time, the decision as JSON.
+    pub dedupe: Vec<(KeyHash, i64, String)>,
+}
+
+/// One key group's state in a snapshot.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct GroupSnapshot {
+    pub signature: String,
+    pub slots: [Vec<String>; 3],
+    pub layout: Layout,
+    pub keys: Vec<(StateKey, KeyState)>,
+}
+
+/// What [`Engine::restore`] loaded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Restored {
+    pub keys: usize,
+    pub ids: usize,
+    /// Groups the current rules no longer have.
+    pub dropped_groups: usize,
+    pub skipped_ids: usize,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SnapshotError {
+    #[error("snapshot format {found}; this build reads format {expected}")]
+    Format { found: u32, expected: u32 },
+    #[error("the snapshot was taken with another entity hash key")]
+    Key,
+    #[error("the snapshot's window resolution is {found} ms; the engine's is {expected} ms")]
+    Resolution { found: i64, expected: i64 },
+}
+
+fn key_fingerprint(cfg: &EngineConfig) -> u64 {
+    cfg.hash_key.hash_str("fraudgate snapshot key fingerprint") as u64
+}
+
 /// Counts from [`Engine::evict_idle`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Evicted {
@@ -479,6 +530,107 @@ impl Engine {
                 .collect(),
             dedupe_entries: self.dedupe.len(),
         }
+    }
+
+    /// A copy of all window state and the retry table, for a snapshot. Shards are read one
+    /// at a time (decisions on other shards go on), so a large state does not stall
+    /// deciding while it is copied.
+    pub fn snapshot(&self, taken_at_ms: i64, stream_sequence: Option<u64>) -> StateSnapshot {
+        let active = self.active.load();
+        let groups = active
+            .stores
+            .iter()
+            .map(|s| GroupSnapshot {
+                signature: s.signature.clone(),
+                slots: s.slots.clone(),
+                layout: s.layout.clone(),
+                keys: s
+                    .map
+                    .iter()
+                    .map(|e| (*e.key(), e.value().clone()))
+                    .collect(),
+            })
+            .collect();
+        let dedupe = self
+            .dedupe
+            .iter()
+            .map(|e| (*e.key(), e.value().at_ms, e.value().decision.to_json()))
+            .collect();
+        StateSnapshot {
+            format: SNAPSHOT_FORMAT,
+            key_fingerprint: key_fingerprint(&self.cfg),
+            resolution_ms: self.res_ms,
+            taken_at_ms,
+            stream_sequence,
+            groups,
+            dedupe,
+        }
+    }
+
+    /// Loads a snapshot into this engine's state (decisions wait meanwhile). Groups and
+    /// slots are matched by signature as in a rule reload: a snapshot taken under other
+    /// rules still restores what both sets have in common.
+    pub fn restore(&self, snap: StateSnapshot) -> Result<Restored, SnapshotError> {
+        if snap.format != SNAPSHOT_FORMAT {
+            return Err(SnapshotError::Format {
+                found: snap.format,
+                expected: SNAPSHOT_FORMAT,
+            });
+        }
+        if snap.key_fingerprint != key_fingerprint(&self.cfg) {
+            return Err(SnapshotError::Key);
+        }
+        if snap.resolution_ms != self.res_ms {
+            return Err(SnapshotError::Resolution {
+                found: snap.resolution_ms,
+                expected: self.res_ms,
+            });
+        }
+        let _excl = self.barrier.write().unwrap_or_else(|e| e.into_inner());
+        let active = self.active.load();
+        let mut report = Restored::default();
+        for g in snap.groups {
+            let Some(store) = active.stores.iter().find(|s| s.signature == g.signature) else {
+                report.dropped_groups += 1;
+                continue;
+            };
+            let same = store.slots == g.slots;
+            let map = |old: &[String], new: &[String]| -> Vec<Option<usize>> {
+                new.iter()
+                    .map(|n| old.iter().position(|o| o == n))
+                    .collect()
+            };
+            let mapping = [
+                map(&g.slots[0], &store.slots[0]),
+                map(&g.slots[1], &store.slots[1]),
+                map(&g.slots[2], &store.slots[2]),
+            ];
+            for (k, st) in g.keys {
+                let st = if same {
+                    st
+                } else {
+                    st.migrate(&g.layout, &store.layout, &mapping)
+                };
+                store.map.insert(k, st);
+                report.keys += 1;
+            }
+        }
+        for (id, at_ms, json) in snap.dedupe {
+            match serde_json::from_str::<Decision>(&json) {
+                Ok(d) => {
+                    self.dedupe.insert(
+                        id,
+                        DedupeEntry {
+                            at_ms,
+                            decision: Arc::new(d),
+                        },
+                    );
+                    report.ids += 1;
+                }
+                Err(_) => report.skipped_ids += 1,
+            }
+        }
+        Ok(report)
     }
 
     /// Runs `f` on the state map of the group keyed by `signature` (e.g. `card`), if the

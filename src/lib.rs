@@ -13,6 +13,7 @@ pub mod loadgen;
 pub mod loadrun;
 pub mod rules;
 pub mod service;
+pub mod snapshot;
 pub mod telemetry;
 pub mod transport;
 pub mod txn;

@@ -371,3 +371,68 @@ fn event_times_far_in_the_future_are_clamped() {
     assert!(!o.ts_clamped);
     assert_eq!(o.decision.ts, T0 + 30_000);
 }
+
+#[test]
+fn snapshot_restores_windows_and_retries() {
+    let dir = std::env::temp_dir().join(format!("fg-snap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("state.snap");
+    // A control engine sees everything; the other restarts from a snapshot half way.
+    let control = engine();
+    let first = engine();
+    let mk = |i: i64| {
+        let mut t = tx(
+            &format!("sn{i}"),
+            &format!("card{}", i % 7),
+            100 + i,
+            T0 + i * 1_000,
+        );
+        t.device = Some(format!("dev{}", i % 3));
+        t
+    };
+    for i in 0..40 {
+        control.decide(&mk(i), T0 + i * 1_000);
+        first.decide(&mk(i), T0 + i * 1_000);
+    }
+    let snap = first.snapshot(T0 + 40_000, Some(40));
+    crate::snapshot::write(&path, &snap).unwrap();
+    drop(first);
+    let restarted = engine();
+    let back = crate::snapshot::read(&path).unwrap();
+    assert_eq!(back.stream_sequence, Some(40));
+    let r = restarted.restore(back).unwrap();
+    assert_eq!(r.ids, 40);
+    assert!(r.keys >= 10, "{r:?}");
+    // A retry of an id seen before the restart is still answered from the table.
+    assert!(restarted.decide(&mk(39), T0 + 40_000).duplicate);
+    for i in 40..60 {
+        let a = control.decide(&mk(i), T0 + i * 1_000);
+        let b = restarted.decide(&mk(i), T0 + i * 1_000);
+        assert_eq!(a.decision.rules, b.decision.rules, "transaction {i}");
+        assert_eq!(a.decision.action, b.decision.action);
+    }
+    // Another hash key cannot use it; garbage is not a snapshot.
+    let other = engine_with(EngineConfig {
+        hash_key: crate::keyhash::HashKey::from_secret("other"),
+        ..Default::default()
+    });
+    let snap = crate::snapshot::read(&path).unwrap();
+    assert_eq!(
+        other.restore(snap).unwrap_err(),
+        crate::engine::SnapshotError::Key
+    );
+    std::fs::write(&path, b"not a snapshot").unwrap();
+    assert!(matches!(
+        crate::snapshot::read(&path),
+        Err(crate::snapshot::SnapshotFileError::NotASnapshot { .. })
+    ));
+    let mut truncated = Vec::from(&b"FGSNAP\0\0"[..]);
+    truncated.extend(crate::engine::SNAPSHOT_FORMAT.to_le_bytes());
+    truncated.extend([1, 2, 3]);
+    std::fs::write(&path, truncated).unwrap();
+    assert!(matches!(
+        crate::snapshot::read(&path),
+        Err(crate::snapshot::SnapshotFileError::Corrupt { .. })
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+}

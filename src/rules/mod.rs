@@ -28,7 +28,9 @@ use crate::window::Layout;
 use expr::{CompiledList, ExprCompiler, NumSet, Scope, StrSet};
 
 /// What a rule does when it fires (besides adding its score).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum RuleAction {
     /// Reject, overriding everything (block lists, emergency freezes).
@@ -53,7 +55,7 @@ impl RuleAction {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     Active,

@@ -1,0 +1,110 @@
+//! Snapshot files: a magic header, a format version, then the [`StateSnapshot`] encoded
+//! with bincode. Written to a temporary file in the same directory, fsynced, then renamed
+//! over the target (and the directory fsynced), so a crash leaves the old snapshot or the
+//! new one, never half of one.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use crate::engine::{StateSnapshot, SNAPSHOT_FORMAT};
+
+const MAGIC: &[u8; 8] = b"FGSNAP\0\0";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotFileError {
+    #[error("snapshot {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a fraudgate snapshot")]
+    NotASnapshot { path: String },
+    #[error("snapshot {path} has format {found}; this build reads format {expected}")]
+    Format {
+        path: String,
+        found: u32,
+        expected: u32,
+    },
+    #[error("snapshot {path} is corrupt: {message}")]
+    Corrupt { path: String, message: String },
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> SnapshotFileError + '_ {
+    move |source| SnapshotFileError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Writes `snap` to `path` atomically; returns the bytes written.
+pub fn write(path: &Path, snap: &StateSnapshot) -> Result<u64, SnapshotFileError> {
+    let body = bincode::serde::encode_to_vec(snap, bincode::config::standard()).map_err(|e| {
+        SnapshotFileError::Corrupt {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        }
+    })?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(MAGIC)?;
+        f.write_all(&SNAPSHOT_FORMAT.to_le_bytes())?;
+        f.write_all(&body)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok::<u64, std::io::Error>((MAGIC.len() + 4 + body.len()) as u64)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map_err(io(path))
+}
+
+/// Reads a snapshot file, with a clear error for anything that is not a complete snapshot
+/// of this format.
+pub fn read(path: &Path) -> Result<StateSnapshot, SnapshotFileError> {
+    let mut f = std::fs::File::open(path).map_err(io(path))?;
+    let mut head = [0u8; 12];
+    if f.read_exact(&mut head).is_err() || &head[..8] != MAGIC {
+        return Err(SnapshotFileError::NotASnapshot {
+            path: path.display().to_string(),
+        });
+    }
+    let found = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
+    if found != SNAPSHOT_FORMAT {
+        return Err(SnapshotFileError::Format {
+            path: path.display().to_string(),
+            found,
+            expected: SNAPSHOT_FORMAT,
+        });
+    }
+    let mut body = Vec::new();
+    f.read_to_end(&mut body).map_err(io(path))?;
+    let (snap, used): (StateSnapshot, usize) =
+        bincode::serde::decode_from_slice(&body, bincode::config::standard()).map_err(|e| {
+            SnapshotFileError::Corrupt {
+                path: path.display().to_string(),
+                message: e.to_string(),
+            }
+        })?;
+    if used != body.len() {
+        return Err(SnapshotFileError::Corrupt {
+            path: path.display().to_string(),
+            message: format!("{} trailing bytes", body.len() - used),
+        });
+    }
+    Ok(snap)
+}
