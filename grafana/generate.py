@@ -175,6 +175,17 @@ state.panel("timeseries", "Late and future events",
             "Events too late for their key's retention (decided, counted nowhere) and event times in the future replaced by the receive time, per second.",
             [(f'sum(rate(fraudgate_late_events_dropped_total{{{I}}}[{RI}]))', "too late"),
              (f'sum(rate(fraudgate_future_timestamps_clamped_total{{{I}}}[{RI}]))', "future, clamped")], "ops", w=24)
+state.panel("timeseries", "Snapshot size",
+            "Bytes of the last state snapshot written (window state and retry table), per engine.",
+            [(f'max by (instance) (fraudgate_snapshot_bytes{{{I}}})', "{{instance}}")], "bytes", w=8)
+state.panel("timeseries", "Snapshot time",
+            "Seconds the last snapshot took (copy, encode, write, fsync), per engine. Decisions go on meanwhile.",
+            [(f'max by (instance) (fraudgate_snapshot_duration_seconds{{{I}}})', "{{instance}}")], "s", w=8)
+state.panel("stat", "Since last snapshot",
+            "Age of the oldest engine's last good snapshot: what a restart of that engine would forget.",
+            [(f'time() - min(fraudgate_snapshot_last_success_timestamp_seconds{{{I}}})', "age")], "s", w=4)
+state.panel("stat", "Snapshot failures (24h)", "Snapshots that could not be written in the last 24 hours.",
+            [(f'sum(increase(fraudgate_snapshots_total{{{I},result="failure"}}[24h]))', "failures")], "none", w=4)
 
 here = os.path.dirname(os.path.abspath(__file__))
 for b in (overview, rules, state):

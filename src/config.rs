@@ -1,6 +1,7 @@
 //! Engine settings that shape decisions (not transport). Read from the `[engine]` table of
 //! the config file; every field has a default.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use chrono_tz::Tz;
@@ -222,6 +223,42 @@ pub struct FileConfig {
     pub service: ServiceSection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    #[serde(default)]
+    pub snapshot: SnapshotSection,
+}
+
+/// What to do at start when the snapshot file exists but cannot be used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnBadSnapshot {
+    /// Refuse to start: an operator decides (the safe default: starting empty forgets
+    /// every card's recent history).
+    #[default]
+    Fail,
+    /// Move the file aside (`<path>.bad-<unix ms>`) and start with empty windows.
+    StartEmpty,
+}
+
+/// Window state saved to disk, so a restart does not forget recent history.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SnapshotSection {
+    /// Snapshot file, e.g. `/var/lib/fraudgate/state.snap`; unset = no snapshots.
+    pub path: Option<PathBuf>,
+    /// How often to write it while running (also written at shutdown), e.g. `60s`.
+    pub interval: String,
+    /// `fail` (default) or `start-empty` when the file is corrupt or of another format.
+    pub on_bad: OnBadSnapshot,
+}
+
+impl Default for SnapshotSection {
+    fn default() -> Self {
+        SnapshotSection {
+            path: None,
+            interval: "60s".into(),
+            on_bad: OnBadSnapshot::Fail,
+        }
+    }
 }
 
 /// Prometheus exporter.

@@ -20,7 +20,7 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::config::{parse_duration, EngineConfig, FileConfig};
+use crate::config::{parse_duration, EngineConfig, FileConfig, OnBadSnapshot};
 use crate::engine::Engine;
 use crate::keyhash::HashKey;
 use crate::telemetry::{Counters, Path as IntakePath, Snapshot};
@@ -39,6 +39,8 @@ pub enum ServiceError {
     Watch { dir: String, source: notify::Error },
     #[error(transparent)]
     Metrics(#[from] crate::telemetry::TelemetryError),
+    #[error("{0}\n(set [snapshot] on_bad = \"start-empty\" to move the file aside and start with empty windows)")]
+    Snapshot(crate::snapshot::SnapshotFileError),
 }
 
 /// The Prometheus recorder is process-wide: install it once (the demo and tests may start
@@ -91,6 +93,79 @@ pub struct Running {
     background: Vec<JoinHandle<()>>,
     /// Keeps the file watcher alive.
     _watcher: Option<notify::RecommendedWatcher>,
+    snapshots: Option<Snapshots>,
+}
+
+/// Where and how the window state is saved. The lock keeps the periodic and the final
+/// snapshot from writing at the same time.
+#[derive(Clone)]
+struct Snapshots {
+    path: PathBuf,
+    writing: Arc<std::sync::Mutex<()>>,
+}
+
+impl Snapshots {
+    /// Writes one snapshot (blocking); logs and counts the outcome. Returns success.
+    fn write(&self, engine: &Engine, counters: &Counters) -> bool {
+        let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
+        let started = Instant::now();
+        match crate::snapshot::save(engine, &self.path, now_ms()) {
+            Ok(bytes) => {
+                let secs = started.elapsed().as_secs_f64();
+                counters.snapshot_written(bytes, secs, unix_secs());
+                tracing::info!(
+                    path = %self.path.display(),
+                    bytes,
+                    took_ms = (secs * 1000.0) as u64,
+                    "snapshot written"
+                );
+                true
+            }
+            Err(e) => {
+                counters.snapshot_failed();
+                tracing::error!(error = %e, "snapshot failed; decisions continue");
+                false
+            }
+        }
+    }
+}
+
+/// Loads the snapshot at start; with `on_bad = start-empty`, an unusable file is moved
+/// aside (kept for inspection) and the engine starts empty.
+fn restore_snapshot(
+    engine: &Engine,
+    path: &Path,
+    on_bad: OnBadSnapshot,
+) -> Result<(), ServiceError> {
+    match crate::snapshot::load(engine, path) {
+        Ok(None) => {
+            tracing::info!(path = %path.display(), "no snapshot yet: starting with empty windows");
+            Ok(())
+        }
+        Ok(Some(r)) => {
+            tracing::info!(
+                path = %path.display(),
+                keys = r.keys,
+                ids = r.ids,
+                dropped_groups = r.dropped_groups,
+                skipped_ids = r.skipped_ids,
+                "state restored from snapshot"
+            );
+            Ok(())
+        }
+        Err(e) if on_bad == OnBadSnapshot::Fail => Err(ServiceError::Snapshot(e)),
+        Err(e) => {
+            let aside = path.with_extension(format!("bad-{}", now_ms()));
+            let moved = std::fs::rename(path, &aside);
+            tracing::error!(
+                error = %e,
+                moved_to = %aside.display(),
+                moved = moved.is_ok(),
+                "unusable snapshot: starting with empty windows (on_bad = start-empty)"
+            );
+            Ok(())
+        }
+    }
 }
 
 pub fn now_ms() -> i64 {
@@ -152,6 +227,23 @@ impl Running {
         let counters = Arc::new(Counters::new());
         counters.rules_loaded(&rs, unix_secs());
         let engine = Arc::new(Engine::new(rs, opts.engine.clone()));
+        let snap_cfg = &opts.file.snapshot;
+        let snap_every = duration("[snapshot] interval", &snap_cfg.interval)?;
+        let snapshots = match &snap_cfg.path {
+            Some(path) => {
+                restore_snapshot(&engine, path, snap_cfg.on_bad)?;
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    if let Err(e) = std::fs::create_dir_all(dir) {
+                        tracing::error!(dir = %dir.display(), error = %e, "cannot create the snapshot directory");
+                    }
+                }
+                Some(Snapshots {
+                    path: path.clone(),
+                    writing: Arc::new(std::sync::Mutex::new(())),
+                })
+            }
+            None => None,
+        };
         let client =
             transport::connect(&opts.file.nats, &opts.nats_url, "check", counters.clone()).await?;
         let stream =
@@ -234,7 +326,17 @@ impl Running {
             sweep_every,
             stop_rx.clone(),
         ));
-        let queues = tokio::spawn(queue_monitor(counters.clone(), stop_rx));
+        let mut background = vec![reload, sweep];
+        if let Some(snaps) = &snapshots {
+            background.push(tokio::spawn(snapshotter(
+                snaps.clone(),
+                engine.clone(),
+                counters.clone(),
+                snap_every,
+                stop_rx.clone(),
+            )));
+        }
+        background.push(tokio::spawn(queue_monitor(counters.clone(), stop_rx)));
         tracing::info!(
             check = %wire.subjects.check,
             txn = %wire.subjects.txn,
@@ -249,8 +351,9 @@ impl Running {
             stop,
             intake,
             workers,
-            background: vec![reload, sweep, queues],
+            background,
             _watcher: Some(watcher),
+            snapshots,
         })
     }
 
@@ -295,6 +398,15 @@ impl Running {
         for t in self.background {
             t.abort();
         }
+        // Every accepted transaction is in the windows now: save them for the next start.
+        if let Some(snaps) = self.snapshots.clone() {
+            let (engine, counters) = (self.engine.clone(), self.counters.clone());
+            let write = tokio::task::spawn_blocking(move || snaps.write(&engine, &counters));
+            if tokio::time::timeout(left(), write).await.is_err() {
+                clean = false;
+                tracing::error!("the final snapshot did not finish in time");
+            }
+        }
         if !self.wire.flush(left()).await {
             clean = false;
             tracing::warn!("NATS flush did not complete before exit");
@@ -307,6 +419,8 @@ impl Running {
             decided = s.decided(),
             invalid = s.invalid_total(),
             publish_errors = s.publish_errors,
+            snapshots_ok = s.snapshots_ok,
+            snapshots_failed = s.snapshots_failed,
             clean,
             "stopped"
         );
@@ -534,6 +648,28 @@ async fn sweeper(
                     counters.state(&stats, &ev);
                     tracing::debug!(keys = ev.keys, ids = ev.dedupe, took_ms = started.elapsed().as_millis() as u64, "swept idle state");
                 }
+            }
+            _ = stop.changed() => break,
+        }
+    }
+}
+
+/// Writes a snapshot every `every`, off the async runtime.
+async fn snapshotter(
+    snaps: Snapshots,
+    engine: Arc<Engine>,
+    counters: Arc<Counters>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_secs(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate; the state was just loaded
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let (s, e, c) = (snaps.clone(), engine.clone(), counters.clone());
+                let _ = tokio::task::spawn_blocking(move || s.write(&e, &c)).await;
             }
             _ = stop.changed() => break,
         }

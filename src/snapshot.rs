@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::path::Path;
 
-use crate::engine::{StateSnapshot, SNAPSHOT_FORMAT};
+use crate::engine::{Engine, Restored, SnapshotError, StateSnapshot, SNAPSHOT_FORMAT};
 
 const MAGIC: &[u8; 8] = b"FGSNAP\0\0";
 
@@ -27,6 +27,31 @@ pub enum SnapshotFileError {
     },
     #[error("snapshot {path} is corrupt: {message}")]
     Corrupt { path: String, message: String },
+    #[error("snapshot {path} does not fit this engine: {source}")]
+    Incompatible { path: String, source: SnapshotError },
+}
+
+/// Copies the engine's state and writes it to `path`; returns the bytes written.
+/// The copy takes each state shard's read lock briefly; encoding and IO happen after, so
+/// decisions are not held up by the disk. Call it off the async runtime.
+pub fn save(engine: &Engine, path: &Path, taken_at_ms: i64) -> Result<u64, SnapshotFileError> {
+    let snap = engine.snapshot(taken_at_ms, None);
+    write(path, &snap)
+}
+
+/// Reads the snapshot at `path` into `engine`. `Ok(None)` when there is no file yet.
+pub fn load(engine: &Engine, path: &Path) -> Result<Option<Restored>, SnapshotFileError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let snap = read(path)?;
+    engine
+        .restore(snap)
+        .map(Some)
+        .map_err(|source| SnapshotFileError::Incompatible {
+            path: path.display().to_string(),
+            source,
+        })
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> SnapshotFileError + '_ {

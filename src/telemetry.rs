@@ -49,6 +49,10 @@ pub mod names {
     pub const BUILD_INFO: &str = "fraudgate_build_info";
     pub const RULES_DIR_VALID: &str = "fraudgate_rules_dir_valid";
     pub const NATS_PENDING: &str = "fraudgate_nats_pending_messages";
+    pub const SNAPSHOTS: &str = "fraudgate_snapshots_total";
+    pub const SNAPSHOT_BYTES: &str = "fraudgate_snapshot_bytes";
+    pub const SNAPSHOT_SECONDS: &str = "fraudgate_snapshot_duration_seconds";
+    pub const LAST_SNAPSHOT: &str = "fraudgate_snapshot_last_success_timestamp_seconds";
 }
 
 /// How long an unset gauge survives in the exporter.
@@ -92,6 +96,26 @@ pub fn install_exporter(addr: SocketAddr) -> Result<(), TelemetryError> {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
     use names::*;
+    describe_counter!(
+        SNAPSHOTS,
+        Unit::Count,
+        "State snapshots written, by result (success, failure)."
+    );
+    describe_gauge!(
+        SNAPSHOT_BYTES,
+        Unit::Bytes,
+        "Size of the last state snapshot written."
+    );
+    describe_gauge!(
+        SNAPSHOT_SECONDS,
+        Unit::Seconds,
+        "Time the last state snapshot took (copy, encode, write, fsync)."
+    );
+    describe_gauge!(
+        LAST_SNAPSHOT,
+        Unit::Seconds,
+        "Unix time of the last state snapshot written successfully."
+    );
     describe_counter!(
         RECEIVED,
         Unit::Count,
@@ -298,6 +322,8 @@ pub struct Counters {
     no_reply: AtomicU64,
     evicted_keys: Counter,
     evicted_ids: Counter,
+    snapshots_ok: Both,
+    snapshots_failed: Both,
     decision_seconds: [Histogram; 2],
     end_to_end_seconds: [Histogram; 2],
     in_flight: [Gauge; 2],
@@ -339,6 +365,8 @@ pub struct Snapshot {
     pub connects: u64,
     pub slow_consumer: u64,
     pub no_reply: u64,
+    pub snapshots_ok: u64,
+    pub snapshots_failed: u64,
 }
 
 impl Snapshot {
@@ -400,6 +428,8 @@ impl Counters {
             no_reply: AtomicU64::new(0),
             evicted_keys,
             evicted_ids,
+            snapshots_ok: Both::new(counter!(SNAPSHOTS, "result" => "success")),
+            snapshots_failed: Both::new(counter!(SNAPSHOTS, "result" => "failure")),
             decision_seconds: Path::ALL.map(|p| histogram!(DECISION_SECONDS, "path" => p.as_str())),
             end_to_end_seconds: Path::ALL
                 .map(|p| histogram!(END_TO_END_SECONDS, "path" => p.as_str())),
@@ -559,6 +589,21 @@ impl Counters {
         });
     }
 
+    /// A state snapshot written: its size, how long it took, when.
+    pub fn snapshot_written(&self, bytes: u64, secs: f64, unix_secs: f64) {
+        use metrics::gauge;
+        use names::*;
+        self.snapshots_ok.inc();
+        gauge!(SNAPSHOT_BYTES).set(bytes as f64);
+        gauge!(SNAPSHOT_SECONDS).set(secs);
+        gauge!(LAST_SNAPSHOT).set(unix_secs);
+    }
+
+    /// A state snapshot that could not be written.
+    pub fn snapshot_failed(&self) {
+        self.snapshots_failed.inc();
+    }
+
     /// Window-state sizes (from `Engine::stats`) and what a sweep evicted.
     pub fn state(&self, stats: &StateStats, evicted: &Evicted) {
         use metrics::gauge;
@@ -594,6 +639,8 @@ impl Counters {
             connects: self.connects.load(Relaxed),
             slow_consumer: self.slow_consumer.get(),
             no_reply: self.no_reply.load(Relaxed),
+            snapshots_ok: self.snapshots_ok.get(),
+            snapshots_failed: self.snapshots_failed.get(),
         }
     }
 

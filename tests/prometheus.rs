@@ -60,7 +60,11 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         .expect("prometheus must be installed (scripts/test installs it)");
     let nats = nats().await;
     let metrics_port = fraudgate::demo::free_port().unwrap();
-    let config = format!("{CONFIG}\n[metrics]\naddr = \"127.0.0.1:{metrics_port}\"\n");
+    let snap_dir = Scratch::new("prom-snap");
+    let config = format!(
+        "{CONFIG}\n[metrics]\naddr = \"127.0.0.1:{metrics_port}\"\n[snapshot]\npath = {:?}\ninterval = \"1s\"\n",
+        snap_dir.0.join("state.snap").display().to_string()
+    );
     let engine = Engine::start_with(&nats.url(), &config).await;
 
     // Prometheus scraping the engine every second, with the shipped alert rules.
@@ -225,7 +229,7 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap())
         .collect();
-    assert_eq!(loaded.len(), 9, "{rules}");
+    assert_eq!(loaded.len(), 10, "{rules}");
     for r in loaded {
         assert_ne!(r["health"], "err", "{r}");
     }

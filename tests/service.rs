@@ -783,3 +783,123 @@ async fn nats_over_tls_with_a_private_ca() {
     );
     let _ = server.kill().await;
 }
+
+fn snapshot_config(path: &std::path::Path, extra: &str) -> String {
+    format!(
+        "{CONFIG}\n[snapshot]\npath = {:?}\ninterval = \"1s\"\n{extra}\n",
+        path.display().to_string()
+    )
+}
+
+async fn stop(mut engine: Engine) -> Engine {
+    engine.signal("TERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), engine.child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert!(status.success(), "{status}:\n{}", engine.log_text());
+    engine
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_carries_windows_and_retries_across_a_restart() {
+    let nats = nats().await;
+    let dir = Scratch::new("snap");
+    let path = dir.0.join("state").join("fraudgate.snap");
+    let config = snapshot_config(&path, "");
+    let engine = Engine::start_with(&nats.url(), &config).await;
+    engine
+        .wait_log("no snapshot yet", Duration::from_secs(1))
+        .await;
+    let c = client(&nats.url()).await;
+    let first = check(&c, &txn("snap-1", "4111111111113001", "8000")).await;
+    let second = check(&c, &txn("snap-2", "4111111111113001", "7999")).await;
+    assert_eq!(second["action"], "approve", "{second}");
+    let engine = stop(engine).await;
+    assert!(engine.log_text().contains("snapshot written"));
+    assert!(path.exists());
+
+    let engine = Engine::start_with(&nats.url(), &config).await;
+    engine
+        .wait_log("state restored from snapshot", Duration::from_secs(1))
+        .await;
+    // The card's 24-hour sum survived: 8000 + 7999 + 4002 crosses the 20000 limit.
+    let over = check(&c, &txn("snap-3", "4111111111113001", "4002")).await;
+    assert_eq!(over["decided_by"], "reject:daily_card_limit", "{over}");
+    assert_eq!(over["rules"][0]["values"]["card_amount_24h"], "20001");
+    // A retry after the restart gets the original decision and is not counted again.
+    let again = check(&c, &txn("snap-1", "4111111111113001", "8000")).await;
+    assert_eq!(again, first);
+    let _ = stop(engine).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_snapshot_stops_the_start_unless_configured_to_start_empty() {
+    let nats = nats().await;
+    let dir = Scratch::new("badsnap");
+    let path = dir.0.join("fraudgate.snap");
+    std::fs::write(&path, b"FGSNAP\0\0\x01\0\0\0not bincode at all").unwrap();
+    let cfg = dir.0.join("fraudgate.toml");
+    std::fs::write(&cfg, snapshot_config(&path, "")).unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+            .args(["run", "--nats-url", &nats.url(), "--rules"])
+            .arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"))
+            .arg("--config")
+            .arg(&cfg)
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("refuses promptly")
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("fraudgate.snap"), "{err}");
+    assert!(err.contains("on_bad"), "the error names the way out: {err}");
+    assert!(path.exists(), "the file is left for the operator");
+
+    let engine = Engine::start_with(
+        &nats.url(),
+        &snapshot_config(&path, "on_bad = \"start-empty\""),
+    )
+    .await;
+    assert!(engine.log_text().contains("unusable snapshot"));
+    let aside = std::fs::read_dir(&dir.0)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| e.file_name().to_string_lossy().contains(".bad-"));
+    assert!(aside, "the bad file was moved aside, not deleted");
+    let c = client(&nats.url()).await;
+    let d = check(&c, &txn("bad-snap-1", "4111111111113101", "10")).await;
+    assert_eq!(d["action"], "approve", "{d}");
+    let _ = stop(engine).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_snapshot_path_is_counted_and_decisions_continue() {
+    let nats = nats().await;
+    let dir = Scratch::new("nosnap");
+    // A regular file where the directory should be: no write can succeed, even as root.
+    std::fs::write(dir.0.join("not-a-dir"), b"").unwrap();
+    let path = dir.0.join("not-a-dir").join("fraudgate.snap");
+    let engine = Engine::start_with(&nats.url(), &snapshot_config(&path, "")).await;
+    engine
+        .wait_log("snapshot failed", Duration::from_secs(10))
+        .await;
+    let c = client(&nats.url()).await;
+    for i in 0..5 {
+        let amount = format!("{}", 10 + i);
+        let d = check(
+            &c,
+            &txn(&format!("nosnap-{i}"), "4111111111113201", &amount),
+        )
+        .await;
+        assert_eq!(d["action"], "approve", "{d}");
+    }
+    let engine = stop(engine).await;
+    let stopped = engine.stopped_line();
+    assert!(stopped["fields"]["snapshots_failed"].as_u64().unwrap() >= 2);
+    assert_eq!(stopped["fields"]["snapshots_ok"].as_u64(), Some(0));
+}
