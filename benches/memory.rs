@@ -13,6 +13,11 @@
 //!
 //! RSS includes allocator and hash-table slack, which the engine's own estimate
 //! (`Engine::stats`) does not; both are printed.
+//!
+//! With the default rules it then writes a state snapshot of that state (size, time) while
+//! another thread keeps deciding, and compares that thread's decision times during the
+//! snapshot with the same thread's times just before it (same run, same process): how
+//! much a snapshot of a large state holds decisions up.
 
 use std::path::Path;
 
@@ -54,6 +59,98 @@ const T0: i64 = 1_795_687_200_000;
 // The same allocator as the `fraudgate` binary.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Decision times (ns) of one thread deciding transactions of known cards until `stop`.
+fn decide_while(
+    engine: &Engine,
+    cards: u64,
+    ts: i64,
+    stop: &std::sync::atomic::AtomicBool,
+    tag: &str,
+) -> Vec<u64> {
+    let mut times = Vec::new();
+    let mut i = 0u64;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let c = (i * 7919) % cards;
+        let mut t = Transaction::new(
+            format!("{tag}-{i}"),
+            format!("5{:015}", c),
+            Decimal::new(1234 + (i % 100) as i64, 2),
+        );
+        t.ts_ms = Some(ts);
+        t.merchant = Some(format!("mer-{}", i % 5_000));
+        let started = std::time::Instant::now();
+        engine.decide(&t, ts);
+        times.push(started.elapsed().as_nanos() as u64);
+        i += 1;
+    }
+    times.sort_unstable();
+    times
+}
+
+fn describe(tag: &str, t: &[u64]) {
+    let q = |p: f64| t[((t.len() - 1) as f64 * p) as usize] as f64 / 1000.0;
+    println!(
+        "  {tag:<26} {:>8} decisions  p50 {:>7.1} µs  p99 {:>7.1} µs  p99.9 {:>7.1} µs  max {:>8.1} µs",
+        t.len(),
+        q(0.5),
+        q(0.99),
+        q(0.999),
+        q(1.0)
+    );
+}
+
+/// Snapshot of the loaded state while a second thread decides.
+fn snapshot_under_load(engine: &Engine, cards: u64, ts: i64) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = std::env::temp_dir().join(format!("fraudgate-bench-snap-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("state.snap");
+    let stop = AtomicBool::new(false);
+    // Baseline: the same decisions with nothing else running, for as long as the
+    // snapshot will take (measured once first, not timed for the comparison).
+    let probe = std::time::Instant::now();
+    fraudgate::snapshot::save(engine, &path, ts).unwrap();
+    let window = probe.elapsed();
+    let before = std::thread::scope(|s| {
+        let h = s.spawn(|| decide_while(engine, cards, ts, &stop, "base"));
+        std::thread::sleep(window);
+        stop.store(true, Ordering::Relaxed);
+        h.join().unwrap()
+    });
+    stop.store(false, Ordering::Relaxed);
+    // The baseline's decisions are remembered for retries; forget them (horizon 1 s) so the
+    // snapshot holds the window state.
+    engine.evict_idle(ts + 2_000);
+    let (copying, snap, copy_took) = std::thread::scope(|s| {
+        let h = s.spawn(|| decide_while(engine, cards, ts, &stop, "copy"));
+        let started = std::time::Instant::now();
+        let snap = engine.snapshot(ts, None);
+        let took = started.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        (h.join().unwrap(), snap, took)
+    });
+    stop.store(false, Ordering::Relaxed);
+    let (writing, bytes, write_took) = std::thread::scope(|s| {
+        let h = s.spawn(|| decide_while(engine, cards, ts, &stop, "write"));
+        let started = std::time::Instant::now();
+        let bytes = fraudgate::snapshot::write(&path, &snap).unwrap();
+        let took = started.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        (h.join().unwrap(), bytes, took)
+    });
+    println!(
+        "  snapshot: {:.1} MiB ({:.1} B per card): copy {:.2} s, encode + write + fsync {:.2} s",
+        bytes as f64 / 1048576.0,
+        bytes as f64 / cards as f64,
+        copy_took.as_secs_f64(),
+        write_took.as_secs_f64()
+    );
+    describe("decide, no snapshot", &before);
+    describe("decide, while copying", &copying);
+    describe("decide, while writing", &writing);
+    let _ = std::fs::remove_dir_all(&dir);
+}
 
 fn run(name: &str, engine: Engine, cards: u64, per_card: u64) {
     let before = rss_bytes();
@@ -105,6 +202,9 @@ fn run(name: &str, engine: Engine, cards: u64, per_card: u64) {
         after.saturating_sub(before) as f64 / cards as f64,
         est_total as f64 / cards as f64
     );
+    if name == "default rules" {
+        snapshot_under_load(&engine, cards, last_ts);
+    }
     drop(engine);
 }
 

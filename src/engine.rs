@@ -532,9 +532,10 @@ impl Engine {
         }
     }
 
-    /// A copy of all window state and the retry table, for a snapshot. Shards are read one
-    /// at a time (decisions on other shards go on), so a large state does not stall
-    /// deciding while it is copied.
+    /// A copy of all window state and the retry table, for a snapshot. Locks are held per
+    /// entry (plus one pass per shard to list its keys), so decisions go on while a large
+    /// state is copied. Not a point-in-time cut: decisions made during the copy may be in
+    /// it or not, key by key (`benches/memory.rs` measures the effect on decisions).
     pub fn snapshot(&self, taken_at_ms: i64, stream_sequence: Option<u64>) -> StateSnapshot {
         let active = self.active.load();
         let groups = active
@@ -544,17 +545,30 @@ impl Engine {
                 signature: s.signature.clone(),
                 slots: s.slots.clone(),
                 layout: s.layout.clone(),
-                keys: s
-                    .map
-                    .iter()
-                    .map(|e| (*e.key(), e.value().clone()))
-                    .collect(),
+                keys: {
+                    // Keys first (16 bytes each, a shard's read lock held only for that),
+                    // then each state copied under its own short lock: a shard is never
+                    // held for the time it takes to clone all its states.
+                    let mut keys: Vec<StateKey> = Vec::with_capacity(s.map.len() + 1024);
+                    keys.extend(s.map.iter().map(|e| *e.key()));
+                    let mut out = Vec::with_capacity(keys.len());
+                    out.extend(
+                        keys.into_iter()
+                            .filter_map(|k| s.map.get(&k).map(|v| (k, v.value().clone()))),
+                    );
+                    out
+                },
             })
             .collect();
-        let dedupe = self
-            .dedupe
-            .iter()
-            .map(|e| (*e.key(), e.value().at_ms, e.value().decision.to_json()))
+        let ids: Vec<KeyHash> = self.dedupe.iter().map(|e| *e.key()).collect();
+        let dedupe = ids
+            .into_iter()
+            .filter_map(|id| {
+                let e = self.dedupe.get(&id)?;
+                let (at_ms, decision) = (e.at_ms, e.decision.clone());
+                drop(e);
+                Some((id, at_ms, decision.to_json()))
+            })
             .collect();
         StateSnapshot {
             format: SNAPSHOT_FORMAT,
