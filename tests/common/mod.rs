@@ -71,6 +71,21 @@ reload_debounce = "100ms"
 workers = 4
 "#;
 
+/// An `[engine]` table whose time zone puts the local time at about noon now. The shipped
+/// rules hold large amounts at night (local_hour < 6); transactions without `ts` use the
+/// receive time, so without this the tests' decisions would depend on when they run.
+pub fn daytime_engine_table() -> String {
+    let utc_hour = (fraudgate::service::now_ms() / 3_600_000).rem_euclid(24);
+    let offset = 12 - utc_hour; // -11 ..= 12
+                                // Etc/GMT zones have the POSIX sign: Etc/GMT-5 is UTC+5.
+    let zone = match offset {
+        0 => "Etc/GMT".to_string(),
+        o if o > 0 => format!("Etc/GMT-{o}"),
+        o => format!("Etc/GMT+{}", -o),
+    };
+    format!("\n[engine]\ntimezone = \"{zone}\"\n")
+}
+
 impl Engine {
     pub async fn start(url: &str) -> Engine {
         Self::start_with(url, CONFIG).await
@@ -85,6 +100,10 @@ impl Engine {
         let rules = dir.0.join("rules");
         copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"), &rules);
         let cfg = dir.0.join("fraudgate.toml");
+        let mut config = config.to_string();
+        if !config.contains("[engine]") {
+            config.push_str(&daytime_engine_table());
+        }
         std::fs::write(&cfg, config).unwrap();
         let log = dir.0.join("engine.log");
         let child = Command::new(env!("CARGO_BIN_EXE_fraudgate"))
