@@ -101,43 +101,44 @@ fn describe(tag: &str, t: &[u64]) {
 }
 
 /// Snapshot of the loaded state while a second thread decides.
-fn snapshot_under_load(engine: &Engine, cards: u64, ts: i64) {
+/// Runs `work` while a second thread decides; returns that thread's decision times,
+/// `work`'s result and how long `work` took.
+fn while_deciding<T>(
+    engine: &Engine,
+    cards: u64,
+    ts: i64,
+    tag: &str,
+    work: impl FnOnce() -> T,
+) -> (Vec<u64>, T, std::time::Duration) {
     use std::sync::atomic::{AtomicBool, Ordering};
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let h = s.spawn(|| decide_while(engine, cards, ts, &stop, tag));
+        let started = std::time::Instant::now();
+        let out = work();
+        let took = started.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        (h.join().unwrap(), out, took)
+    })
+}
+
+fn snapshot_under_load(engine: &Engine, cards: u64, ts: i64) {
     let dir = std::env::temp_dir().join(format!("fraudgate-bench-snap-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("state.snap");
-    let stop = AtomicBool::new(false);
     // Baseline: the same decisions with nothing else running, for as long as the
     // snapshot will take (measured once first, not timed for the comparison).
     let probe = std::time::Instant::now();
     fraudgate::snapshot::save(engine, &path, ts).unwrap();
     let window = probe.elapsed();
-    let before = std::thread::scope(|s| {
-        let h = s.spawn(|| decide_while(engine, cards, ts, &stop, "base"));
-        std::thread::sleep(window);
-        stop.store(true, Ordering::Relaxed);
-        h.join().unwrap()
-    });
-    stop.store(false, Ordering::Relaxed);
+    let (before, (), _) = while_deciding(engine, cards, ts, "base", || std::thread::sleep(window));
     // The baseline's decisions are remembered for retries; forget them (horizon 1 s) so the
     // snapshot holds the window state.
     engine.evict_idle(ts + 2_000);
-    let (copying, snap, copy_took) = std::thread::scope(|s| {
-        let h = s.spawn(|| decide_while(engine, cards, ts, &stop, "copy"));
-        let started = std::time::Instant::now();
-        let snap = engine.snapshot(ts, None);
-        let took = started.elapsed();
-        stop.store(true, Ordering::Relaxed);
-        (h.join().unwrap(), snap, took)
-    });
-    stop.store(false, Ordering::Relaxed);
-    let (writing, bytes, write_took) = std::thread::scope(|s| {
-        let h = s.spawn(|| decide_while(engine, cards, ts, &stop, "write"));
-        let started = std::time::Instant::now();
-        let bytes = fraudgate::snapshot::write(&path, &snap).unwrap();
-        let took = started.elapsed();
-        stop.store(true, Ordering::Relaxed);
-        (h.join().unwrap(), bytes, took)
+    let (copying, snap, copy_took) =
+        while_deciding(engine, cards, ts, "copy", || engine.snapshot(ts, None));
+    let (writing, bytes, write_took) = while_deciding(engine, cards, ts, "write", || {
+        fraudgate::snapshot::write(&path, &snap).unwrap()
     });
     println!(
         "  snapshot: {:.1} MiB ({:.1} B per card): copy {:.2} s, encode + write + fsync {:.2} s",

@@ -105,8 +105,8 @@ struct Snapshots {
 }
 
 impl Snapshots {
-    /// Writes one snapshot (blocking); logs and counts the outcome. Returns success.
-    fn write(&self, engine: &Engine, counters: &Counters) -> bool {
+    /// Writes one snapshot (blocking); logs and counts the outcome.
+    fn write(&self, engine: &Engine, counters: &Counters) {
         let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         let started = Instant::now();
         match crate::snapshot::save(engine, &self.path, now_ms()) {
@@ -119,12 +119,10 @@ impl Snapshots {
                     took_ms = (secs * 1000.0) as u64,
                     "snapshot written"
                 );
-                true
             }
             Err(e) => {
                 counters.snapshot_failed();
                 tracing::error!(error = %e, "snapshot failed; decisions continue");
-                false
             }
         }
     }
@@ -155,7 +153,9 @@ fn restore_snapshot(
         }
         Err(e) if on_bad == OnBadSnapshot::Fail => Err(ServiceError::Snapshot(e)),
         Err(e) => {
-            let aside = path.with_extension(format!("bad-{}", now_ms()));
+            let mut aside = path.as_os_str().to_owned();
+            aside.push(format!(".bad-{}", now_ms()));
+            let aside = PathBuf::from(aside);
             let moved = std::fs::rename(path, &aside);
             tracing::error!(
                 error = %e,
