@@ -184,6 +184,17 @@ pub enum SnapshotError {
     Resolution { found: i64, expected: i64 },
 }
 
+/// For each slot kind (count, sum, distinct), where each new slot's data is among the
+/// old slots (by signature), if anywhere: what `KeyState::migrate` needs.
+fn slot_mapping(old: &[Vec<String>; 3], new: &[Vec<String>; 3]) -> [Vec<Option<usize>>; 3] {
+    std::array::from_fn(|i| {
+        new[i]
+            .iter()
+            .map(|n| old[i].iter().position(|o| o == n))
+            .collect()
+    })
+}
+
 fn key_fingerprint(cfg: &EngineConfig) -> u64 {
     cfg.hash_key.hash_str("fraudgate snapshot key fingerprint") as u64
 }
@@ -247,16 +258,7 @@ impl Engine {
                 }
                 Some(p) => {
                     report.migrated += 1;
-                    let map = |old: &[String], new: &[String]| -> Vec<Option<usize>> {
-                        new.iter()
-                            .map(|n| old.iter().position(|o| o == n))
-                            .collect()
-                    };
-                    let mapping = [
-                        map(&p.slots[0], &sigs[0]),
-                        map(&p.slots[1], &sigs[1]),
-                        map(&p.slots[2], &sigs[2]),
-                    ];
+                    let mapping = slot_mapping(&p.slots, &sigs);
                     plans.push((Some(p.map.clone()), Some((p.layout.clone(), mapping))));
                 }
             }
@@ -608,22 +610,11 @@ impl Engine {
                 report.dropped_groups += 1;
                 continue;
             };
-            let same = store.slots == g.slots;
-            let map = |old: &[String], new: &[String]| -> Vec<Option<usize>> {
-                new.iter()
-                    .map(|n| old.iter().position(|o| o == n))
-                    .collect()
-            };
-            let mapping = [
-                map(&g.slots[0], &store.slots[0]),
-                map(&g.slots[1], &store.slots[1]),
-                map(&g.slots[2], &store.slots[2]),
-            ];
+            let mapping = (store.slots != g.slots).then(|| slot_mapping(&g.slots, &store.slots));
             for (k, st) in g.keys {
-                let st = if same {
-                    st
-                } else {
-                    st.migrate(&g.layout, &store.layout, &mapping)
+                let st = match &mapping {
+                    None => st,
+                    Some(m) => st.migrate(&g.layout, &store.layout, m),
                 };
                 store.map.insert(k, st);
                 report.keys += 1;
