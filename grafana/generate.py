@@ -165,8 +165,9 @@ state.panel("timeseries", "Window state memory",
             "Estimated bytes of window state per key group (hash-table slots and heap blocks).",
             [(f'sum by (group) (fraudgate_state_bytes{{{I}}})', "{{group}}")], "bytes")
 state.panel("timeseries", "Evictions",
-            "Keys evicted after being idle longer than their longest window, and transaction ids past the dedupe horizon, per second.",
-            [(f'sum(rate(fraudgate_state_evicted_keys_total{{{I}}}[{RI}]))', "keys"),
+            "Keys evicted after being idle longer than their longest window, keys evicted because their group reached max_keys (least recently used first: their history is lost), and transaction ids past the dedupe horizon, per second.",
+            [(f'sum(rate(fraudgate_state_evicted_keys_total{{{I}}}[{RI}]))', "idle keys"),
+             (f'sum by (group) (rate(fraudgate_state_capped_keys_total{{{I}}}[{RI}]))', "at cap: {{group}}"),
              (f'sum(rate(fraudgate_dedupe_evicted_total{{{I}}}[{RI}]))', "transaction ids")], "ops")
 state.panel("timeseries", "Dedupe table",
             "Transaction ids remembered for retries.",

@@ -29,7 +29,15 @@ pub struct EngineConfig {
     pub dedupe_horizon: Duration,
     /// Key for hashing entity keys and list entries.
     pub hash_key: HashKey,
+    /// Most keys tracked per key group (entity kind: card, device, card+merchant ...).
+    /// Past it the least recently used keys (oldest newest event) are evicted and counted,
+    /// so a flood of new cards cannot exhaust memory. `None`: unbounded.
+    pub max_keys: Option<usize>,
 }
+
+/// Default [`EngineConfig::max_keys`]: at roughly 300 bytes per key, about 1.5 GB per
+/// key group at most.
+pub const DEFAULT_MAX_KEYS: usize = 5_000_000;
 
 impl Default for EngineConfig {
     fn default() -> Self {
@@ -41,6 +49,7 @@ impl Default for EngineConfig {
             max_future_skew: Duration::from_secs(60),
             dedupe_horizon: Duration::from_secs(120),
             hash_key: HashKey::default(),
+            max_keys: Some(DEFAULT_MAX_KEYS),
         }
     }
 }
@@ -58,6 +67,8 @@ pub struct EngineSection {
     /// Secret for entity hashing. Prefer `hash_key_env`, naming an environment variable.
     pub hash_key: Option<String>,
     pub hash_key_env: Option<String>,
+    /// Most keys per key group; 0 = unbounded.
+    pub max_keys: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -107,6 +118,9 @@ impl EngineSection {
         c.max_lateness = dur("max_lateness", &self.max_lateness, c.max_lateness)?;
         c.max_future_skew = dur("max_future_skew", &self.max_future_skew, c.max_future_skew)?;
         c.dedupe_horizon = dur("dedupe_horizon", &self.dedupe_horizon, c.dedupe_horizon)?;
+        if let Some(n) = self.max_keys {
+            c.max_keys = (n > 0).then_some(n as usize);
+        }
         if let Some(var) = &self.hash_key_env {
             let secret = env(var).ok_or_else(|| ConfigError::MissingEnv(var.clone()))?;
             c.hash_key = HashKey::from_secret(&secret);

@@ -11,7 +11,9 @@
 //! rewritten to the new layout while decisions wait on the swap barrier, so no update is
 //! lost or applied to the wrong layout.
 
-use std::sync::{Arc, RwLock};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -41,6 +43,9 @@ pub struct GroupStore {
     slots: [Vec<String>; 3],
     /// Shared with the previous rule set's store when the group survives a reload.
     pub map: Arc<StateMap>,
+    /// Keys inserted, to check the key cap every so many inserts (`len()` locks every
+    /// shard, too dear for each insert).
+    inserts: AtomicU32,
 }
 
 impl GroupStore {
@@ -50,6 +55,7 @@ impl GroupStore {
             layout: g.layout.clone(),
             slots: slot_sigs(g),
             map,
+            inserts: AtomicU32::new(0),
         }
     }
 }
@@ -110,6 +116,9 @@ pub struct Swapped {
 /// Shards per map: many more than cores, so two deciding threads rarely meet.
 const SHARDS: usize = 64;
 
+/// Key groups of one decision that went over the key cap.
+type OverCap = SmallVec<[usize; 4]>;
+
 struct DedupeEntry {
     at_ms: i64,
     decision: Arc<Decision>,
@@ -135,6 +144,9 @@ pub struct StateStats {
     /// Per key group: (signature, keys, approximate bytes).
     pub groups: Vec<(String, usize, usize)>,
     pub dedupe_entries: usize,
+    /// Per key group: keys evicted so far because the group reached `max_keys`
+    /// (cumulative since the engine started).
+    pub capped: Vec<(String, u64)>,
 }
 
 /// Version of the snapshot format; any change to the snapshot types bumps it.
@@ -213,6 +225,10 @@ pub struct Engine {
     barrier: RwLock<()>,
     dedupe: DashMap<KeyHash, DedupeEntry, PreHashed>,
     res_ms: i64,
+    /// Keys evicted at the cap, per group signature.
+    capped: Mutex<BTreeMap<String, u64>>,
+    /// One thread enforces the cap at a time; others go on deciding meanwhile.
+    evicting: AtomicBool,
 }
 
 impl Engine {
@@ -223,6 +239,8 @@ impl Engine {
             res_ms: cfg.resolution.as_millis().max(1) as i64,
             cfg,
             dedupe: DashMap::with_hasher_and_shard_amount(PreHashed, SHARDS),
+            capped: Mutex::new(BTreeMap::new()),
+            evicting: AtomicBool::new(false),
         }
     }
 
@@ -309,9 +327,10 @@ impl Engine {
         let active = self.active.load();
         let id_hash = self.cfg.hash_key.hash_str(&txn.id);
         let horizon = self.cfg.dedupe_horizon.as_millis() as i64;
+        let mut over_cap: OverCap = SmallVec::new();
         // The dedupe shard stays locked while this id is decided, so a concurrent retry of
         // the same id waits and then gets this decision instead of being counted twice.
-        match self.dedupe.entry(id_hash) {
+        let out = match self.dedupe.entry(id_hash) {
             Entry::Occupied(o) if now_ms.saturating_sub(o.get().at_ms) <= horizon => Outcome {
                 decision: o.get().decision.clone(),
                 duplicate: true,
@@ -323,7 +342,8 @@ impl Engine {
                 let ts_ms = txn.ts_ms.unwrap_or(now_ms);
                 let ts_clamped = ts_ms > now_ms.saturating_add(skew);
                 let ts_ms = if ts_clamped { now_ms } else { ts_ms };
-                let (mut decision, too_late) = self.decide_fresh(&active, txn, ts_ms);
+                let (mut decision, too_late) =
+                    self.decide_fresh(&active, txn, ts_ms, &mut over_cap);
                 decision.engine_us = start.elapsed().as_micros() as u64;
                 let decision = Arc::new(decision);
                 let value = DedupeEntry {
@@ -345,11 +365,64 @@ impl Engine {
                     ts_clamped,
                 }
             }
+        };
+        // With the id's dedupe shard released: eviction takes a while and must not hold
+        // up the retries of unrelated ids.
+        for gi in over_cap {
+            self.enforce_cap(&active.stores[gi]);
         }
+        out
+    }
+
+    /// Evicts the least recently used keys of a group over `max_keys`, down to 15/16 of
+    /// the cap (so the scan is paid once per cap/16 new keys, not per key). "Recently
+    /// used" is the key's newest event time: every decision on a key adds an event.
+    fn enforce_cap(&self, store: &GroupStore) {
+        let Some(cap) = self.cfg.max_keys else { return };
+        if self.evicting.swap(true, Ordering::Acquire) {
+            return; // another thread is at it
+        }
+        let len = store.map.len();
+        if len > cap {
+            let target = cap - cap / 16;
+            let mut excess = len - target;
+            let none = i64::MIN;
+            let mut newest: Vec<i64> = store
+                .map
+                .iter()
+                .map(|e| e.value().newest_bucket(&store.layout).unwrap_or(none))
+                .collect();
+            excess = excess.min(newest.len());
+            if excess > 0 {
+                let (_, &mut threshold, _) = newest.select_nth_unstable(excess - 1);
+                let below = newest.iter().filter(|&&b| b < threshold).count();
+                drop(newest);
+                let mut ties = excess - below;
+                let mut removed = 0u64;
+                store.map.retain(|_, st| {
+                    let b = st.newest_bucket(&store.layout).unwrap_or(none);
+                    let evict = b < threshold || (b == threshold && ties > 0);
+                    if b == threshold && evict {
+                        ties -= 1;
+                    }
+                    removed += evict as u64;
+                    !evict
+                });
+                let mut capped = self.capped.lock().unwrap_or_else(|e| e.into_inner());
+                *capped.entry(store.signature.clone()).or_default() += removed;
+            }
+        }
+        self.evicting.store(false, Ordering::Release);
     }
 
     /// Decides a transaction not seen before, at event time `ts_ms`.
-    fn decide_fresh(&self, active: &Active, txn: &Transaction, ts_ms: i64) -> (Decision, bool) {
+    fn decide_fresh(
+        &self,
+        active: &Active,
+        txn: &Transaction,
+        ts_ms: i64,
+        over_cap: &mut OverCap,
+    ) -> (Decision, bool) {
         let rs = &*active.rules;
         let currency = txn
             .currency
@@ -413,10 +486,22 @@ impl Engine {
                 })
                 .collect();
             let store = &active.stores[gi];
-            let mut state = store
-                .map
-                .entry(StateKey::from(key))
-                .or_insert_with(|| KeyState::new(&store.layout));
+            let mut state = match store.map.entry(StateKey::from(key)) {
+                Entry::Occupied(o) => o.into_ref(),
+                Entry::Vacant(v) => {
+                    if let Some(cap) = self.cfg.max_keys {
+                        // Check the cap (after this shard is released: `len` locks every
+                        // shard) often enough that a flood overshoots it by at most this
+                        // many keys per deciding thread.
+                        let every = (cap / 64).clamp(1, 256) as u32;
+                        let n = store.inserts.fetch_add(1, Ordering::Relaxed) + 1;
+                        if n.is_multiple_of(every) {
+                            over_cap.push(gi);
+                        }
+                    }
+                    v.insert(KeyState::new(&store.layout))
+                }
+            };
             let added = state.add(
                 &store.layout,
                 bucket,
@@ -531,6 +616,13 @@ impl Engine {
                 })
                 .collect(),
             dedupe_entries: self.dedupe.len(),
+            capped: self
+                .capped
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect(),
         }
     }
 

@@ -111,6 +111,13 @@ enum Cmd {
         input: Option<PathBuf>,
         #[arg(long)]
         config: Option<PathBuf>,
+        /// At the end, print a JSON summary to stderr: transactions decided and invalid,
+        /// keys tracked and evicted at the cap per key group, peak resident memory.
+        #[arg(long)]
+        summary: bool,
+        /// Do not print the decisions (with --summary: size a key cap on recorded traffic).
+        #[arg(long)]
+        quiet: bool,
     },
 }
 
@@ -357,9 +364,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             rules,
             input,
             config,
+            summary,
+            quiet,
         } => {
             let cfg = engine_config(&read_config(config.as_deref())?)?;
-            replay(&rules, input.as_deref(), cfg)
+            replay(&rules, input.as_deref(), cfg, summary, quiet)
         }
     }
 }
@@ -397,7 +406,21 @@ async fn ask(
     })
 }
 
-fn replay(rules: &Path, input: Option<&Path>, cfg: EngineConfig) -> anyhow::Result<ExitCode> {
+/// Peak resident memory of this process (Linux `VmHWM`), in bytes.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+fn replay(
+    rules: &Path,
+    input: Option<&Path>,
+    cfg: EngineConfig,
+    summary: bool,
+    quiet: bool,
+) -> anyhow::Result<ExitCode> {
     let rs = fraudgate::load_dir(rules, &cfg).map_err(|e| {
         eprint!("{}", e.render());
         anyhow::anyhow!("rules in {} do not compile", rules.display())
@@ -412,6 +435,7 @@ fn replay(rules: &Path, input: Option<&Path>, cfg: EngineConfig) -> anyhow::Resu
     };
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let mut bad = 0usize;
+    let mut decided = 0u64;
     const SWEEP_EVERY_MS: i64 = 60_000;
     let mut last_sweep = i64::MIN / 2;
     for (n, line) in reader.lines().enumerate() {
@@ -427,7 +451,10 @@ fn replay(rules: &Path, input: Option<&Path>, cfg: EngineConfig) -> anyhow::Resu
                     .ts_ms
                     .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
                 let o = engine.decide(&t, now);
-                writeln!(out, "{}", o.decision.to_json())?;
+                decided += 1;
+                if !quiet {
+                    writeln!(out, "{}", o.decision.to_json())?;
+                }
                 // Sweep idle keys and old ids as the service does, so a long backtest runs
                 // in bounded memory.
                 if now >= last_sweep + SWEEP_EVERY_MS {
@@ -442,6 +469,19 @@ fn replay(rules: &Path, input: Option<&Path>, cfg: EngineConfig) -> anyhow::Resu
         }
     }
     out.flush()?;
+    if summary {
+        let stats = engine.stats();
+        let s = serde_json::json!({
+            "decided": decided,
+            "invalid": bad,
+            "keys": stats.groups.iter().map(|g| (g.0.clone(), g.1)).collect::<std::collections::BTreeMap<_, _>>(),
+            "capped": stats.capped.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            "max_keys": engine.config().max_keys,
+            "dedupe_entries": stats.dedupe_entries,
+            "peak_rss_bytes": peak_rss_bytes(),
+        });
+        eprintln!("{s}");
+    }
     Ok(if bad == 0 {
         ExitCode::SUCCESS
     } else {

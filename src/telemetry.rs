@@ -41,6 +41,7 @@ pub mod names {
     pub const DEDUPE_ENTRIES: &str = "fraudgate_dedupe_entries";
     pub const EVICTED_KEYS: &str = "fraudgate_state_evicted_keys_total";
     pub const EVICTED_IDS: &str = "fraudgate_dedupe_evicted_total";
+    pub const CAPPED_KEYS: &str = "fraudgate_state_capped_keys_total";
     pub const IN_FLIGHT: &str = "fraudgate_in_flight";
     pub const NATS_CONNECTED: &str = "fraudgate_nats_connected";
     pub const NATS_RECONNECTS: &str = "fraudgate_nats_reconnects_total";
@@ -200,6 +201,11 @@ fn describe() {
         EVICTED_KEYS,
         Unit::Count,
         "Keys evicted after being idle longer than their longest window."
+    );
+    describe_counter!(
+        CAPPED_KEYS,
+        Unit::Count,
+        "Keys evicted (least recently used first) because their key group reached max_keys, by group."
     );
     describe_counter!(
         EVICTED_IDS,
@@ -613,6 +619,15 @@ impl Counters {
             gauge!(STATE_BYTES, "group" => group.clone()).set(*bytes as f64);
         }
         gauge!(DEDUPE_ENTRIES).set(stats.dedupe_entries as f64);
+        // Every group gets its series (0 until capped), so dashboards and alerts see it.
+        for (group, _, _) in &stats.groups {
+            let n = stats
+                .capped
+                .iter()
+                .find(|(g, _)| g == group)
+                .map_or(0, |c| c.1);
+            metrics::counter!(CAPPED_KEYS, "group" => group.clone()).absolute(n);
+        }
         self.evicted_keys.increment(evicted.keys as u64);
         self.evicted_ids.increment(evicted.dedupe as u64);
     }

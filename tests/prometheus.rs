@@ -229,7 +229,7 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap())
         .collect();
-    assert_eq!(loaded.len(), 10, "{rules}");
+    assert_eq!(loaded.len(), 11, "{rules}");
     for r in loaded {
         assert_ne!(r["health"], "err", "{r}");
     }

@@ -436,3 +436,47 @@ fn snapshot_restores_windows_and_retries() {
     ));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn key_cap_evicts_least_recently_used_and_counts() {
+    let cap = 640;
+    let e = engine_with(EngineConfig {
+        max_keys: Some(cap),
+        ..Default::default()
+    });
+    let n = 5_000;
+    for i in 0..n {
+        let ts = T0 + i * 1_000;
+        e.decide(&tx(&format!("c{i}"), &format!("card{i}"), 1, ts), ts);
+        // Card 7 is used all along: it must never be the one evicted.
+        e.decide(&tx(&format!("h{i}"), "card7", 1, ts), ts);
+    }
+    let stats = e.stats();
+    let (_, keys, _) = stats.groups.iter().find(|g| g.0 == "card").unwrap();
+    let every = (cap / 64).clamp(1, 256);
+    assert!(
+        *keys <= cap + every,
+        "{keys} keys tracked with a cap of {cap}"
+    );
+    assert!(*keys >= cap - cap / 16 - 1, "evicted too much: {keys}");
+    let capped = stats.capped.iter().find(|g| g.0 == "card").unwrap().1;
+    // Every card key ever made (n + card7 itself counted once) is tracked or evicted.
+    assert_eq!(capped as usize + keys, n as usize, "{stats:?}");
+    let has = |card: &str| {
+        let k = StateKey::from(e.config().hash_key.hash_str(card));
+        e.with_group("card", |g| g.map.contains_key(&k)).unwrap()
+    };
+    assert!(has("card7"), "the hot card was evicted");
+    assert!(
+        has(&format!("card{}", n - 1)),
+        "the newest card was evicted"
+    );
+    assert!(!has("card0") && !has("card100"), "old cards kept");
+    // The hot card kept its history: its 1h window holds buckets 1401..=5000.
+    let ts = T0 + n * 1_000;
+    let o = e.decide(&tx("last", "card7", 2_000, ts), ts);
+    assert_eq!(
+        feature(&o, "spend", "card_amount_1h"),
+        Some(Decimal::from(3_599 + 2_000).to_string().into())
+    );
+}
