@@ -129,14 +129,15 @@ fn snapshot_under_load(engine: &Engine, cards: u64, ts: i64) {
     // Baseline: the same decisions with nothing else running, for as long as the
     // snapshot will take (measured once first, not timed for the comparison).
     let probe = std::time::Instant::now();
-    fraudgate::snapshot::save(engine, &path, ts).unwrap();
+    fraudgate::snapshot::save(engine, &path, ts, Default::default).unwrap();
     let window = probe.elapsed();
     let (before, (), _) = while_deciding(engine, cards, ts, "base", || std::thread::sleep(window));
     // The baseline's decisions are remembered for retries; forget them (horizon 1 s) so the
     // snapshot holds the window state.
     engine.evict_idle(ts + 2_000);
-    let (copying, snap, copy_took) =
-        while_deciding(engine, cards, ts, "copy", || engine.snapshot(ts, None));
+    let (copying, snap, copy_took) = while_deciding(engine, cards, ts, "copy", || {
+        engine.snapshot(ts, Default::default)
+    });
     let (writing, bytes, write_took) = while_deciding(engine, cards, ts, "write", || {
         fraudgate::snapshot::write(&path, &snap).unwrap()
     });

@@ -239,6 +239,54 @@ pub struct FileConfig {
     pub metrics: MetricsSection,
     #[serde(default)]
     pub snapshot: SnapshotSection,
+    #[serde(default)]
+    pub jetstream: JetStreamSection,
+}
+
+/// JetStream intake and recovery. With it, `fraud.txn` is read from a stream through a
+/// durable consumer (acknowledged only after the decision is published) and requests on
+/// `fraud.check` are captured by a second stream (no-ack) so a restart can rebuild the
+/// windows from the snapshot plus what the streams hold after it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JetStreamSection {
+    pub enabled: bool,
+    /// Stream holding `[subjects] txn`.
+    pub stream: String,
+    /// Durable pull consumer of that stream (engines sharing it share the work).
+    pub consumer: String,
+    /// Stream capturing `[subjects] check` with no_ack set; empty = no request capture.
+    pub capture_stream: String,
+    /// Create the streams and the consumer when they do not exist (with the settings
+    /// below); false = expect them, set up by the operator, and fail the start otherwise.
+    pub create: bool,
+    /// Retention of the streams the engine creates: how far back a rebuild can reach.
+    pub max_age: String,
+    /// `Nats-Msg-Id` duplicate window of the transaction stream it creates.
+    pub duplicate_window: String,
+    /// A delivered message not acknowledged within this is delivered again.
+    pub ack_wait: String,
+    /// Messages delivered and not yet acknowledged, at most.
+    pub max_ack_pending: i64,
+    /// Replicas of the streams it creates (1 on a single server, 3 in a cluster).
+    pub replicas: usize,
+}
+
+impl Default for JetStreamSection {
+    fn default() -> Self {
+        JetStreamSection {
+            enabled: false,
+            stream: "FRAUD_TXN".into(),
+            consumer: "fraudgate".into(),
+            capture_stream: "FRAUD_CHECK".into(),
+            create: true,
+            max_age: "24h".into(),
+            duplicate_window: "2m".into(),
+            ack_wait: "30s".into(),
+            max_ack_pending: 20_000,
+            replicas: 1,
+        }
+    }
 }
 
 /// What to do at start when the snapshot file exists but cannot be used.
@@ -251,6 +299,9 @@ pub enum OnBadSnapshot {
     Fail,
     /// Move the file aside (`<path>.bad-<unix ms>`) and start with empty windows.
     StartEmpty,
+    /// JetStream only: move the file aside and rebuild the windows from everything the
+    /// streams still hold (their retention, `[jetstream] max_age`).
+    Rebuild,
 }
 
 /// Window state saved to disk, so a restart does not forget recent history.

@@ -89,8 +89,31 @@ impl NatsServer {
         Self::start_on(port, jetstream).await
     }
 
+    /// Starts `nats-server` with JetStream storing in `store` (kept: a server restarted on
+    /// the same port and store finds its streams again).
+    pub async fn start_on_store(
+        port: u16,
+        store: &std::path::Path,
+    ) -> Result<NatsServer, DemoError> {
+        Self::launch(port, Some(store.to_path_buf()), None).await
+    }
+
     /// Starts `nats-server` on a given loopback port (e.g. to restart it where it was).
     pub async fn start_on(port: u16, jetstream: bool) -> Result<NatsServer, DemoError> {
+        let dir = if jetstream {
+            Some(tempdir::TempDir::new("fraudgate-js").map_err(DemoError::Spawn)?)
+        } else {
+            None
+        };
+        let store = dir.as_ref().map(|d| d.0.clone());
+        Self::launch(port, store, dir).await
+    }
+
+    async fn launch(
+        port: u16,
+        store: Option<std::path::PathBuf>,
+        dir: Option<tempdir::TempDir>,
+    ) -> Result<NatsServer, DemoError> {
         let bin = find_on_path("nats-server").ok_or(DemoError::NoNatsServer)?;
         let mut cmd = Command::new(bin);
         // Its own process group: Ctrl-C in the terminal must reach the demo (which then
@@ -102,13 +125,9 @@ impl NatsServer {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true);
-        let dir = if jetstream {
-            let d = tempdir::TempDir::new("fraudgate-js").map_err(DemoError::Spawn)?;
-            cmd.arg("-js").arg("-sd").arg(&d.0);
-            Some(d)
-        } else {
-            None
-        };
+        if let Some(store) = &store {
+            cmd.arg("-js").arg("-sd").arg(store);
+        }
         let child = cmd.spawn().map_err(DemoError::Spawn)?;
         let mut server = NatsServer {
             port,

@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 
 use chrono::{Datelike, TimeZone, Timelike};
 use dashmap::mapref::entry::Entry;
@@ -150,7 +150,35 @@ pub struct StateStats {
 }
 
 /// Version of the snapshot format; any change to the snapshot types bumps it.
-pub const SNAPSHOT_FORMAT: u32 = 1;
+pub const SNAPSHOT_FORMAT: u32 = 2;
+
+/// Where the inputs stood when a snapshot's cut was taken: replaying from here (skipping
+/// ids in the snapshot's retry table) rebuilds exactly what came after it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Cursor {
+    /// JetStream intake: every message of the transaction stream before this sequence is
+    /// in the snapshot; later ones may be (their ids are then in the retry table).
+    pub txn_next_seq: Option<u64>,
+    /// Request capture: requests stored at or after this time (epoch ms) may be missing
+    /// from the snapshot; earlier ones are in it.
+    pub check_from_ms: Option<i64>,
+}
+
+/// An open point-in-time cut: the state each key had at the cut, kept by the first
+/// decision that changes the key after it, and the ids decided after it.
+struct Capture {
+    /// Per store of the active rules: key -> its state at the cut (`None`: created after).
+    before: Vec<DashMap<StateKey, Option<KeyState>, PreHashed>>,
+    ids_after: DashMap<KeyHash, (), PreHashed>,
+}
+
+impl Capture {
+    fn keep(&self, store: usize, key: StateKey, at_cut: Option<&KeyState>) {
+        self.before[store]
+            .entry(key)
+            .or_insert_with(|| at_cut.cloned());
+    }
+}
 
 /// All window state and the retry table (see [`Engine::snapshot`]).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -161,7 +189,7 @@ pub struct StateSnapshot {
     pub resolution_ms: i64,
     pub taken_at_ms: i64,
     /// Last applied stream sequence, when the intake knows it (JetStream).
-    pub stream_sequence: Option<u64>,
+    pub cursor: Cursor,
     pub groups: Vec<GroupSnapshot>,
     /// Retry table: id hash, first-seen time, the decision as JSON.
     pub dedupe: Vec<(KeyHash, i64, String)>,
@@ -184,6 +212,8 @@ pub struct Restored {
     /// Groups the current rules no longer have.
     pub dropped_groups: usize,
     pub skipped_ids: usize,
+    /// Where the inputs stood at the snapshot's cut: replay from here.
+    pub cursor: Cursor,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -229,6 +259,10 @@ pub struct Engine {
     capped: Mutex<BTreeMap<String, u64>>,
     /// One thread enforces the cap at a time; others go on deciding meanwhile.
     evicting: AtomicBool,
+    /// Set while a snapshot copies the state (see [`Engine::snapshot`]).
+    capture: ArcSwapOption<Capture>,
+    /// Held for a whole snapshot; rule swaps and restores wait for it.
+    snapshotting: Mutex<()>,
 }
 
 impl Engine {
@@ -241,6 +275,8 @@ impl Engine {
             dedupe: DashMap::with_hasher_and_shard_amount(PreHashed, SHARDS),
             capped: Mutex::new(BTreeMap::new()),
             evicting: AtomicBool::new(false),
+            capture: ArcSwapOption::empty(),
+            snapshotting: Mutex::new(()),
         }
     }
 
@@ -254,6 +290,8 @@ impl Engine {
     /// new set was fully compiled before.
     pub fn swap_rules(&self, rules: RuleSet) -> Swapped {
         let rules = Arc::new(rules);
+        // A snapshot's copy runs against one set of stores: swap after it.
+        let _no_snapshot = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.active.load_full();
         let mut report = Swapped {
             version: rules.version.clone(),
@@ -325,6 +363,7 @@ impl Engine {
         let start = Instant::now();
         let _shared = self.barrier.read().unwrap_or_else(|e| e.into_inner());
         let active = self.active.load();
+        let capture = self.capture.load();
         let id_hash = self.cfg.hash_key.hash_str(&txn.id);
         let horizon = self.cfg.dedupe_horizon.as_millis() as i64;
         let mut over_cap: OverCap = SmallVec::new();
@@ -343,7 +382,11 @@ impl Engine {
                 let ts_clamped = ts_ms > now_ms.saturating_add(skew);
                 let ts_ms = if ts_clamped { now_ms } else { ts_ms };
                 let (mut decision, too_late) =
-                    self.decide_fresh(&active, txn, ts_ms, &mut over_cap);
+                    self.decide_fresh(&active, capture.as_deref(), txn, ts_ms, &mut over_cap);
+                if let Some(c) = capture.as_deref() {
+                    // Under this id's dedupe shard lock, like the snapshot's read of it.
+                    c.ids_after.insert(id_hash, ());
+                }
                 decision.engine_us = start.elapsed().as_micros() as u64;
                 let decision = Arc::new(decision);
                 let value = DedupeEntry {
@@ -379,6 +422,9 @@ impl Engine {
     /// used" is the key's newest event time: every decision on a key adds an event.
     fn enforce_cap(&self, store: &GroupStore) {
         let Some(cap) = self.cfg.max_keys else { return };
+        if self.capture.load().is_some() {
+            return; // a snapshot is copying; the next insert checks again
+        }
         if self.evicting.swap(true, Ordering::Acquire) {
             return; // another thread is at it
         }
@@ -419,6 +465,7 @@ impl Engine {
     fn decide_fresh(
         &self,
         active: &Active,
+        capture: Option<&Capture>,
         txn: &Transaction,
         ts_ms: i64,
         over_cap: &mut OverCap,
@@ -487,8 +534,16 @@ impl Engine {
                 .collect();
             let store = &active.stores[gi];
             let mut state = match store.map.entry(StateKey::from(key)) {
-                Entry::Occupied(o) => o.into_ref(),
+                Entry::Occupied(o) => {
+                    if let Some(c) = capture {
+                        c.keep(gi, *o.key(), Some(o.get()));
+                    }
+                    o.into_ref()
+                }
                 Entry::Vacant(v) => {
+                    if let Some(c) = capture {
+                        c.keep(gi, *v.key(), None);
+                    }
                     if let Some(cap) = self.cfg.max_keys {
                         // Check the cap (after this shard is released: `len` locks every
                         // shard) often enough that a flood overshoots it by at most this
@@ -574,6 +629,9 @@ impl Engine {
         let mut ev = Evicted::default();
         let now_b = now_ms.div_euclid(self.res_ms);
         let _shared = self.barrier.read().unwrap_or_else(|e| e.into_inner());
+        if self.capture.load().is_some() {
+            return ev; // a snapshot is copying: the next sweep evicts
+        }
         let active = self.active.load();
         for s in &active.stores {
             let keep_after = now_b - s.layout.max_window - s.layout.lateness;
@@ -626,16 +684,37 @@ impl Engine {
         }
     }
 
-    /// A copy of all window state and the retry table, for a snapshot. Locks are held per
-    /// entry (plus one pass per shard to list its keys), so decisions go on while a large
-    /// state is copied. Not a point-in-time cut: decisions made during the copy may be in
-    /// it or not, key by key (`benches/memory.rs` measures the effect on decisions).
-    pub fn snapshot(&self, taken_at_ms: i64, stream_sequence: Option<u64>) -> StateSnapshot {
-        let active = self.active.load();
+    /// A point-in-time copy of all window state and the retry table, for a snapshot.
+    ///
+    /// The cut is taken under the swap barrier (decisions in flight finish first, for
+    /// microseconds); `at_cut` runs there, so the caller can record where its inputs stood
+    /// ([`Cursor`]). The copy then runs while decisions go on: the first decision to change
+    /// a key after the cut keeps the key's state at the cut for the copy, and ids decided
+    /// after the cut are left out. So the snapshot holds exactly the decisions made before
+    /// the cut, in every key and in the retry table: replaying what came after it,
+    /// skipping ids in the table, counts nothing twice and loses nothing. Rule swaps,
+    /// restores and evictions wait or skip while a copy runs.
+    pub fn snapshot(&self, taken_at_ms: i64, at_cut: impl FnOnce() -> Cursor) -> StateSnapshot {
+        let _one = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
+        let active = self.active.load_full();
+        let (capture, cursor) = {
+            let _excl = self.barrier.write().unwrap_or_else(|e| e.into_inner());
+            let c = Arc::new(Capture {
+                before: active
+                    .stores
+                    .iter()
+                    .map(|_| DashMap::with_hasher_and_shard_amount(PreHashed, SHARDS))
+                    .collect(),
+                ids_after: DashMap::with_hasher_and_shard_amount(PreHashed, SHARDS),
+            });
+            self.capture.store(Some(c.clone()));
+            (c, at_cut())
+        };
         let groups = active
             .stores
             .iter()
-            .map(|s| GroupSnapshot {
+            .enumerate()
+            .map(|(gi, s)| GroupSnapshot {
                 signature: s.signature.clone(),
                 slots: s.slots.clone(),
                 layout: s.layout.clone(),
@@ -645,11 +724,18 @@ impl Engine {
                     // held for the time it takes to clone all its states.
                     let mut keys: Vec<StateKey> = Vec::with_capacity(s.map.len() + 1024);
                     keys.extend(s.map.iter().map(|e| *e.key()));
+                    let before = &capture.before[gi];
                     let mut out = Vec::with_capacity(keys.len());
-                    out.extend(
-                        keys.into_iter()
-                            .filter_map(|k| s.map.get(&k).map(|v| (k, v.value().clone()))),
-                    );
+                    out.extend(keys.into_iter().filter_map(|k| {
+                        // Holding the key's shard lock: a decision changing the key keeps
+                        // its state at the cut under the same lock, so this sees either
+                        // the unchanged state or the kept one.
+                        let now = s.map.get(&k)?;
+                        match before.get(&k) {
+                            Some(kept) => kept.value().clone().map(|st| (k, st)),
+                            None => Some((k, now.value().clone())),
+                        }
+                    }));
                     out
                 },
             })
@@ -659,17 +745,21 @@ impl Engine {
             .into_iter()
             .filter_map(|id| {
                 let e = self.dedupe.get(&id)?;
+                if capture.ids_after.contains_key(&id) {
+                    return None;
+                }
                 let (at_ms, decision) = (e.at_ms, e.decision.clone());
                 drop(e);
                 Some((id, at_ms, decision.to_json()))
             })
             .collect();
+        self.capture.store(None);
         StateSnapshot {
             format: SNAPSHOT_FORMAT,
             key_fingerprint: key_fingerprint(&self.cfg),
             resolution_ms: self.res_ms,
             taken_at_ms,
-            stream_sequence,
+            cursor,
             groups,
             dedupe,
         }
@@ -694,9 +784,13 @@ impl Engine {
                 expected: self.res_ms,
             });
         }
+        let _no_snapshot = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
         let _excl = self.barrier.write().unwrap_or_else(|e| e.into_inner());
         let active = self.active.load();
-        let mut report = Restored::default();
+        let mut report = Restored {
+            cursor: snap.cursor,
+            ..Default::default()
+        };
         for g in snap.groups {
             let Some(store) = active.stores.iter().find(|s| s.signature == g.signature) else {
                 report.dropped_groups += 1;
@@ -728,6 +822,32 @@ impl Engine {
             }
         }
         Ok(report)
+    }
+
+    /// Every window's value for every tracked key, read at event time `at_ms`, sorted: to
+    /// compare two engines' state (recovery tests, `fraudgate` tooling). Values are the
+    /// window's count, distinct count or exact sum as text.
+    pub fn window_values(&self, at_ms: i64) -> Vec<(String, StateKey, String)> {
+        let _shared = self.barrier.read().unwrap_or_else(|e| e.into_inner());
+        let active = self.active.load();
+        let bucket = at_ms.div_euclid(self.res_ms);
+        let mut out = Vec::new();
+        for w in &active.rules.windows {
+            let store = &active.stores[w.group];
+            for e in store.map.iter() {
+                let st = e.value();
+                let v = match w.read {
+                    WindowRead::Count(s) => {
+                        st.count(&store.layout, s, bucket, w.buckets).to_string()
+                    }
+                    WindowRead::Distinct(s) => st.distinct(s, bucket, w.buckets).to_string(),
+                    WindowRead::Sum(s) => st.sum(&store.layout, s, bucket, w.buckets).to_string(),
+                };
+                out.push((w.name.clone(), *e.key(), v));
+            }
+        }
+        out.sort();
+        out
     }
 
     /// Runs `f` on the state map of the group keyed by `signature` (e.g. `card`), if the

@@ -77,7 +77,9 @@ impl KeyHasher {
 
 /// A [`KeyHash`] stored as two `u64`s: 8-byte alignment instead of `u128`'s 16 keeps
 /// map entries (key + state) free of padding.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug, serde::Serialize, serde::Deserialize,
+)]
 pub struct StateKey(pub [u64; 2]);
 
 impl From<KeyHash> for StateKey {

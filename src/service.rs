@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{parse_duration, EngineConfig, FileConfig, OnBadSnapshot};
-use crate::engine::Engine;
+use crate::engine::{Cursor, Engine};
 use crate::keyhash::HashKey;
 use crate::telemetry::{Counters, Path as IntakePath, Snapshot};
 use crate::transport::{self, Reply, TransportError, Wire};
@@ -65,6 +65,41 @@ struct Job {
     received_ms: i64,
     received_at: Instant,
     reply: Reply,
+    /// JetStream intake: the message's stream sequence and its acknowledgement.
+    js: Option<(u64, transport::Ack)>,
+}
+
+/// JetStream messages taken in and not yet decided, by stream sequence: where a snapshot's
+/// cut stands in the stream (every message below [`InFlight::low`] is in the windows).
+#[derive(Default)]
+struct InFlight {
+    pending: std::collections::BTreeMap<u64, u32>,
+    /// One past the highest sequence taken in (or the replay's end).
+    next: u64,
+}
+
+impl InFlight {
+    fn taken(&mut self, seq: u64) {
+        *self.pending.entry(seq).or_default() += 1;
+        self.next = self.next.max(seq + 1);
+    }
+    fn decided(&mut self, seq: u64) {
+        if let std::collections::btree_map::Entry::Occupied(mut o) = self.pending.entry(seq) {
+            *o.get_mut() -= 1;
+            if *o.get() == 0 {
+                o.remove();
+            }
+        }
+    }
+    fn low(&self) -> u64 {
+        self.pending.keys().next().copied().unwrap_or(self.next)
+    }
+}
+
+type Tracker = Arc<std::sync::Mutex<InFlight>>;
+
+fn lock(t: &Tracker) -> std::sync::MutexGuard<'_, InFlight> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Jobs travel in batches: under load, one channel operation and one wake-up carry many
@@ -102,6 +137,11 @@ pub struct Running {
 struct Snapshots {
     path: PathBuf,
     writing: Arc<std::sync::Mutex<()>>,
+    /// JetStream intake: where the transaction stream stands at a cut.
+    tracker: Option<Tracker>,
+    /// Requests are captured: replay them from the cut minus this (the dedupe horizon:
+    /// any request decided before the cut within it is in the retry table and skipped).
+    capture_margin_ms: Option<i64>,
 }
 
 impl Snapshots {
@@ -109,14 +149,19 @@ impl Snapshots {
     fn write(&self, engine: &Engine, counters: &Counters) {
         let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         let started = Instant::now();
-        match crate::snapshot::save(engine, &self.path, now_ms()) {
-            Ok(bytes) => {
+        let at_cut = || Cursor {
+            txn_next_seq: self.tracker.as_ref().map(|t| lock(t).low()),
+            check_from_ms: self.capture_margin_ms.map(|m| now_ms() - m),
+        };
+        match crate::snapshot::save(engine, &self.path, now_ms(), at_cut) {
+            Ok((bytes, cursor)) => {
                 let secs = started.elapsed().as_secs_f64();
                 counters.snapshot_written(bytes, secs, unix_secs());
                 tracing::info!(
                     path = %self.path.display(),
                     bytes,
                     took_ms = (secs * 1000.0) as u64,
+                    txn_next_seq = cursor.txn_next_seq,
                     "snapshot written"
                 );
             }
@@ -134,11 +179,11 @@ fn restore_snapshot(
     engine: &Engine,
     path: &Path,
     on_bad: OnBadSnapshot,
-) -> Result<(), ServiceError> {
+) -> Result<Option<Cursor>, ServiceError> {
     match crate::snapshot::load(engine, path) {
         Ok(None) => {
             tracing::info!(path = %path.display(), "no snapshot yet: starting with empty windows");
-            Ok(())
+            Ok(None)
         }
         Ok(Some(r)) => {
             tracing::info!(
@@ -147,9 +192,10 @@ fn restore_snapshot(
                 ids = r.ids,
                 dropped_groups = r.dropped_groups,
                 skipped_ids = r.skipped_ids,
+                txn_next_seq = r.cursor.txn_next_seq,
                 "state restored from snapshot"
             );
-            Ok(())
+            Ok(Some(r.cursor))
         }
         Err(e) if on_bad == OnBadSnapshot::Fail => Err(ServiceError::Snapshot(e)),
         Err(e) => {
@@ -161,9 +207,11 @@ fn restore_snapshot(
                 error = %e,
                 moved_to = %aside.display(),
                 moved = moved.is_ok(),
-                "unusable snapshot: starting with empty windows (on_bad = start-empty)"
+                on_bad = ?on_bad,
+                "unusable snapshot: starting with empty windows{}",
+                if on_bad == OnBadSnapshot::Rebuild { ", rebuilt from the streams" } else { "" }
             );
-            Ok(())
+            Ok(None)
         }
     }
 }
@@ -228,10 +276,20 @@ impl Running {
         counters.rules_loaded(&rs, unix_secs());
         let engine = Arc::new(Engine::new(rs, opts.engine.clone()));
         let snap_cfg = &opts.file.snapshot;
+        let js_cfg = &opts.file.jetstream;
+        if snap_cfg.on_bad == OnBadSnapshot::Rebuild && !js_cfg.enabled {
+            return Err(ServiceError::Config(
+                "[snapshot] on_bad = \"rebuild\" needs [jetstream] enabled = true".into(),
+            ));
+        }
+        let tracker: Option<Tracker> = js_cfg.enabled.then(Default::default);
+        let capture_margin_ms = (js_cfg.enabled && !js_cfg.capture_stream.is_empty())
+            .then_some(opts.engine.dedupe_horizon.as_millis() as i64);
         let snap_every = duration("[snapshot] interval", &snap_cfg.interval)?;
+        let mut restored = None;
         let snapshots = match &snap_cfg.path {
             Some(path) => {
-                restore_snapshot(&engine, path, snap_cfg.on_bad)?;
+                restored = restore_snapshot(&engine, path, snap_cfg.on_bad)?;
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                     if let Err(e) = std::fs::create_dir_all(dir) {
                         tracing::error!(dir = %dir.display(), error = %e, "cannot create the snapshot directory");
@@ -240,6 +298,8 @@ impl Running {
                 Some(Snapshots {
                     path: path.clone(),
                     writing: Arc::new(std::sync::Mutex::new(())),
+                    tracker: tracker.clone(),
+                    capture_margin_ms,
                 })
             }
             None => None,
@@ -253,6 +313,15 @@ impl Running {
             stream,
             subjects: opts.file.subjects.clone(),
             max_payload: opts.file.limits.max_payload,
+        };
+        // Subscribed before the recovery reads where the request capture ends: a request
+        // arriving meanwhile is either replayed or waits in the subscription (or both: then
+        // it is answered from the dedupe table), never neither.
+        let check_sub = wire.subscribe_check().await?;
+        wire.flush(Duration::from_secs(5)).await;
+        let durable = match &tracker {
+            Some(t) => Some(recover(&wire, js_cfg, &engine, &counters, restored, t).await?),
+            None => None,
         };
         let svc = &opts.file.service;
         let n = if svc.workers > 0 {
@@ -278,31 +347,44 @@ impl Running {
                 engine.clone(),
                 wire.clone(),
                 counters.clone(),
+                tracker.clone(),
             )));
         }
         let shards = Arc::new(shards);
-        let check_sub = wire.subscribe_check().await?;
-        let txn_sub = wire.subscribe_txn().await?;
+        let txn_sub = match durable {
+            None => Some(wire.subscribe_txn().await?),
+            Some(_) => None,
+        };
         // The subscriptions exist on the server once the client has sent them.
         wire.flush(Duration::from_secs(5)).await;
-        let intake = vec![
-            tokio::spawn(intake(
-                check_sub,
-                IntakePath::Check,
-                wire.clone(),
-                shards.clone(),
-                counters.clone(),
-                stop_rx.clone(),
-            )),
-            tokio::spawn(intake(
-                txn_sub,
+        let mut intake_tasks = vec![tokio::spawn(intake(
+            check_sub,
+            IntakePath::Check,
+            wire.clone(),
+            shards.clone(),
+            counters.clone(),
+            stop_rx.clone(),
+        ))];
+        match (txn_sub, durable, &tracker) {
+            (Some(sub), _, _) => intake_tasks.push(tokio::spawn(intake(
+                sub,
                 IntakePath::Stream,
                 wire.clone(),
                 shards,
                 counters.clone(),
                 stop_rx.clone(),
-            )),
-        ];
+            ))),
+            (None, Some(consumer), Some(t)) => intake_tasks.push(tokio::spawn(intake_jetstream(
+                consumer,
+                wire.clone(),
+                shards,
+                counters.clone(),
+                t.clone(),
+                stop_rx.clone(),
+            ))),
+            _ => unreachable!("JetStream intake without its consumer"),
+        }
+        let intake = intake_tasks;
         let (watcher, reload) = reload_task(
             opts.rules_dir.clone(),
             opts.engine.clone(),
@@ -342,6 +424,7 @@ impl Running {
             txn = %wire.subjects.txn,
             queue_group = %wire.subjects.queue_group,
             workers = n,
+            jetstream = js_cfg.enabled,
             "fraudgate is taking transactions"
         );
         Ok(Running {
@@ -471,32 +554,227 @@ async fn intake(
                 batches[shard_of(&job.txn.card, shards.len())].push(job);
             }
         }
-        for (i, batch) in batches.iter_mut().enumerate() {
-            if batch.is_empty() {
-                continue;
+        dispatch(&mut batches, &shards, path, &counters).await;
+    }
+}
+
+/// Hands each worker its batch.
+async fn dispatch(batches: &mut [Batch], shards: &[Shard], path: IntakePath, counters: &Counters) {
+    for (i, batch) in batches.iter_mut().enumerate() {
+        if batch.is_empty() {
+            continue;
+        }
+        let tx = match path {
+            IntakePath::Check => &shards[i].check,
+            IntakePath::Stream => &shards[i].stream,
+        };
+        let n = batch.len();
+        counters.queued(path, n as i64);
+        // Waits when the worker's queue is full: back-pressure into the subscription
+        // buffer rather than unbounded memory.
+        if tx.send(std::mem::take(batch)).await.is_err() {
+            // Only after a worker died: never drop silently.
+            counters.queued(path, -(n as i64));
+            for _ in 0..n {
+                counters.publish_error();
             }
-            let tx = match path {
-                IntakePath::Check => &shards[i].check,
-                IntakePath::Stream => &shards[i].stream,
-            };
-            let n = batch.len();
-            counters.queued(path, n as i64);
-            // Waits when the worker's queue is full: back-pressure into the subscription
-            // buffer rather than unbounded memory.
-            if tx.send(std::mem::take(batch)).await.is_err() {
-                // Only after a worker died: never drop silently.
-                counters.queued(path, -(n as i64));
-                for _ in 0..n {
-                    counters.publish_error();
-                }
-                tracing::error!(
-                    lost = n,
-                    path = path.as_str(),
-                    "a decision worker is gone; transactions not decided"
-                );
-            }
+            tracing::error!(
+                lost = n,
+                path = path.as_str(),
+                "a decision worker is gone; transactions not decided"
+            );
         }
     }
+}
+
+/// JetStream intake: pulls from the durable consumer. Every message taken is tracked by
+/// sequence until decided (for the snapshot's cursor) and acknowledged after its
+/// decision is published; invalid ones go to the invalid subject and are acknowledged.
+/// The pull is restarted when it fails (the server restarting, say). At shutdown it just
+/// stops pulling: messages not taken yet are delivered again to the next engine.
+async fn intake_jetstream(
+    consumer: async_nats::jetstream::consumer::PullConsumer,
+    wire: Wire,
+    shards: Arc<Vec<Shard>>,
+    counters: Arc<Counters>,
+    tracker: Tracker,
+    mut stop: watch::Receiver<bool>,
+) {
+    use futures::FutureExt;
+    let path = IntakePath::Stream;
+    let mut batches: Vec<Batch> = (0..shards.len()).map(|_| Vec::new()).collect();
+    'pull: loop {
+        let messages = match Wire::consume(&consumer).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "JetStream pull failed; retrying in 1s");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'pull,
+                    _ = stop.changed() => break 'pull,
+                }
+            }
+        };
+        let mut messages = std::pin::pin!(messages);
+        loop {
+            let msgs = tokio::select! {
+                m = messages.next() => {
+                    let Some(first) = m else { continue 'pull };
+                    let mut msgs = vec![first];
+                    while msgs.len() < MAX_BATCH {
+                        match messages.next().now_or_never() {
+                            Some(Some(m)) => msgs.push(m),
+                            _ => break,
+                        }
+                    }
+                    msgs
+                }
+                _ = stop.changed() => break 'pull,
+            };
+            let received_at = Instant::now();
+            for m in msgs {
+                let d = match m {
+                    Ok(d) => d,
+                    Err(e) => {
+                        // Heartbeats missed while the server restarts, and the like: the
+                        // pull goes on (or ends, and is made again above).
+                        tracing::debug!(error = %e, "JetStream pull error");
+                        continue;
+                    }
+                };
+                counters.received(path);
+                match wire.decode(&d.payload) {
+                    Err(e) => {
+                        counters.invalid(e.code);
+                        if wire.publish_invalid(d.payload, &e).await.is_err() {
+                            counters.publish_error();
+                        } else if d.ack.ack().await.is_err() {
+                            counters.ack_error();
+                        }
+                    }
+                    Ok(txn) => {
+                        lock(&tracker).taken(d.seq);
+                        let job = Job {
+                            txn,
+                            // The time the server stored it: replay after a crash sees
+                            // the same receive time.
+                            received_ms: d.stored_ms,
+                            received_at,
+                            reply: Reply::Stream,
+                            js: Some((d.seq, d.ack)),
+                        };
+                        batches[shard_of(&job.txn.card, shards.len())].push(job);
+                    }
+                }
+            }
+            dispatch(&mut batches, &shards, path, &counters).await;
+        }
+    }
+}
+
+/// Applies one replayed message to the windows (its decision is kept in the dedupe table,
+/// published to no one); invalid ones were answered the first time and are skipped.
+fn replay_into<'a>(
+    wire: &'a Wire,
+    engine: &'a Engine,
+    n: &'a mut u64,
+) -> impl FnMut(transport::Replayed) + 'a {
+    move |r| {
+        if let Ok(txn) = wire.decode(&r.payload) {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                engine.decide(&txn, r.stored_ms)
+            }));
+            *n += 1;
+        }
+    }
+}
+
+/// JetStream recovery at start, before intake: re-applies to the windows what the streams
+/// hold after the snapshot's cut (or everything, with no snapshot), without deciding
+/// anew for anyone or publishing; then returns the durable consumer to take new work
+/// from. Transactions re-applied here that the consumer delivers again (never
+/// acknowledged) are answered from the dedupe table with the decision made here.
+async fn recover(
+    wire: &Wire,
+    cfg: &crate::config::JetStreamSection,
+    engine: &Arc<Engine>,
+    counters: &Counters,
+    restored: Option<Cursor>,
+    tracker: &Tracker,
+) -> Result<async_nats::jetstream::consumer::PullConsumer, ServiceError> {
+    use transport::ReplayFrom;
+    let setup = wire.jetstream_setup(cfg).await?;
+    let idle = Duration::from_secs(10);
+    let started = Instant::now();
+    // Requests first: they were answered live, so their decisions are settled; then the
+    // transaction stream up to what the consumer delivered.
+    let mut checks = 0u64;
+    if let Some(capture) = &setup.capture {
+        let from = match restored {
+            None => Some(ReplayFrom::First),
+            Some(c) => c.check_from_ms.map(ReplayFrom::TimeMs),
+        };
+        match from {
+            Some(from) => {
+                Wire::replay(
+                    capture,
+                    &wire.subjects.check,
+                    from,
+                    setup.capture_last,
+                    idle,
+                    replay_into(wire, engine, &mut checks),
+                )
+                .await?;
+            }
+            None => tracing::warn!(
+                "the snapshot has no request-capture position (taken without JetStream): requests are not replayed"
+            ),
+        }
+    }
+    let mut txns = 0u64;
+    let from = restored.and_then(|c| c.txn_next_seq);
+    let first = setup.txn_first.max(1);
+    let consumer = match setup.consumer.clone() {
+        Some(c) => {
+            let start = match (restored, from) {
+                (_, Some(seq)) => Some(seq),
+                (None, None) => Some(first),
+                // A snapshot without a stream position (taken without JetStream): what the
+                // consumer delivered before is assumed in it.
+                (Some(_), None) => None,
+            };
+            if let Some(start) = start {
+                Wire::replay(
+                    &setup.txn_stream,
+                    &wire.subjects.txn,
+                    ReplayFrom::Seq(start),
+                    setup.delivered,
+                    idle,
+                    replay_into(wire, engine, &mut txns),
+                )
+                .await?;
+            }
+            lock(tracker).next = start.unwrap_or(first).max(setup.delivered + 1);
+            c
+        }
+        None => {
+            let c = wire.durable_consumer(&setup, cfg, from).await?;
+            lock(tracker).next = from.unwrap_or(first);
+            c
+        }
+    };
+    counters.replayed(IntakePath::Check, checks);
+    counters.replayed(IntakePath::Stream, txns);
+    tracing::info!(
+        requests = checks,
+        transactions = txns,
+        from_seq = from,
+        delivered_seq = setup.delivered,
+        took_ms = started.elapsed().as_millis() as u64,
+        stream = %cfg.stream,
+        consumer = %cfg.consumer,
+        "JetStream recovery: state rebuilt from the streams"
+    );
+    Ok(consumer)
 }
 
 /// Counts and decodes one message. Bad input is answered here (error reply, or
@@ -549,6 +827,7 @@ async fn take(
                 received_ms,
                 received_at,
                 reply,
+                js: None,
             })
         }
     }
@@ -560,7 +839,9 @@ async fn worker(
     engine: Arc<Engine>,
     wire: Wire,
     counters: Arc<Counters>,
+    tracker: Option<Tracker>,
 ) {
+    let tracker = tracker.as_ref();
     loop {
         let (batch, path) = tokio::select! {
             biased;
@@ -573,26 +854,41 @@ async fn worker(
                 // Request-reply first, even in the middle of a stream batch.
                 while let Ok(urgent) = check.try_recv() {
                     for j in urgent {
-                        decide_one(&engine, &wire, &counters, j, IntakePath::Check).await;
+                        decide_one(&engine, &wire, &counters, tracker, j, IntakePath::Check).await;
                     }
                 }
             }
-            decide_one(&engine, &wire, &counters, job, path).await;
+            decide_one(&engine, &wire, &counters, tracker, job, path).await;
         }
     }
 }
 
-async fn decide_one(engine: &Engine, wire: &Wire, counters: &Counters, job: Job, path: IntakePath) {
+async fn decide_one(
+    engine: &Engine,
+    wire: &Wire,
+    counters: &Counters,
+    tracker: Option<&Tracker>,
+    job: Job,
+    path: IntakePath,
+) {
     counters.queued(path, -1);
     // A bug must cost one transaction, not the worker (and every card routed to it).
     let decided = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         engine.decide(&job.txn, job.received_ms)
     }));
+    if let (Some((seq, _)), Some(t)) = (&job.js, tracker) {
+        // In the windows now (or never will be, after a panic): below the next cut.
+        lock(t).decided(*seq);
+    }
     let out = match decided {
         Ok(out) => out,
         Err(_) => {
             counters.publish_error();
             tracing::error!(id = %job.txn.id, "decision panicked; transaction not decided");
+            if let Some((_, ack)) = job.js {
+                // Not again: a redelivery would panic again, forever.
+                let _ = ack.term().await;
+            }
             return;
         }
     };
@@ -615,6 +911,14 @@ async fn decide_one(engine: &Engine, wire: &Wire, counters: &Counters, job: Job,
         Ok(()) => {
             counters.decided(path, out.decision.action);
             counters.end_to_end_time(path, job.received_at.elapsed().as_secs_f64());
+            // Acknowledged only once the decision is on its way, on the same connection:
+            // a crash before this line means a redelivery, answered from the dedupe table.
+            if let Some((_, ack)) = job.js {
+                if let Err(e) = ack.ack().await {
+                    counters.ack_error();
+                    tracing::warn!(error = %e, id = %out.decision.id, "could not acknowledge");
+                }
+            }
         }
         Err(e) => {
             counters.publish_error();

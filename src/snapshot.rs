@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::path::Path;
 
-use crate::engine::{Engine, Restored, SnapshotError, StateSnapshot, SNAPSHOT_FORMAT};
+use crate::engine::{Cursor, Engine, Restored, SnapshotError, StateSnapshot, SNAPSHOT_FORMAT};
 
 const MAGIC: &[u8; 8] = b"FGSNAP\0\0";
 
@@ -31,12 +31,19 @@ pub enum SnapshotFileError {
     Incompatible { path: String, source: SnapshotError },
 }
 
-/// Copies the engine's state and writes it to `path`; returns the bytes written.
-/// The copy takes each state shard's read lock briefly; encoding and IO happen after, so
-/// decisions are not held up by the disk. Call it off the async runtime.
-pub fn save(engine: &Engine, path: &Path, taken_at_ms: i64) -> Result<u64, SnapshotFileError> {
-    let snap = engine.snapshot(taken_at_ms, None);
-    write(path, &snap)
+/// Takes a point-in-time copy of the engine's state ([`Engine::snapshot`]; `at_cut`
+/// records where the inputs stood at the cut) and writes it to `path`; returns the bytes
+/// written and the cursor. Decisions go on during the copy; encoding and IO happen after
+/// it. Call it off the async runtime.
+pub fn save(
+    engine: &Engine,
+    path: &Path,
+    taken_at_ms: i64,
+    at_cut: impl FnOnce() -> Cursor,
+) -> Result<(u64, Cursor), SnapshotFileError> {
+    let snap = engine.snapshot(taken_at_ms, at_cut);
+    let cursor = snap.cursor;
+    Ok((write(path, &snap)?, cursor))
 }
 
 /// Reads the snapshot at `path` into `engine`. `Ok(None)` when there is no file yet.

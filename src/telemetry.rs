@@ -42,6 +42,8 @@ pub mod names {
     pub const EVICTED_KEYS: &str = "fraudgate_state_evicted_keys_total";
     pub const EVICTED_IDS: &str = "fraudgate_dedupe_evicted_total";
     pub const CAPPED_KEYS: &str = "fraudgate_state_capped_keys_total";
+    pub const REPLAYED: &str = "fraudgate_replayed_transactions_total";
+    pub const ACK_ERRORS: &str = "fraudgate_jetstream_ack_errors_total";
     pub const IN_FLIGHT: &str = "fraudgate_in_flight";
     pub const NATS_CONNECTED: &str = "fraudgate_nats_connected";
     pub const NATS_RECONNECTS: &str = "fraudgate_nats_reconnects_total";
@@ -131,6 +133,16 @@ fn describe() {
         INVALID,
         Unit::Count,
         "Inputs refused, by stable error code."
+    );
+    describe_counter!(
+        REPLAYED,
+        Unit::Count,
+        "Transactions re-applied to the windows from JetStream at start (after the snapshot's cut), not decided or published again, by path."
+    );
+    describe_counter!(
+        ACK_ERRORS,
+        Unit::Count,
+        "JetStream acknowledgements that could not be sent (the message is delivered again and answered from the dedupe table)."
     );
     describe_counter!(
         DUPLICATES,
@@ -330,6 +342,8 @@ pub struct Counters {
     evicted_ids: Counter,
     snapshots_ok: Both,
     snapshots_failed: Both,
+    replayed: [Both; 2],
+    ack_errors: Both,
     decision_seconds: [Histogram; 2],
     end_to_end_seconds: [Histogram; 2],
     in_flight: [Gauge; 2],
@@ -373,6 +387,9 @@ pub struct Snapshot {
     pub no_reply: u64,
     pub snapshots_ok: u64,
     pub snapshots_failed: u64,
+    /// Re-applied at start from JetStream: [check, stream].
+    pub replayed: [u64; 2],
+    pub ack_errors: u64,
 }
 
 impl Snapshot {
@@ -436,6 +453,8 @@ impl Counters {
             evicted_ids,
             snapshots_ok: Both::new(counter!(SNAPSHOTS, "result" => "success")),
             snapshots_failed: Both::new(counter!(SNAPSHOTS, "result" => "failure")),
+            replayed: path_counter(REPLAYED),
+            ack_errors: Both::new(counter!(ACK_ERRORS)),
             decision_seconds: Path::ALL.map(|p| histogram!(DECISION_SECONDS, "path" => p.as_str())),
             end_to_end_seconds: Path::ALL
                 .map(|p| histogram!(END_TO_END_SECONDS, "path" => p.as_str())),
@@ -450,6 +469,12 @@ impl Counters {
     }
     pub fn decided(&self, p: Path, a: Action) {
         self.decided[p.idx()][action_idx(a)].inc();
+    }
+    pub fn replayed(&self, path: Path, n: u64) {
+        self.replayed[path.idx()].add(n);
+    }
+    pub fn ack_error(&self) {
+        self.ack_errors.inc();
     }
     pub fn duplicate(&self) {
         self.duplicates.inc();
@@ -656,6 +681,8 @@ impl Counters {
             no_reply: self.no_reply.load(Relaxed),
             snapshots_ok: self.snapshots_ok.get(),
             snapshots_failed: self.snapshots_failed.get(),
+            replayed: [self.replayed[0].get(), self.replayed[1].get()],
+            ack_errors: self.ack_errors.get(),
         }
     }
 
@@ -707,6 +734,9 @@ mod tests {
             RELOADS,
             EVICTED_KEYS,
             EVICTED_IDS,
+            CAPPED_KEYS,
+            REPLAYED,
+            ACK_ERRORS,
             NATS_RECONNECTS,
             NATS_DISCONNECTS,
             NATS_SLOW_CONSUMER,

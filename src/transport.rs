@@ -15,7 +15,7 @@ use std::time::Duration;
 use async_nats::{Client, HeaderMap, Subject, Subscriber};
 use bytes::Bytes;
 
-use crate::config::{parse_duration, NatsSection, SubjectsSection};
+use crate::config::{parse_duration, JetStreamSection, NatsSection, SubjectsSection};
 use crate::decision::Decision;
 use crate::telemetry::Counters;
 use crate::txn::{DecodeError, ErrorCode, Transaction};
@@ -45,6 +45,13 @@ pub enum TransportError {
         subject: String,
         source: async_nats::SubscribeError,
     },
+    #[error("JetStream: {what}: {message}")]
+    JetStream { what: String, message: String },
+}
+
+fn js_err(what: impl Into<String>) -> impl FnOnce(String) -> TransportError {
+    let what = what.into();
+    move |message| TransportError::JetStream { what, message }
 }
 
 fn secret(
@@ -361,6 +368,303 @@ impl Wire {
         use std::sync::atomic::Ordering::Relaxed;
         self.client.statistics().in_messages.load(Relaxed)
             + self.stream.statistics().in_messages.load(Relaxed)
+    }
+}
+
+/// The streams and the durable consumer of JetStream intake, as found or created at start.
+pub struct JetStreamIntake {
+    pub txn_stream: async_nats::jetstream::stream::Stream,
+    pub capture: Option<async_nats::jetstream::stream::Stream>,
+    /// The durable consumer, when it already existed (its delivered position tells what
+    /// to replay); `None`: created by [`Wire::durable_consumer`] after the replay.
+    pub consumer: Option<async_nats::jetstream::consumer::PullConsumer>,
+    /// Last stream sequence the existing consumer delivered (0 when new).
+    pub delivered: u64,
+    pub txn_first: u64,
+    /// Last sequence of the capture stream now: the request replay ends there.
+    pub capture_last: u64,
+}
+
+/// One message read back from a stream during recovery.
+pub struct Replayed {
+    pub payload: Bytes,
+    /// When the server stored it (epoch ms): the transaction's receive time, live and
+    /// in replay alike, so a rebuild sees the same times as the first pass.
+    pub stored_ms: i64,
+    pub seq: u64,
+}
+
+/// Where a replay starts.
+#[derive(Debug, Clone, Copy)]
+pub enum ReplayFrom {
+    Seq(u64),
+    TimeMs(i64),
+    First,
+}
+
+/// A JetStream message taken for a decision: acknowledged once the decision is published.
+pub struct Ack(async_nats::jetstream::message::Acker);
+
+impl Ack {
+    /// Fire-and-forget `+ACK` on the stream connection, after the decision's publish on
+    /// the same connection (so the server sees the decision first). A lost ack means a
+    /// redelivery, which the dedupe table answers with the same decision.
+    pub async fn ack(self) -> Result<(), String> {
+        self.0.ack().await.map_err(|e| e.to_string())
+    }
+
+    /// Tells the server never to deliver the message again.
+    pub async fn term(self) -> Result<(), String> {
+        self.0
+            .ack_with(async_nats::jetstream::AckKind::Term)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A message from the durable consumer: payload, stream sequence, store time, its ack.
+pub struct Delivered {
+    pub payload: Bytes,
+    pub seq: u64,
+    pub stored_ms: i64,
+    pub ack: Ack,
+}
+
+fn stored_ms(t: async_nats::jetstream::message::Info<'_>) -> i64 {
+    (t.published.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+impl Wire {
+    fn js(&self) -> async_nats::jetstream::Context {
+        async_nats::jetstream::new(self.stream.clone())
+    }
+
+    /// Finds (or, with `create`, makes) the transaction stream, the request-capture stream
+    /// and the durable consumer's position. Settings of streams the engine creates:
+    /// - transaction stream: subjects `[subjects] txn`, limits retention (`max_age`),
+    ///   file storage, duplicate window `duplicate_window` over `Nats-Msg-Id`;
+    /// - capture stream: subjects `[subjects] check`, `no_ack` (the server must not answer
+    ///   a request with a PubAck: the requester would take it for the reply), limits
+    ///   retention (`max_age`), file storage.
+    pub async fn jetstream_setup(
+        &self,
+        cfg: &JetStreamSection,
+    ) -> Result<JetStreamIntake, TransportError> {
+        use async_nats::jetstream::stream;
+        let js = self.js();
+        let dur = |field: &str, v: &str| {
+            parse_duration(v)
+                .map_err(|e| TransportError::Config(format!("[jetstream] {field}: {e}")))
+        };
+        let max_age = dur("max_age", &cfg.max_age)?;
+        let get_or_create = |config: stream::Config| {
+            let js = js.clone();
+            async move {
+                match js.get_stream(&config.name).await {
+                    Ok(s) => Ok(s),
+                    Err(e) if !cfg.create => Err(js_err(format!(
+                        "stream {} (create = false: it must exist)",
+                        config.name
+                    ))(e.to_string())),
+                    Err(_) => js.create_stream(config.clone()).await.map_err(|e| {
+                        js_err(format!("cannot create stream {}", config.name))(e.to_string())
+                    }),
+                }
+            }
+        };
+        let mut txn_stream = get_or_create(stream::Config {
+            name: cfg.stream.clone(),
+            subjects: vec![self.subjects.txn.clone()],
+            max_age,
+            duplicate_window: dur("duplicate_window", &cfg.duplicate_window)?,
+            storage: stream::StorageType::File,
+            num_replicas: cfg.replicas,
+            ..Default::default()
+        })
+        .await?;
+        let mut capture = None;
+        let mut capture_last = 0;
+        if !cfg.capture_stream.is_empty() {
+            let mut c = get_or_create(stream::Config {
+                name: cfg.capture_stream.clone(),
+                subjects: vec![self.subjects.check.clone()],
+                no_ack: true,
+                max_age,
+                storage: stream::StorageType::File,
+                num_replicas: cfg.replicas,
+                ..Default::default()
+            })
+            .await?;
+            let info = c
+                .info()
+                .await
+                .map_err(|e| js_err(format!("stream {}", cfg.capture_stream))(e.to_string()))?;
+            if !info.config.no_ack {
+                return Err(js_err(format!("stream {}", cfg.capture_stream))(
+                    "no_ack is not set: it would answer every request with a PubAck before the decision".into(),
+                ));
+            }
+            capture_last = info.state.last_sequence;
+            capture = Some(c);
+        }
+        let txn_first = txn_stream
+            .info()
+            .await
+            .map_err(|e| js_err(format!("stream {}", cfg.stream))(e.to_string()))?
+            .state
+            .first_sequence;
+        let (consumer, delivered) = match txn_stream
+            .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&cfg.consumer)
+            .await
+        {
+            Ok(mut c) => {
+                let d = c
+                    .info()
+                    .await
+                    .map_err(|e| js_err(format!("consumer {}", cfg.consumer))(e.to_string()))?
+                    .delivered
+                    .stream_sequence;
+                (Some(c), d)
+            }
+            Err(_) if cfg.create => (None, 0),
+            Err(e) => {
+                return Err(js_err(format!(
+                    "consumer {} (create = false: it must exist)",
+                    cfg.consumer
+                ))(e.to_string()))
+            }
+        };
+        Ok(JetStreamIntake {
+            txn_stream,
+            capture,
+            consumer,
+            delivered,
+            txn_first,
+            capture_last,
+        })
+    }
+
+    /// Creates the durable consumer, delivering from `start` (a sequence; `None`: the
+    /// oldest message the stream holds). Explicit acks, `ack_wait`, `max_ack_pending`.
+    pub async fn durable_consumer(
+        &self,
+        setup: &JetStreamIntake,
+        cfg: &JetStreamSection,
+        start: Option<u64>,
+    ) -> Result<async_nats::jetstream::consumer::PullConsumer, TransportError> {
+        use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+        let ack_wait = parse_duration(&cfg.ack_wait)
+            .map_err(|e| TransportError::Config(format!("[jetstream] ack_wait: {e}")))?;
+        setup
+            .txn_stream
+            .create_consumer(pull::Config {
+                durable_name: Some(cfg.consumer.clone()),
+                ack_policy: AckPolicy::Explicit,
+                ack_wait,
+                max_ack_pending: cfg.max_ack_pending,
+                filter_subject: self.subjects.txn.clone(),
+                deliver_policy: match start {
+                    Some(s) => DeliverPolicy::ByStartSequence { start_sequence: s },
+                    None => DeliverPolicy::All,
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_err(format!("cannot create consumer {}", cfg.consumer))(e.to_string()))
+    }
+
+    /// Messages of the durable consumer, as they come (pulled in batches).
+    pub async fn consume(
+        consumer: &async_nats::jetstream::consumer::PullConsumer,
+    ) -> Result<impl futures::Stream<Item = Result<Delivered, String>>, TransportError> {
+        use futures::StreamExt;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(256)
+            .messages()
+            .await
+            .map_err(|e| js_err("cannot pull from the consumer")(e.to_string()))?;
+        Ok(messages.map(|m| {
+            let m = m.map_err(|e| e.to_string())?;
+            let info = m.info().map_err(|e| e.to_string())?;
+            let (seq, stored) = (info.stream_sequence, stored_ms(info));
+            let (msg, acker) = m.split();
+            Ok(Delivered {
+                payload: msg.payload,
+                seq,
+                stored_ms: stored,
+                ack: Ack(acker),
+            })
+        }))
+    }
+
+    /// Reads `stream` (only `subject`) from `from` through sequence `to`, in order, with an
+    /// ephemeral ordered consumer, calling `f` for each message. Stops early (and says so)
+    /// when nothing arrives for `idle`: messages may have aged out meanwhile.
+    pub async fn replay(
+        stream: &async_nats::jetstream::stream::Stream,
+        subject: &str,
+        from: ReplayFrom,
+        to: u64,
+        idle: Duration,
+        mut f: impl FnMut(Replayed),
+    ) -> Result<u64, TransportError> {
+        use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+        use futures::StreamExt;
+        if to == 0 || matches!(from, ReplayFrom::Seq(s) if s > to) {
+            return Ok(0);
+        }
+        let deliver_policy = match from {
+            ReplayFrom::Seq(s) => DeliverPolicy::ByStartSequence { start_sequence: s },
+            ReplayFrom::TimeMs(ms) => DeliverPolicy::ByStartTime {
+                start_time: async_nats::datetime::from_nanos(ms as i128 * 1_000_000)
+                    .map_err(|e| js_err("replay start time")(e.to_string()))?,
+            },
+            ReplayFrom::First => DeliverPolicy::All,
+        };
+        let consumer = stream
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: subject.to_string(),
+                deliver_policy,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| js_err("cannot create the replay consumer")(e.to_string()))?;
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(0); // nothing stored from `from` on
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| js_err("cannot read for replay")(e.to_string()))?;
+        let mut n = 0;
+        loop {
+            let m = match tokio::time::timeout(idle, messages.next()).await {
+                Err(_) => {
+                    return Err(js_err("replay")(format!(
+                        "no message for {idle:?} before sequence {to} (aged out?); {n} replayed"
+                    )))
+                }
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(js_err("replay")(e.to_string())),
+                Ok(Some(Ok(m))) => m,
+            };
+            let info = m.info().map_err(|e| js_err("replay")(e.to_string()))?;
+            let (seq, stored) = (info.stream_sequence, stored_ms(info));
+            if seq > to {
+                break;
+            }
+            n += 1;
+            f(Replayed {
+                payload: m.payload.clone(),
+                stored_ms: stored,
+                seq,
+            });
+            if seq == to {
+                break;
+            }
+        }
+        Ok(n)
     }
 }
 

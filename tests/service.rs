@@ -433,7 +433,11 @@ async fn engine_reconnects_after_nats_restarts() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_under_load_decides_every_accepted_transaction() {
     let nats = nats().await;
-    let mut engine = Engine::start(&nats.url()).await;
+    let dir = Scratch::new("term-snap");
+    let snap = dir.0.join("state.snap");
+    // A long interval: only the shutdown writes the snapshot.
+    let config = snapshot_config(&snap, "").replace("interval = \"1s\"", "interval = \"1h\"");
+    let mut engine = Engine::start_with(&nats.url(), &config).await;
     let c = client(&nats.url()).await;
     let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
     c.flush().await.unwrap();
@@ -469,6 +473,21 @@ async fn sigterm_under_load_decides_every_accepted_transaction() {
     )
     .await;
     assert_eq!(got.len() as u64 + 1, received, "decisions seen vs accepted");
+    // ... and the snapshot written after the last of them holds every one.
+    assert_eq!(stopped["fields"]["snapshots_ok"].as_u64(), Some(1));
+    let cfg = fraudgate::EngineConfig::default();
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let restored = fraudgate::Engine::new(fraudgate::load_dir(&rules, &cfg).unwrap(), cfg);
+    restored
+        .restore(fraudgate::snapshot::read(&snap).unwrap())
+        .unwrap();
+    let in_windows: u64 = restored
+        .window_values(fraudgate::service::now_ms())
+        .iter()
+        .filter(|(w, _, _)| w == "card_txn_1h")
+        .map(|(_, _, v)| v.parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(in_windows, received, "transactions in the final snapshot");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

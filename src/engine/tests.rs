@@ -394,12 +394,16 @@ fn snapshot_restores_windows_and_retries() {
         control.decide(&mk(i), T0 + i * 1_000);
         first.decide(&mk(i), T0 + i * 1_000);
     }
-    let snap = first.snapshot(T0 + 40_000, Some(40));
+    let cursor = Cursor {
+        txn_next_seq: Some(40),
+        check_from_ms: Some(T0),
+    };
+    let snap = first.snapshot(T0 + 40_000, || cursor);
     crate::snapshot::write(&path, &snap).unwrap();
     drop(first);
     let restarted = engine();
     let back = crate::snapshot::read(&path).unwrap();
-    assert_eq!(back.stream_sequence, Some(40));
+    assert_eq!(back.cursor, cursor);
     let r = restarted.restore(back).unwrap();
     assert_eq!(r.ids, 40);
     assert!(r.keys >= 10, "{r:?}");
@@ -479,4 +483,83 @@ fn key_cap_evicts_least_recently_used_and_counts() {
         feature(&o, "spend", "card_amount_1h"),
         Some(Decimal::from(3_599 + 2_000).to_string().into())
     );
+}
+
+#[test]
+fn snapshot_is_a_point_in_time_cut_under_concurrent_decisions() {
+    // Two threads decide 4,000 transactions over a few cards and devices while snapshots
+    // are taken. Restoring any one of them and re-deciding every transaction from the
+    // cursor on (ids already in its retry table are skipped as retries) must give exactly
+    // the windows of an engine that decided everything once.
+    let txns: Vec<Transaction> = (0..4_000)
+        .map(|i| {
+            let mut t = tx(
+                &format!("p{i}"),
+                &format!("card{}", i % 7),
+                1 + i % 5,
+                T0 + i,
+            );
+            t.device = Some(format!("dev{}", i % 3));
+            t
+        })
+        .collect();
+    let control = engine();
+    for t in &txns {
+        control.decide(t, t.ts_ms.unwrap());
+    }
+    let want = control.window_values(T0 + 5_000);
+    let live = Arc::new(engine());
+    // Transactions below `done` have all been decided: the cursor taken at the cut.
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let taken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut snaps = Vec::new();
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            let (live, done, next, txns) = (live.clone(), done.clone(), next.clone(), &txns);
+            let taken = taken.clone();
+            s.spawn(move || loop {
+                // Like JetStream intake: a shared sequence, decided in parallel; `done`
+                // is the low watermark (all below it decided).
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(t) = txns.get(i as usize) else { break };
+                // However the threads are scheduled, some cuts fall mid-run.
+                while i >= 3_000 && taken.load(Ordering::SeqCst) < 3 {
+                    std::thread::yield_now();
+                }
+                live.decide(t, t.ts_ms.unwrap());
+                while done
+                    .compare_exchange(i, i + 1, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_err()
+                {
+                    std::hint::spin_loop();
+                }
+            });
+        }
+        while done.load(Ordering::SeqCst) < 500 {
+            std::thread::yield_now();
+        }
+        while snaps.len() < 20 && done.load(Ordering::SeqCst) < 4_000 {
+            let d = done.clone();
+            snaps.push(live.snapshot(T0, || Cursor {
+                txn_next_seq: Some(d.load(Ordering::SeqCst)),
+                check_from_ms: None,
+            }));
+            taken.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    assert_eq!(live.window_values(T0 + 5_000), want);
+    assert!(snaps.len() >= 2, "too few snapshots taken during the run");
+    let mut inside = 0;
+    for snap in snaps {
+        let from = snap.cursor.txn_next_seq.unwrap() as usize;
+        inside += usize::from(from > 0 && from < txns.len());
+        let rebuilt = engine();
+        rebuilt.restore(snap).unwrap();
+        for t in &txns[from..] {
+            rebuilt.decide(t, t.ts_ms.unwrap());
+        }
+        assert_eq!(rebuilt.window_values(T0 + 5_000), want, "cut at {from}");
+    }
+    assert!(inside > 0, "no snapshot was cut in the middle of the run");
 }

@@ -1,0 +1,397 @@
+//! JetStream intake and recovery against a real nats-server with JetStream (spawned here):
+//! kill -9 in the middle of a load compared with an uninterrupted control engine, key by
+//! key and window by window; exactly one reply per captured request; a nats-server
+//! restart losing nothing in JetStream mode, and the loss counted in core mode.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use common::*;
+use futures::StreamExt;
+
+fn js_config(name: &str, snapshot: &Path, every: &str) -> String {
+    format!(
+        "{CONFIG}\n[subjects]\nqueue_group = \"{name}\"\n\
+         [jetstream]\nenabled = true\nconsumer = \"{name}\"\nack_wait = \"2s\"\n\
+         [snapshot]\npath = {:?}\ninterval = \"{every}\"\n",
+        snapshot.display().to_string()
+    )
+}
+
+/// A transaction at event time `ts` (explicit, so both engines see the same times).
+fn txn_at(id: &str, card: &str, amount: &str, ts: i64) -> Bytes {
+    let mut v: serde_json::Value = serde_json::from_str(&txn(id, card, amount)).unwrap();
+    v["ts"] = ts.into();
+    Bytes::from(v.to_string())
+}
+
+/// Publishes through JetStream (with `Nats-Msg-Id`) and waits for the stream's ack,
+/// retrying while the server is away: the switch's side of at-least-once.
+async fn js_publish(js: &jetstream::Context, id: &str, body: Bytes) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Nats-Msg-Id", id);
+        let acked = async {
+            js.publish_with_headers("fraud.txn", h, body.clone())
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(Duration::from_secs(2), acked).await {
+            Ok(Ok(_)) => return,
+            _ if Instant::now() > deadline => panic!("could not publish {id}"),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// Waits until the durable consumer has nothing pending or unacknowledged.
+async fn drained(js: &jetstream::Context, consumer: &str) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if let Ok(stream) = js.get_stream("FRAUD_TXN").await {
+            if let Ok(mut c) = stream
+                .get_consumer::<jetstream::consumer::pull::Config>(consumer)
+                .await
+            {
+                if let Ok(i) = c.info().await {
+                    if i.num_pending == 0 && i.num_ack_pending == 0 {
+                        return;
+                    }
+                    last = format!("pending {} unacked {}", i.num_pending, i.num_ack_pending);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("consumer {consumer} never drained: {last}");
+}
+
+/// Every window value of every key in a snapshot file, read at `at_ms`.
+fn windows_in(path: &Path, at_ms: i64) -> Vec<(String, fraudgate::keyhash::StateKey, String)> {
+    let cfg = fraudgate::EngineConfig::default();
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let engine = fraudgate::Engine::new(fraudgate::load_dir(&rules, &cfg).unwrap(), cfg);
+    engine
+        .restore(fraudgate::snapshot::read(path).unwrap())
+        .unwrap();
+    engine.window_values(at_ms)
+}
+
+async fn stop(mut engine: Engine) -> Engine {
+    engine.signal("TERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), engine.child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert!(status.success(), "{status}:\n{}", engine.log_text());
+    engine
+}
+
+struct Load {
+    js: jetstream::Context,
+    client: async_nats::Client,
+    t0: i64,
+    n: usize,
+}
+
+impl Load {
+    /// `count` stream transactions over 40 cards; every 10th transaction also a request.
+    async fn send(&mut self, count: usize) {
+        for _ in 0..count {
+            let i = self.n;
+            self.n += 1;
+            let card = format!("40000000000{:05}", i % 40);
+            let ts = self.t0 + i as i64 * 20;
+            let amount = format!("{}.{:02}", 1 + i % 90, i % 100);
+            js_publish(
+                &self.js,
+                &format!("k{i}"),
+                txn_at(&format!("k{i}"), &card, &amount, ts),
+            )
+            .await;
+            if i.is_multiple_of(10) {
+                let body = txn_at(&format!("q{i}"), &card, "3.00", ts + 1);
+                let r = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    self.client.request("fraud.check", body),
+                )
+                .await;
+                assert!(matches!(r, Ok(Ok(_))), "request q{i} unanswered: {r:?}");
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_load_then_restart_equals_an_uninterrupted_run() {
+    let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
+    let url = nats.url();
+    let dir = Scratch::new("js-kill");
+    let (control_snap, victim_snap) = (dir.0.join("control.snap"), dir.0.join("victim.snap"));
+    // Same streams, own consumers and queue groups: each engine sees every transaction
+    // and every request.
+    let control = Engine::start_with(&url, &js_config("control", &control_snap, "60s")).await;
+    let victim_cfg = js_config("victim", &victim_snap, "1s");
+    let mut victim = Engine::start_with(&url, &victim_cfg).await;
+    let client = client(&url).await;
+    let mut load = Load {
+        js: jetstream::new(client.clone()),
+        client,
+        t0: fraudgate::service::now_ms() - 60_000,
+        n: 0,
+    };
+    load.send(500).await;
+    // A snapshot with part of the load in it, then more, then kill -9 with transactions
+    // in flight: taken and not acknowledged, decided and not snapshotted.
+    let written = victim.count_log("snapshot written");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while victim.count_log("snapshot written") == written && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        victim.count_log("snapshot written") > written,
+        "{}",
+        victim.log_text()
+    );
+    load.send(500).await;
+    victim.child.start_kill().unwrap();
+    let _ = victim.child.wait().await;
+    // While it is down: the stream keeps transactions, the capture keeps requests (the
+    // control engine answers them).
+    load.send(300).await;
+    let victim = Engine::start_with(&url, &victim_cfg).await;
+    let log = victim.log_text();
+    assert!(log.contains("state restored from snapshot"), "{log}");
+    let recovery: serde_json::Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["message"] == "JetStream recovery: state rebuilt from the streams")
+        .unwrap_or_else(|| panic!("no recovery line:\n{log}"));
+    eprintln!("victim recovery: {}", recovery["fields"]);
+    // What came after the snapshot's cut was re-applied: transactions, and the requests
+    // answered by the control engine while the victim was down.
+    assert!(
+        recovery["fields"]["transactions"].as_u64().unwrap() > 0,
+        "{recovery}"
+    );
+    assert!(
+        recovery["fields"]["requests"].as_u64().unwrap() >= 30,
+        "{recovery}"
+    );
+    load.send(500).await;
+    drained(&load.js, "control").await;
+    drained(&load.js, "victim").await;
+    let victim = stop(victim).await;
+    stop(control).await;
+    let at = load.t0 + load.n as i64 * 20 + 1_000;
+    let want = windows_in(&control_snap, at);
+    let got = windows_in(&victim_snap, at);
+    assert!(
+        want.len() > 40 * 5,
+        "control has {} window values",
+        want.len()
+    );
+    let diff: Vec<_> = want
+        .iter()
+        .zip(&got)
+        .filter(|(a, b)| a != b)
+        .take(5)
+        .collect();
+    assert!(
+        want.len() == got.len() && diff.is_empty(),
+        "{} vs {} values; first differences: {diff:?}\nvictim log:\n{}",
+        want.len(),
+        got.len(),
+        victim.log_text()
+    );
+    // The card totals include every transaction and request exactly once.
+    let sums: i64 = want
+        .iter()
+        .filter(|(w, _, _)| w == "card_txn_1h")
+        .map(|(_, _, v)| v.parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(sums as usize, load.n + load.n.div_ceil(10));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_captured_request_gets_exactly_one_reply() {
+    let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
+    let dir = Scratch::new("js-one");
+    let engine = Engine::start_with(
+        &nats.url(),
+        &js_config("fraudgate", &dir.0.join("s.snap"), "60s"),
+    )
+    .await;
+    let c = client(&nats.url()).await;
+    let inbox = c.new_inbox();
+    let mut replies = c.subscribe(inbox.clone()).await.unwrap();
+    c.publish_with_reply(
+        "fraud.check",
+        inbox,
+        Bytes::from(txn("one-1", "4111111111119001", "10")),
+    )
+    .await
+    .unwrap();
+    c.flush().await.unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), replies.next())
+        .await
+        .expect("a reply")
+        .unwrap();
+    let d: serde_json::Value = serde_json::from_slice(&first.payload).unwrap();
+    assert_eq!(d["id"], "one-1", "{d}");
+    assert_eq!(d["action"], "approve");
+    // No PubAck from the capture stream, before or after ours.
+    let more = tokio::time::timeout(Duration::from_secs(1), replies.next()).await;
+    assert!(more.is_err(), "a second reply: {more:?}");
+    // And the request was captured.
+    let js = jetstream::new(c.clone());
+    let mut capture = js.get_stream("FRAUD_CHECK").await.unwrap();
+    assert_eq!(capture.info().await.unwrap().state.messages, 1);
+    assert!(capture.cached_info().config.no_ack);
+    drop(engine);
+}
+
+/// Stream transactions published while nats-server is killed and restarted (on the same
+/// port and store). Returns (sent, ids decided, the engine's final counts).
+async fn load_across_a_nats_restart(
+    jetstream_mode: bool,
+) -> (usize, std::collections::HashSet<String>, serde_json::Value) {
+    let store = Scratch::new("js-store");
+    let port = fraudgate::demo::free_port().unwrap();
+    let nats = fraudgate::demo::NatsServer::start_on_store(port, &store.0)
+        .await
+        .unwrap();
+    let url = nats.url();
+    let dir = Scratch::new("js-restart");
+    let config = if jetstream_mode {
+        js_config("fraudgate", &dir.0.join("s.snap"), "60s")
+    } else {
+        CONFIG.to_string()
+    };
+    let engine = Engine::start_with(&url, &config).await;
+    let c = client(&url).await;
+    let js = jetstream::new(c.clone());
+    // Decisions are kept in a stream of their own, so none is missed while this client
+    // reconnects.
+    js.create_stream(jetstream::stream::Config {
+        name: "DECISIONS".into(),
+        subjects: vec!["fraud.decision.>".into()],
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let sent = 1_000;
+    let send = |range: std::ops::Range<usize>| {
+        let (c, js) = (c.clone(), js.clone());
+        async move {
+            for i in range {
+                let id = format!("r{i}");
+                let body = Bytes::from(txn(&id, &format!("45000000000{:05}", i % 50), "2"));
+                if jetstream_mode {
+                    js_publish(&js, &id, body).await;
+                } else {
+                    // Core NATS: fire and forget, as a core publisher does.
+                    let _ = c.publish("fraud.txn", body).await;
+                }
+            }
+        }
+    };
+    send(0..400).await;
+    c.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    nats.stop().await;
+    engine
+        .wait_log("NATS disconnected", Duration::from_secs(10))
+        .await;
+    let store_dir = store.0.clone();
+    let restarted = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        fraudgate::demo::NatsServer::start_on_store(port, &store_dir)
+            .await
+            .unwrap()
+    });
+    send(400..700).await; // partly while the server is down
+    let _nats = restarted.await.unwrap();
+    // Both engine connections are back (2 at start, 2 after the restart).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while engine.count_log("NATS connected") < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    send(700..sent).await;
+    // Wait until decisions stop arriving.
+    let mut seen = std::collections::HashSet::new();
+    let mut quiet_since = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline && quiet_since.elapsed() < Duration::from_secs(5) {
+        let Ok(stream) = js.get_stream("DECISIONS").await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig::default())
+            .await
+            .unwrap();
+        let pending = consumer.cached_info().num_pending;
+        let mut msgs = consumer.messages().await.unwrap();
+        let before = seen.len();
+        for _ in 0..pending {
+            match tokio::time::timeout(Duration::from_secs(2), msgs.next()).await {
+                Ok(Some(Ok(m))) => {
+                    let d: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+                    seen.insert(d["id"].as_str().unwrap().to_string());
+                }
+                _ => break,
+            }
+        }
+        if seen.len() > before {
+            quiet_since = Instant::now();
+        }
+        if seen.len() == sent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let engine = stop(engine).await;
+    (sent, seen, engine.stopped_line()["fields"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_loses_nothing_in_jetstream_mode() {
+    let (sent, decided, counts) = load_across_a_nats_restart(true).await;
+    assert_eq!(
+        decided.len(),
+        sent,
+        "transactions without a decision; engine: {counts}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_restart_loss_is_counted_in_core_mode() {
+    let (sent, decided, counts) = load_across_a_nats_restart(false).await;
+    // Core NATS keeps nothing for an absent subscriber and nothing in flight when the
+    // server dies: the loss is what the engine's count of received transactions and the
+    // decisions seen fall short of what was sent.
+    let received = counts["received_stream"].as_u64().unwrap() as usize;
+    let lost = sent - decided.len();
+    eprintln!(
+        "core mode across a nats-server restart: sent {sent}, received by the engine \
+         {received}, decisions seen {}, lost {lost}",
+        decided.len()
+    );
+    assert!(decided.len() <= received && received <= sent, "{counts}");
+    // The engine reconnected: transactions sent after the restart were decided.
+    assert!(
+        (700..sent).all(|i| decided.contains(&format!("r{i}"))),
+        "decisions missing after the restart: {counts}"
+    );
+}
