@@ -102,7 +102,7 @@ impl LoadReport {
     /// A human-readable report.
     pub fn render(&self) -> String {
         let mut s = format!(
-            "sent {}  answered {}  errors {}  timeouts {}  in {:.2} s  =>  {:.0} decisions/s\n",
+            "sent {}  answered {}  errors {}  no decision in time (lost) {}  in {:.2} s  =>  {:.0} decisions/s\n",
             self.sent,
             self.answered,
             self.errors,

@@ -39,7 +39,7 @@ pub enum ServiceError {
     Watch { dir: String, source: notify::Error },
     #[error(transparent)]
     Metrics(#[from] crate::telemetry::TelemetryError),
-    #[error("{0}\n(set [snapshot] on_bad = \"start-empty\" to move the file aside and start with empty windows)")]
+    #[error("{0}\n(set [snapshot] on_bad = \"start-empty\" to move the file aside and start with empty windows, or with JetStream on_bad = \"rebuild\" to rebuild them from the streams)")]
     Snapshot(crate::snapshot::SnapshotFileError),
 }
 

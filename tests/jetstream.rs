@@ -395,3 +395,79 @@ async fn nats_restart_loss_is_counted_in_core_mode() {
         "decisions missing after the restart: {counts}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_snapshot_is_rebuilt_from_the_streams_when_configured() {
+    let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
+    let url = nats.url();
+    let dir = Scratch::new("js-rebuild");
+    let snap = dir.0.join("s.snap");
+    let config = js_config("fraudgate", &snap, "60s");
+    let engine = Engine::start_with(&url, &config).await;
+    let c = client(&url).await;
+    let js = jetstream::new(c.clone());
+    let mut invalid = c.subscribe("fraud.invalid").await.unwrap();
+    c.flush().await.unwrap();
+    let card = "4111111111117001";
+    let ts = fraudgate::service::now_ms() - 10_000;
+    for i in 0..5 {
+        js_publish(
+            &js,
+            &format!("rb{i}"),
+            txn_at(&format!("rb{i}"), card, "4000", ts + i),
+        )
+        .await;
+    }
+    // Bad input on the JetStream path: refused, forwarded, acknowledged; nothing stalls.
+    js_publish(&js, "rb-bad", Bytes::from_static(b"{not json")).await;
+    let bad = tokio::time::timeout(Duration::from_secs(5), invalid.next())
+        .await
+        .expect("invalid forwarded")
+        .unwrap();
+    assert_eq!(
+        bad.headers
+            .unwrap()
+            .get("Fraudgate-Error-Code")
+            .unwrap()
+            .as_str(),
+        "invalid_json"
+    );
+    drained(&js, "fraudgate").await;
+    let engine = stop(engine).await;
+    drop(engine);
+    std::fs::write(&snap, b"FGSNAP\0\0garbage").unwrap();
+    // The default refuses to start on it ...
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+        .args(["run", "--nats-url", &url, "--rules"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"))
+        .arg("--config")
+        .arg({
+            let p = dir.0.join("fail.toml");
+            std::fs::write(&p, &config).unwrap();
+            p
+        })
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("rebuild"));
+    // ... on_bad = "rebuild" moves it aside and replays the stream's retention: the card's
+    // 24-hour total (5 x 4000) is back, so one more crosses the 20000 daily limit.
+    let config = config.replace(
+        "interval = \"60s\"",
+        "interval = \"60s\"\non_bad = \"rebuild\"",
+    );
+    let engine = Engine::start_with(&url, &config).await;
+    let log = engine.log_text();
+    assert!(log.contains("unusable snapshot"), "{log}");
+    let over = check(
+        &c,
+        &String::from_utf8(txn_at("rb5", card, "1", ts + 6).to_vec()).unwrap(),
+    )
+    .await;
+    assert_eq!(
+        over["decided_by"], "reject:daily_card_limit",
+        "{over}\n{log}"
+    );
+    assert_eq!(over["rules"][0]["values"]["card_amount_24h"], "20001");
+}
