@@ -73,26 +73,43 @@ struct Job {
 /// cut stands in the stream (every message below [`InFlight::low`] is in the windows).
 #[derive(Default)]
 struct InFlight {
-    pending: std::collections::BTreeMap<u64, u32>,
+    /// Sequence -> (deliveries not yet decided, the message's store time).
+    pending: std::collections::BTreeMap<u64, (u32, i64)>,
     /// One past the highest sequence taken in (or the replay's end).
     next: u64,
+    /// Store time of the newest message taken in.
+    newest_ms: Option<i64>,
 }
 
 impl InFlight {
-    fn taken(&mut self, seq: u64) {
-        *self.pending.entry(seq).or_default() += 1;
+    fn taken(&mut self, seq: u64, stored_ms: i64) {
+        self.pending.entry(seq).or_insert((0, stored_ms)).0 += 1;
         self.next = self.next.max(seq + 1);
+        self.newest_ms = Some(self.newest_ms.map_or(stored_ms, |n| n.max(stored_ms)));
     }
     fn decided(&mut self, seq: u64) {
         if let std::collections::btree_map::Entry::Occupied(mut o) = self.pending.entry(seq) {
-            *o.get_mut() -= 1;
-            if *o.get() == 0 {
+            o.get_mut().0 -= 1;
+            if o.get().0 == 0 {
                 o.remove();
             }
         }
     }
     fn low(&self) -> u64 {
         self.pending.keys().next().copied().unwrap_or(self.next)
+    }
+    /// The clock idle state is evicted by. Ids are remembered by the store time of their
+    /// message, so while a backlog is worked through (store times behind the wall clock)
+    /// eviction must follow the stream, not the wall clock: never past the oldest message
+    /// still undecided, nor the newest taken. Otherwise ids the next replay or a
+    /// redelivery needs to find would be gone, and counted twice.
+    fn clock(&self, now_ms: i64) -> i64 {
+        let oldest = self.pending.values().map(|v| v.1).min();
+        [Some(now_ms), oldest, self.newest_ms]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(now_ms)
     }
 }
 
@@ -282,6 +299,17 @@ impl Running {
                 "[snapshot] on_bad = \"rebuild\" needs [jetstream] enabled = true".into(),
             ));
         }
+        if js_cfg.enabled {
+            let ack_wait = duration("[jetstream] ack_wait", &js_cfg.ack_wait)?;
+            if opts.engine.dedupe_horizon <= ack_wait {
+                // A redelivery comes ack_wait after the first delivery; it must still find
+                // the id, or it is counted again.
+                return Err(ServiceError::Config(format!(
+                    "[engine] dedupe_horizon ({:?}) must be longer than [jetstream] ack_wait ({ack_wait:?})",
+                    opts.engine.dedupe_horizon
+                )));
+            }
+        }
         let tracker: Option<Tracker> = js_cfg.enabled.then(Default::default);
         let capture_margin_ms = (js_cfg.enabled && !js_cfg.capture_stream.is_empty())
             .then_some(opts.engine.dedupe_horizon.as_millis() as i64);
@@ -405,6 +433,7 @@ impl Running {
             engine.clone(),
             wire.clone(),
             counters.clone(),
+            tracker.clone(),
             sweep_every,
             stop_rx.clone(),
         ));
@@ -652,7 +681,7 @@ async fn intake_jetstream(
                         }
                     }
                     Ok(txn) => {
-                        lock(&tracker).taken(d.seq);
+                        lock(&tracker).taken(d.seq, d.stored_ms);
                         let job = Job {
                             txn,
                             // The time the server stored it: replay after a crash sees
@@ -932,6 +961,7 @@ async fn sweeper(
     engine: Arc<Engine>,
     wire: Wire,
     counters: Arc<Counters>,
+    tracker: Option<Tracker>,
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -941,8 +971,9 @@ async fn sweeper(
             _ = tick.tick() => {
                 let e = engine.clone();
                 let started = Instant::now();
+                let clock = tracker.as_ref().map_or_else(now_ms, |t| lock(t).clock(now_ms()));
                 let swept = tokio::task::spawn_blocking(move || {
-                    let ev = e.evict_idle(now_ms());
+                    let ev = e.evict_idle(clock);
                     (ev, e.stats())
                 })
                 .await;
@@ -1128,6 +1159,39 @@ pub async fn reload(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn in_flight_cursor_and_eviction_clock() {
+        let mut f = InFlight {
+            next: 10,
+            ..Default::default()
+        };
+        assert_eq!(f.low(), 10);
+        assert_eq!(f.clock(5_000), 5_000);
+        // A backlog: messages stored long before now.
+        f.taken(10, 1_000);
+        f.taken(11, 1_100);
+        f.taken(12, 1_200);
+        assert_eq!(f.low(), 10);
+        assert_eq!(
+            f.clock(5_000),
+            1_000,
+            "eviction follows the oldest undecided"
+        );
+        f.decided(11);
+        assert_eq!(f.low(), 10, "out of order: 10 is still undecided");
+        f.decided(10);
+        assert_eq!(f.low(), 12);
+        assert_eq!(f.clock(5_000), 1_200);
+        // A redelivery of 12 while the first delivery is undecided: both must finish.
+        f.taken(12, 1_200);
+        f.decided(12);
+        assert_eq!(f.low(), 12);
+        f.decided(12);
+        assert_eq!(f.low(), 13, "all taken are decided: one past the highest");
+        assert_eq!(f.clock(5_000), 1_200, "never past the newest taken");
+        assert_eq!(f.clock(900), 900);
+    }
 
     #[test]
     fn shards_spread_and_are_stable() {

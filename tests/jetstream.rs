@@ -462,7 +462,7 @@ async fn a_corrupt_snapshot_is_rebuilt_from_the_streams_when_configured() {
     assert!(log.contains("unusable snapshot"), "{log}");
     let over = check(
         &c,
-        &String::from_utf8(txn_at("rb5", card, "1", ts + 6).to_vec()).unwrap(),
+        std::str::from_utf8(&txn_at("rb5", card, "1", ts + 6)).unwrap(),
     )
     .await;
     assert_eq!(
