@@ -142,7 +142,7 @@ fn snapshot_under_load(engine: &Engine, cards: u64, ts: i64) {
         fraudgate::snapshot::write(&path, &snap).unwrap()
     });
     println!(
-        "  snapshot: {:.1} MiB ({:.1} B per card): copy {:.2} s, encode + write + fsync {:.2} s",
+        "  snapshot: {:.1} MiB ({:.1} B per card): copy + encode {:.2} s, write + fsync {:.2} s",
         bytes as f64 / 1048576.0,
         bytes as f64 / cards as f64,
         copy_took.as_secs_f64(),

@@ -6,7 +6,9 @@
 use std::io::{Read, Write};
 use std::path::Path;
 
-use crate::engine::{Cursor, Engine, Restored, SnapshotError, StateSnapshot, SNAPSHOT_FORMAT};
+use crate::engine::{
+    Cursor, EncodedSnapshot, Engine, Restored, SnapshotError, StateSnapshot, SNAPSHOT_FORMAT,
+};
 
 const MAGIC: &[u8; 8] = b"FGSNAP\0\0";
 
@@ -42,7 +44,7 @@ pub fn save(
     at_cut: impl FnOnce() -> Cursor,
 ) -> Result<(u64, Cursor), SnapshotFileError> {
     let snap = engine.snapshot(taken_at_ms, at_cut);
-    let cursor = snap.cursor;
+    let cursor = snap.header.cursor;
     Ok((write(path, &snap)?, cursor))
 }
 
@@ -69,13 +71,7 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> SnapshotFileError + '_ {
 }
 
 /// Writes `snap` to `path` atomically; returns the bytes written.
-pub fn write(path: &Path, snap: &StateSnapshot) -> Result<u64, SnapshotFileError> {
-    let body = bincode::serde::encode_to_vec(snap, bincode::config::standard()).map_err(|e| {
-        SnapshotFileError::Corrupt {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        }
-    })?;
+pub fn write(path: &Path, snap: &EncodedSnapshot) -> Result<u64, SnapshotFileError> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -88,21 +84,44 @@ pub fn write(path: &Path, snap: &StateSnapshot) -> Result<u64, SnapshotFileError
         std::process::id()
     ));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(MAGIC)?;
-        f.write_all(&SNAPSHOT_FORMAT.to_le_bytes())?;
-        f.write_all(&body)?;
+        let f = std::fs::File::create(&tmp)?;
+        let mut w = Counting {
+            inner: std::io::BufWriter::with_capacity(1 << 20, f),
+            bytes: 0,
+        };
+        w.write_all(MAGIC)?;
+        w.write_all(&SNAPSHOT_FORMAT.to_le_bytes())?;
+        snap.encode_body(&mut w).map_err(std::io::Error::other)?;
+        let bytes = w.bytes;
+        let f = w.inner.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
         if let Ok(d) = std::fs::File::open(dir) {
             let _ = d.sync_all();
         }
-        Ok::<u64, std::io::Error>((MAGIC.len() + 4 + body.len()) as u64)
+        Ok::<u64, std::io::Error>(bytes)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result.map_err(io(path))
+}
+
+/// A writer that counts what went through it.
+struct Counting<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Reads a snapshot file, with a clear error for anything that is not a complete snapshot

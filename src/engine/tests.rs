@@ -399,6 +399,15 @@ fn snapshot_restores_windows_and_retries() {
         check_from_ms: Some(T0),
     };
     let snap = first.snapshot(T0 + 40_000, || cursor);
+    // The pieces encoded under the locks make exactly the encoding of the whole snapshot.
+    let mut body = Vec::new();
+    snap.encode_body(&mut body).unwrap();
+    let whole = snap.decode().unwrap();
+    assert_eq!(whole.groups.iter().map(|g| g.keys.len()).sum::<usize>(), 10);
+    assert_eq!(
+        bincode::serde::encode_to_vec(&whole, bincode::config::standard()).unwrap(),
+        body
+    );
     crate::snapshot::write(&path, &snap).unwrap();
     drop(first);
     let restarted = engine();
@@ -552,14 +561,25 @@ fn snapshot_is_a_point_in_time_cut_under_concurrent_decisions() {
     assert!(snaps.len() >= 2, "too few snapshots taken during the run");
     let mut inside = 0;
     for snap in snaps {
-        let from = snap.cursor.txn_next_seq.unwrap() as usize;
+        let from = snap.header.cursor.txn_next_seq.unwrap() as usize;
         inside += usize::from(from > 0 && from < txns.len());
         let rebuilt = engine();
-        rebuilt.restore(snap).unwrap();
+        rebuilt.restore(snap.decode().unwrap()).unwrap();
         for t in &txns[from..] {
             rebuilt.decide(t, t.ts_ms.unwrap());
         }
         assert_eq!(rebuilt.window_values(T0 + 5_000), want, "cut at {from}");
     }
     assert!(inside > 0, "no snapshot was cut in the middle of the run");
+}
+
+#[test]
+fn spread_visits_every_item_once() {
+    for n in [0usize, 1, 2, 63, 64, 65, 1000, 4096, 10_007] {
+        let v: Vec<usize> = (0..n).collect();
+        let mut seen: Vec<usize> = super::spread(&v).collect();
+        assert_eq!(seen.len(), n);
+        seen.sort_unstable();
+        assert_eq!(seen, v, "n = {n}");
+    }
 }
