@@ -183,10 +183,14 @@ state.panel("timeseries", "Snapshot time",
             "Seconds the last snapshot took (copy, encode, write, fsync), per engine. Decisions go on meanwhile.",
             [(f'max by (instance) (fraudgate_snapshot_duration_seconds{{{I}}})', "{{instance}}")], "s", w=8)
 state.panel("stat", "Since last snapshot",
-            "Age of the oldest engine's last good snapshot: what a restart of that engine would forget.",
+            "Age of the oldest engine's last good snapshot: without JetStream intake, what a restart of that engine would forget.",
             [(f'time() - min(fraudgate_snapshot_last_success_timestamp_seconds{{{I}}})', "age")], "s", w=4)
 state.panel("stat", "Snapshot failures (24h)", "Snapshots that could not be written in the last 24 hours.",
             [(f'sum(increase(fraudgate_snapshots_total{{{I},result="failure"}}[24h]))', "failures")], "none", w=4)
+state.panel("timeseries", "JetStream recovery and acks",
+            "Transactions and requests re-applied to the windows from JetStream at start (after the snapshot's cut; not decided or published again), and acknowledgements that could not be sent (those messages come again and are answered from the dedupe table). Zero without [jetstream].",
+            [(f'sum by (path) (increase(fraudgate_replayed_transactions_total{{{I}}}[{RI}]))', "re-applied: {{path}}"),
+             (f'sum(rate(fraudgate_jetstream_ack_errors_total{{{I}}}[{RI}]))', "ack errors /s")], "short", w=24)
 
 here = os.path.dirname(os.path.abspath(__file__))
 for b in (overview, rules, state):
