@@ -548,22 +548,13 @@ async fn intake(
     counters: Arc<Counters>,
     mut stop: watch::Receiver<bool>,
 ) {
-    use futures::FutureExt;
     let mut draining = false;
     let mut batches: Vec<Batch> = (0..shards.len()).map(|_| Vec::new()).collect();
     loop {
         let msgs = tokio::select! {
             msg = sub.next() => {
                 let Some(first) = msg else { break };
-                // Take what is already buffered too (without waiting), up to a batch.
-                let mut msgs = vec![first];
-                while msgs.len() < MAX_BATCH {
-                    match sub.next().now_or_never() {
-                        Some(Some(m)) => msgs.push(m),
-                        _ => break,
-                    }
-                }
-                msgs
+                with_buffered(first, &mut sub)
             }
             _ = stop.changed(), if !draining => {
                 draining = true;
@@ -585,6 +576,19 @@ async fn intake(
         }
         dispatch(&mut batches, &shards, path, &counters).await;
     }
+}
+
+/// `first` and what the stream already holds (taken without waiting), up to a batch.
+fn with_buffered<S: futures::Stream + Unpin>(first: S::Item, s: &mut S) -> Vec<S::Item> {
+    use futures::FutureExt;
+    let mut msgs = vec![first];
+    while msgs.len() < MAX_BATCH {
+        match s.next().now_or_never() {
+            Some(Some(m)) => msgs.push(m),
+            _ => break,
+        }
+    }
+    msgs
 }
 
 /// Hands each worker its batch.
@@ -629,7 +633,6 @@ async fn intake_jetstream(
     tracker: Tracker,
     mut stop: watch::Receiver<bool>,
 ) {
-    use futures::FutureExt;
     let path = IntakePath::Stream;
     let mut batches: Vec<Batch> = (0..shards.len()).map(|_| Vec::new()).collect();
     'pull: loop {
@@ -648,14 +651,7 @@ async fn intake_jetstream(
             let msgs = tokio::select! {
                 m = messages.next() => {
                     let Some(first) = m else { continue 'pull };
-                    let mut msgs = vec![first];
-                    while msgs.len() < MAX_BATCH {
-                        match messages.next().now_or_never() {
-                            Some(Some(m)) => msgs.push(m),
-                            _ => break,
-                        }
-                    }
-                    msgs
+                    with_buffered(first, &mut messages)
                 }
                 _ = stop.changed() => break 'pull,
             };

@@ -74,27 +74,6 @@ async fn drained(js: &jetstream::Context, consumer: &str) {
     panic!("consumer {consumer} never drained: {last}");
 }
 
-/// Every window value of every key in a snapshot file, read at `at_ms`.
-fn windows_in(path: &Path, at_ms: i64) -> Vec<(String, fraudgate::keyhash::StateKey, String)> {
-    let cfg = fraudgate::EngineConfig::default();
-    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
-    let engine = fraudgate::Engine::new(fraudgate::load_dir(&rules, &cfg).unwrap(), cfg);
-    engine
-        .restore(fraudgate::snapshot::read(path).unwrap())
-        .unwrap();
-    engine.window_values(at_ms)
-}
-
-async fn stop(mut engine: Engine) -> Engine {
-    engine.signal("TERM");
-    let status = tokio::time::timeout(Duration::from_secs(30), engine.child.wait())
-        .await
-        .expect("exits")
-        .unwrap();
-    assert!(status.success(), "{status}:\n{}", engine.log_text());
-    engine
-}
-
 struct Load {
     js: jetstream::Context,
     client: async_nats::Client,

@@ -475,14 +475,7 @@ async fn sigterm_under_load_decides_every_accepted_transaction() {
     assert_eq!(got.len() as u64 + 1, received, "decisions seen vs accepted");
     // ... and the snapshot written after the last of them holds every one.
     assert_eq!(stopped["fields"]["snapshots_ok"].as_u64(), Some(1));
-    let cfg = fraudgate::EngineConfig::default();
-    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
-    let restored = fraudgate::Engine::new(fraudgate::load_dir(&rules, &cfg).unwrap(), cfg);
-    restored
-        .restore(fraudgate::snapshot::read(&snap).unwrap())
-        .unwrap();
-    let in_windows: u64 = restored
-        .window_values(fraudgate::service::now_ms())
+    let in_windows: u64 = windows_in(&snap, fraudgate::service::now_ms())
         .iter()
         .filter(|(w, _, _)| w == "card_txn_1h")
         .map(|(_, _, v)| v.parse::<u64>().unwrap())
@@ -808,16 +801,6 @@ fn snapshot_config(path: &std::path::Path, extra: &str) -> String {
         "{CONFIG}\n[snapshot]\npath = {:?}\ninterval = \"1s\"\n{extra}\n",
         path.display().to_string()
     )
-}
-
-async fn stop(mut engine: Engine) -> Engine {
-    engine.signal("TERM");
-    let status = tokio::time::timeout(Duration::from_secs(30), engine.child.wait())
-        .await
-        .expect("exits")
-        .unwrap();
-    assert!(status.success(), "{status}:\n{}", engine.log_text());
-    engine
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -202,3 +202,26 @@ pub fn txn(id: &str, card: &str, amount: &str) -> String {
     })
     .to_string()
 }
+
+/// Sends SIGTERM and waits for a clean exit.
+pub async fn stop(mut engine: Engine) -> Engine {
+    engine.signal("TERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), engine.child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    assert!(status.success(), "{status}:\n{}", engine.log_text());
+    engine
+}
+
+/// Every window value of every key in a snapshot file, read at `at_ms` (with the shipped
+/// rules and the default engine settings).
+pub fn windows_in(path: &Path, at_ms: i64) -> Vec<(String, fraudgate::keyhash::StateKey, String)> {
+    let cfg = fraudgate::EngineConfig::default();
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let engine = fraudgate::Engine::new(fraudgate::load_dir(&rules, &cfg).unwrap(), cfg);
+    engine
+        .restore(fraudgate::snapshot::read(path).unwrap())
+        .unwrap();
+    engine.window_values(at_ms)
+}
