@@ -253,7 +253,8 @@ pub struct JetStreamSection {
     pub enabled: bool,
     /// Stream holding `[subjects] txn`.
     pub stream: String,
-    /// Durable pull consumer of that stream (engines sharing it share the work).
+    /// Durable pull consumer of that stream, one engine per consumer (several engines on
+    /// one consumer would split a card's transactions; partition by card instead).
     pub consumer: String,
     /// Stream capturing `[subjects] check` with no_ack set; empty = no request capture.
     pub capture_stream: String,

@@ -9,10 +9,11 @@
 //! (entity keys) and slots (aggregate + value + filter) are matched by signature, new ones
 //! start empty, removed ones are dropped. When a kept group's slots change, its keys are
 //! rewritten to the new layout while decisions wait on the swap barrier, so no update is
-//! lost or applied to the wrong layout.
+//! lost or applied to the wrong layout. A snapshot's cut takes the same barrier, for as long
+//! as the decisions in flight take; nothing else holds it for longer than one decision.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -332,17 +333,18 @@ pub struct Evicted {
 pub struct Engine {
     cfg: EngineConfig,
     active: ArcSwap<Active>,
-    /// Decisions hold it shared; a swap that rewrites key states holds it exclusively.
+    /// Decisions hold it shared; a swap that rewrites key states, a restore and a snapshot's
+    /// cut hold it exclusively. Nothing holds it shared for longer than a decision (a
+    /// waiting writer makes new readers wait).
     barrier: RwLock<()>,
     dedupe: DashMap<KeyHash, DedupeEntry, PreHashed>,
     res_ms: i64,
     /// Keys evicted at the cap, per group signature.
     capped: Mutex<BTreeMap<String, u64>>,
-    /// One thread enforces the cap at a time; others go on deciding meanwhile.
-    evicting: AtomicBool,
     /// Set while a snapshot copies the state (see [`Engine::snapshot`]).
     capture: ArcSwapOption<Capture>,
-    /// Held for a whole snapshot; rule swaps and restores wait for it.
+    /// Held for a whole snapshot, a rule swap, a restore, a sweep and a cap eviction: the
+    /// operations that rewrite or remove many keys never overlap a snapshot's copy.
     snapshotting: Mutex<()>,
 }
 
@@ -355,7 +357,6 @@ impl Engine {
             cfg,
             dedupe: DashMap::with_hasher_and_shard_amount(PreHashed, SHARDS),
             capped: Mutex::new(BTreeMap::new()),
-            evicting: AtomicBool::new(false),
             capture: ArcSwapOption::empty(),
             snapshotting: Mutex::new(()),
         }
@@ -490,8 +491,10 @@ impl Engine {
                 }
             }
         };
-        // With the id's dedupe shard released: eviction takes a while and must not hold
-        // up the retries of unrelated ids.
+        // With the id's dedupe shard and the barrier released: eviction takes a while and
+        // must hold up neither the retries of unrelated ids nor a snapshot's cut (a writer
+        // waiting on the barrier would make every decision wait behind this scan).
+        drop(_shared);
         for gi in over_cap {
             self.enforce_cap(&active.stores[gi]);
         }
@@ -503,12 +506,13 @@ impl Engine {
     /// used" is the key's newest event time: every decision on a key adds an event.
     fn enforce_cap(&self, store: &GroupStore) {
         let Some(cap) = self.cfg.max_keys else { return };
-        if self.capture.load().is_some() {
-            return; // a snapshot is copying; the next insert checks again
-        }
-        if self.evicting.swap(true, Ordering::Acquire) {
-            return; // another thread is at it
-        }
+        // One eviction at a time, and never during a snapshot's copy, a rule swap or a
+        // sweep (which hold this lock): the next insert checks again.
+        let _one = match self.snapshotting.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
         let len = store.map.len();
         if len > cap {
             let target = cap - cap / 16;
@@ -539,7 +543,6 @@ impl Engine {
                 *capped.entry(store.signature.clone()).or_default() += removed;
             }
         }
-        self.evicting.store(false, Ordering::Release);
     }
 
     /// Decides a transaction not seen before, at event time `ts_ms`.
@@ -709,10 +712,9 @@ impl Engine {
     pub fn evict_idle(&self, now_ms: i64) -> Evicted {
         let mut ev = Evicted::default();
         let now_b = now_ms.div_euclid(self.res_ms);
-        let _shared = self.barrier.read().unwrap_or_else(|e| e.into_inner());
-        if self.capture.load().is_some() {
-            return ev; // a snapshot is copying: the next sweep evicts
-        }
+        // Not the barrier: a snapshot's cut waiting behind a long sweep would stall every
+        // decision. Snapshots, swaps and cap evictions wait for the sweep instead.
+        let _one = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
         let active = self.active.load();
         for s in &active.stores {
             let keep_after = now_b - s.layout.max_window - s.layout.lateness;
@@ -816,6 +818,7 @@ impl Engine {
                 // state at the cut under the same lock, so this sees either the unchanged
                 // state or the kept one.
                 let Some(now) = s.map.get(&k) else { continue };
+                let mark = buf.len();
                 let written = match before.get(&k) {
                     Some(kept) => match kept.value() {
                         Some(st) => bincode::serde::encode_into_std_write((k, st), buf, cfg),
@@ -823,8 +826,9 @@ impl Engine {
                     },
                     None => bincode::serde::encode_into_std_write((k, now.value()), buf, cfg),
                 };
-                if written.is_ok() {
-                    out.count += 1;
+                match written {
+                    Ok(_) => out.count += 1,
+                    Err(_) => buf.truncate(mark), // never half an item in the file
                 }
             }
             groups.push(GroupSnapshot {

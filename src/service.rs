@@ -70,22 +70,32 @@ struct Job {
 }
 
 /// JetStream messages taken in and not yet decided, by stream sequence: where a snapshot's
-/// cut stands in the stream (every message below [`InFlight::low`] is in the windows).
+/// cut stands in the stream (every message below [`InFlight::low`] is in the windows), and
+/// the clock idle state is evicted by.
 #[derive(Default)]
 struct InFlight {
     /// Sequence -> (deliveries not yet decided, the message's store time).
     pending: std::collections::BTreeMap<u64, (u32, i64)>,
     /// One past the highest sequence taken in (or the replay's end).
     next: u64,
-    /// Store time of the newest message taken in.
-    newest_ms: Option<i64>,
+    /// The consumer's ack floor, as last read (before each snapshot): a message delivered
+    /// but lost before intake took it is above it, and comes again.
+    ack_floor: Option<u64>,
+    /// Store time of the newest message taken in, and when it was taken.
+    newest: Option<(i64, Instant)>,
+    /// Until when the eviction clock is held at a store time: after a restart, at the
+    /// first unacknowledged message's, until its redelivery is surely in.
+    pin: Option<(i64, Instant)>,
+    /// How long an id must survive its message's last delivery: `2 x ack_wait`.
+    hold: Duration,
 }
 
 impl InFlight {
     fn taken(&mut self, seq: u64, stored_ms: i64) {
         self.pending.entry(seq).or_insert((0, stored_ms)).0 += 1;
         self.next = self.next.max(seq + 1);
-        self.newest_ms = Some(self.newest_ms.map_or(stored_ms, |n| n.max(stored_ms)));
+        let newest = self.newest.map_or(stored_ms, |n| n.0.max(stored_ms));
+        self.newest = Some((newest, Instant::now()));
     }
     fn decided(&mut self, seq: u64) {
         if let std::collections::btree_map::Entry::Occupied(mut o) = self.pending.entry(seq) {
@@ -95,17 +105,31 @@ impl InFlight {
             }
         }
     }
+    /// The snapshot cursor: the lowest sequence that may be missing from the windows.
     fn low(&self) -> u64 {
-        self.pending.keys().next().copied().unwrap_or(self.next)
+        let low = self.pending.keys().next().copied().unwrap_or(self.next);
+        match self.ack_floor {
+            Some(f) => low.min(f + 1),
+            None => low,
+        }
     }
     /// The clock idle state is evicted by. Ids are remembered by the store time of their
     /// message, so while a backlog is worked through (store times behind the wall clock)
-    /// eviction must follow the stream, not the wall clock: never past the oldest message
-    /// still undecided, nor the newest taken. Otherwise ids the next replay or a
-    /// redelivery needs to find would be gone, and counted twice.
+    /// eviction must follow the stream: never past the oldest message still undecided,
+    /// nor, while messages keep coming, the newest taken (an ack lost now means a
+    /// redelivery within `ack_wait`), nor a restart's pin. Otherwise ids a redelivery or
+    /// the next replay must find would be gone, and counted twice. When the stream is
+    /// quiet, the wall clock (request ids are kept by it).
     fn clock(&self, now_ms: i64) -> i64 {
         let oldest = self.pending.values().map(|v| v.1).min();
-        [Some(now_ms), oldest, self.newest_ms]
+        let recent = |t: Option<(i64, Instant)>, hold: Duration| {
+            t.filter(|(_, at)| at.elapsed() < hold).map(|(ms, _)| ms)
+        };
+        let pinned = self
+            .pin
+            .filter(|(_, until)| Instant::now() < *until)
+            .map(|p| p.0);
+        [Some(now_ms), oldest, recent(self.newest, self.hold), pinned]
             .into_iter()
             .flatten()
             .min()
@@ -159,9 +183,23 @@ struct Snapshots {
     /// Requests are captured: replay them from the cut minus this (the dedupe horizon:
     /// any request decided before the cut within it is in the retry table and skipped).
     capture_margin_ms: Option<i64>,
+    /// JetStream intake: its consumer, to read the ack floor before each snapshot.
+    consumer: Option<async_nats::jetstream::consumer::PullConsumer>,
 }
 
 impl Snapshots {
+    /// Reads the consumer's ack floor into the tracker (before a cut; a stale value only
+    /// makes the cursor lower, which replay handles).
+    async fn refresh_ack_floor(&self) {
+        if let (Some(c), Some(t)) = (&self.consumer, &self.tracker) {
+            let mut c = c.clone();
+            let read = tokio::time::timeout(Duration::from_secs(2), Wire::ack_floor(&mut c));
+            if let Ok(Some(f)) = read.await {
+                lock(t).ack_floor = Some(f);
+            }
+        }
+    }
+
     /// Writes one snapshot (blocking); logs and counts the outcome.
     fn write(&self, engine: &Engine, counters: &Counters) {
         let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
@@ -190,17 +228,29 @@ impl Snapshots {
     }
 }
 
-/// Loads the snapshot at start; with `on_bad = start-empty`, an unusable file is moved
-/// aside (kept for inspection) and the engine starts empty.
+/// How the windows start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// No snapshot file (or none configured): with JetStream, rebuilt from the retention.
+    NoSnapshot,
+    Restored(Cursor),
+    /// An unusable snapshot, `on_bad = start-empty`: empty, nothing replayed.
+    Empty,
+    /// An unusable snapshot, `on_bad = rebuild`: rebuilt from the streams' retention.
+    Rebuild,
+}
+
+/// Loads the snapshot at start; with `on_bad = start-empty` or `rebuild`, an unusable file
+/// is moved aside (kept for inspection).
 fn restore_snapshot(
     engine: &Engine,
     path: &Path,
     on_bad: OnBadSnapshot,
-) -> Result<Option<Cursor>, ServiceError> {
+) -> Result<Start, ServiceError> {
     match crate::snapshot::load(engine, path) {
         Ok(None) => {
             tracing::info!(path = %path.display(), "no snapshot yet: starting with empty windows");
-            Ok(None)
+            Ok(Start::NoSnapshot)
         }
         Ok(Some(r)) => {
             tracing::info!(
@@ -212,7 +262,7 @@ fn restore_snapshot(
                 txn_next_seq = r.cursor.txn_next_seq,
                 "state restored from snapshot"
             );
-            Ok(Some(r.cursor))
+            Ok(Start::Restored(r.cursor))
         }
         Err(e) if on_bad == OnBadSnapshot::Fail => Err(ServiceError::Snapshot(e)),
         Err(e) => {
@@ -228,7 +278,11 @@ fn restore_snapshot(
                 "unusable snapshot: starting with empty windows{}",
                 if on_bad == OnBadSnapshot::Rebuild { ", rebuilt from the streams" } else { "" }
             );
-            Ok(None)
+            Ok(if on_bad == OnBadSnapshot::Rebuild {
+                Start::Rebuild
+            } else {
+                Start::Empty
+            })
         }
     }
 }
@@ -310,12 +364,18 @@ impl Running {
                 )));
             }
         }
-        let tracker: Option<Tracker> = js_cfg.enabled.then(Default::default);
+        let tracker: Option<Tracker> = match js_cfg.enabled {
+            false => None,
+            true => Some(Arc::new(std::sync::Mutex::new(InFlight {
+                hold: 2 * duration("[jetstream] ack_wait", &js_cfg.ack_wait)?,
+                ..Default::default()
+            }))),
+        };
         let capture_margin_ms = (js_cfg.enabled && !js_cfg.capture_stream.is_empty())
             .then_some(opts.engine.dedupe_horizon.as_millis() as i64);
         let snap_every = duration("[snapshot] interval", &snap_cfg.interval)?;
-        let mut restored = None;
-        let snapshots = match &snap_cfg.path {
+        let mut restored = Start::NoSnapshot;
+        let mut snapshots = match &snap_cfg.path {
             Some(path) => {
                 restored = restore_snapshot(&engine, path, snap_cfg.on_bad)?;
                 if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -328,6 +388,7 @@ impl Running {
                     writing: Arc::new(std::sync::Mutex::new(())),
                     tracker: tracker.clone(),
                     capture_margin_ms,
+                    consumer: None,
                 })
             }
             None => None,
@@ -351,6 +412,9 @@ impl Running {
             Some(t) => Some(recover(&wire, js_cfg, &engine, &counters, restored, t).await?),
             None => None,
         };
+        if let Some(s) = snapshots.as_mut() {
+            s.consumer = durable.clone();
+        }
         let svc = &opts.file.service;
         let n = if svc.workers > 0 {
             svc.workers
@@ -512,6 +576,7 @@ impl Running {
         }
         // Every accepted transaction is in the windows now: save them for the next start.
         if let Some(snaps) = self.snapshots.clone() {
+            snaps.refresh_ack_floor().await;
             let (engine, counters) = (self.engine.clone(), self.counters.clone());
             let write = tokio::task::spawn_blocking(move || snaps.write(&engine, &counters));
             if tokio::time::timeout(left(), write).await.is_err() {
@@ -723,17 +788,23 @@ async fn recover(
     cfg: &crate::config::JetStreamSection,
     engine: &Arc<Engine>,
     counters: &Counters,
-    restored: Option<Cursor>,
+    start: Start,
     tracker: &Tracker,
 ) -> Result<async_nats::jetstream::consumer::PullConsumer, ServiceError> {
     use transport::ReplayFrom;
     let setup = wire.jetstream_setup(cfg).await?;
+    // Start empty: nothing is replayed; the consumer goes on from where it was.
+    let empty = start == Start::Empty;
+    let restored = match start {
+        Start::Restored(c) => Some(c),
+        _ => None,
+    };
     let idle = Duration::from_secs(10);
     let started = Instant::now();
     // Requests first: they were answered live, so their decisions are settled; then the
     // transaction stream up to what the consumer delivered.
     let mut checks = 0u64;
-    if let Some(capture) = &setup.capture {
+    if let Some(capture) = setup.capture.as_ref().filter(|_| !empty) {
         let from = match restored {
             None => Some(ReplayFrom::First),
             Some(c) => c.check_from_ms.map(ReplayFrom::TimeMs),
@@ -761,6 +832,7 @@ async fn recover(
     let consumer = match setup.consumer.clone() {
         Some(c) => {
             let start = match (restored, from) {
+                _ if empty => None,
                 (_, Some(seq)) => Some(seq),
                 (None, None) => Some(first),
                 // A snapshot without a stream position (taken without JetStream): what the
@@ -778,7 +850,17 @@ async fn recover(
                 )
                 .await?;
             }
-            lock(tracker).next = start.unwrap_or(first).max(setup.delivered + 1);
+            // Messages after the ack floor come again; until they have, ids are kept by
+            // the stream's time from the first of them, however long the engine was down.
+            let pin = match setup.ack_floor < setup.delivered {
+                true => Wire::stored_ms_of(&setup.txn_stream, setup.ack_floor + 1).await,
+                false => None,
+            };
+            let mut t = lock(tracker);
+            t.next = start.unwrap_or(first).max(setup.delivered + 1);
+            t.ack_floor = Some(setup.ack_floor);
+            t.pin = pin.map(|ms| (ms, Instant::now() + t.hold));
+            drop(t);
             c
         }
         None => {
@@ -999,6 +1081,7 @@ async fn snapshotter(
     loop {
         tokio::select! {
             _ = tick.tick() => {
+                snaps.refresh_ack_floor().await;
                 let (s, e, c) = (snaps.clone(), engine.clone(), counters.clone());
                 let _ = tokio::task::spawn_blocking(move || s.write(&e, &c)).await;
             }
@@ -1160,6 +1243,7 @@ mod tests {
     fn in_flight_cursor_and_eviction_clock() {
         let mut f = InFlight {
             next: 10,
+            hold: Duration::from_secs(60),
             ..Default::default()
         };
         assert_eq!(f.low(), 10);
@@ -1185,8 +1269,25 @@ mod tests {
         assert_eq!(f.low(), 12);
         f.decided(12);
         assert_eq!(f.low(), 13, "all taken are decided: one past the highest");
-        assert_eq!(f.clock(5_000), 1_200, "never past the newest taken");
+        assert_eq!(
+            f.clock(5_000),
+            1_200,
+            "messages still coming: never past the newest taken"
+        );
         assert_eq!(f.clock(900), 900);
+        // A message delivered but never taken (lost on the way) holds the ack floor down.
+        f.ack_floor = Some(7);
+        assert_eq!(f.low(), 8);
+        f.ack_floor = Some(12);
+        assert_eq!(f.low(), 13);
+        // The stream goes quiet: the wall clock again (request ids are kept by it).
+        f.hold = Duration::ZERO;
+        assert_eq!(f.clock(5_000), 5_000);
+        // After a restart: held at the first unacknowledged message's store time.
+        f.pin = Some((800, Instant::now() + Duration::from_secs(60)));
+        assert_eq!(f.clock(5_000), 800);
+        f.pin = Some((800, Instant::now() - Duration::from_secs(1)));
+        assert_eq!(f.clock(5_000), 5_000, "the pin ends");
     }
 
     #[test]

@@ -380,6 +380,8 @@ pub struct JetStreamIntake {
     pub consumer: Option<async_nats::jetstream::consumer::PullConsumer>,
     /// Last stream sequence the existing consumer delivered (0 when new).
     pub delivered: u64,
+    /// Every message up to this sequence is acknowledged (0 when new or none).
+    pub ack_floor: u64,
     pub txn_first: u64,
     /// Last sequence of the capture stream now: the request replay ends there.
     pub capture_last: u64,
@@ -513,20 +515,19 @@ impl Wire {
             .map_err(|e| js_err(format!("stream {}", cfg.stream))(e.to_string()))?
             .state
             .first_sequence;
-        let (consumer, delivered) = match txn_stream
+        let (consumer, delivered, ack_floor) = match txn_stream
             .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&cfg.consumer)
             .await
         {
             Ok(mut c) => {
-                let d = c
+                let i = c
                     .info()
                     .await
-                    .map_err(|e| js_err(format!("consumer {}", cfg.consumer))(e.to_string()))?
-                    .delivered
-                    .stream_sequence;
-                (Some(c), d)
+                    .map_err(|e| js_err(format!("consumer {}", cfg.consumer))(e.to_string()))?;
+                let (d, f) = (i.delivered.stream_sequence, i.ack_floor.stream_sequence);
+                (Some(c), d, f)
             }
-            Err(_) if cfg.create => (None, 0),
+            Err(_) if cfg.create => (None, 0, 0),
             Err(e) => {
                 return Err(js_err(format!(
                     "consumer {} (create = false: it must exist)",
@@ -539,6 +540,7 @@ impl Wire {
             capture,
             consumer,
             delivered,
+            ack_floor,
             txn_first,
             capture_last,
         })
@@ -571,6 +573,26 @@ impl Wire {
             })
             .await
             .map_err(|e| js_err(format!("cannot create consumer {}", cfg.consumer))(e.to_string()))
+    }
+
+    /// When the server stored message `seq` of `stream` (epoch ms), if it still has it.
+    pub async fn stored_ms_of(
+        stream: &async_nats::jetstream::stream::Stream,
+        seq: u64,
+    ) -> Option<i64> {
+        let m = stream.get_raw_message(seq).await.ok()?;
+        Some((m.time.unix_timestamp_nanos() / 1_000_000) as i64)
+    }
+
+    /// The consumer's ack floor now: every message up to it is acknowledged.
+    pub async fn ack_floor(
+        consumer: &mut async_nats::jetstream::consumer::PullConsumer,
+    ) -> Option<u64> {
+        consumer
+            .info()
+            .await
+            .ok()
+            .map(|i| i.ack_floor.stream_sequence)
     }
 
     /// Messages of the durable consumer, as they come (pulled in batches).
