@@ -111,14 +111,32 @@ impl Load {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_load_then_restart_equals_an_uninterrupted_run() {
+    kill_9_run(|c| c, Duration::ZERO).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_then_down_longer_than_the_dedupe_horizon_counts_nothing_twice() {
+    // Down for longer than the retry horizon, with sweeps every 100 ms: the ids of
+    // messages taken but not acknowledged before the kill must survive the first sweeps
+    // after the restart, or their redeliveries count again.
+    let short = |c: String| {
+        c.replace("[service]\n", "[service]\nsweep_interval = \"100ms\"\n")
+            + &daytime_engine_table()
+            + "dedupe_horizon = \"4s\"\n"
+    };
+    kill_9_run(short, Duration::from_secs(6)).await;
+}
+
+async fn kill_9_run(tweak: impl Fn(String) -> String, downtime: Duration) {
     let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
     let url = nats.url();
     let dir = Scratch::new("js-kill");
     let (control_snap, victim_snap) = (dir.0.join("control.snap"), dir.0.join("victim.snap"));
     // Same streams, own consumers and queue groups: each engine sees every transaction
     // and every request.
-    let control = Engine::start_with(&url, &js_config("control", &control_snap, "60s")).await;
-    let victim_cfg = js_config("victim", &victim_snap, "1s");
+    let control =
+        Engine::start_with(&url, &tweak(js_config("control", &control_snap, "60s"))).await;
+    let victim_cfg = tweak(js_config("victim", &victim_snap, "1s"));
     let mut victim = Engine::start_with(&url, &victim_cfg).await;
     let client = client(&url).await;
     let mut load = Load {
@@ -140,12 +158,16 @@ async fn kill_9_mid_load_then_restart_equals_an_uninterrupted_run() {
         "{}",
         victim.log_text()
     );
+    // Stopped first: what it pulled meanwhile sits in its socket, delivered and never
+    // acknowledged, when kill -9 comes.
+    victim.signal("STOP");
     load.send(500).await;
     victim.child.start_kill().unwrap();
     let _ = victim.child.wait().await;
     // While it is down: the stream keeps transactions, the capture keeps requests (the
     // control engine answers them).
     load.send(300).await;
+    tokio::time::sleep(downtime).await;
     let victim = Engine::start_with(&url, &victim_cfg).await;
     let log = victim.log_text();
     assert!(log.contains("state restored from snapshot"), "{log}");
