@@ -218,8 +218,6 @@ impl EncodedSnapshot {
     /// Writes the bincode encoding of the whole [`StateSnapshot`]: the header's fields in
     /// declaration order, each group's key list as its length then the encoded items.
     pub fn encode_body(&self, w: &mut impl std::io::Write) -> Result<(), String> {
-        let cfg = bincode::config::standard();
-        let put = |w: &mut dyn std::io::Write, v: &dyn erased::Encode| v.put(w, cfg);
         let h = &self.header;
         put(w, &h.format)?;
         put(w, &h.key_fingerprint)?;
@@ -250,26 +248,11 @@ impl EncodedSnapshot {
     }
 }
 
-mod erased {
-    /// A serde value bincode can write to any writer (object-safe, for a list of fields).
-    pub trait Encode {
-        fn put(
-            &self,
-            w: &mut dyn std::io::Write,
-            cfg: bincode::config::Configuration,
-        ) -> Result<(), String>;
-    }
-    impl<T: serde::Serialize> Encode for T {
-        fn put(
-            &self,
-            mut w: &mut dyn std::io::Write,
-            cfg: bincode::config::Configuration,
-        ) -> Result<(), String> {
-            bincode::serde::encode_into_std_write(self, &mut w, cfg)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        }
-    }
+/// Appends the bincode encoding of `v` to `w`.
+fn put(w: &mut impl std::io::Write, v: &impl serde::Serialize) -> Result<(), String> {
+    bincode::serde::encode_into_std_write(v, w, bincode::config::standard())
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Encoded key states are written into chunks of this size, each allocated before any
