@@ -393,7 +393,6 @@ pub struct Replayed {
     /// When the server stored it (epoch ms): the transaction's receive time, live and
     /// in replay alike, so a rebuild sees the same times as the first pass.
     pub stored_ms: i64,
-    pub seq: u64,
 }
 
 /// Where a replay starts.
@@ -432,8 +431,9 @@ pub struct Delivered {
     pub ack: Ack,
 }
 
-fn stored_ms(t: async_nats::jetstream::message::Info<'_>) -> i64 {
-    (t.published.unix_timestamp_nanos() / 1_000_000) as i64
+/// A server time stamp as epoch milliseconds.
+fn epoch_ms(t: async_nats::datetime::DateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
 }
 
 impl Wire {
@@ -581,7 +581,7 @@ impl Wire {
         seq: u64,
     ) -> Option<i64> {
         let m = stream.get_raw_message(seq).await.ok()?;
-        Some((m.time.unix_timestamp_nanos() / 1_000_000) as i64)
+        Some(epoch_ms(m.time))
     }
 
     /// The consumer's ack floor now: every message up to it is acknowledged.
@@ -609,7 +609,7 @@ impl Wire {
         Ok(messages.map(|m| {
             let m = m.map_err(|e| e.to_string())?;
             let info = m.info().map_err(|e| e.to_string())?;
-            let (seq, stored) = (info.stream_sequence, stored_ms(info));
+            let (seq, stored) = (info.stream_sequence, epoch_ms(info.published));
             let (msg, acker) = m.split();
             Ok(Delivered {
                 payload: msg.payload,
@@ -672,7 +672,7 @@ impl Wire {
                 Ok(Some(Ok(m))) => m,
             };
             let info = m.info().map_err(|e| js_err("replay")(e.to_string()))?;
-            let (seq, stored) = (info.stream_sequence, stored_ms(info));
+            let (seq, stored) = (info.stream_sequence, epoch_ms(info.published));
             if seq > to {
                 break;
             }
@@ -680,7 +680,6 @@ impl Wire {
             f(Replayed {
                 payload: m.payload.clone(),
                 stored_ms: stored,
-                seq,
             });
             if seq == to {
                 break;
