@@ -353,23 +353,23 @@ impl Running {
                 "[snapshot] on_bad = \"rebuild\" needs [jetstream] enabled = true".into(),
             ));
         }
-        if js_cfg.enabled {
-            let ack_wait = duration("[jetstream] ack_wait", &js_cfg.ack_wait)?;
-            if opts.engine.dedupe_horizon <= ack_wait {
-                // A redelivery comes ack_wait after the first delivery; it must still find
-                // the id, or it is counted again.
-                return Err(ServiceError::Config(format!(
-                    "[engine] dedupe_horizon ({:?}) must be longer than [jetstream] ack_wait ({ack_wait:?})",
-                    opts.engine.dedupe_horizon
-                )));
-            }
-        }
         let tracker: Option<Tracker> = match js_cfg.enabled {
             false => None,
-            true => Some(Arc::new(std::sync::Mutex::new(InFlight {
-                hold: 2 * duration("[jetstream] ack_wait", &js_cfg.ack_wait)?,
-                ..Default::default()
-            }))),
+            true => {
+                let ack_wait = duration("[jetstream] ack_wait", &js_cfg.ack_wait)?;
+                if opts.engine.dedupe_horizon <= ack_wait {
+                    // A redelivery comes ack_wait after the first delivery; it must still
+                    // find the id, or it is counted again.
+                    return Err(ServiceError::Config(format!(
+                        "[engine] dedupe_horizon ({:?}) must be longer than [jetstream] ack_wait ({ack_wait:?})",
+                        opts.engine.dedupe_horizon
+                    )));
+                }
+                Some(Arc::new(std::sync::Mutex::new(InFlight {
+                    hold: 2 * ack_wait,
+                    ..Default::default()
+                })))
+            }
         };
         let capture_margin_ms = (js_cfg.enabled && !js_cfg.capture_stream.is_empty())
             .then_some(opts.engine.dedupe_horizon.as_millis() as i64);
@@ -443,40 +443,37 @@ impl Running {
             )));
         }
         let shards = Arc::new(shards);
-        let txn_sub = match durable {
-            None => Some(wire.subscribe_txn().await?),
-            Some(_) => None,
+        let stream_intake = match durable.zip(tracker.clone()) {
+            Some((consumer, t)) => tokio::spawn(intake_jetstream(
+                consumer,
+                wire.clone(),
+                shards.clone(),
+                counters.clone(),
+                t,
+                stop_rx.clone(),
+            )),
+            None => tokio::spawn(intake(
+                wire.subscribe_txn().await?,
+                IntakePath::Stream,
+                wire.clone(),
+                shards.clone(),
+                counters.clone(),
+                stop_rx.clone(),
+            )),
         };
         // The subscriptions exist on the server once the client has sent them.
         wire.flush(Duration::from_secs(5)).await;
-        let mut intake_tasks = vec![tokio::spawn(intake(
-            check_sub,
-            IntakePath::Check,
-            wire.clone(),
-            shards.clone(),
-            counters.clone(),
-            stop_rx.clone(),
-        ))];
-        match (txn_sub, durable, &tracker) {
-            (Some(sub), _, _) => intake_tasks.push(tokio::spawn(intake(
-                sub,
-                IntakePath::Stream,
+        let intake = vec![
+            tokio::spawn(intake(
+                check_sub,
+                IntakePath::Check,
                 wire.clone(),
                 shards,
                 counters.clone(),
                 stop_rx.clone(),
-            ))),
-            (None, Some(consumer), Some(t)) => intake_tasks.push(tokio::spawn(intake_jetstream(
-                consumer,
-                wire.clone(),
-                shards,
-                counters.clone(),
-                t.clone(),
-                stop_rx.clone(),
-            ))),
-            _ => unreachable!("JetStream intake without its consumer"),
-        }
-        let intake = intake_tasks;
+            )),
+            stream_intake,
+        ];
         let (watcher, reload) = reload_task(
             opts.rules_dir.clone(),
             opts.engine.clone(),
