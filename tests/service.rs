@@ -601,15 +601,7 @@ async fn nats_auth_from_the_environment() {
             .spawn()
             .unwrap();
     let url = format!("nats://127.0.0.1:{port}");
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_listening(port).await;
     let auth =
         format!("{CONFIG}\n[nats]\nuser = \"fraudgate\"\npassword_env = \"FG_TEST_NATS_PW\"\n");
     // Wrong password: a clear error, no secret in it, exit 2.
@@ -751,15 +743,7 @@ async fn nats_over_tls_with_a_private_ca() {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_listening(port).await;
     let url = format!("nats://127.0.0.1:{port}");
     let ca = dir.0.join("ca.pem");
     let tls = format!(

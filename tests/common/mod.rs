@@ -176,6 +176,20 @@ impl Engine {
     }
 }
 
+/// Waits (up to 5 s) until something listens on the local `port`: a server this test
+/// started itself.
+pub async fn wait_listening(port: u16) {
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub async fn client(url: &str) -> async_nats::Client {
     async_nats::connect(url).await.unwrap()
 }
