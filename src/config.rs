@@ -33,6 +33,14 @@ pub struct EngineConfig {
     /// Past it the least recently used keys (oldest newest event) are evicted and counted,
     /// so a flood of new cards cannot exhaust memory. `None`: unbounded.
     pub max_keys: Option<usize>,
+    /// Slots allocated up front per key group (at most `max_keys`). A table that grows
+    /// doubles one shard at a time and holds that shard's lock while it moves every entry:
+    /// milliseconds at millions of keys, for every decision waiting on that shard.
+    /// 0: grow on demand.
+    pub reserve_keys: usize,
+    /// Slots allocated up front in the retry table: peak transactions/s x
+    /// `dedupe_horizon`. 0: grow on demand.
+    pub reserve_ids: usize,
 }
 
 /// Default [`EngineConfig::max_keys`]: at roughly 300 bytes per key, about 1.5 GB per
@@ -50,6 +58,8 @@ impl Default for EngineConfig {
             dedupe_horizon: Duration::from_secs(120),
             hash_key: HashKey::default(),
             max_keys: Some(DEFAULT_MAX_KEYS),
+            reserve_keys: 0,
+            reserve_ids: 0,
         }
     }
 }
@@ -69,6 +79,8 @@ pub struct EngineSection {
     pub hash_key_env: Option<String>,
     /// Most keys per key group; 0 = unbounded.
     pub max_keys: Option<u64>,
+    pub reserve_keys: Option<u64>,
+    pub reserve_ids: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -121,6 +133,11 @@ impl EngineSection {
         if let Some(n) = self.max_keys {
             c.max_keys = (n > 0).then_some(n as usize);
         }
+        c.reserve_keys = self.reserve_keys.unwrap_or(0) as usize;
+        if let Some(cap) = c.max_keys {
+            c.reserve_keys = c.reserve_keys.min(cap);
+        }
+        c.reserve_ids = self.reserve_ids.unwrap_or(0) as usize;
         if let Some(var) = &self.hash_key_env {
             let secret = env(var).ok_or_else(|| ConfigError::MissingEnv(var.clone()))?;
             c.hash_key = HashKey::from_secret(&secret);
@@ -211,6 +228,12 @@ mod tests {
             s.resolve(|_| None).unwrap_err(),
             ConfigError::MissingEnv("FG_KEY".into())
         );
+        assert_eq!((c.reserve_keys, c.reserve_ids), (0, 0));
+        let r: EngineSection =
+            toml::from_str("max_keys = 1000\nreserve_keys = 5000\nreserve_ids = 600000").unwrap();
+        let c = r.resolve(|_| None).unwrap();
+        // Never more slots than keys allowed.
+        assert_eq!((c.reserve_keys, c.reserve_ids), (1000, 600_000));
         let bad: EngineSection = toml::from_str(r#"timezone = "Mars/Olympus""#).unwrap();
         assert!(matches!(
             bad.resolve(|_| None),

@@ -69,8 +69,11 @@ fn slot_sigs(g: &crate::rules::Group) -> [Vec<String>; 3] {
     ]
 }
 
-fn new_map() -> Arc<StateMap> {
-    Arc::new(DashMap::with_hasher_and_shard_amount(PreHashed, SHARDS))
+/// A key group's table, with `reserve` slots allocated up front.
+fn new_map(reserve: usize) -> Arc<StateMap> {
+    Arc::new(DashMap::with_capacity_and_hasher_and_shard_amount(
+        reserve, PreHashed, SHARDS,
+    ))
 }
 
 /// A compiled rule set with the state stores its windows read.
@@ -333,12 +336,19 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(rules: RuleSet, cfg: EngineConfig) -> Self {
+        let reserve_ids = cfg.reserve_ids;
         Engine {
-            active: ArcSwap::from_pointee(Active::new(Arc::new(rules), |_| new_map())),
+            active: ArcSwap::from_pointee(Active::new(Arc::new(rules), |_| {
+                new_map(cfg.reserve_keys)
+            })),
             barrier: RwLock::new(()),
             res_ms: cfg.resolution.as_millis().max(1) as i64,
             cfg,
-            dedupe: DashMap::with_hasher_and_shard_amount(PreHashed, SHARDS),
+            dedupe: DashMap::with_capacity_and_hasher_and_shard_amount(
+                reserve_ids,
+                PreHashed,
+                SHARDS,
+            ),
             capped: Mutex::new(BTreeMap::new()),
             capture: ArcSwapOption::empty(),
             snapshotting: Mutex::new(()),
@@ -394,7 +404,12 @@ impl Engine {
                 .groups
                 .iter()
                 .zip(&plans)
-                .map(|(g, (map, _))| GroupStore::new(g, map.clone().unwrap_or_else(new_map)))
+                .map(|(g, (map, _))| {
+                    let map = map
+                        .clone()
+                        .unwrap_or_else(|| new_map(self.cfg.reserve_keys));
+                    GroupStore::new(g, map)
+                })
                 .collect(),
             group_windows: group_windows(&rules),
             version: rules.version.as_str().into(),

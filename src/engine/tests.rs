@@ -95,6 +95,30 @@ fn windows_count_and_decide() {
 }
 
 #[test]
+fn reserved_slots_are_allocated_up_front() {
+    let e = engine_with(EngineConfig {
+        reserve_keys: 10_000,
+        reserve_ids: 50_000,
+        ..Default::default()
+    });
+    assert!(e.dedupe.capacity() >= 50_000);
+    let active = e.active.load();
+    assert!(!active.stores.is_empty());
+    for s in &active.stores {
+        assert!(s.map.capacity() >= 10_000, "{}", s.signature);
+    }
+    // Without a reservation, tables start empty.
+    let plain = engine();
+    assert!(plain.dedupe.capacity() < 50_000);
+    assert!(plain
+        .active
+        .load()
+        .stores
+        .iter()
+        .all(|s| s.map.capacity() < 10_000));
+}
+
+#[test]
 fn retries_return_the_original_and_count_once() {
     let e = engine();
     let first = e.decide(&tx("r1", "c2", 600, T0), T0);
