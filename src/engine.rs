@@ -708,52 +708,67 @@ impl Engine {
     /// Drops keys idle longer than their group's longest window (plus the lateness
     /// allowance) and dedupe entries older than the horizon, relative to `now_ms`.
     pub fn evict_idle(&self, now_ms: i64) -> Evicted {
+        self.sweep(now_ms).0
+    }
+
+    /// [`Engine::evict_idle`], and the [`Engine::stats`] of what is left, measured in the
+    /// same pass: a sweep visits every key once, not twice (on a shared machine the scan
+    /// is CPU the decisions wait for).
+    pub fn sweep(&self, now_ms: i64) -> (Evicted, StateStats) {
         let mut ev = Evicted::default();
         let now_b = now_ms.div_euclid(self.res_ms);
         // Not the barrier: a snapshot's cut waiting behind a long sweep would stall every
         // decision. Snapshots, swaps and cap evictions wait for the sweep instead.
         let _one = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
         let active = self.active.load();
+        let mut groups = Vec::with_capacity(active.stores.len());
         for s in &active.stores {
             let keep_after = now_b - s.layout.max_window - s.layout.lateness;
             let before = s.map.len();
+            let mut heap = 0usize;
             s.map.retain(|_, st| {
                 let keep = st.newest_bucket(&s.layout).is_some_and(|n| n > keep_after);
-                if keep && st.has_expired(&s.layout) {
-                    st.evict(&s.layout, true);
+                if keep {
+                    if st.has_expired(&s.layout) {
+                        st.evict(&s.layout, true);
+                    }
+                    heap += st.heap_bytes();
                 }
                 keep
             });
             ev.keys += before.saturating_sub(s.map.len());
+            groups.push(Self::group_stats(s, heap));
         }
         let horizon = self.cfg.dedupe_horizon.as_millis() as i64;
         let before = self.dedupe.len();
         self.dedupe
             .retain(|_, e| now_ms.saturating_sub(e.at_ms) <= horizon);
         ev.dedupe = before.saturating_sub(self.dedupe.len());
-        ev
+        (ev, self.stats_of(groups))
     }
 
     /// Key counts and approximate memory per group: the hash tables' allocated slots (not
     /// just the used ones) plus each key's heap blocks.
     pub fn stats(&self) -> StateStats {
+        let groups = (self.active.load().stores.iter())
+            .map(|s| Self::group_stats(s, s.map.iter().map(|e| e.value().heap_bytes()).sum()))
+            .collect();
+        self.stats_of(groups)
+    }
+
+    /// (signature, keys, bytes) of a group whose keys' heap blocks hold `heap` bytes.
+    fn group_stats(s: &GroupStore, heap: usize) -> (String, usize, usize) {
         let per_slot = std::mem::size_of::<(StateKey, KeyState)>() + 1;
+        (
+            s.signature.clone(),
+            s.map.len(),
+            heap + s.map.capacity() * per_slot,
+        )
+    }
+
+    fn stats_of(&self, groups: Vec<(String, usize, usize)>) -> StateStats {
         StateStats {
-            groups: self
-                .active
-                .load()
-                .stores
-                .iter()
-                .map(|s| {
-                    let keys = s.map.len();
-                    let heap: usize = s.map.iter().map(|e| e.value().heap_bytes()).sum();
-                    (
-                        s.signature.clone(),
-                        keys,
-                        heap + s.map.capacity() * per_slot,
-                    )
-                })
-                .collect(),
+            groups,
             dedupe_entries: self.dedupe.len(),
             capped: self
                 .capped

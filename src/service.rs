@@ -1047,11 +1047,7 @@ async fn sweeper(
                 let e = engine.clone();
                 let started = Instant::now();
                 let clock = tracker.as_ref().map_or_else(now_ms, |t| lock(t).clock(now_ms()));
-                let swept = tokio::task::spawn_blocking(move || {
-                    let ev = e.evict_idle(clock);
-                    (ev, e.stats())
-                })
-                .await;
+                let swept = tokio::task::spawn_blocking(move || e.sweep(clock)).await;
                 counters.refresh();
                 counters.nats(wire.connected(), wire.in_messages());
                 if let Ok((ev, stats)) = swept {

@@ -230,6 +230,33 @@ fn idle_keys_and_old_ids_are_evicted() {
 }
 
 #[test]
+fn a_sweep_reports_the_stats_of_what_it_kept() {
+    let e = engine();
+    for i in 0..200 {
+        e.decide(
+            &tx(&format!("s{i}"), &format!("card{}", i % 50), 1, T0 + i),
+            T0 + i,
+        );
+    }
+    for i in 0..30 {
+        let late = T0 + 3_850_000 + i;
+        e.decide(&tx(&format!("t{i}"), &format!("late{i}"), 1, late), late);
+    }
+    // The first 50 cards are idle by then; the 30 later ones and their ids stay.
+    let (ev, swept) = e.sweep(T0 + 3_900_001);
+    assert!(ev.keys >= 50, "{ev:?}");
+    assert_eq!(ev.dedupe, 200);
+    let again = e.stats();
+    assert_eq!(swept.groups, again.groups);
+    assert_eq!(swept.dedupe_entries, 30);
+    assert!(
+        swept.groups.iter().any(|g| g.1 == 30 && g.2 > 0),
+        "{:?}",
+        swept.groups
+    );
+}
+
+#[test]
 fn concurrent_decisions_count_exactly() {
     let e = Arc::new(engine());
     let threads = 4;
