@@ -4,7 +4,8 @@
 //! fresh memory); docs/PERFORMANCE.md has the figures.
 //!
 //! `cargo run --release --example growth` (N=3000000 by default); `RESERVE=1` sets
-//! `reserve_keys` and `reserve_ids` to N; `MIMALLOC_ALLOW_THP=0` turns huge pages off.
+//! `reserve_keys` and `reserve_ids` to N. mimalloc is built with `no_thp`, so huge pages
+//! are off; to see them on, build without that feature in Cargo.toml.
 
 use std::time::{Duration, Instant};
 
