@@ -6,6 +6,8 @@
 //! - `decide/default_rules/{1,2}_threads`: full `decide()` with the shipped rules over a
 //!   realistic key mix (100k cards, 50k devices, 5k merchants, 40 regions), per decision.
 //! - `window/add_and_query`: one window update plus queries on a warm key.
+//! - `wire/decode`, `wire/decision_json`: decoding a transaction payload of the load
+//!   generator, and encoding the decision the shipped rules made on it.
 
 use std::hint::black_box;
 use std::path::Path;
@@ -372,12 +374,40 @@ fn window_bench(c: &mut Criterion) {
     });
 }
 
+fn wire_bench(c: &mut Criterion) {
+    let txns = transactions(1024, 5, T0);
+    let payloads: Vec<Vec<u8>> = txns.iter().map(|t| t.to_json().into_bytes()).collect();
+    let mut g = c.benchmark_group("wire");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0;
+    g.bench_function("decode", |b| {
+        b.iter(|| {
+            i = (i + 1) % payloads.len();
+            Transaction::from_json(black_box(&payloads[i])).unwrap()
+        })
+    });
+    let cfg = EngineConfig::default();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let engine = Engine::new(fraudgate::load_dir(&root.join("rules"), &cfg).unwrap(), cfg);
+    let decisions: Vec<_> = txns
+        .iter()
+        .map(|t| engine.decide(t, t.ts_ms.unwrap()).decision)
+        .collect();
+    g.bench_function("decision_json", |b| {
+        b.iter(|| {
+            i = (i + 1) % decisions.len();
+            black_box(&decisions[i]).to_json()
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3))
         .sample_size(30);
-    targets = rules_bench, decide_bench, window_bench
+    targets = rules_bench, decide_bench, window_bench, wire_bench
 }
 criterion_main!(benches);

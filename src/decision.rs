@@ -106,9 +106,19 @@ pub struct Decision {
 
 impl Decision {
     pub fn to_json(&self) -> String {
-        serde_json::to_string(self).unwrap_or_else(|e| {
-            format!(r#"{{"id":null,"error":{{"code":"internal","message":"{e}"}}}}"#)
-        })
+        // Only ever valid UTF-8: serde_json writes strings escaped.
+        String::from_utf8(self.to_json_vec()).unwrap_or_default()
+    }
+
+    /// The JSON as bytes, written into one buffer sized for it up front (growing a
+    /// buffer step by step costs reallocations and copies on every decision).
+    pub fn to_json_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(192 + 192 * self.rules.len());
+        match serde_json::to_writer(&mut v, self) {
+            Ok(()) => v,
+            Err(e) => format!(r#"{{"id":null,"error":{{"code":"internal","message":"{e}"}}}}"#)
+                .into_bytes(),
+        }
     }
 }
 

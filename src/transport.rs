@@ -12,11 +12,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_nats::{Client, HeaderMap, Subject, Subscriber};
+use async_nats::{Client, HeaderMap, HeaderName, HeaderValue, Subject, Subscriber};
 use bytes::Bytes;
 
 use crate::config::{parse_duration, JetStreamSection, NatsSection, SubjectsSection};
-use crate::decision::Decision;
+use crate::decision::{Action, Decision};
 use crate::telemetry::Counters;
 use crate::txn::{DecodeError, ErrorCode, Transaction};
 
@@ -25,6 +25,12 @@ pub const HEADER_ACTION: &str = "Fraudgate-Action";
 pub const HEADER_VERSION: &str = "Fraudgate-Rules-Version";
 pub const HEADER_ERROR_CODE: &str = "Fraudgate-Error-Code";
 pub const HEADER_ERROR: &str = "Fraudgate-Error";
+
+// Built once: a header name made from a `&str` is copied into a fresh allocation on every
+// message.
+const NAME_MSG_ID: HeaderName = HeaderName::from_static(HEADER_MSG_ID);
+const NAME_ACTION: HeaderName = HeaderName::from_static(HEADER_ACTION);
+const NAME_VERSION: HeaderName = HeaderName::from_static(HEADER_VERSION);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -244,9 +250,28 @@ pub struct Wire {
     pub stream: Client,
     pub subjects: SubjectsSection,
     pub max_payload: usize,
+    /// `<decision_prefix>.<action>` for approve, hold and reject, made once.
+    decision_subjects: [Subject; 3],
 }
 
 impl Wire {
+    pub fn new(
+        client: Client,
+        stream: Client,
+        subjects: SubjectsSection,
+        max_payload: usize,
+    ) -> Wire {
+        let decision_subjects = [Action::Approve, Action::Hold, Action::Reject]
+            .map(|a| Subject::from(format!("{}.{}", subjects.decision_prefix, a.as_str())));
+        Wire {
+            client,
+            stream,
+            subjects,
+            max_payload,
+            decision_subjects,
+        }
+    }
+
     pub async fn subscribe_check(&self) -> Result<Subscriber, TransportError> {
         queue_subscribe(
             &self.client,
@@ -280,9 +305,9 @@ impl Wire {
         let mut h = HeaderMap::new();
         // Header values cannot hold CR/LF (async-nats panics on them). The decoder refuses
         // such ids; this is the second line of defence.
-        h.insert(HEADER_MSG_ID, header_safe(&d.id).as_str());
-        h.insert(HEADER_ACTION, d.action.as_str());
-        h.insert(HEADER_VERSION, &*d.rules_version);
+        h.insert(NAME_MSG_ID, HeaderValue::from(header_safe(&d.id)));
+        h.insert(NAME_ACTION, d.action.as_str());
+        h.insert(NAME_VERSION, header_safe(&d.rules_version));
         h
     }
 
@@ -293,7 +318,7 @@ impl Wire {
         reply: &Reply,
         d: &Decision,
     ) -> Result<(), async_nats::PublishError> {
-        let body = Bytes::from(d.to_json());
+        let body = Bytes::from(d.to_json_vec());
         match reply {
             Reply::Check(Some(inbox)) => {
                 self.client
@@ -302,7 +327,12 @@ impl Wire {
             }
             Reply::Check(None) => Ok(()),
             Reply::Stream => {
-                let subject = format!("{}.{}", self.subjects.decision_prefix, d.action.as_str());
+                let i = match d.action {
+                    Action::Approve => 0,
+                    Action::Hold => 1,
+                    Action::Reject => 2,
+                };
+                let subject = self.decision_subjects[i].clone();
                 self.stream
                     .publish_with_headers(subject, Self::decision_headers(d), body)
                     .await
@@ -714,9 +744,11 @@ pub fn error_json(e: &DecodeError) -> String {
 
 /// Header values cannot hold line breaks.
 fn header_safe(s: &str) -> String {
-    s.chars()
-        .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
-        .collect()
+    if s.contains(['\r', '\n']) {
+        s.replace(['\r', '\n'], " ")
+    } else {
+        s.to_owned()
+    }
 }
 
 #[cfg(test)]
