@@ -14,7 +14,8 @@
 //! Then fraudgate's resident memory with 1M distinct cards tracked.
 //!
 //! E2E_ROUNDS=n measures the targets n times, alternating, and reports medians (this
-//! machine is shared: single runs of one binary differ by up to 30 %).
+//! machine is shared: single runs of one binary differ by up to 30 %). Each round starts
+//! with the next target, so no target always has the same place in the sequence.
 //! E2E_BASELINE=/path/to/another/fraudgate adds a third target in every round, measured
 //! the same way (before/after comparisons of a change).
 
@@ -213,35 +214,43 @@ fn main() {
         let (mut ceiling_rows, mut engine_rows, mut baseline_rows) = (Vec::new(), Vec::new(), Vec::new());
         // Rounds alternate the targets, so a slow minute of this shared machine does not
         // land on one of them only; the table shows each figure's median.
+        // The targets take turns going first: measured in a fixed order, the same build
+        // in the second and third place differed by 12 % (stream), which a comparison
+        // would have taken for a change.
+        let mut order = vec!["ceiling", "fraudgate"];
+        if baseline.is_some() {
+            order.push("baseline");
+        }
         for round in 1..=rounds {
             if rounds > 1 {
                 println!("round {round} of {rounds}");
             }
-            // 1. The ceiling.
-            let mut ceiling = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate-ceiling"))
-                .args(["--nats-url", &url])
-                .stderr(std::process::Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .unwrap();
-            wait_ready(&client).await;
-            ceiling_rows.push(measure("ceiling", &client, sizes).await);
-            let _ = ceiling.kill().await;
-
-            // 2. fraudgate with the shipped rules and its metrics exporter on.
-            let mut engine = spawn_engine(&cfg);
-            wait_ready(&client).await;
-            engine_rows.push(measure("fraudgate", &client, sizes).await);
-            let _ = engine.kill().await;
-
-            // Optionally another fraudgate build (say, the previous commit's), measured
-            // in the same run: the only before/after comparison this machine allows.
-            if let Some(bin) = &baseline {
-                let mut engine = spawn_with(bin, &cfg);
+            for &target in &order {
+                let mut child = match target {
+                    // The ceiling: a bare responder.
+                    "ceiling" => tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate-ceiling"))
+                        .args(["--nats-url", &url])
+                        .stderr(std::process::Stdio::null())
+                        .kill_on_drop(true)
+                        .spawn()
+                        .unwrap(),
+                    // fraudgate with the shipped rules and its metrics exporter on.
+                    "fraudgate" => spawn_engine(&cfg),
+                    // Optionally another fraudgate build (say, the previous commit's),
+                    // measured in the same run: the only before/after comparison this
+                    // machine allows.
+                    _ => spawn_with(baseline.as_deref().unwrap_or_default(), &cfg),
+                };
                 wait_ready(&client).await;
-                baseline_rows.push(measure("baseline", &client, sizes).await);
-                let _ = engine.kill().await;
+                let row = measure(target, &client, sizes).await;
+                let _ = child.kill().await;
+                match target {
+                    "ceiling" => ceiling_rows.push(row),
+                    "fraudgate" => engine_rows.push(row),
+                    _ => baseline_rows.push(row),
+                }
             }
+            order.rotate_left(1);
         }
         let (c, f) = (median(&ceiling_rows), median(&engine_rows));
         println!();

@@ -16,7 +16,7 @@ use async_nats::{Client, HeaderMap, HeaderName, HeaderValue, Subject, Subscriber
 use bytes::Bytes;
 
 use crate::config::{parse_duration, JetStreamSection, NatsSection, SubjectsSection};
-use crate::decision::{Action, Decision};
+use crate::decision::Decision;
 use crate::telemetry::Counters;
 use crate::txn::{DecodeError, ErrorCode, Transaction};
 
@@ -250,8 +250,6 @@ pub struct Wire {
     pub stream: Client,
     pub subjects: SubjectsSection,
     pub max_payload: usize,
-    /// `<decision_prefix>.<action>` for approve, hold and reject, made once.
-    decision_subjects: [Subject; 3],
 }
 
 impl Wire {
@@ -261,14 +259,11 @@ impl Wire {
         subjects: SubjectsSection,
         max_payload: usize,
     ) -> Wire {
-        let decision_subjects = [Action::Approve, Action::Hold, Action::Reject]
-            .map(|a| Subject::from(format!("{}.{}", subjects.decision_prefix, a.as_str())));
         Wire {
             client,
             stream,
             subjects,
             max_payload,
-            decision_subjects,
         }
     }
 
@@ -327,12 +322,7 @@ impl Wire {
             }
             Reply::Check(None) => Ok(()),
             Reply::Stream => {
-                let i = match d.action {
-                    Action::Approve => 0,
-                    Action::Hold => 1,
-                    Action::Reject => 2,
-                };
-                let subject = self.decision_subjects[i].clone();
+                let subject = format!("{}.{}", self.subjects.decision_prefix, d.action.as_str());
                 self.stream
                     .publish_with_headers(subject, Self::decision_headers(d), body)
                     .await
