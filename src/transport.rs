@@ -253,20 +253,6 @@ pub struct Wire {
 }
 
 impl Wire {
-    pub fn new(
-        client: Client,
-        stream: Client,
-        subjects: SubjectsSection,
-        max_payload: usize,
-    ) -> Wire {
-        Wire {
-            client,
-            stream,
-            subjects,
-            max_payload,
-        }
-    }
-
     pub async fn subscribe_check(&self) -> Result<Subscriber, TransportError> {
         queue_subscribe(
             &self.client,
