@@ -123,6 +123,9 @@ const SHARDS: usize = 64;
 /// Key groups of one decision that went over the key cap.
 type OverCap = SmallVec<[usize; 4]>;
 
+/// Entity key per key group of one decision (`None`: a key field is missing).
+type GroupKeys = SmallVec<[Option<KeyHash>; 8]>;
+
 struct DedupeEntry {
     at_ms: i64,
     decision: Arc<Decision>,
@@ -447,6 +450,43 @@ impl Engine {
         let id_hash = self.cfg.hash_key.hash_str(&txn.id);
         let horizon = self.cfg.dedupe_horizon.as_millis() as i64;
         let mut over_cap: OverCap = SmallVec::new();
+        let rs = &*active.rules;
+        let skew = self.cfg.max_future_skew.as_millis() as i64;
+        let ts_ms = txn.ts_ms.unwrap_or(now_ms);
+        let ts_clamped = ts_ms > now_ms.saturating_add(skew);
+        let ts_ms = if ts_clamped { now_ms } else { ts_ms };
+        let currency = txn
+            .currency
+            .as_deref()
+            .unwrap_or(self.cfg.default_currency.as_str());
+        let attrs = resolve_attrs(rs, txn);
+        let (local_hour, local_weekday) = if rs.needs_local_time {
+            local_time(&self.cfg, ts_ms)
+        } else {
+            (0, 0)
+        };
+        let field_hashes = FieldHashes::default();
+        let base = Ctx {
+            txn,
+            ts_ms,
+            currency,
+            attrs: &attrs,
+            ints: &[],
+            decs: &[],
+            local_hour,
+            local_weekday,
+            key: &self.cfg.hash_key,
+            hashes: &field_hashes,
+        };
+        let keys: GroupKeys = rs.groups.iter().map(|g| entity_key(&g.by, &base)).collect();
+        // Start loading every table slot this decision needs (the retry table's, then each
+        // key group's) before waiting on any of them: see `prefetch`.
+        crate::prefetch::map_slot(&self.dedupe, &id_hash);
+        for (gi, key) in keys.iter().enumerate() {
+            if let Some(key) = key {
+                crate::prefetch::map_slot(&active.stores[gi].map, &StateKey::from(*key));
+            }
+        }
         // The dedupe shard stays locked while this id is decided, so a concurrent retry of
         // the same id waits and then gets this decision instead of being counted twice.
         let out = match self.dedupe.entry(id_hash) {
@@ -457,12 +497,8 @@ impl Engine {
                 ts_clamped: false,
             },
             entry => {
-                let skew = self.cfg.max_future_skew.as_millis() as i64;
-                let ts_ms = txn.ts_ms.unwrap_or(now_ms);
-                let ts_clamped = ts_ms > now_ms.saturating_add(skew);
-                let ts_ms = if ts_clamped { now_ms } else { ts_ms };
                 let (mut decision, too_late) =
-                    self.decide_fresh(&active, capture.as_deref(), txn, ts_ms, &mut over_cap);
+                    self.decide_fresh(&active, capture.as_deref(), &base, &keys, &mut over_cap);
                 if let Some(c) = capture.as_deref() {
                     // Under this id's dedupe shard lock, like the snapshot's read of it.
                     c.ids_after.insert(id_hash, ());
@@ -543,47 +579,25 @@ impl Engine {
         }
     }
 
-    /// Decides a transaction not seen before, at event time `ts_ms`.
+    /// Decides a transaction not seen before: `base` holds it with its event time and
+    /// resolved attributes, `keys` its entity key per key group.
     fn decide_fresh(
         &self,
         active: &Active,
         capture: Option<&Capture>,
-        txn: &Transaction,
-        ts_ms: i64,
+        base: &Ctx<'_>,
+        keys: &[Option<KeyHash>],
         over_cap: &mut OverCap,
     ) -> (Decision, bool) {
         let rs = &*active.rules;
-        let currency = txn
-            .currency
-            .as_deref()
-            .unwrap_or(self.cfg.default_currency.as_str());
-        let attrs = resolve_attrs(rs, txn);
-        let (local_hour, local_weekday) = if rs.needs_local_time {
-            local_time(&self.cfg, ts_ms)
-        } else {
-            (0, 0)
-        };
-        let field_hashes = FieldHashes::default();
+        let (txn, ts_ms) = (base.txn, base.ts_ms);
         let mut ints: SmallVec<[Option<i64>; 32]> = SmallVec::from_elem(None, rs.int_features);
         let mut decs: SmallVec<[Option<Decimal>; 16]> = SmallVec::from_elem(None, rs.dec_features);
-        let base = Ctx {
-            txn,
-            ts_ms,
-            currency,
-            attrs: &attrs,
-            ints: &[],
-            decs: &[],
-            local_hour,
-            local_weekday,
-            key: &self.cfg.hash_key,
-            hashes: &field_hashes,
-        };
         let bucket = ts_ms.div_euclid(self.res_ms);
         let mut too_late = false;
-        let keys: SmallVec<[Option<KeyHash>; 8]> =
-            rs.groups.iter().map(|g| entity_key(&g.by, &base)).collect();
-        // Warm-up pass: look every key up first, in a tight loop, so the cache misses of
-        // the different maps overlap instead of being paid one after another below.
+        // Second pass: the slots are in cache or on their way (`decide` prefetched them);
+        // look every key up and start loading its heap blocks, so that those misses also
+        // overlap instead of being paid one group after another below.
         for (gi, key) in keys.iter().enumerate() {
             if let Some(key) = key {
                 if let Some(state) = active.stores[gi].map.get(&StateKey::from(*key)) {
@@ -596,19 +610,19 @@ impl Engine {
                 continue; // a key field is missing: the group's windows stay unknown
             };
             let pass =
-                |f: &Option<crate::rules::BoolFn>| f.as_ref().is_none_or(|f| f(&base) == Tri::True);
+                |f: &Option<crate::rules::BoolFn>| f.as_ref().is_none_or(|f| f(base) == Tri::True);
             let counts: SmallVec<[bool; 8]> = g.counts.iter().map(|(_, f)| pass(f)).collect();
             let sums: SmallVec<[Option<Decimal>; 4]> = g
                 .sums
                 .iter()
-                .map(|(_, of, f)| if pass(f) { of.value(&base) } else { None })
+                .map(|(_, of, f)| if pass(f) { of.value(base) } else { None })
                 .collect();
             let distincts: SmallVec<[Option<u64>; 4]> = g
                 .distincts
                 .iter()
                 .map(|(_, of, f)| {
                     if pass(f) {
-                        entity_key(std::slice::from_ref(of), &base).map(|h| h as u64)
+                        entity_key(std::slice::from_ref(of), base).map(|h| h as u64)
                     } else {
                         None
                     }
@@ -668,7 +682,7 @@ impl Engine {
         let ctx = Ctx {
             ints: &ints,
             decs: &decs,
-            ..base
+            ..*base
         };
         let mut fired = Vec::new();
         for r in &rs.rules {
@@ -1009,18 +1023,32 @@ fn group_windows(rs: &RuleSet) -> Vec<Vec<usize>> {
 
 /// Declared attributes of the transaction, by declaration index. An attribute of another
 /// type than declared counts as absent.
+/// The transaction's value of each declared attribute (`None`: absent or of another type).
+/// Both lists are sorted by name, so one merge pass finds them all.
 fn resolve_attrs<'t>(rs: &RuleSet, txn: &'t Transaction) -> SmallVec<[Option<&'t AttrValue>; 16]> {
+    let mut sent = txn.attrs.iter().peekable();
     rs.attrs
         .iter()
         .map(|(name, ty)| {
-            txn.attr(name).filter(|v| {
-                matches!(
-                    (ty, v),
-                    (crate::rules::AttrType::Str, AttrValue::Str(_))
-                        | (crate::rules::AttrType::Num, AttrValue::Num(_))
-                        | (crate::rules::AttrType::Bool, AttrValue::Bool(_))
-                )
-            })
+            while let Some((k, v)) = sent.peek() {
+                match k.as_str().cmp(name) {
+                    std::cmp::Ordering::Less => {
+                        sent.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        sent.next();
+                        let typed = matches!(
+                            (ty, v),
+                            (crate::rules::AttrType::Str, AttrValue::Str(_))
+                                | (crate::rules::AttrType::Num, AttrValue::Num(_))
+                                | (crate::rules::AttrType::Bool, AttrValue::Bool(_))
+                        );
+                        return typed.then_some(v);
+                    }
+                    std::cmp::Ordering::Greater => break,
+                }
+            }
+            None
         })
         .collect()
 }

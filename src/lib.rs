@@ -11,6 +11,7 @@ pub mod engine;
 pub mod keyhash;
 pub mod loadgen;
 pub mod loadrun;
+pub(crate) mod prefetch;
 pub mod rules;
 pub mod service;
 pub mod snapshot;

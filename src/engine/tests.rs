@@ -634,3 +634,49 @@ fn spread_visits_every_item_once() {
         assert_eq!(seen, v, "n = {n}");
     }
 }
+
+#[test]
+fn attributes_resolve_by_name_and_type() {
+    let cfg = EngineConfig::default();
+    let rs = rules_from(
+        r#"
+[ruleset]
+version = "attrs"
+hold_at = 50
+reject_at = 100
+[attrs]
+b_num = "number"
+d_flag = "bool"
+f_text = "string"
+h_text = "string"
+[[rule]]
+id = "uses_all"
+description = "reads every attribute"
+when = "attrs.b_num > 1 or attrs.d_flag or attrs.f_text == 'x' or attrs.h_text == 'y'"
+action = "hold"
+"#,
+        &cfg,
+    );
+    let mut t = tx("a1", "4111111111111111", 10, T0);
+    // Sorted, with undeclared names before, between and after the declared ones, and
+    // one declared name sent with the wrong type.
+    t.attrs = vec![
+        ("a_extra".into(), AttrValue::Bool(true)),
+        ("b_num".into(), AttrValue::Num(Decimal::new(7, 0))),
+        ("c_extra".into(), AttrValue::Str("c".into())),
+        ("d_flag".into(), AttrValue::Str("true".into())),
+        ("f_text".into(), AttrValue::Str("x".into())),
+        ("z_extra".into(), AttrValue::Num(Decimal::ONE)),
+    ];
+    assert_eq!(
+        resolve_attrs(&rs, &t).as_slice(),
+        &[
+            Some(&AttrValue::Num(Decimal::new(7, 0))),
+            None,
+            Some(&AttrValue::Str("x".into())),
+            None,
+        ]
+    );
+    t.attrs.clear();
+    assert_eq!(resolve_attrs(&rs, &t).as_slice(), &[None, None, None, None]);
+}

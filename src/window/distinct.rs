@@ -42,12 +42,13 @@ impl Default for Distinct {
 }
 
 impl Distinct {
+    /// Starts loading the pairs' block (see `KeyState::touch`).
     #[inline]
     pub fn touch(&self) {
         if let Distinct::Exact { pairs, .. } = self {
-            if let Some(p) = pairs.first() {
-                std::hint::black_box(p.0);
-            }
+            let p = pairs.as_ptr();
+            crate::prefetch::line(p);
+            crate::prefetch::line(p.wrapping_add(4));
         }
     }
 

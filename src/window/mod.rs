@@ -109,13 +109,15 @@ impl KeyState {
         }
     }
 
-    /// Reads the first word of each heap block this key uses, so that it is in cache
-    /// before the real update (see `Engine::decide`).
+    /// Starts loading the start of each heap block this key uses, without waiting for it,
+    /// so that it is in cache (or on its way) for the real update (see `Engine::decide`).
     #[inline]
     pub fn touch(&self) {
-        if let Some(w) = self.rows.first() {
-            std::hint::black_box(*w);
-        }
+        // `as_ptr` does not read the block; its header (length, capacity) sits right
+        // before the first row, on the same line or the one before.
+        let p = self.rows.as_ptr();
+        crate::prefetch::line(p);
+        crate::prefetch::line(p.wrapping_add(8));
         for d in &self.distinct {
             d.touch();
         }
