@@ -184,6 +184,11 @@ impl KeyState {
             return Added::Nothing;
         }
         let stride = layout.stride();
+        if self.rows.capacity() == 0 {
+            // A key's first row: exactly one row's room (a ThinVec would start at four
+            // words; most keys of small-stride groups never hold a second row).
+            self.rows.reserve_exact(stride);
+        }
         if stride == 1 {
             // No count or sum slot: the only row needed is the newest bucket.
             match self.rows.first_mut() {
