@@ -740,7 +740,7 @@ impl Engine {
             let keep_after = now_b - s.layout.max_window - s.layout.lateness;
             let before = s.map.len();
             let mut heap = 0usize;
-            s.map.retain(|_, st| {
+            crate::prefetch::retain_ahead(&s.map, KeyState::touch, |st| {
                 let keep = st.newest_bucket(&s.layout).is_some_and(|n| n > keep_after);
                 if keep {
                     if st.has_expired(&s.layout) {
