@@ -564,7 +564,7 @@ impl Engine {
                 drop(newest);
                 let mut ties = excess - below;
                 let mut removed = 0u64;
-                store.map.retain(|_, st| {
+                crate::prefetch::retain_ahead(&store.map, KeyState::touch, |st| {
                     let b = st.newest_bucket(&store.layout).unwrap_or(none);
                     let evict = b < threshold || (b == threshold && ties > 0);
                     if b == threshold && evict {
