@@ -480,7 +480,8 @@ impl Engine {
         };
         let keys: GroupKeys = rs.groups.iter().map(|g| entity_key(&g.by, &base)).collect();
         // Start loading every table slot this decision needs (the retry table's, then each
-        // key group's) before waiting on any of them: see `prefetch`.
+        // key group's) before waiting on any of them: see `prefetch`. A retry answered from
+        // the retry table pays for the keys too; retries are rare.
         crate::prefetch::map_slot(&self.dedupe, &id_hash);
         for (gi, key) in keys.iter().enumerate() {
             if let Some(key) = key {
@@ -1021,10 +1022,9 @@ fn group_windows(rs: &RuleSet) -> Vec<Vec<usize>> {
     v
 }
 
-/// Declared attributes of the transaction, by declaration index. An attribute of another
-/// type than declared counts as absent.
-/// The transaction's value of each declared attribute (`None`: absent or of another type).
-/// Both lists are sorted by name, so one merge pass finds them all.
+/// The transaction's value of each declared attribute, by declaration index (`None`:
+/// absent, or of another type than declared). Both lists are sorted by name, so one merge
+/// pass finds them all.
 fn resolve_attrs<'t>(rs: &RuleSet, txn: &'t Transaction) -> SmallVec<[Option<&'t AttrValue>; 16]> {
     let mut sent = txn.attrs.iter().peekable();
     rs.attrs
