@@ -113,8 +113,9 @@ impl KeyState {
     /// so that it is in cache (or on its way) for the real update (see `Engine::decide`).
     #[inline]
     pub fn touch(&self) {
-        // `as_ptr` does not read the block; its header (length, capacity) sits right
-        // before the first row, on the same line or the one before.
+        // `as_ptr` does not read the block. This loads the first row's line and the next;
+        // the header (length, capacity) is the 16 bytes before the first row, on the same
+        // line unless the first row starts a line.
         let p = self.rows.as_ptr();
         crate::prefetch::line(p);
         crate::prefetch::line(p.wrapping_add(8));
