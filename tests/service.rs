@@ -94,6 +94,58 @@ async fn stream_decisions_go_to_action_subjects() {
     assert_eq!(got["st-reject"], "fraud.decision.reject");
 }
 
+/// One card's stream is decided in the order it was published, whether the intake decides
+/// a lone transaction itself or hands a burst to the card's worker: each burst is followed
+/// by a single transaction sent while the burst is still in the worker's hands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_cards_stream_is_decided_in_order_at_any_load() {
+    let nats = nats().await;
+    let _engine = Engine::start(&nats.url()).await;
+    let c = client(&nats.url()).await;
+    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    c.flush().await.unwrap();
+    let card = "4111111111117000";
+    let mut i = 0;
+    for round in 0..4u64 {
+        for _ in 0..2000 {
+            c.publish("fraud.txn", Bytes::from(txn(&format!("ord-{i}"), card, "1.00")))
+                .await
+                .unwrap();
+            i += 1;
+        }
+        c.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_micros(100 * round)).await;
+        c.publish("fraud.txn", Bytes::from(txn(&format!("ord-{i}"), card, "1.00")))
+            .await
+            .unwrap();
+        c.flush().await.unwrap();
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // card_testing fires from the fourth tiny amount on and reports the card's count of
+    // tiny amounts so far: the n-th transaction decided sees n.
+    let mut seen = std::collections::BTreeMap::new();
+    while seen.len() < i {
+        let m = tokio::time::timeout(Duration::from_secs(10), decisions.next())
+            .await
+            .expect("every decision within 10 s")
+            .unwrap();
+        let d: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        let k: usize = d["id"].as_str().unwrap()[4..].parse().unwrap();
+        let count = d["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["id"] == "card_testing")
+            .map(|r| r["values"]["card_tiny_txn_10m"].as_u64().unwrap());
+        seen.insert(k, count);
+    }
+    for (k, count) in seen {
+        let want = (k >= 3).then_some(k as u64 + 1);
+        assert_eq!(count, want, "transaction {k} decided out of order");
+    }
+}
+
 const BAD: &[(&str, &str)] = &[
     ("{not json", "invalid_json"),
     (r#"{"card":"c","amount":"1"}"#, "missing_field"),
