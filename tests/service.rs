@@ -108,16 +108,22 @@ async fn one_cards_stream_is_decided_in_order_at_any_load() {
     let mut i = 0;
     for round in 0..4u64 {
         for _ in 0..2000 {
-            c.publish("fraud.txn", Bytes::from(txn(&format!("ord-{i}"), card, "1.00")))
-                .await
-                .unwrap();
+            c.publish(
+                "fraud.txn",
+                Bytes::from(txn(&format!("ord-{i}"), card, "1.00")),
+            )
+            .await
+            .unwrap();
             i += 1;
         }
         c.flush().await.unwrap();
         tokio::time::sleep(Duration::from_micros(100 * round)).await;
-        c.publish("fraud.txn", Bytes::from(txn(&format!("ord-{i}"), card, "1.00")))
-            .await
-            .unwrap();
+        c.publish(
+            "fraud.txn",
+            Bytes::from(txn(&format!("ord-{i}"), card, "1.00")),
+        )
+        .await
+        .unwrap();
         c.flush().await.unwrap();
         i += 1;
         tokio::time::sleep(Duration::from_millis(20)).await;
