@@ -126,15 +126,21 @@ type OverCap = SmallVec<[usize; 4]>;
 /// Entity key per key group of one decision (`None`: a key field is missing).
 type GroupKeys = SmallVec<[Option<KeyHash>; 8]>;
 
+/// A retry-table entry: when the id was decided and the decision's JSON, as published.
+/// One heap block per id: the table holds every id of the dedupe horizon (at 100k/s and
+/// two minutes, 12M of them), and a sweep frees the expired ones by the million.
 struct DedupeEntry {
     at_ms: i64,
-    decision: Arc<Decision>,
+    json: Box<[u8]>,
 }
 
 /// Result of [`Engine::decide`].
 #[derive(Debug, Clone)]
 pub struct Outcome {
-    pub decision: Arc<Decision>,
+    pub decision: Decision,
+    /// The decision's JSON ([`Decision::to_json_vec`]), for a duplicate the bytes stored
+    /// with the original: what is published.
+    pub json: Vec<u8>,
     /// The id was seen within the dedupe horizon: this is the original decision, and
     /// nothing was counted again.
     pub duplicate: bool,
@@ -490,14 +496,27 @@ impl Engine {
         }
         // The dedupe shard stays locked while this id is decided, so a concurrent retry of
         // the same id waits and then gets this decision instead of being counted twice.
-        let out = match self.dedupe.entry(id_hash) {
-            Entry::Occupied(o) if now_ms.saturating_sub(o.get().at_ms) <= horizon => Outcome {
-                decision: o.get().decision.clone(),
+        let entry = self.dedupe.entry(id_hash);
+        // A retry within the horizon gets the original back (parsed from its JSON: a
+        // retry pays for that, a fresh decision keeps nothing but the bytes).
+        let original = match &entry {
+            Entry::Occupied(o) if now_ms.saturating_sub(o.get().at_ms) <= horizon => {
+                let json = &o.get().json;
+                serde_json::from_slice::<Decision>(json)
+                    .ok()
+                    .map(|d| (d, json.to_vec()))
+            }
+            _ => None,
+        };
+        let out = match (original, entry) {
+            (Some((decision, json)), _) => Outcome {
+                decision,
+                json,
                 duplicate: true,
                 too_late: false,
                 ts_clamped: false,
             },
-            entry => {
+            (None, entry) => {
                 let (mut decision, too_late) =
                     self.decide_fresh(&active, capture.as_deref(), &base, &keys, &mut over_cap);
                 if let Some(c) = capture.as_deref() {
@@ -505,10 +524,10 @@ impl Engine {
                     c.ids_after.insert(id_hash, ());
                 }
                 decision.engine_us = start.elapsed().as_micros() as u64;
-                let decision = Arc::new(decision);
+                let json = decision.to_json_vec();
                 let value = DedupeEntry {
                     at_ms: now_ms,
-                    decision: decision.clone(),
+                    json: json.as_slice().into(),
                 };
                 match entry {
                     Entry::Occupied(mut o) => {
@@ -520,6 +539,7 @@ impl Engine {
                 }
                 Outcome {
                     decision,
+                    json,
                     duplicate: false,
                     too_late,
                     ts_clamped,
@@ -874,9 +894,9 @@ impl Engine {
                 if capture.ids_after.contains_key(&id) {
                     return None;
                 }
-                let (at_ms, decision) = (e.at_ms, e.decision.clone());
-                drop(e);
-                Some((id, at_ms, decision.to_json()))
+                // Written by `to_json_vec` or checked at restore: always UTF-8.
+                let json = String::from_utf8_lossy(&e.json).into_owned();
+                Some((id, e.at_ms, json))
             })
             .collect();
         self.capture.store(None);
@@ -936,13 +956,14 @@ impl Engine {
             }
         }
         for (id, at_ms, json) in snap.dedupe {
+            // Only decisions that parse: a retry is answered by parsing them again.
             match serde_json::from_str::<Decision>(&json) {
-                Ok(d) => {
+                Ok(_) => {
                     self.dedupe.insert(
                         id,
                         DedupeEntry {
                             at_ms,
-                            decision: Arc::new(d),
+                            json: json.into_bytes().into_boxed_slice(),
                         },
                     );
                     report.ids += 1;

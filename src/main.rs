@@ -453,7 +453,8 @@ fn replay(
                 let o = engine.decide(&t, now);
                 decided += 1;
                 if !quiet {
-                    writeln!(out, "{}", o.decision.to_json())?;
+                    out.write_all(&o.json)?;
+                    out.write_all(b"\n")?;
                 }
                 // Sweep idle keys and old ids as the service does, so a long backtest runs
                 // in bounded memory.

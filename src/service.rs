@@ -1042,7 +1042,7 @@ async fn decide_one(
     if out.ts_clamped {
         counters.ts_clamped();
     }
-    match wire.deliver(&job.reply, &out.decision).await {
+    match wire.deliver(&job.reply, &out.decision, out.json).await {
         Ok(()) => {
             counters.decided(path, out.decision.action);
             counters.end_to_end_time(path, job.received_at.elapsed().as_secs_f64());

@@ -292,14 +292,15 @@ impl Wire {
         h
     }
 
-    /// Sends a decision where it belongs. Errors are returned for counting; the client
-    /// buffers publishes while disconnected.
+    /// Sends a decision (`json`: its JSON, from [`crate::Outcome`]) where it belongs.
+    /// Errors are returned for counting; the client buffers publishes while disconnected.
     pub async fn deliver(
         &self,
         reply: &Reply,
         d: &Decision,
+        json: Vec<u8>,
     ) -> Result<(), async_nats::PublishError> {
-        let body = Bytes::from(d.to_json_vec());
+        let body = Bytes::from(json);
         match reply {
             Reply::Check(Some(inbox)) => {
                 self.client

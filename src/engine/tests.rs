@@ -124,7 +124,8 @@ fn retries_return_the_original_and_count_once() {
     let first = e.decide(&tx("r1", "c2", 600, T0), T0);
     let again = e.decide(&tx("r1", "c2", 600, T0), T0 + 1_000);
     assert!(again.duplicate);
-    assert!(Arc::ptr_eq(&first.decision, &again.decision));
+    assert_eq!(first.decision, again.decision);
+    assert_eq!(first.json, again.json);
     // Only one 600 counted.
     let next = e.decide(&tx("r2", "c2", 500, T0 + 1), T0);
     assert_eq!(
