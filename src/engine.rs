@@ -325,6 +325,17 @@ pub struct Evicted {
     pub dedupe: usize,
 }
 
+/// Steps in a pass of [`Engine::sweep_step`]: one per table shard.
+pub const SWEEP_STEPS: usize = SHARDS;
+
+/// What one [`Engine::sweep_step`] evicted, and the heap bytes of the keys it kept in
+/// its shard, per group signature.
+#[derive(Debug, Default)]
+pub struct SweepStep {
+    pub evicted: Evicted,
+    pub heap: Vec<(String, usize)>,
+}
+
 pub struct Engine {
     cfg: EngineConfig,
     active: ArcSwap<Active>,
@@ -748,20 +759,38 @@ impl Engine {
 
     /// [`Engine::evict_idle`], and the [`Engine::stats`] of what is left, measured in the
     /// same pass: a sweep visits every key once, not twice (on a shared machine the scan
-    /// is CPU the decisions wait for).
+    /// is CPU the decisions wait for). All [`SWEEP_STEPS`] steps of [`Engine::sweep_step`]
+    /// in one go.
     pub fn sweep(&self, now_ms: i64) -> (Evicted, StateStats) {
         let mut ev = Evicted::default();
+        let mut heap = BTreeMap::new();
+        for step in 0..SWEEP_STEPS {
+            let st = self.sweep_step(now_ms, step);
+            ev.keys += st.evicted.keys;
+            ev.dedupe += st.evicted.dedupe;
+            for (signature, bytes) in st.heap {
+                *heap.entry(signature).or_insert(0) += bytes;
+            }
+        }
+        (ev, self.stats_with_heap(&heap))
+    }
+
+    /// One step of a sweep: shard `step % SWEEP_STEPS` of every key group's table and of
+    /// the retry table. A pass of [`SWEEP_STEPS`] steps visits every key and id once; the
+    /// service spreads one over its sweep interval, so the scan never takes a core (and
+    /// the caches) for long, and holds one shard lock at a time, as a whole sweep did.
+    pub fn sweep_step(&self, now_ms: i64, step: usize) -> SweepStep {
+        let k = step % SWEEP_STEPS;
+        let mut out = SweepStep::default();
         let now_b = now_ms.div_euclid(self.res_ms);
-        // Not the barrier: a snapshot's cut waiting behind a long sweep would stall every
-        // decision. Snapshots, swaps and cap evictions wait for the sweep instead.
+        // Not the barrier: a snapshot's cut waiting behind a sweep would stall every
+        // decision. Snapshots, swaps and cap evictions wait for the step instead.
         let _one = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
         let active = self.active.load();
-        let mut groups = Vec::with_capacity(active.stores.len());
         for s in &active.stores {
             let keep_after = now_b - s.layout.max_window - s.layout.lateness;
-            let before = s.map.len();
             let mut heap = 0usize;
-            crate::prefetch::retain_ahead(&s.map, KeyState::touch, |st| {
+            let evicted = crate::prefetch::retain_shard_ahead(&s.map, k, KeyState::touch, |st| {
                 let keep = st.newest_bucket(&s.layout).is_some_and(|n| n > keep_after);
                 if keep {
                     if st.has_expired(&s.layout) {
@@ -771,15 +800,35 @@ impl Engine {
                 }
                 keep
             });
-            ev.keys += before.saturating_sub(s.map.len());
-            groups.push(Self::group_stats(s, heap));
+            out.evicted.keys += evicted;
+            out.heap.push((s.signature.clone(), heap));
         }
         let horizon = self.cfg.dedupe_horizon.as_millis() as i64;
-        let before = self.dedupe.len();
-        self.dedupe
-            .retain(|_, e| now_ms.saturating_sub(e.at_ms) <= horizon);
-        ev.dedupe = before.saturating_sub(self.dedupe.len());
-        (ev, self.stats_of(groups))
+        if let Some(shard) = self.dedupe.shards().get(k) {
+            let mut shard = shard.write();
+            let before = shard.len();
+            // SAFETY: as in dashmap's own `retain`: the raw iterator is used only while
+            // the shard's write lock is held, and erasing the bucket it last yielded
+            // leaves it valid.
+            unsafe {
+                for bucket in shard.iter() {
+                    if now_ms.saturating_sub(bucket.as_ref().1.get().at_ms) > horizon {
+                        shard.erase(bucket);
+                    }
+                }
+            }
+            out.evicted.dedupe = before - shard.len();
+        }
+        out
+    }
+
+    /// [`Engine::stats`] with each group's key heap bytes given by signature (summed over
+    /// a pass of [`Engine::sweep_step`]s) instead of measured again.
+    pub fn stats_with_heap(&self, heap: &BTreeMap<String, usize>) -> StateStats {
+        let groups = (self.active.load().stores.iter())
+            .map(|s| Self::group_stats(s, heap.get(&s.signature).copied().unwrap_or(0)))
+            .collect();
+        self.stats_of(groups)
     }
 
     /// Key counts and approximate memory per group: the hash tables' allocated slots (not

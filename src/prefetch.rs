@@ -65,27 +65,43 @@ pub fn retain_ahead<K: Hash + Eq, V>(
     touch: impl Fn(&V),
     mut keep: impl FnMut(&mut V) -> bool,
 ) {
-    for s in map.shards() {
-        let mut shard = s.write();
-        // SAFETY: as in dashmap's own `retain`: the raw iterators are used only while this
-        // shard's write lock is held and nothing else changes the table; erasing the
-        // bucket an iterator last yielded leaves it valid. The look-ahead iterator only
-        // yields buckets the main one has not reached, so never an erased one.
-        unsafe {
-            let mut ahead = shard.iter();
-            for b in ahead.by_ref().take(AHEAD) {
+    for k in 0..map.shards().len() {
+        retain_shard_ahead(map, k, &touch, &mut keep);
+    }
+}
+
+/// [`retain_ahead`] over shard `k` only (none if there is no such shard); returns how
+/// many entries it removed.
+pub fn retain_shard_ahead<K: Hash + Eq, V>(
+    map: &DashMap<K, V, PreHashed>,
+    k: usize,
+    touch: impl Fn(&V),
+    mut keep: impl FnMut(&mut V) -> bool,
+) -> usize {
+    let Some(s) = map.shards().get(k) else {
+        return 0;
+    };
+    let mut shard = s.write();
+    let before = shard.len();
+    // SAFETY: as in dashmap's own `retain`: the raw iterators are used only while this
+    // shard's write lock is held and nothing else changes the table; erasing the bucket
+    // an iterator last yielded leaves it valid. The look-ahead iterator only yields
+    // buckets the main one has not reached, so never an erased one.
+    unsafe {
+        let mut ahead = shard.iter();
+        for b in ahead.by_ref().take(AHEAD) {
+            touch(b.as_ref().1.get());
+        }
+        for bucket in shard.iter() {
+            if let Some(b) = ahead.next() {
                 touch(b.as_ref().1.get());
             }
-            for bucket in shard.iter() {
-                if let Some(b) = ahead.next() {
-                    touch(b.as_ref().1.get());
-                }
-                if !keep(bucket.as_mut().1.get_mut()) {
-                    shard.erase(bucket);
-                }
+            if !keep(bucket.as_mut().1.get_mut()) {
+                shard.erase(bucket);
             }
         }
     }
+    before - shard.len()
 }
 
 /// How many entries [`retain_ahead`] prefetches ahead of the one it visits.

@@ -23,7 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{parse_duration, EngineConfig, FileConfig, OnBadSnapshot};
-use crate::engine::{Cursor, Engine};
+use crate::engine::{Cursor, Engine, Evicted, SWEEP_STEPS};
 use crate::keyhash::HashKey;
 use crate::telemetry::{Counters, Path as IntakePath, Snapshot};
 use crate::transport::{self, Reply, TransportError, Wire};
@@ -1062,7 +1062,11 @@ async fn decide_one(
     }
 }
 
-/// Evicts idle keys and old ids, then publishes the state sizes.
+/// Evicts idle keys and old ids, then publishes the state sizes. A pass over the state is
+/// spread over `every` in [`SWEEP_STEPS`] steps (one table shard each), so the scan never
+/// takes a core for long: a whole sweep at once (tens of ms at a few hundred thousand keys
+/// and ids) delayed every decision made meanwhile and left the caches cold. The gauges
+/// and the debug line come once per pass.
 async fn sweeper(
     engine: Arc<Engine>,
     wire: Wire,
@@ -1071,20 +1075,39 @@ async fn sweeper(
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(every.max(Duration::from_millis(100)));
+    let mut tick =
+        tokio::time::interval(every.max(Duration::from_millis(100)) / SWEEP_STEPS as u32);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut step = 0usize;
+    let mut pass = Evicted::default();
+    let mut heap = std::collections::BTreeMap::<String, usize>::new();
+    let mut busy = Duration::ZERO;
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 let e = engine.clone();
                 let started = Instant::now();
                 let clock = tracker.as_ref().map_or_else(now_ms, |t| lock(t).clock(now_ms()));
-                let swept = tokio::task::spawn_blocking(move || e.sweep(clock)).await;
+                let k = step;
+                let Ok(st) = tokio::task::spawn_blocking(move || e.sweep_step(clock, k)).await else {
+                    continue;
+                };
+                busy += started.elapsed();
+                pass.keys += st.evicted.keys;
+                pass.dedupe += st.evicted.dedupe;
+                for (signature, bytes) in st.heap {
+                    *heap.entry(signature).or_insert(0) += bytes;
+                }
+                step += 1;
+                if step < SWEEP_STEPS {
+                    continue;
+                }
                 counters.refresh();
                 counters.nats(wire.connected(), wire.in_messages());
-                if let Ok((ev, stats)) = swept {
-                    counters.state(&stats, &ev);
-                    tracing::debug!(keys = ev.keys, ids = ev.dedupe, took_ms = started.elapsed().as_millis() as u64, "swept idle state");
-                }
+                counters.state(&engine.stats_with_heap(&heap), &pass);
+                tracing::debug!(keys = pass.keys, ids = pass.dedupe, took_ms = busy.as_millis() as u64, "swept idle state");
+                (step, pass, busy) = (0, Evicted::default(), Duration::ZERO);
+                heap.clear();
             }
             _ = stop.changed() => break,
         }

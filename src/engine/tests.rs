@@ -258,6 +258,40 @@ fn a_sweep_reports_the_stats_of_what_it_kept() {
 }
 
 #[test]
+fn a_sweep_in_steps_visits_each_shard_once() {
+    let e = engine();
+    for i in 0..300 {
+        e.decide(&tx(&format!("p{i}"), &format!("card{i}"), 1, T0), T0);
+    }
+    let keys = |e: &Engine| e.stats().groups.iter().map(|g| g.1).sum::<usize>();
+    let idle = T0 + 3_900_001;
+    let mut total = Evicted::default();
+    for step in 0..SWEEP_STEPS {
+        let before = keys(&e);
+        let st = e.sweep_step(idle, step);
+        // A step evicts from its own shard only: what it reports is what went.
+        assert_eq!(before - keys(&e), st.evicted.keys);
+        assert!(st.evicted.keys < 300, "step {step} swept everything");
+        total.keys += st.evicted.keys;
+        total.dedupe += st.evicted.dedupe;
+        if step == SWEEP_STEPS / 2 {
+            // Half a pass leaves part of the state.
+            assert!(keys(&e) > 0 && keys(&e) < 300);
+        }
+    }
+    assert_eq!(
+        total,
+        Evicted {
+            keys: 300,
+            dedupe: 300
+        }
+    );
+    assert_eq!(keys(&e), 0);
+    // A pass again finds nothing.
+    assert_eq!(e.sweep(idle).0, Evicted::default());
+}
+
+#[test]
 fn concurrent_decisions_count_exactly() {
     let e = Arc::new(engine());
     let threads = 4;
