@@ -405,12 +405,12 @@ impl Running {
             transport::connect(&opts.file.nats, &opts.nats_url, "check", counters.clone()).await?;
         let stream =
             transport::connect(&opts.file.nats, &opts.nats_url, "stream", counters.clone()).await?;
-        let wire = Wire {
+        let wire = Wire::new(
             client,
             stream,
-            subjects: opts.file.subjects.clone(),
-            max_payload: opts.file.limits.max_payload,
-        };
+            opts.file.subjects.clone(),
+            opts.file.limits.max_payload,
+        );
         // Subscribed before the recovery reads where the request capture ends: a request
         // arriving meanwhile is either replayed or waits in the subscription (or both: then
         // it is answered from the dedupe table), never neither.

@@ -16,7 +16,7 @@ use async_nats::{Client, HeaderMap, HeaderName, HeaderValue, Subject, Subscriber
 use bytes::Bytes;
 
 use crate::config::{parse_duration, JetStreamSection, NatsSection, SubjectsSection};
-use crate::decision::Decision;
+use crate::decision::{Action, Decision};
 use crate::telemetry::Counters;
 use crate::txn::{DecodeError, ErrorCode, Transaction};
 
@@ -250,9 +250,34 @@ pub struct Wire {
     pub stream: Client,
     pub subjects: SubjectsSection,
     pub max_payload: usize,
+    /// `<decision_prefix>.<action>` per [`Action`], made once: publishing with one is
+    /// then neither an allocation nor a reference count every worker writes.
+    decision_subjects: [Subject; 3],
 }
 
 impl Wire {
+    pub fn new(
+        client: Client,
+        stream: Client,
+        subjects: SubjectsSection,
+        max_payload: usize,
+    ) -> Self {
+        let decision_subjects = Action::ALL.map(|a| {
+            // Leaked once per service start (three short strings), so that the subjects
+            // are static bytes: cloning one costs nothing.
+            let s: &'static str =
+                Box::leak(format!("{}.{}", subjects.decision_prefix, a.as_str()).into_boxed_str());
+            Subject::from_static(s)
+        });
+        Wire {
+            client,
+            stream,
+            subjects,
+            max_payload,
+            decision_subjects,
+        }
+    }
+
     pub async fn subscribe_check(&self) -> Result<Subscriber, TransportError> {
         queue_subscribe(
             &self.client,
@@ -309,7 +334,7 @@ impl Wire {
             }
             Reply::Check(None) => Ok(()),
             Reply::Stream => {
-                let subject = format!("{}.{}", self.subjects.decision_prefix, d.action.as_str());
+                let subject = self.decision_subjects[d.action as usize].clone();
                 self.stream
                     .publish_with_headers(subject, Self::decision_headers(d), body)
                     .await
