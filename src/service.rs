@@ -13,8 +13,6 @@
 //! subscriptions, finish every queued transaction, flush and exit.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicUsize;
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -155,13 +153,7 @@ const MAX_BATCH: usize = 64;
 struct Shard {
     check: mpsc::Sender<Batch>,
     stream: mpsc::Sender<Batch>,
-    /// Jobs handed to this worker and not decided yet, per path (`IntakePath as usize`).
-    /// Zero means the worker holds nothing of that path: the intake may decide a lone
-    /// transaction itself without passing any earlier one of the same path and shard.
-    pending: Arc<Pending>,
 }
-
-type Pending = [AtomicUsize; 2];
 
 /// Longest a shutdown may take before the process exits anyway.
 pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(15);
@@ -437,16 +429,13 @@ impl Running {
         for _ in 0..n {
             let (ctx, crx) = mpsc::channel(depth);
             let (stx, srx) = mpsc::channel(depth);
-            let pending = Arc::new(Pending::default());
             shards.push(Shard {
                 check: ctx,
                 stream: stx,
-                pending: pending.clone(),
             });
             workers.push(tokio::spawn(worker(
                 crx,
                 srx,
-                pending,
                 engine.clone(),
                 wire.clone(),
                 counters.clone(),
@@ -467,7 +456,6 @@ impl Running {
                 wire.subscribe_txn().await?,
                 IntakePath::Stream,
                 wire.clone(),
-                engine.clone(),
                 shards.clone(),
                 counters.clone(),
                 stop_rx.clone(),
@@ -480,7 +468,6 @@ impl Running {
                 check_sub,
                 IntakePath::Check,
                 wire.clone(),
-                engine.clone(),
                 shards,
                 counters.clone(),
                 stop_rx.clone(),
@@ -619,7 +606,6 @@ async fn intake(
     mut sub: async_nats::Subscriber,
     path: IntakePath,
     wire: Wire,
-    engine: Arc<Engine>,
     shards: Arc<Vec<Shard>>,
     counters: Arc<Counters>,
     mut stop: watch::Receiver<bool>,
@@ -645,20 +631,9 @@ async fn intake(
         };
         let received_ms = now_ms();
         let received_at = Instant::now();
-        let lone = msgs.len() == 1;
         for msg in msgs {
             if let Some(job) = take(msg, path, &wire, &counters, received_ms, received_at).await {
-                let shard = shard_of(&job.txn.card, shards.len());
-                if lone && shards[shard].pending[path as usize].load(Acquire) == 0 {
-                    // Light load: one transaction, and its worker holds nothing of this
-                    // path. Deciding it here saves a hand-off (a task wake-up, often on
-                    // the other core) at no cost to order. Under load, messages arrive
-                    // several at a time and go to the workers, which decide in parallel.
-                    counters.queued(path, 1);
-                    decide_one(&engine, &wire, &counters, None, job, path).await;
-                    continue;
-                }
-                batches[shard].push(job);
+                batches[shard_of(&job.txn.card, shards.len())].push(job);
             }
         }
         dispatch(&mut batches, &shards, path, &counters).await;
@@ -690,7 +665,6 @@ async fn dispatch(batches: &mut [Batch], shards: &[Shard], path: IntakePath, cou
         };
         let n = batch.len();
         counters.queued(path, n as i64);
-        shards[i].pending[path as usize].fetch_add(n, Relaxed);
         // Waits when the worker's queue is full: back-pressure into the subscription
         // buffer rather than unbounded memory.
         if tx.send(std::mem::take(batch)).await.is_err() {
@@ -966,7 +940,6 @@ async fn take(
 async fn worker(
     mut check: mpsc::Receiver<Batch>,
     mut stream: mpsc::Receiver<Batch>,
-    pending: Arc<Pending>,
     engine: Arc<Engine>,
     wire: Wire,
     counters: Arc<Counters>,
@@ -986,14 +959,10 @@ async fn worker(
                 while let Ok(urgent) = check.try_recv() {
                     for j in urgent {
                         decide_one(&engine, &wire, &counters, tracker, j, IntakePath::Check).await;
-                        pending[IntakePath::Check as usize].fetch_sub(1, Release);
                     }
                 }
             }
             decide_one(&engine, &wire, &counters, tracker, job, path).await;
-            // Released after the decision's window updates: an intake that reads zero
-            // and decides the next transaction itself comes after them.
-            pending[path as usize].fetch_sub(1, Release);
         }
     }
 }

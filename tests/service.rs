@@ -94,9 +94,10 @@ async fn stream_decisions_go_to_action_subjects() {
     assert_eq!(got["st-reject"], "fraud.decision.reject");
 }
 
-/// One card's stream is decided in the order it was published, whether the intake decides
-/// a lone transaction itself or hands a burst to the card's worker: each burst is followed
-/// by a single transaction sent while the burst is still in the worker's hands.
+/// One card's stream is decided in the order it was published, in bursts handed to its
+/// worker in batches and in single transactions sent while a burst is still in the
+/// worker's hands (an intake deciding those itself, without waiting for the worker, fails
+/// this test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_cards_stream_is_decided_in_order_at_any_load() {
     let nats = nats().await;
