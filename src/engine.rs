@@ -336,6 +336,20 @@ pub struct SweepStep {
     pub heap: Vec<(String, usize)>,
 }
 
+impl SweepStep {
+    /// Adds another step's figures: a pass is the sum of its steps.
+    pub fn absorb(&mut self, step: SweepStep) {
+        self.evicted.keys += step.evicted.keys;
+        self.evicted.dedupe += step.evicted.dedupe;
+        for (signature, bytes) in step.heap {
+            match self.heap.iter_mut().find(|(s, _)| *s == signature) {
+                Some((_, sum)) => *sum += bytes,
+                None => self.heap.push((signature, bytes)),
+            }
+        }
+    }
+}
+
 pub struct Engine {
     cfg: EngineConfig,
     active: ArcSwap<Active>,
@@ -762,17 +776,12 @@ impl Engine {
     /// is CPU the decisions wait for). All [`SWEEP_STEPS`] steps of [`Engine::sweep_step`]
     /// in one go.
     pub fn sweep(&self, now_ms: i64) -> (Evicted, StateStats) {
-        let mut ev = Evicted::default();
-        let mut heap = BTreeMap::new();
+        let mut pass = SweepStep::default();
         for step in 0..SWEEP_STEPS {
-            let st = self.sweep_step(now_ms, step);
-            ev.keys += st.evicted.keys;
-            ev.dedupe += st.evicted.dedupe;
-            for (signature, bytes) in st.heap {
-                *heap.entry(signature).or_insert(0) += bytes;
-            }
+            pass.absorb(self.sweep_step(now_ms, step));
         }
-        (ev, self.stats_with_heap(&heap))
+        let stats = self.stats_with_heap(&pass.heap);
+        (pass.evicted, stats)
     }
 
     /// One step of a sweep: shard `step % SWEEP_STEPS` of every key group's table and of
@@ -824,9 +833,10 @@ impl Engine {
 
     /// [`Engine::stats`] with each group's key heap bytes given by signature (summed over
     /// a pass of [`Engine::sweep_step`]s) instead of measured again.
-    pub fn stats_with_heap(&self, heap: &BTreeMap<String, usize>) -> StateStats {
+    pub fn stats_with_heap(&self, heap: &[(String, usize)]) -> StateStats {
+        let bytes = |sig: &str| heap.iter().find(|(s, _)| s == sig).map_or(0, |h| h.1);
         let groups = (self.active.load().stores.iter())
-            .map(|s| Self::group_stats(s, heap.get(&s.signature).copied().unwrap_or(0)))
+            .map(|s| Self::group_stats(s, bytes(&s.signature)))
             .collect();
         self.stats_of(groups)
     }

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{parse_duration, EngineConfig, FileConfig, OnBadSnapshot};
-use crate::engine::{Cursor, Engine, Evicted, SWEEP_STEPS};
+use crate::engine::{Cursor, Engine, SweepStep, SWEEP_STEPS};
 use crate::keyhash::HashKey;
 use crate::telemetry::{Counters, Path as IntakePath, Snapshot};
 use crate::transport::{self, Reply, TransportError, Wire};
@@ -1048,8 +1048,7 @@ async fn sweeper(
         tokio::time::interval(every.max(Duration::from_millis(100)) / SWEEP_STEPS as u32);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut step = 0usize;
-    let mut pass = Evicted::default();
-    let mut heap = std::collections::BTreeMap::<String, usize>::new();
+    let mut pass = SweepStep::default();
     let mut busy = Duration::ZERO;
     loop {
         tokio::select! {
@@ -1058,25 +1057,20 @@ async fn sweeper(
                 let started = Instant::now();
                 let clock = tracker.as_ref().map_or_else(now_ms, |t| lock(t).clock(now_ms()));
                 let k = step;
-                let Ok(st) = tokio::task::spawn_blocking(move || e.sweep_step(clock, k)).await else {
-                    continue;
-                };
+                // A step that panicked counts as empty; the pass goes on with the next shard.
+                let st = tokio::task::spawn_blocking(move || e.sweep_step(clock, k)).await;
                 busy += started.elapsed();
-                pass.keys += st.evicted.keys;
-                pass.dedupe += st.evicted.dedupe;
-                for (signature, bytes) in st.heap {
-                    *heap.entry(signature).or_insert(0) += bytes;
-                }
+                pass.absorb(st.unwrap_or_default());
                 step += 1;
                 if step < SWEEP_STEPS {
                     continue;
                 }
                 counters.refresh();
                 counters.nats(wire.connected(), wire.in_messages());
-                counters.state(&engine.stats_with_heap(&heap), &pass);
-                tracing::debug!(keys = pass.keys, ids = pass.dedupe, took_ms = busy.as_millis() as u64, "swept idle state");
-                (step, pass, busy) = (0, Evicted::default(), Duration::ZERO);
-                heap.clear();
+                let ev = &pass.evicted;
+                counters.state(&engine.stats_with_heap(&pass.heap), ev);
+                tracing::debug!(keys = ev.keys, ids = ev.dedupe, took_ms = busy.as_millis() as u64, "swept idle state");
+                (step, pass, busy) = (0, SweepStep::default(), Duration::ZERO);
             }
             _ = stop.changed() => break,
         }
