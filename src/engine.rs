@@ -813,21 +813,13 @@ impl Engine {
             out.heap.push((s.signature.clone(), heap));
         }
         let horizon = self.cfg.dedupe_horizon.as_millis() as i64;
-        if let Some(shard) = self.dedupe.shards().get(k) {
-            let mut shard = shard.write();
-            let before = shard.len();
-            // SAFETY: as in dashmap's own `retain`: the raw iterator is used only while
-            // the shard's write lock is held, and erasing the bucket it last yielded
-            // leaves it valid.
-            unsafe {
-                for bucket in shard.iter() {
-                    if now_ms.saturating_sub(bucket.as_ref().1.get().at_ms) > horizon {
-                        shard.erase(bucket);
-                    }
-                }
-            }
-            out.evicted.dedupe = before - shard.len();
-        }
+        // An id's expiry is in its slot: nothing behind it to prefetch.
+        out.evicted.dedupe = crate::prefetch::retain_shard_ahead(
+            &self.dedupe,
+            k,
+            |_| {},
+            |e| now_ms.saturating_sub(e.at_ms) <= horizon,
+        );
         out
     }
 
