@@ -11,6 +11,11 @@
 //! 3. request-reply latency p50/p99/p99.9 at a fixed 5,000/s (open loop, measured from the
 //!    scheduled send time).
 //!
+//! The traffic is the load generator's (100k cards at 10 transactions a day, injected
+//! fraud at 0.2 % of normal transactions). The phases (a 20k warm-up, then 1, 2 and 3) are
+//! one timeline of event times ending when the target's measurement starts, about 14 hours
+//! of a day at the default sizes, so rules see the traffic at its real density.
+//!
 //! Then fraudgate's resident memory with 1M distinct cards tracked.
 //!
 //! E2E_ROUNDS=n measures the targets n times, alternating, and reports medians (this
@@ -58,12 +63,19 @@ struct Row {
     p999: f64,
 }
 
+fn gen(seed: u64) -> GenConfig {
+    GenConfig {
+        seed,
+        fraud_rate: 0.002,
+        ..GenConfig::default()
+    }
+}
+
 async fn load(
     client: &async_nats::Client,
     path: LoadPath,
     mode: LoadMode,
-    count: usize,
-    seed: u64,
+    (count, seed, end): (usize, u64, i64),
 ) -> LoadReport {
     loadrun::run(
         client.clone(),
@@ -71,19 +83,31 @@ async fn load(
             path,
             mode,
             count,
-            gen: GenConfig {
-                seed,
-                fraud_rate: 0.002,
-                ..GenConfig::default()
-            },
+            gen: gen(seed),
             timeout: Duration::from_secs(30),
             subjects: SubjectsSection::default(),
             progress: false,
-            event_step_ms: 1.0,
+            events_end_ms: Some(end),
         },
     )
     .await
     .expect("load run")
+}
+
+/// The phases of a measurement as (count, seed, end of its event times): one timeline
+/// that ends now, each phase after the one before, so the windows see one stretch of
+/// traffic at its real density (about 14 h of a day at the default sizes), not four
+/// stretches laid over the same minutes.
+fn phases(counts: [usize; 4]) -> [(usize, u64, i64); 4] {
+    let seeds = [7, 11, 13, 17];
+    let mut out = [(0, 0, 0); 4];
+    let mut end = fraudgate::service::now_ms();
+    for i in (0..4).rev() {
+        out[i] = (counts[i], seeds[i], end);
+        let t = fraudgate::loadgen::timeline(&gen(seeds[i]), end, counts[i]);
+        end = t.first().map_or(end, |first| first - 1);
+    }
+    out
 }
 
 /// Each figure's median over the rounds (the upper one of an even count).
@@ -126,27 +150,15 @@ async fn measure(
     sizes: (usize, usize, f64, usize),
 ) -> Row {
     let (stream_n, rr_n, rate, lat_secs) = sizes;
+    let [warm, stream_p, rr_p, lat_p] =
+        phases([20_000, stream_n, rr_n, (rate as usize) * lat_secs]);
     // Warm-up: fill windows and caches, settle the connection.
-    load(client, LoadPath::Check, LoadMode::Closed(64), 20_000, 7).await;
-    let stream = load(
-        client,
-        LoadPath::Stream,
-        LoadMode::Closed(10_000),
-        stream_n,
-        11,
-    )
-    .await;
-    let rr = load(client, LoadPath::Check, LoadMode::Closed(64), rr_n, 13).await;
-    let lat = load(
-        client,
-        LoadPath::Check,
-        LoadMode::Open(rate),
-        (rate as usize) * lat_secs,
-        17,
-    )
-    .await;
+    load(client, LoadPath::Check, LoadMode::Closed(64), warm).await;
+    let stream = load(client, LoadPath::Stream, LoadMode::Closed(10_000), stream_p).await;
+    let rr = load(client, LoadPath::Check, LoadMode::Closed(64), rr_p).await;
+    let lat = load(client, LoadPath::Check, LoadMode::Open(rate), lat_p).await;
     println!(
-        "  {name:<10} stream {:>9.0}/s ({} of {} decided)  request-reply {:>8.0}/s  at {rate:.0}/s: p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  (errors {}, timeouts {})",
+        "  {name:<10} stream {:>9.0}/s ({} of {} decided)  request-reply {:>8.0}/s  at {rate:.0}/s: p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  (errors {}, timeouts {}; request-reply held or rejected {:.1} %)",
         stream.throughput(),
         stream.answered,
         stream.sent,
@@ -156,6 +168,7 @@ async fn measure(
         lat.quantile_ms(0.999),
         stream.errors + rr.errors + lat.errors,
         stream.timeouts + rr.timeouts + lat.timeouts,
+        100.0 * (rr.actions[1] + rr.actions[2]) as f64 / rr.actions.iter().sum::<u64>().max(1) as f64,
     );
     Row {
         stream: stream.throughput(),

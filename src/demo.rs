@@ -308,10 +308,12 @@ async fn generate(
     tally: Arc<Mutex<Tally>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    // Live traffic: event time is the wall clock, so the population is sized to the rate
+    // (a thousand transactions a second come from millions of cards, not 100k).
     let mut g = Generator::new(GenConfig {
         seed: opts.seed,
         fraud_rate: 0.01,
-        ..GenConfig::default()
+        ..GenConfig::for_rate(f64::from(opts.rate))
     });
     let in_flight = Arc::new(Semaphore::new(64));
     let per_tick = (opts.rate as f64 / 100.0).max(0.01);

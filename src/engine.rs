@@ -27,7 +27,7 @@ use smallvec::SmallVec;
 
 use crate::config::EngineConfig;
 use crate::decision::{combine, Decision, FiredRule};
-use crate::keyhash::{KeyHash, PreHashed, StateKey};
+use crate::keyhash::{HashKey, KeyHash, PreHashed, StateKey};
 use crate::rules::expr::FieldHashes;
 use crate::rules::{Ctx, Field, KeyField, RuleSet, Tri, WindowRead};
 use crate::txn::{AttrValue, Transaction};
@@ -84,6 +84,8 @@ struct Active {
     group_windows: Vec<Vec<usize>>,
     /// `rules.version`, shared by every decision.
     version: Arc<str>,
+    /// Counts rule swaps: a [`Prepared`] made under another generation is not used.
+    generation: u64,
 }
 
 impl Active {
@@ -96,6 +98,7 @@ impl Active {
                 .collect(),
             group_windows: group_windows(&rules),
             version: rules.version.as_str().into(),
+            generation: 0,
             rules,
         }
     }
@@ -125,6 +128,19 @@ type OverCap = SmallVec<[usize; 4]>;
 
 /// Entity key per key group of one decision (`None`: a key field is missing).
 type GroupKeys = SmallVec<[Option<KeyHash>; 8]>;
+
+/// A transaction's keys, hashed ahead of its decision by [`Engine::prepare`], with the
+/// table slots they lead to on their way into the cache. A worker prepares the next
+/// transaction before it decides the current one, so that the next one's cache misses
+/// overlap the current one's work instead of following it. Made under one rule set: after
+/// a swap, [`Engine::decide_prepared`] hashes the keys again.
+pub struct Prepared {
+    generation: u64,
+    id_hash: KeyHash,
+    keys: GroupKeys,
+    /// The keys' heap blocks are on their way too ([`Engine::touch`]).
+    touched: bool,
+}
 
 /// A retry-table entry: when the id was decided and the decision's JSON, as published.
 /// One heap block per id: the table holds every id of the dedupe horizon (at 100k/s and
@@ -318,15 +334,17 @@ fn key_fingerprint(cfg: &EngineConfig) -> u64 {
     cfg.hash_key.hash_str("fraudgate snapshot key fingerprint") as u64
 }
 
+/// Parts a sweep visits each table shard in ([`Engine::sweep_step`]): at a few hundred
+/// thousand keys a shard is a few thousand entries, and a part of it a fraction of a
+/// millisecond of scanning under the shard's lock.
+pub const SWEEP_PARTS: usize = 8;
+
 /// Counts from [`Engine::evict_idle`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Evicted {
     pub keys: usize,
     pub dedupe: usize,
 }
-
-/// Steps in a pass of [`Engine::sweep_step`]: one per table shard.
-pub const SWEEP_STEPS: usize = SHARDS;
 
 /// What one [`Engine::sweep_step`] evicted, and the heap bytes of the keys it kept in
 /// its shard, per group signature.
@@ -447,6 +465,7 @@ impl Engine {
                 .collect(),
             group_windows: group_windows(&rules),
             version: rules.version.as_str().into(),
+            generation: old.generation + 1,
             rules: rules.clone(),
         };
         if plans.iter().any(|p| p.1.is_some()) {
@@ -474,51 +493,74 @@ impl Engine {
     /// Decides one transaction. `now_ms` is the receive time (epoch ms): the event time
     /// when the transaction has no `ts`, and the clock of the dedupe horizon.
     pub fn decide(&self, txn: &Transaction, now_ms: i64) -> Outcome {
+        self.decide_prepared(txn, now_ms, None)
+    }
+
+    /// First stage of a pipelined decision: hashes `txn`'s id and keys (with the same
+    /// `now_ms` as its decision will have) and starts loading the table slots they lead
+    /// to. Reads no state and takes no lock but a shard's for an instant.
+    pub fn prepare(&self, txn: &Transaction, now_ms: i64) -> Prepared {
+        let active = self.active.load();
+        let id_hash = self.cfg.hash_key.hash_str(&txn.id);
+        let inputs = self.inputs(&active.rules, txn, now_ms);
+        let base = inputs.ctx();
+        let keys: GroupKeys = active
+            .rules
+            .groups
+            .iter()
+            .map(|g| entity_key(&g.by, &base))
+            .collect();
+        self.prefetch_slots(&active, &id_hash, &keys);
+        Prepared {
+            generation: active.generation,
+            id_hash,
+            keys,
+            touched: false,
+        }
+    }
+
+    /// Second stage, once the slots had time to arrive: looks each key up and starts
+    /// loading its heap blocks (rows, distinct sets).
+    pub fn touch(&self, p: &mut Prepared) {
+        let active = self.active.load();
+        if active.generation == p.generation && !p.touched {
+            touch_keys(&active, &p.keys);
+            p.touched = true;
+        }
+    }
+
+    /// [`Engine::decide`] with the keys `prepared` ahead (by [`Engine::prepare`] of the same
+    /// transaction and `now_ms`), or without (`None`).
+    pub fn decide_prepared(
+        &self,
+        txn: &Transaction,
+        now_ms: i64,
+        prepared: Option<Prepared>,
+    ) -> Outcome {
         let start = Instant::now();
         let _shared = self.barrier.read().unwrap_or_else(|e| e.into_inner());
         let active = self.active.load();
         let capture = self.capture.load();
-        let id_hash = self.cfg.hash_key.hash_str(&txn.id);
         let horizon = self.cfg.dedupe_horizon.as_millis() as i64;
         let mut over_cap: OverCap = SmallVec::new();
         let rs = &*active.rules;
-        let skew = self.cfg.max_future_skew.as_millis() as i64;
-        let ts_ms = txn.ts_ms.unwrap_or(now_ms);
-        let ts_clamped = ts_ms > now_ms.saturating_add(skew);
-        let ts_ms = if ts_clamped { now_ms } else { ts_ms };
-        let currency = txn
-            .currency
-            .as_deref()
-            .unwrap_or(self.cfg.default_currency.as_str());
-        let attrs = resolve_attrs(rs, txn);
-        let (local_hour, local_weekday) = if rs.needs_local_time {
-            local_time(&self.cfg, ts_ms)
-        } else {
-            (0, 0)
-        };
-        let field_hashes = FieldHashes::default();
-        let base = Ctx {
-            txn,
-            ts_ms,
-            currency,
-            attrs: &attrs,
-            ints: &[],
-            decs: &[],
-            local_hour,
-            local_weekday,
-            key: &self.cfg.hash_key,
-            hashes: &field_hashes,
-        };
-        let keys: GroupKeys = rs.groups.iter().map(|g| entity_key(&g.by, &base)).collect();
-        // Start loading every table slot this decision needs (the retry table's, then each
-        // key group's) before waiting on any of them: see `prefetch`. A retry answered from
-        // the retry table pays for the keys too; retries are rare.
-        crate::prefetch::map_slot(&self.dedupe, &id_hash);
-        for (gi, key) in keys.iter().enumerate() {
-            if let Some(key) = key {
-                crate::prefetch::map_slot(&active.stores[gi].map, &StateKey::from(*key));
+        let inputs = self.inputs(rs, txn, now_ms);
+        let ts_clamped = inputs.ts_clamped;
+        let base = inputs.ctx();
+        let (id_hash, keys, touched) = match prepared {
+            Some(p) if p.generation == active.generation => (p.id_hash, p.keys, p.touched),
+            other => {
+                let id_hash = other
+                    .map(|p| p.id_hash)
+                    .unwrap_or_else(|| self.cfg.hash_key.hash_str(&txn.id));
+                let keys: GroupKeys = rs.groups.iter().map(|g| entity_key(&g.by, &base)).collect();
+                // Start loading every table slot this decision needs before waiting on
+                // any of them: see `prefetch`. A retry answered from the retry table pays
+                // for the keys too; retries are rare.
+                self.prefetch_slots(&active, &id_hash, &keys);
+                (id_hash, keys, false)
             }
-        }
+        };
         // The dedupe shard stays locked while this id is decided, so a concurrent retry of
         // the same id waits and then gets this decision instead of being counted twice.
         let entry = self.dedupe.entry(id_hash);
@@ -542,8 +584,14 @@ impl Engine {
                 ts_clamped: false,
             },
             (None, entry) => {
-                let (mut decision, too_late) =
-                    self.decide_fresh(&active, capture.as_deref(), &base, &keys, &mut over_cap);
+                let (mut decision, too_late) = self.decide_fresh(
+                    &active,
+                    capture.as_deref(),
+                    &base,
+                    &keys,
+                    touched,
+                    &mut over_cap,
+                );
                 if let Some(c) = capture.as_deref() {
                     // Under this id's dedupe shard lock, like the snapshot's read of it.
                     c.ids_after.insert(id_hash, ());
@@ -579,6 +627,48 @@ impl Engine {
             self.enforce_cap(&active.stores[gi]);
         }
         out
+    }
+
+    /// The event time used for `txn` received at `now_ms`, and whether it was clamped.
+    fn event_time(&self, txn: &Transaction, now_ms: i64) -> (i64, bool) {
+        let skew = self.cfg.max_future_skew.as_millis() as i64;
+        let ts_ms = txn.ts_ms.unwrap_or(now_ms);
+        let clamped = ts_ms > now_ms.saturating_add(skew);
+        (if clamped { now_ms } else { ts_ms }, clamped)
+    }
+
+    /// What a decision derives from `txn` before it reads any state.
+    fn inputs<'t>(&'t self, rs: &RuleSet, txn: &'t Transaction, now_ms: i64) -> Inputs<'t> {
+        let (ts_ms, ts_clamped) = self.event_time(txn, now_ms);
+        let (local_hour, local_weekday) = if rs.needs_local_time {
+            local_time(&self.cfg, ts_ms)
+        } else {
+            (0, 0)
+        };
+        Inputs {
+            txn,
+            ts_ms,
+            ts_clamped,
+            currency: txn
+                .currency
+                .as_deref()
+                .unwrap_or(self.cfg.default_currency.as_str()),
+            attrs: resolve_attrs(rs, txn),
+            local_hour,
+            local_weekday,
+            key: &self.cfg.hash_key,
+            hashes: FieldHashes::default(),
+        }
+    }
+
+    /// Starts loading the retry table's slot for `id_hash` and each key group's for its key.
+    fn prefetch_slots(&self, active: &Active, id_hash: &KeyHash, keys: &[Option<KeyHash>]) {
+        crate::prefetch::map_slot(&self.dedupe, id_hash);
+        for (gi, key) in keys.iter().enumerate() {
+            if let Some(key) = key {
+                crate::prefetch::map_slot(&active.stores[gi].map, &StateKey::from(*key));
+            }
+        }
     }
 
     /// Evicts the least recently used keys of a group over `max_keys`, down to 15/16 of
@@ -633,6 +723,7 @@ impl Engine {
         capture: Option<&Capture>,
         base: &Ctx<'_>,
         keys: &[Option<KeyHash>],
+        touched: bool,
         over_cap: &mut OverCap,
     ) -> (Decision, bool) {
         let rs = &*active.rules;
@@ -644,12 +735,8 @@ impl Engine {
         // Second pass: the slots are in cache or on their way (`decide` prefetched them);
         // look every key up and start loading its heap blocks, so that those misses also
         // overlap instead of being paid one group after another below.
-        for (gi, key) in keys.iter().enumerate() {
-            if let Some(key) = key {
-                if let Some(state) = active.stores[gi].map.get(&StateKey::from(*key)) {
-                    state.touch();
-                }
-            }
+        if !touched {
+            touch_keys(active, keys);
         }
         for (gi, g) in rs.groups.iter().enumerate() {
             let Some(key) = keys[gi] else {
@@ -773,53 +860,79 @@ impl Engine {
 
     /// [`Engine::evict_idle`], and the [`Engine::stats`] of what is left, measured in the
     /// same pass: a sweep visits every key once, not twice (on a shared machine the scan
-    /// is CPU the decisions wait for). All [`SWEEP_STEPS`] steps of [`Engine::sweep_step`]
-    /// in one go.
+    /// is CPU the decisions wait for). All [`Engine::sweep_steps`] steps of
+    /// [`Engine::sweep_step`] in one go.
     pub fn sweep(&self, now_ms: i64) -> (Evicted, StateStats) {
         let mut pass = SweepStep::default();
-        for step in 0..SWEEP_STEPS {
+        for step in 0..self.sweep_steps() {
             pass.absorb(self.sweep_step(now_ms, step));
         }
         let stats = self.stats_with_heap(&pass.heap);
         (pass.evicted, stats)
     }
 
-    /// One step of a sweep: shard `step % SWEEP_STEPS` of every key group's table and of
-    /// the retry table. A pass of [`SWEEP_STEPS`] steps visits every key and id once; the
-    /// service spreads one over its sweep interval, so the scan never takes a core (and
-    /// the caches) for long, and holds one shard lock at a time, as a whole sweep did.
+    /// Steps in a pass of [`Engine::sweep_step`]: [`SWEEP_PARTS`] per shard of each key
+    /// group's table and of the retry table.
+    pub fn sweep_steps(&self) -> usize {
+        (self.active.load().stores.len() + 1) * SHARDS * SWEEP_PARTS
+    }
+
+    /// One step of a sweep: one part of one shard of one table (step
+    /// `(t * SHARDS + k) * SWEEP_PARTS + p`: part `p` of shard `k` of key group `t`, or of
+    /// the retry table after the groups). A pass of [`Engine::sweep_steps`] steps visits
+    /// every key and id once. The service spreads a pass over its sweep interval, so the
+    /// scan never takes a core (and the caches) for long, and a shard's lock is held for a
+    /// short part of it at a time. What a step evicts is freed after that lock is
+    /// released: a decision waiting on the shard waits for the scan only. A step past the
+    /// tables (after a swap to fewer groups) does nothing.
     pub fn sweep_step(&self, now_ms: i64, step: usize) -> SweepStep {
-        let k = step % SWEEP_STEPS;
+        let part = (step % SWEEP_PARTS, SWEEP_PARTS);
+        let (t, k) = (step / SWEEP_PARTS / SHARDS, step / SWEEP_PARTS % SHARDS);
         let mut out = SweepStep::default();
         let now_b = now_ms.div_euclid(self.res_ms);
         // Not the barrier: a snapshot's cut waiting behind a sweep would stall every
         // decision. Snapshots, swaps and cap evictions wait for the step instead.
         let _one = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
         let active = self.active.load();
-        for s in &active.stores {
+        if let Some(s) = active.stores.get(t) {
             let keep_after = now_b - s.layout.max_window - s.layout.lateness;
             let mut heap = 0usize;
-            let evicted = crate::prefetch::retain_shard_ahead(&s.map, k, KeyState::touch, |st| {
-                let keep = st.newest_bucket(&s.layout).is_some_and(|n| n > keep_after);
-                if keep {
-                    if st.has_expired(&s.layout) {
-                        st.evict(&s.layout, true);
+            let mut dead: Vec<KeyState> = Vec::new();
+            let evicted =
+                crate::prefetch::retain_part_ahead(&s.map, k, part, KeyState::touch, |st| {
+                    let keep = st.newest_bucket(&s.layout).is_some_and(|n| n > keep_after);
+                    if keep {
+                        if st.has_expired(&s.layout) {
+                            st.evict(&s.layout, true);
+                        }
+                        heap += st.heap_bytes();
+                    } else {
+                        dead.push(std::mem::take(st));
                     }
-                    heap += st.heap_bytes();
-                }
-                keep
-            });
-            out.evicted.keys += evicted;
+                    keep
+                });
+            drop(dead);
+            out.evicted.keys = evicted;
             out.heap.push((s.signature.clone(), heap));
+        } else if t == active.stores.len() {
+            let horizon = self.cfg.dedupe_horizon.as_millis() as i64;
+            let mut dead: Vec<Box<[u8]>> = Vec::new();
+            // An id's expiry is in its slot: nothing behind it to prefetch.
+            out.evicted.dedupe = crate::prefetch::retain_part_ahead(
+                &self.dedupe,
+                k,
+                part,
+                |_| {},
+                |e| {
+                    let keep = now_ms.saturating_sub(e.at_ms) <= horizon;
+                    if !keep {
+                        dead.push(std::mem::take(&mut e.json));
+                    }
+                    keep
+                },
+            );
+            drop(dead);
         }
-        let horizon = self.cfg.dedupe_horizon.as_millis() as i64;
-        // An id's expiry is in its slot: nothing behind it to prefetch.
-        out.evicted.dedupe = crate::prefetch::retain_shard_ahead(
-            &self.dedupe,
-            k,
-            |_| {},
-            |e| now_ms.saturating_sub(e.at_ms) <= horizon,
-        );
         out
     }
 
@@ -1097,6 +1210,48 @@ fn group_windows(rs: &RuleSet) -> Vec<Vec<usize>> {
 /// The transaction's value of each declared attribute, by declaration index (`None`:
 /// absent, or of another type than declared). Both lists are sorted by name, so one merge
 /// pass finds them all.
+/// What a decision derives from its transaction before it reads any state (see
+/// [`Engine::inputs`]); [`Inputs::ctx`] is the rule context without window values.
+struct Inputs<'t> {
+    txn: &'t Transaction,
+    ts_ms: i64,
+    ts_clamped: bool,
+    currency: &'t str,
+    attrs: SmallVec<[Option<&'t AttrValue>; 16]>,
+    local_hour: i64,
+    local_weekday: i64,
+    key: &'t HashKey,
+    hashes: FieldHashes,
+}
+
+impl Inputs<'_> {
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            txn: self.txn,
+            ts_ms: self.ts_ms,
+            currency: self.currency,
+            attrs: &self.attrs,
+            ints: &[],
+            decs: &[],
+            local_hour: self.local_hour,
+            local_weekday: self.local_weekday,
+            key: self.key,
+            hashes: &self.hashes,
+        }
+    }
+}
+
+/// Looks each key up in its group's table and starts loading its heap blocks.
+fn touch_keys(active: &Active, keys: &[Option<KeyHash>]) {
+    for (gi, key) in keys.iter().enumerate() {
+        if let Some(key) = key {
+            if let Some(state) = active.stores[gi].map.get(&StateKey::from(*key)) {
+                state.touch();
+            }
+        }
+    }
+}
+
 fn resolve_attrs<'t>(rs: &RuleSet, txn: &'t Transaction) -> SmallVec<[Option<&'t AttrValue>; 16]> {
     let mut sent = txn.attrs.iter().peekable();
     rs.attrs

@@ -1,11 +1,18 @@
 //! Synthetic card traffic with injected, labelled fraud patterns. Deterministic for a seed.
 //!
-//! Normal traffic: Zipf-like merchant and region popularity, cards that mostly use their own
-//! device (shared by two cards), log-normal amounts (median 40), a weighted MCC mix, mostly
-//! established merchants and devices, matching phone/address/IP country for almost everyone.
+//! Normal traffic: a card population whose size matches the traffic's rate (10 transactions
+//! per card per day on average, a few busy cards and many quiet ones), Zipf-like merchant
+//! and region popularity, cards that mostly use their own device (shared by two cards),
+//! log-normal amounts (median 40), a weighted MCC mix, mostly established merchants and
+//! devices, matching phone/address/IP country for almost everyone, and event times that
+//! follow a time-of-day profile ([`timeline`]: quiet nights, busy middays and evenings).
 //! Injected patterns (each transaction carries its [`Pattern`] label) are the ones the
 //! shipped rules target: card testing, account takeover, one card at many merchants,
 //! duplicate submissions, a merchant spike, and a high-risk region at night.
+//!
+//! The density matters: the velocity rules count per card, device and merchant, so traffic
+//! that crowds a day's transactions of too few cards into minutes makes normal cards look
+//! like fraud, and a spike on a merchant that is already busy is no spike.
 
 use std::collections::VecDeque;
 
@@ -57,10 +64,15 @@ pub struct Labeled {
 #[derive(Debug, Clone)]
 pub struct GenConfig {
     pub seed: u64,
+    /// Cards in the population. With `txns_per_card_day` it sets the traffic's mean rate
+    /// in event time ([`GenConfig::events_per_sec`]).
     pub cards: u64,
+    /// Devices; card `c` mostly uses device `c % devices`.
     pub devices: u64,
     pub merchants: u64,
     pub regions: u64,
+    /// Mean transactions per card per day (busy cards do several times more).
+    pub txns_per_card_day: f64,
     /// Probability that a normal transaction also starts an injected pattern.
     pub fraud_rate: f64,
     /// Regions the high-risk-at-night pattern uses (the shipped rules' placeholders).
@@ -75,10 +87,68 @@ impl Default for GenConfig {
             devices: 50_000,
             merchants: 5_000,
             regions: 40,
+            txns_per_card_day: 10.0,
             fraud_rate: 0.002,
             high_risk_regions: ["XA", "XB", "XC", "XD"].map(String::from).to_vec(),
         }
     }
+}
+
+impl GenConfig {
+    /// The population behind `rate` transactions per second in real time: as many cards
+    /// as make that rate at the default density, each device shared by two cards. (Live
+    /// traffic keeps event time at the wall clock, so the density comes from the population.)
+    pub fn for_rate(rate: f64) -> GenConfig {
+        let d = GenConfig::default();
+        let cards = (rate.max(0.01) * 86_400.0 / d.txns_per_card_day)
+            .round()
+            .max(1_000.0) as u64;
+        GenConfig {
+            cards,
+            devices: (cards / 2).max(1),
+            ..d
+        }
+    }
+
+    /// Mean transactions per second of event time (over a day; see [`day_weight`]).
+    pub fn events_per_sec(&self) -> f64 {
+        self.cards as f64 * self.txns_per_card_day / 86_400.0
+    }
+
+    /// Mean event time between two transactions, in ms.
+    pub fn mean_gap_ms(&self) -> f64 {
+        1_000.0 / self.events_per_sec().max(1e-9)
+    }
+}
+
+/// Relative card traffic by hour of the day (UTC), mean 1: quiet small hours, a midday
+/// and an early-evening peak.
+const HOURLY: [f64; 24] = [
+    0.35, 0.22, 0.15, 0.12, 0.12, 0.18, 0.40, 0.75, 1.10, 1.35, 1.55, 1.66, 1.75, 1.65, 1.48, 1.42,
+    1.48, 1.67, 1.72, 1.50, 1.25, 0.95, 0.70, 0.48,
+];
+
+/// The traffic rate at event time `ts_ms` relative to the day's mean.
+pub fn day_weight(ts_ms: i64) -> f64 {
+    HOURLY[(ts_ms.rem_euclid(86_400_000) / 3_600_000) as usize]
+}
+
+/// Event times of `count` transactions of `cfg`'s traffic, the last at `end_ms`, oldest
+/// first: random (Poisson) arrivals at the mean rate shaped by the time of day. Replaying
+/// them as fast as a benchmark can send keeps each card's, device's and merchant's real
+/// spacing, which is what the windows see. Deterministic for the config's seed.
+pub fn timeline(cfg: &GenConfig, end_ms: i64, count: usize) -> Vec<i64> {
+    let mut rng = Rng::new(cfg.seed ^ 0x5449_4d45);
+    let mean = cfg.mean_gap_ms();
+    let mut t = end_ms as f64;
+    let mut times = Vec::with_capacity(count);
+    for _ in 0..count {
+        times.push(t as i64);
+        // Going back: the gap before an event follows the rate at its hour.
+        t -= -(1.0 - rng.unit()).ln() * mean / day_weight(t as i64);
+    }
+    times.reverse();
+    times
 }
 
 /// Deterministic xorshift generator seeded through splitmix64.
@@ -173,11 +243,41 @@ impl Generator {
         format!("g{}-{}", self.cfg.seed, self.seq)
     }
 
+    /// A card of the population. Activity is skewed: the busiest card makes about
+    /// `cards^(1/6)` times the mean (70 a day among 100k cards), most cards less than the mean.
+    fn card(&mut self) -> u64 {
+        let n = self.cfg.cards.max(1);
+        ((n as f64 * self.rng.unit().powf(1.2)) as u64).min(n - 1)
+    }
+
+    /// Another region than `region` (an IP abroad).
+    fn other_region(&mut self, region: &str) -> String {
+        let n = self.cfg.regions.max(2);
+        let own = region
+            .strip_prefix('R')
+            .and_then(|r| r.parse::<u64>().ok())
+            .unwrap_or(0);
+        format!("R{}", (own + 1 + self.rng.below(n - 1)) % n)
+    }
+
+    /// The merchants a spike is injected at: ones whose normal traffic is about 90 an hour
+    /// at this config's rate (a spike of 45 within two minutes stands out there; at the
+    /// busiest merchants it would be noise).
+    fn spike_merchants(&self) -> (u64, u64) {
+        let m = self.cfg.merchants.max(2);
+        let per_hour = self.cfg.events_per_sec() * 3_600.0;
+        let k = (per_hour / (90.0 * (m as f64).ln())).clamp(2.0, (m - 1) as f64) as u64;
+        ((k / 2).max(1), (k + k / 2).min(m - 1))
+    }
+
     /// A normal transaction of `card` at event time `ts`.
     fn normal_for(&mut self, card: u64, ts: i64) -> Transaction {
         let r = &mut self.rng;
         let cents = (4_000.0 * r.normal().exp()).clamp(1.0, 1_500_000.0) as i64;
-        let device = if r.below(100) < 98 {
+        let device = if card >= self.cfg.cards {
+            // Fraud cards (outside the population) come with devices of their own.
+            card
+        } else if r.below(100) < 98 {
             card % self.cfg.devices.max(1)
         } else {
             r.below(self.cfg.devices)
@@ -235,7 +335,7 @@ impl Generator {
             let p = Pattern::ALL[self.rng.below(Pattern::ALL.len() as u64) as usize];
             self.inject(p, now_ms);
         }
-        let card = self.rng.below(self.cfg.cards);
+        let card = self.card();
         Labeled {
             txn: self.normal_for(card, now_ms),
             pattern: None,
@@ -259,9 +359,15 @@ impl Generator {
             }
             Pattern::AccountTakeover => {
                 let device = format!("dev-new-{}", self.rng.below(1 << 40));
+                // Most takeovers come from the fraudster's own network, abroad.
+                let abroad = self.rng.below(10) < 7;
                 let mut at = now_ms;
                 for _ in 0..3 {
                     let mut t = self.normal_for(card, at);
+                    if abroad {
+                        let ip = self.other_region(t.region.as_deref().unwrap_or(""));
+                        t.set_attr("ip_country", AttrValue::Str(ip));
+                    }
                     t.device = Some(device.clone());
                     t.set_attr("device_age_days", AttrValue::Num(Decimal::ZERO));
                     t.amount = Decimal::new(120_000 + self.rng.below(300_000) as i64, 2);
@@ -272,7 +378,9 @@ impl Generator {
             Pattern::ManyMerchants => {
                 let mut at = now_ms;
                 for _ in 0..6 {
-                    let t = self.normal_for(card, at);
+                    // Any merchant, not the popular ones a card would use anyway.
+                    let mut t = self.normal_for(card, at);
+                    t.merchant = Some(format!("mer-{}", self.rng.below(self.cfg.merchants)));
                     plan.push((at, t));
                     at += 5_000 + self.rng.below(40_000) as i64;
                 }
@@ -286,8 +394,9 @@ impl Generator {
                 plan.push((later, again));
             }
             Pattern::MerchantSpike => {
-                // An established, moderately popular merchant suddenly gets a burst.
-                let merchant = format!("mer-{}", 20 + self.rng.below(40));
+                // An established merchant of moderate traffic suddenly gets a burst.
+                let (lo, hi) = self.spike_merchants();
+                let merchant = format!("mer-{}", lo + self.rng.below(hi - lo + 1));
                 let mut at = now_ms;
                 for i in 0..45u64 {
                     let mut t = self.normal_for(card + i, at);
@@ -297,9 +406,17 @@ impl Generator {
                 }
             }
             Pattern::HighRiskNight => {
-                // 02:00-03:59 UTC of the current day, from a high-risk region.
+                // 02:00-03:59 UTC, from a high-risk region: the last such night time, never
+                // a time still to come.
                 let day = now_ms.div_euclid(86_400_000) * 86_400_000;
-                let ts = day + 7_200_000 + self.rng.below(7_200_000) as i64;
+                let mut ts = day + 7_200_000 + self.rng.below(7_200_000) as i64;
+                if ts > now_ms {
+                    ts = if now_ms - day >= 7_200_000 {
+                        now_ms
+                    } else {
+                        ts - 86_400_000
+                    };
+                }
                 let mut t = self.normal_for(card, ts);
                 let n = self.cfg.high_risk_regions.len().max(1) as u64;
                 if let Some(r) = self.cfg.high_risk_regions.get(self.rng.below(n) as usize) {
@@ -360,6 +477,93 @@ mod tests {
         // Every transaction is valid wire JSON.
         for (json, _) in &a {
             Transaction::from_json(json.as_bytes()).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_day_profile_averages_one_and_nights_are_quiet() {
+        let mean = HOURLY.iter().sum::<f64>() / 24.0;
+        assert!((mean - 1.0).abs() < 1e-9, "{mean}");
+        let hour = |h: i64| day_weight(1_795_651_200_000 + h * 3_600_000); // a midnight, UTC
+        assert!(hour(3) < 0.2 && hour(12) > 1.5, "{} {}", hour(3), hour(12));
+    }
+
+    #[test]
+    fn a_timeline_ends_where_asked_at_the_configured_density() {
+        let cfg = GenConfig::default();
+        let end = 1_795_687_200_000; // 10:00 UTC
+        let t = timeline(&cfg, end, 1_000_000);
+        assert_eq!(t.len(), 1_000_000);
+        assert_eq!(*t.last().unwrap(), end);
+        assert!(t.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(t, timeline(&cfg, end, 1_000_000), "deterministic");
+        // 100k cards at 10 a day: 1M transactions a day, so 1M span about a day.
+        let span_h = (end - t[0]) as f64 / 3_600_000.0;
+        assert!((20.0..28.0).contains(&span_h), "{span_h} h");
+        // The profile shows: more events in yesterday's midday hour than in today's 03:00.
+        let midnight = end - 10 * 3_600_000;
+        let in_hour = |from: i64| {
+            t.iter()
+                .filter(|&&x| x >= from && x < from + 3_600_000)
+                .count()
+        };
+        let (noon, night) = (
+            in_hour(midnight - 12 * 3_600_000),
+            in_hour(midnight + 3 * 3_600_000),
+        );
+        assert!(noon > 8 * night, "{noon} {night}");
+    }
+
+    #[test]
+    fn the_population_follows_the_rate() {
+        let cfg = GenConfig::for_rate(1_000.0);
+        assert_eq!(cfg.cards, 8_640_000);
+        assert_eq!(cfg.devices, 4_320_000);
+        assert!((cfg.events_per_sec() - 1_000.0).abs() < 1e-6);
+        assert!((GenConfig::default().mean_gap_ms() - 86.4).abs() < 1e-9);
+    }
+
+    #[test]
+    fn busy_cards_are_busy_but_human() {
+        let mut g = Generator::new(GenConfig::default());
+        let mut counts = std::collections::HashMap::<u64, u32>::new();
+        for _ in 0..1_000_000 {
+            *counts.entry(g.card()).or_default() += 1;
+        }
+        // 1M transactions over 100k cards: 10 each on average.
+        let busiest = *counts.values().max().unwrap();
+        assert!((30..150).contains(&busiest), "{busiest}");
+        assert!(counts.len() > 60_000, "{}", counts.len());
+    }
+
+    #[test]
+    fn a_spike_hits_a_merchant_of_moderate_traffic() {
+        let slow = Generator::new(GenConfig::default()).spike_merchants();
+        assert!(slow.0 >= 20 && slow.1 <= 100, "{slow:?}");
+        let fast = Generator::new(GenConfig::for_rate(1_000.0)).spike_merchants();
+        assert!(fast.0 > 1_000 && fast.1 < 5_000, "{fast:?}");
+    }
+
+    #[test]
+    fn night_fraud_is_never_dated_in_the_future() {
+        let day = 1_795_651_200_000; // a midnight, UTC
+        for (i, now) in [day + 3_600_000, day + 3 * 3_600_000, day + 12 * 3_600_000]
+            .into_iter()
+            .enumerate()
+        {
+            let mut g = Generator::new(GenConfig {
+                seed: i as u64,
+                ..GenConfig::default()
+            });
+            for _ in 0..50 {
+                g.inject(Pattern::HighRiskNight, now);
+            }
+            while let Some((_, l)) = g.pending.pop_front() {
+                let ts = l.txn.ts_ms.unwrap();
+                assert!(ts <= now, "{ts} > {now}");
+                let hour = ts.rem_euclid(86_400_000) / 3_600_000;
+                assert!((2..4).contains(&hour) || ts == now, "hour {hour}");
+            }
         }
     }
 }

@@ -54,8 +54,9 @@ pub struct LoadOptions {
     pub subjects: SubjectsSection,
     /// Print a progress line every second.
     pub progress: bool,
-    /// Event time between two generated transactions, in ms (1 ms = 1,000/s of traffic).
-    pub event_step_ms: f64,
+    /// Event time of the last transaction (None: now). The others go back from it at the
+    /// generator's density and time-of-day profile ([`crate::loadgen::timeline`]).
+    pub events_end_ms: Option<i64>,
 }
 
 /// Per injected pattern: transactions sent, and held or rejected.
@@ -236,15 +237,15 @@ fn action_of(body: &[u8]) -> Option<usize> {
     }
 }
 
-/// Generates `count` transactions before the run. Event times advance by `step_ms` per
-/// transaction and end now: injected patterns keep their real spacing (seconds to
-/// minutes) however fast the run sends, and no event time lies in the future.
-fn prepare(gen: &GenConfig, count: usize, step_ms: f64) -> Vec<Item> {
+/// Generates `count` transactions before the run, on the generator's timeline ending at
+/// `end_ms`: cards, devices, merchants and injected patterns keep their real spacing
+/// (minutes to hours) however fast the run sends, and no event time lies in the future.
+fn prepare(gen: &GenConfig, count: usize, end_ms: i64) -> Vec<Item> {
     let mut g = Generator::new(gen.clone());
-    let start = crate::service::now_ms() - (count as f64 * step_ms) as i64;
-    (0..count)
-        .map(|i| {
-            let l = g.next_at(start + (i as f64 * step_ms) as i64);
+    crate::loadgen::timeline(gen, end_ms, count)
+        .into_iter()
+        .map(|ts| {
+            let l = g.next_at(ts);
             Item {
                 id: l.txn.id.clone(),
                 payload: Bytes::from(l.txn.to_json()),
@@ -256,7 +257,8 @@ fn prepare(gen: &GenConfig, count: usize, step_ms: f64) -> Vec<Item> {
 
 /// Runs one load against `client`.
 pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadReport, LoadError> {
-    let items = Arc::new(prepare(&opts.gen, opts.count, opts.event_step_ms));
+    let end_ms = opts.events_end_ms.unwrap_or_else(crate::service::now_ms);
+    let items = Arc::new(prepare(&opts.gen, opts.count, end_ms));
     let tally = Arc::new(Tally::new());
     let sent = Arc::new(AtomicU64::new(0));
     // Stream path: decisions come back on the decision subjects; match them by id.

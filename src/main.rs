@@ -330,7 +330,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         timeout,
                         subjects: file.subjects.clone(),
                         progress: true,
-                        event_step_ms: 1.0,
+                        events_end_ms: None,
                     },
                 )
                 .await?;

@@ -76,32 +76,57 @@ pub fn retain_shard_ahead<K: Hash + Eq, V>(
     map: &DashMap<K, V, PreHashed>,
     k: usize,
     touch: impl Fn(&V),
+    keep: impl FnMut(&mut V) -> bool,
+) -> usize {
+    retain_part_ahead(map, k, (0, 1), touch, keep)
+}
+
+/// [`retain_shard_ahead`] over part `part.0` of `part.1` equal parts of shard `k`'s slots:
+/// a big shard in several short visits, each holding its write lock for a fraction of
+/// the time. The parts of a shard together visit each entry once, unless the table grows
+/// between two of them (then an entry may be visited twice or missed until next time).
+pub fn retain_part_ahead<K: Hash + Eq, V>(
+    map: &DashMap<K, V, PreHashed>,
+    k: usize,
+    (part, parts): (usize, usize),
+    touch: impl Fn(&V),
     mut keep: impl FnMut(&mut V) -> bool,
 ) -> usize {
     let Some(s) = map.shards().get(k) else {
         return 0;
     };
+    if part >= parts {
+        return 0;
+    }
     let mut shard = s.write();
-    let before = shard.len();
-    // SAFETY: as in dashmap's own `retain`: the raw iterators are used only while this
-    // shard's write lock is held and nothing else changes the table; erasing the bucket
-    // an iterator last yielded leaves it valid. The look-ahead iterator only yields
-    // buckets the main one has not reached, so never an erased one.
+    let n = shard.buckets();
+    let (from, to) = (n * part / parts, n * (part + 1) / parts);
+    let mut removed = 0;
+    // SAFETY: as in dashmap's own `retain`: the table is read and changed only while this
+    // shard's write lock is held. Every index is below `buckets()`, a bucket is read only
+    // when its control byte says it is full, and erasing one moves no other entry (no
+    // rehash on erase), so the look-ahead never reads an erased or moved entry.
     unsafe {
-        let mut ahead = shard.iter();
-        for b in ahead.by_ref().take(AHEAD) {
-            touch(b.as_ref().1.get());
-        }
-        for bucket in shard.iter() {
-            if let Some(b) = ahead.next() {
-                touch(b.as_ref().1.get());
+        for j in from..(from + AHEAD).min(to) {
+            if shard.is_bucket_full(j) {
+                touch(shard.bucket(j).as_ref().1.get());
             }
-            if !keep(bucket.as_mut().1.get_mut()) {
-                shard.erase(bucket);
+        }
+        for i in from..to {
+            let j = i + AHEAD;
+            if j < to && shard.is_bucket_full(j) {
+                touch(shard.bucket(j).as_ref().1.get());
+            }
+            if shard.is_bucket_full(i) {
+                let bucket = shard.bucket(i);
+                if !keep(bucket.as_mut().1.get_mut()) {
+                    shard.erase(bucket);
+                    removed += 1;
+                }
             }
         }
     }
-    before - shard.len()
+    removed
 }
 
 /// How many entries [`retain_ahead`] prefetches ahead of the one it visits.
@@ -130,6 +155,37 @@ mod tests {
         }
         assert_eq!(map.len(), 5000);
         line(std::ptr::null::<u8>());
+    }
+
+    #[test]
+    fn the_parts_of_a_shard_visit_each_entry_once() {
+        let map: DashMap<StateKey, u64, PreHashed> =
+            DashMap::with_capacity_and_hasher_and_shard_amount(0, PreHashed, 4);
+        for i in 0..10_000u64 {
+            map.insert(StateKey([i.wrapping_mul(0x9e37_79b9_7f4a_7c15), i]), i);
+        }
+        let mut visits = vec![0u8; 10_000];
+        let mut removed = 0;
+        for k in 0..5 {
+            for part in 0..7 {
+                removed += retain_part_ahead(
+                    &map,
+                    k,
+                    (part, 7),
+                    |_| {},
+                    |v| {
+                        visits[*v as usize] += 1;
+                        *v % 3 != 0
+                    },
+                );
+            }
+            // A part past the last does nothing.
+            assert_eq!(retain_part_ahead(&map, k, (7, 7), |_| {}, |_| false), 0);
+        }
+        assert!(visits.iter().all(|&v| v == 1));
+        assert_eq!(removed, 3334);
+        assert_eq!(map.len(), 10_000 - 3334);
+        assert!(map.iter().all(|e| *e.value() % 3 != 0));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{parse_duration, EngineConfig, FileConfig, OnBadSnapshot};
-use crate::engine::{Cursor, Engine, SweepStep, SWEEP_STEPS};
+use crate::engine::{Cursor, Engine, SweepStep};
 use crate::keyhash::HashKey;
 use crate::telemetry::{Counters, Path as IntakePath, Snapshot};
 use crate::transport::{self, Reply, TransportError, Wire};
@@ -1032,7 +1032,7 @@ async fn decide_one(
 }
 
 /// Evicts idle keys and old ids, then publishes the state sizes. A pass over the state is
-/// spread over `every` in [`SWEEP_STEPS`] steps (one table shard each), so the scan never
+/// spread over `every` in [`Engine::sweep_steps`] steps (one table shard each), so the scan never
 /// takes a core for long: a whole sweep at once (tens of ms at a few hundred thousand keys
 /// and ids) delayed every decision made meanwhile and left the caches cold. The gauges
 /// and the debug line come once per pass.
@@ -1044,36 +1044,37 @@ async fn sweeper(
     every: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut tick =
-        tokio::time::interval(every.max(Duration::from_millis(100)) / SWEEP_STEPS as u32);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut step = 0usize;
-    let mut pass = SweepStep::default();
-    let mut busy = Duration::ZERO;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                let e = engine.clone();
-                let started = Instant::now();
-                let clock = tracker.as_ref().map_or_else(now_ms, |t| lock(t).clock(now_ms()));
-                let k = step;
-                // A step that panicked counts as empty; the pass goes on with the next shard.
-                let st = tokio::task::spawn_blocking(move || e.sweep_step(clock, k)).await;
-                busy += started.elapsed();
-                pass.absorb(st.unwrap_or_default());
-                step += 1;
-                if step < SWEEP_STEPS {
-                    continue;
-                }
-                counters.refresh();
-                counters.nats(wire.connected(), wire.in_messages());
-                let ev = &pass.evicted;
-                counters.state(&engine.stats_with_heap(&pass.heap), ev);
-                tracing::debug!(keys = ev.keys, ids = ev.dedupe, took_ms = busy.as_millis() as u64, "swept idle state");
-                (step, pass, busy) = (0, SweepStep::default(), Duration::ZERO);
+        // The step count follows the rule set's key groups (read once per pass).
+        let steps = engine.sweep_steps();
+        let period = every.max(Duration::from_millis(100)) / steps.max(1) as u32;
+        let mut pass = SweepStep::default();
+        let mut busy = Duration::ZERO;
+        for step in 0..steps {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = stop.changed() => return,
             }
-            _ = stop.changed() => break,
+            let e = engine.clone();
+            let started = Instant::now();
+            let clock = tracker
+                .as_ref()
+                .map_or_else(now_ms, |t| lock(t).clock(now_ms()));
+            // A step that panicked counts as empty; the pass goes on with the next one.
+            let st = tokio::task::spawn_blocking(move || e.sweep_step(clock, step)).await;
+            busy += started.elapsed();
+            pass.absorb(st.unwrap_or_default());
         }
+        counters.refresh();
+        counters.nats(wire.connected(), wire.in_messages());
+        let ev = &pass.evicted;
+        counters.state(&engine.stats_with_heap(&pass.heap), ev);
+        tracing::debug!(
+            keys = ev.keys,
+            ids = ev.dedupe,
+            took_ms = busy.as_millis() as u64,
+            "swept idle state"
+        );
     }
 }
 

@@ -266,7 +266,9 @@ fn a_sweep_in_steps_visits_each_shard_once() {
     let keys = |e: &Engine| e.stats().groups.iter().map(|g| g.1).sum::<usize>();
     let idle = T0 + 3_900_001;
     let mut total = Evicted::default();
-    for step in 0..SWEEP_STEPS {
+    let steps = e.sweep_steps();
+    assert_eq!(steps, (e.rules().groups.len() + 1) * 64 * SWEEP_PARTS);
+    for step in 0..steps {
         let before = keys(&e);
         let st = e.sweep_step(idle, step);
         // A step evicts from its own shard only: what it reports is what went.
@@ -274,8 +276,8 @@ fn a_sweep_in_steps_visits_each_shard_once() {
         assert!(st.evicted.keys < 300, "step {step} swept everything");
         total.keys += st.evicted.keys;
         total.dedupe += st.evicted.dedupe;
-        if step == SWEEP_STEPS / 2 {
-            // Half a pass leaves part of the state.
+        if step == 64 * SWEEP_PARTS / 2 {
+            // Half of the first table's steps leave part of its keys.
             assert!(keys(&e) > 0 && keys(&e) < 300);
         }
     }
@@ -287,6 +289,9 @@ fn a_sweep_in_steps_visits_each_shard_once() {
         }
     );
     assert_eq!(keys(&e), 0);
+    // Steps past the tables (as after a swap to fewer groups) do nothing.
+    let past = e.sweep_step(idle, steps + 3);
+    assert_eq!(past.evicted, Evicted::default());
     // A pass again finds nothing.
     assert_eq!(e.sweep(idle).0, Evicted::default());
 }

@@ -75,8 +75,9 @@ pub enum Added {
     Nothing,
 }
 
-/// All window aggregates of one entity key. Serializable for snapshots.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// All window aggregates of one entity key. Serializable for snapshots. The default is
+/// empty and owns no heap block (what is left of a key whose state was taken away).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct KeyState {
     /// Rows of `stride` u64: `[bucket, count prefixes.., sum prefixes as 2 x u64 ..]`,
     /// sorted by bucket.
