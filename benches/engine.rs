@@ -4,9 +4,7 @@
 //! - `rules/15/fraudgate` vs `rules/15/zen`: the same 15 conditions on the same
 //!   transaction and feature values, in one run.
 //! - `decide/default_rules/{1,2}_threads`: full `decide()` with the shipped rules over a
-//!   realistic key mix (100k cards, 50k devices, 5k merchants, 40 regions), per decision;
-//!   `..._pipelined`: the same transactions decided as the service's workers do, each one
-//!   prepared two ahead (`Engine::prepare`, `Engine::touch`, `Engine::decide_prepared`).
+//!   realistic key mix (100k cards, 50k devices, 5k merchants, 40 regions), per decision.
 //! - `window/add_and_query`: one window update plus queries on a warm key.
 //! - `wire/decode`, `wire/decision_json`: decoding a transaction payload of the load
 //!   generator, and encoding the decision the shipped rules made on it.
@@ -275,13 +273,8 @@ fn decide_bench(c: &mut Criterion) {
     let mut seed = 2;
     let mut g = c.benchmark_group("decide/default_rules");
     g.throughput(Throughput::Elements(1));
-    for (threads, pipelined) in [(1usize, false), (1, true), (2, false), (2, true)] {
-        let name = if pipelined {
-            format!("{threads}_threads_pipelined")
-        } else {
-            format!("{threads}_threads")
-        };
-        g.bench_function(name, |b| {
+    for threads in [1usize, 2] {
+        g.bench_function(format!("{threads}_threads"), |b| {
             b.iter_custom(|iters| {
                 // Each thread makes its transactions in chunks of 256 just before deciding
                 // them, so the input is hot in cache as it is in the service (decoded right
@@ -312,12 +305,8 @@ fn decide_bench(c: &mut Criterion) {
                                 chunk_no += 1;
                                 made += n;
                                 let t0 = Instant::now();
-                                if pipelined {
-                                    decide_pipelined(e, &chunk);
-                                } else {
-                                    for t in &chunk {
-                                        black_box(e.decide(t, t.ts_ms.unwrap()));
-                                    }
+                                for t in &chunk {
+                                    black_box(e.decide(t, t.ts_ms.unwrap()));
                                 }
                                 busy += t0.elapsed();
                                 decided += chunk.len();
@@ -338,22 +327,6 @@ fn decide_bench(c: &mut Criterion) {
         });
     }
     g.finish();
-}
-
-/// Decides `chunk` as the service's workers do: transaction i+2 prepared (keys hashed,
-/// slots on their way) and i+1 touched (its blocks on their way) before i is decided.
-fn decide_pipelined(e: &Engine, chunk: &[Transaction]) {
-    let prep = |i: usize| chunk.get(i).map(|t| e.prepare(t, t.ts_ms.unwrap()));
-    let (mut p0, mut p1) = (prep(0), prep(1));
-    for (i, t) in chunk.iter().enumerate() {
-        let cur = p0.take();
-        p0 = p1.take();
-        p1 = prep(i + 2);
-        if let Some(p) = p0.as_mut() {
-            e.touch(p);
-        }
-        black_box(e.decide_prepared(t, t.ts_ms.unwrap(), cur));
-    }
 }
 
 fn window_bench(c: &mut Criterion) {

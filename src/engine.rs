@@ -27,7 +27,7 @@ use smallvec::SmallVec;
 
 use crate::config::EngineConfig;
 use crate::decision::{combine, Decision, FiredRule};
-use crate::keyhash::{HashKey, KeyHash, PreHashed, StateKey};
+use crate::keyhash::{KeyHash, PreHashed, StateKey};
 use crate::rules::expr::FieldHashes;
 use crate::rules::{Ctx, Field, KeyField, RuleSet, Tri, WindowRead};
 use crate::txn::{AttrValue, Transaction};
@@ -84,8 +84,6 @@ struct Active {
     group_windows: Vec<Vec<usize>>,
     /// `rules.version`, shared by every decision.
     version: Arc<str>,
-    /// Counts rule swaps: a [`Prepared`] made under another generation is not used.
-    generation: u64,
 }
 
 impl Active {
@@ -98,7 +96,6 @@ impl Active {
                 .collect(),
             group_windows: group_windows(&rules),
             version: rules.version.as_str().into(),
-            generation: 0,
             rules,
         }
     }
@@ -128,19 +125,6 @@ type OverCap = SmallVec<[usize; 4]>;
 
 /// Entity key per key group of one decision (`None`: a key field is missing).
 type GroupKeys = SmallVec<[Option<KeyHash>; 8]>;
-
-/// A transaction's keys, hashed ahead of its decision by [`Engine::prepare`], with the
-/// table slots they lead to on their way into the cache. A worker prepares the next
-/// transaction before it decides the current one, so that the next one's cache misses
-/// overlap the current one's work instead of following it. Made under one rule set: after
-/// a swap, [`Engine::decide_prepared`] hashes the keys again.
-pub struct Prepared {
-    generation: u64,
-    id_hash: KeyHash,
-    keys: GroupKeys,
-    /// The keys' heap blocks are on their way too ([`Engine::touch`]).
-    touched: bool,
-}
 
 /// A retry-table entry: when the id was decided and the decision's JSON, as published.
 /// One heap block per id: the table holds every id of the dedupe horizon (at 100k/s and
@@ -334,17 +318,17 @@ fn key_fingerprint(cfg: &EngineConfig) -> u64 {
     cfg.hash_key.hash_str("fraudgate snapshot key fingerprint") as u64
 }
 
-/// Parts a sweep visits each table shard in ([`Engine::sweep_step`]): at a few hundred
-/// thousand keys a shard is a few thousand entries, and a part of it a fraction of a
-/// millisecond of scanning under the shard's lock.
-pub const SWEEP_PARTS: usize = 8;
-
 /// Counts from [`Engine::evict_idle`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Evicted {
     pub keys: usize,
     pub dedupe: usize,
 }
+
+/// Parts a sweep visits each table shard in ([`Engine::sweep_step`]): at a few hundred
+/// thousand keys a shard is a few thousand entries, and a part of it a fraction of a
+/// millisecond of scanning under the shard's lock.
+pub const SWEEP_PARTS: usize = 8;
 
 /// What one [`Engine::sweep_step`] evicted, and the heap bytes of the keys it kept in
 /// its shard, per group signature.
@@ -465,7 +449,6 @@ impl Engine {
                 .collect(),
             group_windows: group_windows(&rules),
             version: rules.version.as_str().into(),
-            generation: old.generation + 1,
             rules: rules.clone(),
         };
         if plans.iter().any(|p| p.1.is_some()) {
@@ -493,74 +476,51 @@ impl Engine {
     /// Decides one transaction. `now_ms` is the receive time (epoch ms): the event time
     /// when the transaction has no `ts`, and the clock of the dedupe horizon.
     pub fn decide(&self, txn: &Transaction, now_ms: i64) -> Outcome {
-        self.decide_prepared(txn, now_ms, None)
-    }
-
-    /// First stage of a pipelined decision: hashes `txn`'s id and keys (with the same
-    /// `now_ms` as its decision will have) and starts loading the table slots they lead
-    /// to. Reads no state and takes no lock but a shard's for an instant.
-    pub fn prepare(&self, txn: &Transaction, now_ms: i64) -> Prepared {
-        let active = self.active.load();
-        let id_hash = self.cfg.hash_key.hash_str(&txn.id);
-        let inputs = self.inputs(&active.rules, txn, now_ms);
-        let base = inputs.ctx();
-        let keys: GroupKeys = active
-            .rules
-            .groups
-            .iter()
-            .map(|g| entity_key(&g.by, &base))
-            .collect();
-        self.prefetch_slots(&active, &id_hash, &keys);
-        Prepared {
-            generation: active.generation,
-            id_hash,
-            keys,
-            touched: false,
-        }
-    }
-
-    /// Second stage, once the slots had time to arrive: looks each key up and starts
-    /// loading its heap blocks (rows, distinct sets).
-    pub fn touch(&self, p: &mut Prepared) {
-        let active = self.active.load();
-        if active.generation == p.generation && !p.touched {
-            touch_keys(&active, &p.keys);
-            p.touched = true;
-        }
-    }
-
-    /// [`Engine::decide`] with the keys `prepared` ahead (by [`Engine::prepare`] of the same
-    /// transaction and `now_ms`), or without (`None`).
-    pub fn decide_prepared(
-        &self,
-        txn: &Transaction,
-        now_ms: i64,
-        prepared: Option<Prepared>,
-    ) -> Outcome {
         let start = Instant::now();
         let _shared = self.barrier.read().unwrap_or_else(|e| e.into_inner());
         let active = self.active.load();
         let capture = self.capture.load();
+        let id_hash = self.cfg.hash_key.hash_str(&txn.id);
         let horizon = self.cfg.dedupe_horizon.as_millis() as i64;
         let mut over_cap: OverCap = SmallVec::new();
         let rs = &*active.rules;
-        let inputs = self.inputs(rs, txn, now_ms);
-        let ts_clamped = inputs.ts_clamped;
-        let base = inputs.ctx();
-        let (id_hash, keys, touched) = match prepared {
-            Some(p) if p.generation == active.generation => (p.id_hash, p.keys, p.touched),
-            other => {
-                let id_hash = other
-                    .map(|p| p.id_hash)
-                    .unwrap_or_else(|| self.cfg.hash_key.hash_str(&txn.id));
-                let keys: GroupKeys = rs.groups.iter().map(|g| entity_key(&g.by, &base)).collect();
-                // Start loading every table slot this decision needs before waiting on
-                // any of them: see `prefetch`. A retry answered from the retry table pays
-                // for the keys too; retries are rare.
-                self.prefetch_slots(&active, &id_hash, &keys);
-                (id_hash, keys, false)
-            }
+        let skew = self.cfg.max_future_skew.as_millis() as i64;
+        let ts_ms = txn.ts_ms.unwrap_or(now_ms);
+        let ts_clamped = ts_ms > now_ms.saturating_add(skew);
+        let ts_ms = if ts_clamped { now_ms } else { ts_ms };
+        let currency = txn
+            .currency
+            .as_deref()
+            .unwrap_or(self.cfg.default_currency.as_str());
+        let attrs = resolve_attrs(rs, txn);
+        let (local_hour, local_weekday) = if rs.needs_local_time {
+            local_time(&self.cfg, ts_ms)
+        } else {
+            (0, 0)
         };
+        let field_hashes = FieldHashes::default();
+        let base = Ctx {
+            txn,
+            ts_ms,
+            currency,
+            attrs: &attrs,
+            ints: &[],
+            decs: &[],
+            local_hour,
+            local_weekday,
+            key: &self.cfg.hash_key,
+            hashes: &field_hashes,
+        };
+        let keys: GroupKeys = rs.groups.iter().map(|g| entity_key(&g.by, &base)).collect();
+        // Start loading every table slot this decision needs (the retry table's, then each
+        // key group's) before waiting on any of them: see `prefetch`. A retry answered from
+        // the retry table pays for the keys too; retries are rare.
+        crate::prefetch::map_slot(&self.dedupe, &id_hash);
+        for (gi, key) in keys.iter().enumerate() {
+            if let Some(key) = key {
+                crate::prefetch::map_slot(&active.stores[gi].map, &StateKey::from(*key));
+            }
+        }
         // The dedupe shard stays locked while this id is decided, so a concurrent retry of
         // the same id waits and then gets this decision instead of being counted twice.
         let entry = self.dedupe.entry(id_hash);
@@ -584,14 +544,8 @@ impl Engine {
                 ts_clamped: false,
             },
             (None, entry) => {
-                let (mut decision, too_late) = self.decide_fresh(
-                    &active,
-                    capture.as_deref(),
-                    &base,
-                    &keys,
-                    touched,
-                    &mut over_cap,
-                );
+                let (mut decision, too_late) =
+                    self.decide_fresh(&active, capture.as_deref(), &base, &keys, &mut over_cap);
                 if let Some(c) = capture.as_deref() {
                     // Under this id's dedupe shard lock, like the snapshot's read of it.
                     c.ids_after.insert(id_hash, ());
@@ -627,48 +581,6 @@ impl Engine {
             self.enforce_cap(&active.stores[gi]);
         }
         out
-    }
-
-    /// The event time used for `txn` received at `now_ms`, and whether it was clamped.
-    fn event_time(&self, txn: &Transaction, now_ms: i64) -> (i64, bool) {
-        let skew = self.cfg.max_future_skew.as_millis() as i64;
-        let ts_ms = txn.ts_ms.unwrap_or(now_ms);
-        let clamped = ts_ms > now_ms.saturating_add(skew);
-        (if clamped { now_ms } else { ts_ms }, clamped)
-    }
-
-    /// What a decision derives from `txn` before it reads any state.
-    fn inputs<'t>(&'t self, rs: &RuleSet, txn: &'t Transaction, now_ms: i64) -> Inputs<'t> {
-        let (ts_ms, ts_clamped) = self.event_time(txn, now_ms);
-        let (local_hour, local_weekday) = if rs.needs_local_time {
-            local_time(&self.cfg, ts_ms)
-        } else {
-            (0, 0)
-        };
-        Inputs {
-            txn,
-            ts_ms,
-            ts_clamped,
-            currency: txn
-                .currency
-                .as_deref()
-                .unwrap_or(self.cfg.default_currency.as_str()),
-            attrs: resolve_attrs(rs, txn),
-            local_hour,
-            local_weekday,
-            key: &self.cfg.hash_key,
-            hashes: FieldHashes::default(),
-        }
-    }
-
-    /// Starts loading the retry table's slot for `id_hash` and each key group's for its key.
-    fn prefetch_slots(&self, active: &Active, id_hash: &KeyHash, keys: &[Option<KeyHash>]) {
-        crate::prefetch::map_slot(&self.dedupe, id_hash);
-        for (gi, key) in keys.iter().enumerate() {
-            if let Some(key) = key {
-                crate::prefetch::map_slot(&active.stores[gi].map, &StateKey::from(*key));
-            }
-        }
     }
 
     /// Evicts the least recently used keys of a group over `max_keys`, down to 15/16 of
@@ -723,7 +635,6 @@ impl Engine {
         capture: Option<&Capture>,
         base: &Ctx<'_>,
         keys: &[Option<KeyHash>],
-        touched: bool,
         over_cap: &mut OverCap,
     ) -> (Decision, bool) {
         let rs = &*active.rules;
@@ -735,8 +646,12 @@ impl Engine {
         // Second pass: the slots are in cache or on their way (`decide` prefetched them);
         // look every key up and start loading its heap blocks, so that those misses also
         // overlap instead of being paid one group after another below.
-        if !touched {
-            touch_keys(active, keys);
+        for (gi, key) in keys.iter().enumerate() {
+            if let Some(key) = key {
+                if let Some(state) = active.stores[gi].map.get(&StateKey::from(*key)) {
+                    state.touch();
+                }
+            }
         }
         for (gi, g) in rs.groups.iter().enumerate() {
             let Some(key) = keys[gi] else {
@@ -1210,48 +1125,6 @@ fn group_windows(rs: &RuleSet) -> Vec<Vec<usize>> {
 /// The transaction's value of each declared attribute, by declaration index (`None`:
 /// absent, or of another type than declared). Both lists are sorted by name, so one merge
 /// pass finds them all.
-/// What a decision derives from its transaction before it reads any state (see
-/// [`Engine::inputs`]); [`Inputs::ctx`] is the rule context without window values.
-struct Inputs<'t> {
-    txn: &'t Transaction,
-    ts_ms: i64,
-    ts_clamped: bool,
-    currency: &'t str,
-    attrs: SmallVec<[Option<&'t AttrValue>; 16]>,
-    local_hour: i64,
-    local_weekday: i64,
-    key: &'t HashKey,
-    hashes: FieldHashes,
-}
-
-impl Inputs<'_> {
-    fn ctx(&self) -> Ctx<'_> {
-        Ctx {
-            txn: self.txn,
-            ts_ms: self.ts_ms,
-            currency: self.currency,
-            attrs: &self.attrs,
-            ints: &[],
-            decs: &[],
-            local_hour: self.local_hour,
-            local_weekday: self.local_weekday,
-            key: self.key,
-            hashes: &self.hashes,
-        }
-    }
-}
-
-/// Looks each key up in its group's table and starts loading its heap blocks.
-fn touch_keys(active: &Active, keys: &[Option<KeyHash>]) {
-    for (gi, key) in keys.iter().enumerate() {
-        if let Some(key) = key {
-            if let Some(state) = active.stores[gi].map.get(&StateKey::from(*key)) {
-                state.touch();
-            }
-        }
-    }
-}
-
 fn resolve_attrs<'t>(rs: &RuleSet, txn: &'t Transaction) -> SmallVec<[Option<&'t AttrValue>; 16]> {
     let mut sent = txn.attrs.iter().peekable();
     rs.attrs
