@@ -801,13 +801,30 @@ impl Engine {
     /// released: a decision waiting on the shard waits for the scan only. A step past the
     /// tables (after a swap to fewer groups) does nothing.
     pub fn sweep_step(&self, now_ms: i64, step: usize) -> SweepStep {
+        // Not the barrier: a snapshot's cut waiting behind a sweep would stall every
+        // decision. Snapshots, swaps and cap evictions wait for the step instead.
+        let _one = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
+        self.sweep_step_held(now_ms, step)
+    }
+
+    /// [`Engine::sweep_step`], or `None` at once when a snapshot's copy, a rule swap, a
+    /// restore or a cap eviction is running (they take seconds at millions of keys): for a
+    /// caller on the async runtime, which must not wait for them.
+    pub fn try_sweep_step(&self, now_ms: i64, step: usize) -> Option<SweepStep> {
+        let _one = match self.snapshotting.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        Some(self.sweep_step_held(now_ms, step))
+    }
+
+    /// A sweep step, with `snapshotting` held by the caller.
+    fn sweep_step_held(&self, now_ms: i64, step: usize) -> SweepStep {
         let part = (step % SWEEP_PARTS, SWEEP_PARTS);
         let (t, k) = (step / SWEEP_PARTS / SHARDS, step / SWEEP_PARTS % SHARDS);
         let mut out = SweepStep::default();
         let now_b = now_ms.div_euclid(self.res_ms);
-        // Not the barrier: a snapshot's cut waiting behind a sweep would stall every
-        // decision. Snapshots, swaps and cap evictions wait for the step instead.
-        let _one = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
         let active = self.active.load();
         if let Some(s) = active.stores.get(t) {
             let keep_after = now_b - s.layout.max_window - s.layout.lateness;

@@ -1032,10 +1032,14 @@ async fn decide_one(
 }
 
 /// Evicts idle keys and old ids, then publishes the state sizes. A pass over the state is
-/// spread over `every` in [`Engine::sweep_steps`] steps (one table shard each), so the scan never
-/// takes a core for long: a whole sweep at once (tens of ms at a few hundred thousand keys
-/// and ids) delayed every decision made meanwhile and left the caches cold. The gauges
-/// and the debug line come once per pass.
+/// spread over `every` in [`Engine::sweep_steps`] steps (a slice of one table shard each),
+/// so the scan never takes a core for long: a whole sweep at once (tens of ms at a few
+/// hundred thousand keys and ids) delayed every decision made meanwhile and left the
+/// caches cold. Steps run right here on the runtime, a fraction of a millisecond each:
+/// handed to the blocking pool, every step woke a thread of its own, and those wake-ups
+/// (hundreds a second) cost more latency than the scans (docs/PERFORMANCE.md). A step
+/// that would wait for a snapshot's copy, a swap or a cap eviction is tried again at the
+/// next tick. The gauges and the debug line come once per pass.
 async fn sweeper(
     engine: Arc<Engine>,
     wire: Wire,
@@ -1050,20 +1054,26 @@ async fn sweeper(
         let period = every.max(Duration::from_millis(100)) / steps.max(1) as u32;
         let mut pass = SweepStep::default();
         let mut busy = Duration::ZERO;
-        for step in 0..steps {
+        let mut step = 0;
+        while step < steps {
             tokio::select! {
                 _ = tokio::time::sleep(period) => {}
                 _ = stop.changed() => return,
             }
-            let e = engine.clone();
             let started = Instant::now();
             let clock = tracker
                 .as_ref()
                 .map_or_else(now_ms, |t| lock(t).clock(now_ms()));
             // A step that panicked counts as empty; the pass goes on with the next one.
-            let st = tokio::task::spawn_blocking(move || e.sweep_step(clock, step)).await;
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                engine.try_sweep_step(clock, step)
+            })) {
+                Ok(None) => continue, // busy: the same step at the next tick
+                Ok(Some(st)) => pass.absorb(st),
+                Err(_) => {}
+            }
             busy += started.elapsed();
-            pass.absorb(st.unwrap_or_default());
+            step += 1;
         }
         counters.refresh();
         counters.nats(wire.connected(), wire.in_messages());

@@ -297,6 +297,25 @@ fn a_sweep_in_steps_visits_each_shard_once() {
 }
 
 #[test]
+fn a_sweep_step_on_the_runtime_never_waits_for_a_snapshot() {
+    let e = engine();
+    e.decide(&tx("a", "card1", 1, T0), T0);
+    let idle = T0 + 3_900_001;
+    let held = e.snapshotting.lock().unwrap();
+    // A snapshot's copy (or a swap, a restore, a cap eviction) is running: no step.
+    assert!((0..e.sweep_steps()).all(|s| e.try_sweep_step(idle, s).is_none()));
+    drop(held);
+    let pass = (0..e.sweep_steps())
+        .map(|s| e.try_sweep_step(idle, s).expect("not busy"))
+        .fold(SweepStep::default(), |mut p, s| {
+            p.absorb(s);
+            p
+        });
+    assert_eq!(pass.evicted.dedupe, 1);
+    assert!(pass.evicted.keys >= 1);
+}
+
+#[test]
 fn concurrent_decisions_count_exactly() {
     let e = Arc::new(engine());
     let threads = 4;
