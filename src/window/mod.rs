@@ -206,12 +206,13 @@ impl KeyState {
                 // New row, initialised with the prefix of the row before it (no
                 // temporary allocation: grow in place, then fill).
                 let at = idx * stride;
-                if at == self.rows.len() {
-                    self.rows.resize(at + stride, 0);
-                } else {
-                    for _ in 0..stride {
-                        self.rows.insert(at, 0);
-                    }
+                let len = self.rows.len();
+                self.rows.resize(len + stride, 0);
+                if at < len {
+                    // An older bucket than some rows (a late event): one move of the rows
+                    // after it, not one per slot.
+                    self.rows.copy_within(at..len, at + stride);
+                    self.rows[at..at + stride].fill(0);
                 }
                 self.rows[at] = b as u64;
                 if idx > 0 {
