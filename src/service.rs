@@ -1050,30 +1050,32 @@ async fn sweeper(
 ) {
     loop {
         // The step count follows the rule set's key groups (read once per pass).
-        let steps = engine.sweep_steps();
-        let period = every.max(Duration::from_millis(100)) / steps.max(1) as u32;
+        let steps = engine.sweep_steps().max(1);
+        let (tick, per_tick) = sweep_cadence(every, steps);
         let mut pass = SweepStep::default();
         let mut busy = Duration::ZERO;
         let mut step = 0;
-        while step < steps {
+        'pass: while step < steps {
             tokio::select! {
-                _ = tokio::time::sleep(period) => {}
+                _ = tokio::time::sleep(tick) => {}
                 _ = stop.changed() => return,
             }
             let started = Instant::now();
             let clock = tracker
                 .as_ref()
                 .map_or_else(now_ms, |t| lock(t).clock(now_ms()));
-            // A step that panicked counts as empty; the pass goes on with the next one.
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                engine.try_sweep_step(clock, step)
-            })) {
-                Ok(None) => continue, // busy: the same step at the next tick
-                Ok(Some(st)) => pass.absorb(st),
-                Err(_) => {}
+            for _ in 0..per_tick.min(steps - step) {
+                // A step that panicked counts as empty; the pass goes on with the next one.
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    engine.try_sweep_step(clock, step)
+                })) {
+                    Ok(None) => continue 'pass, // busy: the same step at the next tick
+                    Ok(Some(st)) => pass.absorb(st),
+                    Err(_) => {}
+                }
+                step += 1;
             }
             busy += started.elapsed();
-            step += 1;
         }
         counters.refresh();
         counters.nats(wire.connected(), wire.in_messages());
@@ -1086,6 +1088,18 @@ async fn sweeper(
             "swept idle state"
         );
     }
+}
+
+/// How often the sweeper ticks and how many steps it runs per tick, for a pass of `steps`
+/// over `every` (at least 100 ms): one step per tick, ticks spread over the interval;
+/// below the timer's resolution (a short interval, as in tests) several steps per tick,
+/// so a pass still takes about `every`.
+fn sweep_cadence(every: Duration, steps: usize) -> (Duration, usize) {
+    let every = every.max(Duration::from_millis(100));
+    let steps = steps.max(1);
+    let tick = (every / steps as u32).max(Duration::from_millis(2));
+    let per_tick = (steps as u128 * tick.as_nanos() / every.as_nanos()).max(1) as usize;
+    (tick, per_tick)
 }
 
 /// Writes a snapshot every `every`, off the async runtime.
@@ -1309,6 +1323,27 @@ mod tests {
         assert_eq!(f.clock(5_000), 800);
         f.pin = Some((800, Instant::now() - Duration::from_secs(1)));
         assert_eq!(f.clock(5_000), 5_000, "the pin ends");
+    }
+
+    #[test]
+    fn a_sweep_pass_takes_its_interval() {
+        for (every_ms, steps) in [
+            (10_000u64, 2_560usize),
+            (100, 2_560),
+            (300_000, 3_072),
+            (1_000, 7),
+        ] {
+            let (tick, per_tick) = sweep_cadence(Duration::from_millis(every_ms), steps);
+            assert!(tick >= Duration::from_millis(2), "{every_ms} ms: {tick:?}");
+            let pass = tick * steps.div_ceil(per_tick) as u32;
+            let every = Duration::from_millis(every_ms);
+            assert!(
+                pass >= every * 9 / 10 && pass <= every * 11 / 10,
+                "{every_ms} ms: {pass:?}"
+            );
+        }
+        // The shipped default: one step per tick.
+        assert_eq!(sweep_cadence(Duration::from_secs(10), 2_560).1, 1);
     }
 
     #[test]
