@@ -11,8 +11,8 @@
 //! 3. request-reply latency p50/p99/p99.9 at a fixed 5,000/s (open loop, measured from the
 //!    scheduled send time).
 //!
-//! The traffic is the load generator's (100k cards at 10 transactions a day, injected
-//! fraud at 0.2 % of normal transactions). The phases (a 20k warm-up, then 1, 2 and 3) are
+//! The traffic is the load generator's (100k cards at 10 transactions a day; 0.2 % of
+//! normal transactions start an injected fraud pattern). The phases (a 20k warm-up, then 1, 2 and 3) are
 //! one timeline of event times ending when the target's measurement starts, about 14 hours
 //! of a day at the default sizes, so rules see the traffic at its real density.
 //!
