@@ -28,10 +28,36 @@ fn the_shipped_rules_catch_the_injected_patterns_and_pass_normal_traffic() {
     let (mut normal, mut normal_flagged) = (0u64, 0u64);
     let mut patterns: HashMap<Pattern, (u64, u64)> = HashMap::new();
     let mut fired: HashMap<String, u64> = HashMap::new();
+    // Merchants a spike was injected at, and spike-rule hits anywhere else: in the first
+    // hour (the merchants' 55 minutes of history still filling after a cold start) and
+    // after it.
+    let mut spiked_merchants = std::collections::HashSet::new();
+    let (mut spike_elsewhere_cold, mut spike_elsewhere) = (0u64, 0u64);
+    let mut spike_on_spiked = 0u64;
+    let first_ts = times[0];
     for (i, ts) in times.into_iter().enumerate() {
         let l = g.next_at(ts);
         let out = engine.decide(&l.txn, ts + 20);
         let flagged = out.decision.action != Action::Approve;
+        let merchant = l.txn.merchant.clone().unwrap_or_default();
+        if l.pattern == Some(Pattern::MerchantSpike) {
+            spiked_merchants.insert(merchant.clone());
+        }
+        let spike_rule = out
+            .decision
+            .rules
+            .iter()
+            .any(|r| &*r.id == "merchant_spike");
+        if spike_rule && l.pattern == Some(Pattern::MerchantSpike) {
+            spike_on_spiked += 1;
+        }
+        if spike_rule && !spiked_merchants.contains(&merchant) {
+            if ts - first_ts < 3_600_000 {
+                spike_elsewhere_cold += 1;
+            } else {
+                spike_elsewhere += 1;
+            }
+        }
         for r in &out.decision.rules {
             *fired.entry(r.id.to_string()).or_default() += 1;
         }
@@ -61,6 +87,9 @@ fn the_shipped_rules_catch_the_injected_patterns_and_pass_normal_traffic() {
     let mut rules: Vec<_> = fired.into_iter().collect();
     rules.sort();
     report += &format!("rules fired: {rules:?}\n");
+    report += &format!(
+        "merchant_spike on spiked transactions: {spike_on_spiked}; at merchants without a spike: {spike_elsewhere_cold} in the first hour, {spike_elsewhere} after\n"
+    );
     println!("{report}");
 
     // Ordinary cards mostly pass: the address/phone check alone holds ~2 %.
@@ -83,17 +112,19 @@ fn the_shipped_rules_catch_the_injected_patterns_and_pass_normal_traffic() {
     }
     // A spike only scores (40 of the 50 a hold needs): it is held with another signal.
     assert!(recall(Pattern::MerchantSpike) > 0.0, "{report}");
-    let spike_fired = rules
-        .iter()
-        .find(|r| r.0 == "merchant_spike")
-        .map_or(0, |r| r.1);
+    // The rule sees a spike once 30 of its 45 transactions are in the 5 minutes: about a
+    // third of them.
     let (spiked, _) = patterns
         .get(&Pattern::MerchantSpike)
         .copied()
         .unwrap_or_default();
-    assert!(spike_fired as f64 >= 0.3 * spiked as f64, "{report}");
+    assert!(spike_on_spiked as f64 >= 0.3 * spiked as f64, "{report}");
+    // Ordinary merchants, with their own daily rhythm, hardly ever look like a spike once
+    // the engine has an hour of their history (8 hits after the first hour with this
+    // seed). In the first ~20 minutes after a cold start busy merchants do: see the
+    // rule's comment in rules/velocity.toml.
     assert!(
-        spike_fired <= 2 * spiked,
-        "the spike rule fires on normal merchants\n{report}"
+        spike_elsewhere * 10_000 <= normal,
+        "the spike rule fired at merchants without a spike\n{report}"
     );
 }
