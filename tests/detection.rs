@@ -2,9 +2,9 @@
 //! the detection quality an analyst sees in `fraudgate demo` and `fraudgate loadgen`.
 //!
 //! Normal traffic at a real density must mostly pass, and every injected pattern the rules
-//! target must be caught in part. The bounds are loose on purpose (they hold for any
-//! seed); what they catch is traffic or rules drifting apart, like velocity rules firing
-//! on ordinary cards or a pattern no rule can see.
+//! target must be caught in part. The bounds are loose on purpose (not fitted to this
+//! seed's exact figures); what they catch is traffic or rules drifting apart, like
+//! velocity rules firing on ordinary cards or a pattern no rule can see.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,7 +23,7 @@ fn the_shipped_rules_catch_the_injected_patterns_and_pass_normal_traffic() {
         ..GenConfig::default()
     };
     let mut g = Generator::new(gen.clone());
-    // About six hours of traffic of 100k cards, ending at 10:00 UTC.
+    // 250k transactions of 100k cards: the hours before 10:00 UTC, through the night.
     let times = timeline(&gen, 1_795_687_200_000, 250_000);
     let (mut normal, mut normal_flagged) = (0u64, 0u64);
     let mut patterns: HashMap<Pattern, (u64, u64)> = HashMap::new();
