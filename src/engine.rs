@@ -331,7 +331,7 @@ pub struct Evicted {
 pub const SWEEP_PARTS: usize = 8;
 
 /// What one [`Engine::sweep_step`] evicted, and the heap bytes of the keys it kept in
-/// its shard, per group signature.
+/// its part of a shard, per group signature (none for a retry-table step).
 #[derive(Debug, Default)]
 pub struct SweepStep {
     pub evicted: Evicted,
