@@ -26,7 +26,7 @@ async fn request_reply_round_trip() {
     let reject = check(&c, &txn("rr-2", "4111111111111112", "12000")).await;
     assert_eq!(reject["action"], "reject");
     assert_eq!(reject["decided_by"], "reject:single_txn_limit");
-    // The reply carries the contract headers too.
+    // A decision reply is the bare body: no headers (an error reply has its code header).
     let msg = c
         .request(
             "fraud.check",
@@ -34,9 +34,10 @@ async fn request_reply_round_trip() {
         )
         .await
         .unwrap();
-    let h = msg.headers.expect("headers");
-    assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "rr-3");
-    assert_eq!(h.get("Fraudgate-Action").unwrap().as_str(), "approve");
+    assert!(msg.headers.as_ref().is_none_or(|h| h.is_empty()));
+    let d: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(d["id"], "rr-3");
+    assert_eq!(d["action"], "approve");
     assert!(!msg.payload.windows(16).any(|w| w == b"4111111111111113"));
     drop(engine);
 }
@@ -196,6 +197,16 @@ async fn bad_input_gets_a_coded_error_and_nothing_stops() {
     }
     let r = check(&c, r#"{"id":"b4","card":"c","amount":"-5"}"#).await;
     assert_eq!(r["id"], "b4");
+    // An error reply is told apart from a decision (bare body) by its code header.
+    let m = c
+        .request("fraud.check", Bytes::from(BAD[0].0))
+        .await
+        .unwrap();
+    let code = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Fraudgate-Error-Code"));
+    assert_eq!(code.map(|v| v.as_str()), Some(BAD[0].1));
     // Stream: the original payload goes to fraud.invalid with the reason in headers.
     let mut invalid = c.subscribe("fraud.invalid").await.unwrap();
     c.flush().await.unwrap();
@@ -217,7 +228,7 @@ async fn bad_input_gets_a_coded_error_and_nothing_stops() {
     // The engine is still deciding.
     let ok = check(&c, &txn("after-bad", "4111111111110001", "3")).await;
     assert_eq!(ok["action"], "approve");
-    // Every bad input was counted: both paths, plus the repeated request above.
+    // Every bad input was counted: both paths, plus the two repeated requests above.
     let mut engine = engine;
     engine.signal("TERM");
     tokio::time::timeout(Duration::from_secs(30), engine.child.wait())
@@ -227,7 +238,7 @@ async fn bad_input_gets_a_coded_error_and_nothing_stops() {
     let stopped = engine.stopped_line();
     assert_eq!(
         stopped["fields"]["invalid"].as_u64(),
-        Some(2 * cases.len() as u64 + 1),
+        Some(2 * cases.len() as u64 + 2),
         "{stopped}"
     );
 }
