@@ -646,6 +646,44 @@ mod tests {
     }
 
     #[test]
+    fn attrs_are_sorted_and_a_repeated_name_keeps_its_last_value() {
+        let t = Transaction::from_json(
+            br#"{"id":"a","card":"c","amount":1,"attrs":{"z":"last","b":1,"a_name_longer_than_24_bytes":"x","b":"two","c":true,"b":false}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            t.attrs,
+            vec![
+                (
+                    "a_name_longer_than_24_bytes".into(),
+                    AttrValue::Str("x".into())
+                ),
+                ("b".into(), AttrValue::Bool(false)),
+                ("c".into(), AttrValue::Bool(true)),
+                ("z".into(), AttrValue::Str("last".into())),
+            ]
+        );
+        assert_eq!(t.attr("b"), Some(&AttrValue::Bool(false)));
+        // A value the engine drops still counts as the name's last value.
+        let t = Transaction::from_json(
+            br#"{"id":"a","card":"c","amount":1,"attrs":{"k":true,"k":null}}"#,
+        )
+        .unwrap();
+        assert!(t.attrs.is_empty());
+        for bad in [
+            &br#"{"id":"a","card":"c","amount":1,"attrs":"x"}"#[..],
+            br#"{"id":"a","card":"c","amount":1,"attrs":[1]}"#,
+        ] {
+            assert_eq!(
+                Transaction::from_json(bad).unwrap_err().code,
+                ErrorCode::WrongType
+            );
+        }
+        let t = Transaction::from_json(br#"{"id":"a","card":"c","amount":1,"attrs":null}"#);
+        assert!(t.unwrap().attrs.is_empty());
+    }
+
+    #[test]
     fn timestamps_before_1970_are_refused() {
         let e = Transaction::from_json(
             br#"{"id":"a","card":"c","amount":1,"ts":"1969-01-01T00:00:00Z"}"#,
