@@ -947,17 +947,19 @@ async fn worker(
 ) {
     let tracker = tracker.as_ref();
     loop {
-        let (batch, path) = tokio::select! {
+        let (mut batch, path) = tokio::select! {
             biased;
             Some(b) = check.recv() => (b, IntakePath::Check),
             Some(b) = stream.recv() => (b, IntakePath::Stream),
             else => break,
         };
-        for job in batch {
+        // Jobs are decided in place (by reference): moved out of the batch and into each
+        // decision's future, a job was copied twice (a few hundred bytes each time).
+        for job in batch.iter_mut() {
             if path == IntakePath::Stream {
                 // Request-reply first, even in the middle of a stream batch.
-                while let Ok(urgent) = check.try_recv() {
-                    for j in urgent {
+                while let Ok(mut urgent) = check.try_recv() {
+                    for j in urgent.iter_mut() {
                         decide_one(&engine, &wire, &counters, tracker, j, IntakePath::Check).await;
                     }
                 }
@@ -972,7 +974,7 @@ async fn decide_one(
     wire: &Wire,
     counters: &Counters,
     tracker: Option<&Tracker>,
-    job: Job,
+    job: &mut Job,
     path: IntakePath,
 ) {
     counters.queued(path, -1);
@@ -989,7 +991,7 @@ async fn decide_one(
         Err(_) => {
             counters.publish_error();
             tracing::error!(id = %job.txn.id, "decision panicked; transaction not decided");
-            if let Some((_, ack)) = job.js {
+            if let Some((_, ack)) = job.js.take() {
                 // Not again: a redelivery would panic again, forever.
                 let _ = ack.term().await;
             }
@@ -1017,7 +1019,7 @@ async fn decide_one(
             counters.end_to_end_time(path, job.received_at.elapsed().as_secs_f64());
             // Acknowledged only once the decision is on its way, on the same connection:
             // a crash before this line means a redelivery, answered from the dedupe table.
-            if let Some((_, ack)) = job.js {
+            if let Some((_, ack)) = job.js.take() {
                 if let Err(e) = ack.ack().await {
                     counters.ack_error();
                     tracing::warn!(error = %e, id = %out.decision.id, "could not acknowledge");
