@@ -369,6 +369,13 @@ fn main() {
             after as f64 / 1024.0,
             (after.saturating_sub(before) * 1024) as f64 / cards as f64
         );
+        if cards < 100_000 {
+            // A few MiB of the process's own growth (buffers, allocator pages) over a
+            // thousand cards reads as kilobytes per card.
+            println!(
+                "  ({cards} cards are too few for a per-card figure; the default E2E_CARDS (1M) or `cargo bench --bench memory` measure it)"
+            );
+        }
         let _ = std::fs::remove_dir_all(&dir);
         nats.stop().await;
     });
