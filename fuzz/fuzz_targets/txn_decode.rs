@@ -34,9 +34,10 @@ fuzz_target!(|data: &[u8]| {
         let out = engine().decide(&t, now);
         // The decision must serialize and parse, and carry the card only masked.
         let json = out.decision.to_json();
-        serde_json::from_str::<serde_json::Value>(&json).unwrap();
         if out.duplicate {
-            return; // a retry of an id seen before: the first transaction's decision
+            // A retry of an id seen before: the first transaction's decision, its card.
+            serde_json::from_str::<serde_json::Value>(&json).unwrap();
+            return;
         }
         card_masked::assert_card_only_masked(&t, &json, "fuzz input");
     }
