@@ -18,6 +18,11 @@
 //!
 //! Then fraudgate's resident memory with 1M distinct cards tracked.
 //!
+//! Next to each throughput figure, the CPU time each process spent per decision in that
+//! phase (target, nats-server, this load client; from /proc): the three share the
+//! machine's cores, so their sum per decision is what the throughput is made of, and on
+//! this shared machine it varies far less between runs than the throughput itself.
+//!
 //! E2E_ROUNDS=n measures the targets n times, alternating, and reports medians (this
 //! machine is shared: single runs of one binary differ by up to 30 %). Each round starts
 //! with the next target, so no target always has the same place in the sequence.
@@ -53,6 +58,39 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// CPU time (user + system) a process has used so far, in seconds; 0 if it is gone.
+/// From /proc/<pid>/stat, which counts in USER_HZ ticks (100 per second on Linux).
+fn cpu_secs(pid: Option<u32>) -> f64 {
+    let path = pid.map_or("/proc/self/stat".to_string(), |p| format!("/proc/{p}/stat"));
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the command name (in parentheses, which may hold spaces): state is
+    // field 3, utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    (tick(11) + tick(12)) as f64 / 100.0
+}
+
+/// Processes whose CPU time is counted per decision: the target, nats-server, and this
+/// load client (`None`).
+const PROCS: usize = 3;
+
+/// CPU microseconds per decision of each of [`PROCS`], over what `f` runs.
+async fn cpu_per_decision<F: std::future::Future<Output = LoadReport>>(
+    pids: [Option<u32>; PROCS],
+    f: F,
+) -> (LoadReport, [f64; PROCS]) {
+    let before = pids.map(cpu_secs);
+    let report = f.await;
+    let after = pids.map(cpu_secs);
+    let n = report.answered.max(1) as f64;
+    let mut us = [0.0; PROCS];
+    for i in 0..PROCS {
+        us[i] = (after[i] - before[i]) * 1e6 / n;
+    }
+    (report, us)
+}
+
 #[derive(Clone, Copy)]
 struct Row {
     stream: f64,
@@ -61,6 +99,9 @@ struct Row {
     p50: f64,
     p99: f64,
     p999: f64,
+    /// CPU µs per decision in the stream and request-reply phases, per process.
+    stream_cpu: [f64; PROCS],
+    rr_cpu: [f64; PROCS],
 }
 
 fn gen(seed: u64) -> GenConfig {
@@ -124,6 +165,16 @@ fn median(rows: &[Row]) -> Row {
         p50: m(|r| r.p50),
         p99: m(|r| r.p99),
         p999: m(|r| r.p999),
+        stream_cpu: [0, 1, 2].map(|i| {
+            let mut v: Vec<f64> = rows.iter().map(|r| r.stream_cpu[i]).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        }),
+        rr_cpu: [0, 1, 2].map(|i| {
+            let mut v: Vec<f64> = rows.iter().map(|r| r.rr_cpu[i]).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        }),
     }
 }
 
@@ -147,6 +198,7 @@ async fn wait_ready(client: &async_nats::Client) {
 async fn measure(
     name: &'static str,
     client: &async_nats::Client,
+    pids: [Option<u32>; PROCS],
     sizes: (usize, usize, f64, usize),
 ) -> Row {
     let (stream_n, rr_n, rate, lat_secs) = sizes;
@@ -154,8 +206,16 @@ async fn measure(
         phases([20_000, stream_n, rr_n, (rate as usize) * lat_secs]);
     // Warm-up: fill windows and caches, settle the connection.
     load(client, LoadPath::Check, LoadMode::Closed(64), warm).await;
-    let stream = load(client, LoadPath::Stream, LoadMode::Closed(10_000), stream_p).await;
-    let rr = load(client, LoadPath::Check, LoadMode::Closed(64), rr_p).await;
+    let (stream, stream_cpu) = cpu_per_decision(
+        pids,
+        load(client, LoadPath::Stream, LoadMode::Closed(10_000), stream_p),
+    )
+    .await;
+    let (rr, rr_cpu) = cpu_per_decision(
+        pids,
+        load(client, LoadPath::Check, LoadMode::Closed(64), rr_p),
+    )
+    .await;
     let lat = load(client, LoadPath::Check, LoadMode::Open(rate), lat_p).await;
     println!(
         "  {name:<10} stream {:>9.0}/s ({} of {} decided)  request-reply {:>8.0}/s  at {rate:.0}/s: p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  (errors {}, timeouts {}; request-reply held or rejected {:.1} %)",
@@ -170,6 +230,11 @@ async fn measure(
         stream.timeouts + rr.timeouts + lat.timeouts,
         100.0 * (rr.actions[1] + rr.actions[2]) as f64 / rr.actions.iter().sum::<u64>().max(1) as f64,
     );
+    println!(
+        "  {:<10} CPU per decision (target / nats-server / load client with its traffic): stream {:.2} / {:.2} / {:.2} us, request-reply {:.2} / {:.2} / {:.2} us",
+        "",
+        stream_cpu[0], stream_cpu[1], stream_cpu[2], rr_cpu[0], rr_cpu[1], rr_cpu[2],
+    );
     Row {
         stream: stream.throughput(),
         stream_lost: stream.sent - stream.answered,
@@ -177,6 +242,8 @@ async fn measure(
         p50: lat.quantile_ms(0.5),
         p99: lat.quantile_ms(0.99),
         p999: lat.quantile_ms(0.999),
+        stream_cpu,
+        rr_cpu,
     }
 }
 
@@ -255,7 +322,8 @@ fn main() {
                     _ => spawn_with(baseline.as_deref().unwrap_or_default(), &cfg),
                 };
                 wait_ready(&client).await;
-                let row = measure(target, &client, sizes).await;
+                let pids = [child.id(), nats.pid(), None];
+                let row = measure(target, &client, pids, sizes).await;
                 let _ = child.kill().await;
                 match target {
                     "ceiling" => ceiling_rows.push(row),
@@ -293,6 +361,17 @@ fn main() {
             (f.p99 - c.p99) * 1000.0
         );
         println!("| p99.9 at {rate:.0}/s (ms) | {:.3} | {:.3} | {:.2} | |", c.p999, f.p999, f.p999 / c.p999);
+        println!();
+        println!("| CPU per decision (us) | ceiling | fraudgate | fraudgate - ceiling |");
+        println!("|---|---|---|---|");
+        let procs = ["target", "nats-server", "load client (with making its traffic)"];
+        for (phase, cc, fc) in [("stream", c.stream_cpu, f.stream_cpu), ("request-reply", c.rr_cpu, f.rr_cpu)] {
+            for i in 0..PROCS {
+                println!("| {phase}: {} | {:.2} | {:.2} | {:+.2} |", procs[i], cc[i], fc[i], fc[i] - cc[i]);
+            }
+            let (ct, ft) = (cc.iter().sum::<f64>(), fc.iter().sum::<f64>());
+            println!("| {phase}: all three | {ct:.2} | {ft:.2} | {:+.2} (ceiling / fraudgate {:.2}) |", ft - ct, ct / ft);
+        }
         if c.stream_lost + f.stream_lost > 0 {
             println!("DROPPED: ceiling {} / fraudgate {} stream transactions", c.stream_lost, f.stream_lost);
         }
@@ -304,6 +383,15 @@ fn main() {
                 f.rr / b.rr,
                 (f.p50 - b.p50) * 1000.0,
                 (f.p99 - b.p99) * 1000.0
+            );
+            println!(
+                "fraudgate - baseline, CPU per decision of the target (medians): stream {:+.2} us ({:.2} against {:.2}), request-reply {:+.2} us ({:.2} against {:.2})",
+                f.stream_cpu[0] - b.stream_cpu[0],
+                f.stream_cpu[0],
+                b.stream_cpu[0],
+                f.rr_cpu[0] - b.rr_cpu[0],
+                f.rr_cpu[0],
+                b.rr_cpu[0]
             );
         }
 
