@@ -158,9 +158,31 @@ impl KeyState {
     }
 
     /// Index of the first row whose bucket is `> b` (rows `..idx` have bucket `<= b`).
+    ///
+    /// Almost every search is for the newest bucket (an event in order, the end of a
+    /// window) or for the start of a window that is short next to the key's retention:
+    /// both lie at or near the end of the rows, which the current event has just brought
+    /// into cache. So the search gallops back from the newest row (1, 2, 4 ... rows) and
+    /// binary-searches only the last stride, instead of starting in the middle of the
+    /// rows, in lines nothing else of this decision reads.
     fn upper(&self, stride: usize, b: i64) -> usize {
         let n = self.rows.len() / stride;
-        let (mut lo, mut hi) = (0usize, n);
+        if n == 0 || self.bucket_at(stride, n - 1) <= b {
+            return n;
+        }
+        // bucket_at(hi) > b; rows before `lo` are <= b.
+        let mut hi = n - 1;
+        let mut step = 1;
+        let mut lo = 0;
+        while step <= hi {
+            let probe = hi - step;
+            if self.bucket_at(stride, probe) <= b {
+                lo = probe + 1;
+                break;
+            }
+            hi = probe;
+            step *= 2;
+        }
         while lo < hi {
             let mid = (lo + hi) / 2;
             if self.bucket_at(stride, mid) <= b {
@@ -325,8 +347,16 @@ impl KeyState {
         let cutoff = retention_cutoff(newest, layout);
         let stride = layout.stride();
         let n = self.rows.len() / stride;
-        let dead = self.upper(stride, cutoff);
-        if dead > 0 && (force || dead >= EVICT_BATCH_MIN.max(n / 4)) {
+        // Rows go in batches of at least `need`: whether there are that many dead ones
+        // is one read of row `need - 1` (the rows are sorted), not a search through
+        // the oldest rows, which nothing else of this event reads.
+        let need = if force { 1 } else { EVICT_BATCH_MIN.max(n / 4) };
+        let dead = if n >= need && self.bucket_at(stride, need - 1) <= cutoff {
+            self.upper(stride, cutoff)
+        } else {
+            0
+        };
+        if dead > 0 && dead >= need {
             // Rebase the surviving prefixes on the last dead row, then drop the dead rows.
             let last_dead = (dead - 1) * stride;
             let base: Vec<u64> = self.rows[last_dead + 1..last_dead + stride].to_vec();

@@ -45,6 +45,25 @@ fn sparse_buckets_and_inclusive_window() {
 }
 
 #[test]
+fn upper_matches_a_linear_scan() {
+    // The galloping search against the definition, for every row count up to a few
+    // doublings and every target before, between, on and after the rows' buckets.
+    let l = layout(1_000_000, 0);
+    let stride = l.stride();
+    for n in 0..70usize {
+        let mut ks = KeyState::new(&l);
+        for i in 0..n {
+            add(&mut ks, &l, 10 + 3 * i as i64, 1, false, 1);
+        }
+        assert_eq!(ks.bucket_count(&l), n);
+        for b in 0..(20 + 3 * n as i64) {
+            let naive = (0..n).take_while(|&i| ks.bucket_at(stride, i) <= b).count();
+            assert_eq!(ks.upper(stride, b), naive, "n {n} b {b}");
+        }
+    }
+}
+
+#[test]
 fn same_bucket_merges() {
     let l = layout(10, 0);
     let mut ks = KeyState::new(&l);
