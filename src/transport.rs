@@ -26,6 +26,9 @@ pub const HEADER_ACTION: &str = "Fraudgate-Action";
 pub const HEADER_VERSION: &str = "Fraudgate-Rules-Version";
 pub const HEADER_ERROR_CODE: &str = "Fraudgate-Error-Code";
 pub const HEADER_ERROR: &str = "Fraudgate-Error";
+/// On `fraud.invalid`: the payload was cut to fit the server's message limit; the value
+/// is its full length in bytes.
+pub const HEADER_TRUNCATED: &str = "Fraudgate-Truncated";
 
 // Built once: a header name made from a `&str` is copied into a fresh allocation on every
 // message.
@@ -360,17 +363,44 @@ impl Wire {
     }
 
     /// Forwards an invalid asynchronous payload, unchanged, with the reason in headers.
+    /// A payload that no longer fits the server's message limit once the headers are
+    /// added (an oversized one just under that limit) goes cut to fit, with
+    /// `Fraudgate-Truncated` giving its full length: refused by the server, it would be
+    /// lost on the core path and, with JetStream, never acknowledged and delivered again
+    /// forever.
     pub async fn publish_invalid(
         &self,
         payload: Bytes,
         e: &DecodeError,
     ) -> Result<(), async_nats::PublishError> {
         let mut h = HeaderMap::new();
+        let message = header_safe(&e.message);
+        let id = e.id.as_deref().map(header_safe);
         h.insert(HEADER_ERROR_CODE, e.code.as_str());
-        h.insert(HEADER_ERROR, header_safe(&e.message).as_str());
-        if let Some(id) = &e.id {
-            h.insert(HEADER_MSG_ID, header_safe(id).as_str());
+        h.insert(HEADER_ERROR, message.as_str());
+        if let Some(id) = &id {
+            h.insert(HEADER_MSG_ID, id.as_str());
         }
+        let fields = [
+            (HEADER_ERROR_CODE, e.code.as_str()),
+            (HEADER_ERROR, message.as_str()),
+            (HEADER_MSG_ID, id.as_deref().unwrap_or("")),
+            // Room for the truncation header itself.
+            (HEADER_TRUNCATED, "18446744073709551615"),
+        ];
+        // "NATS/1.0\r\n", each "name: value\r\n", the closing "\r\n".
+        let head = 12
+            + fields
+                .iter()
+                .map(|(k, v)| k.len() + v.len() + 4)
+                .sum::<usize>();
+        let max = self.stream.server_info().max_payload;
+        let payload = if max > 0 && payload.len() + head > max {
+            h.insert(HEADER_TRUNCATED, payload.len().to_string().as_str());
+            payload.slice(..max.saturating_sub(head))
+        } else {
+            payload
+        };
         self.stream
             .publish_with_headers(self.subjects.invalid.clone(), h, payload)
             .await

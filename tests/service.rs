@@ -959,3 +959,44 @@ async fn an_unwritable_snapshot_path_is_counted_and_decisions_continue() {
     assert!(stopped["fields"]["snapshots_failed"].as_u64().unwrap() >= 2);
     assert_eq!(stopped["fields"]["snapshots_ok"].as_u64(), Some(0));
 }
+
+/// An oversized stream payload just under the server's message limit: forwarded to
+/// fraud.invalid with the headers, it would no longer fit. It goes cut to fit, with its
+/// full length in `Fraudgate-Truncated`, instead of being lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_payload_at_the_servers_limit_is_forwarded_cut_to_fit() {
+    let nats = nats().await;
+    let _engine = Engine::start(&nats.url()).await;
+    let c = client(&nats.url()).await;
+    let max = c.server_info().max_payload;
+    let body = format!(r#"{{"id":"huge","pad":"{}"}}"#, "x".repeat(max - 30));
+    assert!(body.len() <= max && body.len() > max - 100);
+    let mut invalid = c.subscribe("fraud.invalid").await.unwrap();
+    c.flush().await.unwrap();
+    c.publish("fraud.txn", Bytes::from(body.clone()))
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), invalid.next())
+        .await
+        .expect("forwarded within 5 s")
+        .unwrap();
+    let h = m.headers.unwrap();
+    assert_eq!(h.get("Fraudgate-Error-Code").unwrap().as_str(), "oversized");
+    assert_eq!(
+        h.get("Fraudgate-Truncated").unwrap().as_str(),
+        body.len().to_string()
+    );
+    assert!(m.payload.len() < body.len());
+    assert!(body.as_bytes().starts_with(&m.payload));
+    // A payload that fits is forwarded whole, without the header.
+    let small = format!(r#"{{"id":"big","pad":"{}"}}"#, "x".repeat(4096));
+    c.publish("fraud.txn", Bytes::from(small.clone()))
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), invalid.next())
+        .await
+        .expect("forwarded within 5 s")
+        .unwrap();
+    assert_eq!(m.payload.as_ref(), small.as_bytes());
+    assert!(m.headers.unwrap().get("Fraudgate-Truncated").is_none());
+}
