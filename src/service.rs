@@ -393,6 +393,26 @@ impl Running {
             }
             None => None,
         };
+        // Everything that can refuse the configuration comes before the first
+        // subscription: an engine that took its share of the traffic and then stopped
+        // would leave those requests unanswered.
+        let (stop, stop_rx) = watch::channel(false);
+        let sweep_every = duration("sweep_interval", &opts.file.service.sweep_interval)?;
+        if sweep_every > Duration::from_secs(300) {
+            // The sweep also refreshes the gauges, which the exporter drops after 10
+            // minutes without an update.
+            return Err(ServiceError::Config(
+                "[service] sweep_interval must be at most 5m".into(),
+            ));
+        }
+        let (watcher, reload) = reload_task(
+            opts.rules_dir.clone(),
+            opts.engine.clone(),
+            engine.clone(),
+            counters.clone(),
+            duration("reload_debounce", &opts.file.service.reload_debounce)?,
+            stop_rx.clone(),
+        )?;
         let client =
             transport::connect(&opts.file.nats, &opts.nats_url, "check", counters.clone()).await?;
         let stream =
@@ -423,7 +443,6 @@ impl Running {
         };
         // Capacity in batches; a batch holds up to MAX_BATCH transactions.
         let depth = svc.queue_depth.div_ceil(MAX_BATCH).max(2);
-        let (stop, stop_rx) = watch::channel(false);
         let mut shards = Vec::with_capacity(n);
         let mut workers = Vec::with_capacity(n);
         for _ in 0..n {
@@ -474,22 +493,6 @@ impl Running {
             )),
             stream_intake,
         ];
-        let (watcher, reload) = reload_task(
-            opts.rules_dir.clone(),
-            opts.engine.clone(),
-            engine.clone(),
-            counters.clone(),
-            duration("reload_debounce", &svc.reload_debounce)?,
-            stop_rx.clone(),
-        )?;
-        let sweep_every = duration("sweep_interval", &svc.sweep_interval)?;
-        if sweep_every > Duration::from_secs(300) {
-            // The sweep also refreshes the gauges, which the exporter drops after 10
-            // minutes without an update.
-            return Err(ServiceError::Config(
-                "[service] sweep_interval must be at most 5m".into(),
-            ));
-        }
         let sweep = tokio::spawn(sweeper(
             engine.clone(),
             wire.clone(),
@@ -1346,6 +1349,33 @@ mod tests {
         }
         // The shipped default: one step per tick.
         assert_eq!(sweep_cadence(Duration::from_secs(10), 2_560).1, 1);
+    }
+
+    #[tokio::test]
+    async fn the_configuration_is_refused_before_any_connection() {
+        // No server on this port: an engine that connected (and subscribed) before it
+        // checked its configuration would fail on the connection, or worse, take
+        // traffic first and then stop.
+        let port = crate::demo::free_port().unwrap();
+        for (field, value) in [("sweep_interval", "10m"), ("reload_debounce", "soon")] {
+            let mut file = crate::config::FileConfig::default();
+            match field {
+                "sweep_interval" => file.service.sweep_interval = value.into(),
+                _ => file.service.reload_debounce = value.into(),
+            }
+            let started = Running::start(RunOptions {
+                rules_dir: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"),
+                nats_url: format!("nats://127.0.0.1:{port}"),
+                engine: EngineConfig::default(),
+                file,
+            })
+            .await;
+            match started {
+                Err(ServiceError::Config(m)) => assert!(m.contains(field), "{m}"),
+                Err(e) => panic!("{field}: not a configuration error: {e}"),
+                Ok(_) => panic!("{field} = {value:?} accepted"),
+            }
+        }
     }
 
     #[test]
