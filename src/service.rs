@@ -105,6 +105,18 @@ impl InFlight {
             }
         }
     }
+    /// Where a consumer made again must start: the oldest message taken and not yet
+    /// decided, or the next one after all taken. (Not the ack floor, which may be old:
+    /// what comes again from below this was decided, and if its id had left the retry
+    /// table it would be counted twice.)
+    fn resume_at(&self) -> u64 {
+        self.pending
+            .keys()
+            .next()
+            .copied()
+            .unwrap_or(self.next)
+            .max(1)
+    }
     /// The snapshot cursor: the lowest sequence that may be missing from the windows.
     fn low(&self) -> u64 {
         let low = self.pending.keys().next().copied().unwrap_or(self.next);
@@ -138,6 +150,10 @@ impl InFlight {
 }
 
 type Tracker = Arc<std::sync::Mutex<InFlight>>;
+
+/// The first and the longest pause between JetStream pulls that end without a message.
+const PULL_PAUSE_MIN: Duration = Duration::from_millis(100);
+const PULL_PAUSE_MAX: Duration = Duration::from_secs(5);
 
 fn lock(t: &Tracker) -> std::sync::MutexGuard<'_, InFlight> {
     t.lock().unwrap_or_else(|e| e.into_inner())
@@ -433,7 +449,7 @@ impl Running {
             None => None,
         };
         if let Some(s) = snapshots.as_mut() {
-            s.consumer = durable.clone();
+            s.consumer = durable.as_ref().map(|d| d.0.clone());
         }
         let svc = &opts.file.service;
         let n = if svc.workers > 0 {
@@ -463,8 +479,9 @@ impl Running {
         }
         let shards = Arc::new(shards);
         let stream_intake = match durable.zip(tracker.clone()) {
-            Some((consumer, t)) => tokio::spawn(intake_jetstream(
+            Some(((consumer, txn_stream), t)) => tokio::spawn(intake_jetstream(
                 consumer,
+                (txn_stream, js_cfg.clone()),
                 wire.clone(),
                 shards.clone(),
                 counters.clone(),
@@ -692,6 +709,10 @@ async fn dispatch(batches: &mut [Batch], shards: &[Shard], path: IntakePath, cou
 /// stops pulling: messages not taken yet are delivered again to the next engine.
 async fn intake_jetstream(
     consumer: async_nats::jetstream::consumer::PullConsumer,
+    (txn_stream, cfg): (
+        async_nats::jetstream::stream::Stream,
+        crate::config::JetStreamSection,
+    ),
     wire: Wire,
     shards: Arc<Vec<Shard>>,
     counters: Arc<Counters>,
@@ -700,22 +721,60 @@ async fn intake_jetstream(
 ) {
     let path = IntakePath::Stream;
     let mut batches: Vec<Batch> = (0..shards.len()).map(|_| Vec::new()).collect();
+    // Pauses between pulls that ended without delivering anything: a pull the server
+    // refuses at once (a consumer deleted, or configured so that it rejects our pull
+    // requests) must not become a loop that takes a core and hides the problem.
+    let mut pause = PULL_PAUSE_MIN;
     'pull: loop {
+        if pause > PULL_PAUSE_MIN {
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = stop.changed() => break 'pull,
+            }
+        }
+        pause = (pause * 2).min(PULL_PAUSE_MAX);
+        let gone = tokio::select! {
+            g = Wire::consumer_gone(&txn_stream, &cfg.consumer) => g,
+            _ = stop.changed() => break 'pull,
+        };
+        if gone {
+            // Deleted while we ran (by hand, say): made again where this engine stands,
+            // at the oldest transaction taken and not yet decided (or the next one). What
+            // comes again that was decided is answered from the retry table.
+            let start = lock(&tracker).resume_at();
+            match wire.durable_consumer(&txn_stream, &cfg, Some(start)).await {
+                Ok(_) => tracing::warn!(
+                    consumer = %cfg.consumer,
+                    from_seq = start,
+                    "the JetStream consumer was gone; made it again"
+                ),
+                Err(e) => tracing::warn!(
+                    consumer = %cfg.consumer,
+                    error = %e,
+                    "the JetStream consumer is gone and could not be made again"
+                ),
+            }
+        }
         let messages = match Wire::consume(&consumer).await {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(error = %e, "JetStream pull failed; retrying in 1s");
-                tokio::select! {
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue 'pull,
-                    _ = stop.changed() => break 'pull,
-                }
+                tracing::warn!(error = %e, retry_in = ?pause, "JetStream pull failed");
+                continue 'pull;
             }
         };
         let mut messages = std::pin::pin!(messages);
+        let mut last_error = None;
         loop {
             let msgs = tokio::select! {
                 m = messages.next() => {
-                    let Some(first) = m else { continue 'pull };
+                    let Some(first) = m else {
+                        tracing::warn!(
+                            last_error = last_error.as_deref().unwrap_or("none"),
+                            retry_in = ?pause,
+                            "JetStream pull ended; pulling again"
+                        );
+                        continue 'pull;
+                    };
                     with_buffered(first, &mut messages)
                 }
                 _ = stop.changed() => break 'pull,
@@ -723,11 +782,15 @@ async fn intake_jetstream(
             let received_at = Instant::now();
             for m in msgs {
                 let d = match m {
-                    Ok(d) => d,
+                    Ok(d) => {
+                        pause = PULL_PAUSE_MIN;
+                        d
+                    }
                     Err(e) => {
                         // Heartbeats missed while the server restarts, and the like: the
                         // pull goes on (or ends, and is made again above).
                         tracing::debug!(error = %e, "JetStream pull error");
+                        last_error = Some(e);
                         continue;
                     }
                 };
@@ -790,7 +853,13 @@ async fn recover(
     counters: &Counters,
     start: Start,
     tracker: &Tracker,
-) -> Result<async_nats::jetstream::consumer::PullConsumer, ServiceError> {
+) -> Result<
+    (
+        async_nats::jetstream::consumer::PullConsumer,
+        async_nats::jetstream::stream::Stream,
+    ),
+    ServiceError,
+> {
     use transport::ReplayFrom;
     let setup = wire.jetstream_setup(cfg).await?;
     // Start empty: nothing is replayed; the consumer goes on from where it was.
@@ -864,7 +933,7 @@ async fn recover(
             c
         }
         None => {
-            let c = wire.durable_consumer(&setup, cfg, from).await?;
+            let c = wire.durable_consumer(&setup.txn_stream, cfg, from).await?;
             lock(tracker).next = from.unwrap_or(first);
             c
         }
@@ -881,7 +950,7 @@ async fn recover(
         consumer = %cfg.consumer,
         "JetStream recovery: state rebuilt from the streams"
     );
-    Ok(consumer)
+    Ok((consumer, setup.txn_stream))
 }
 
 /// Counts and decodes one message. Bad input is answered here (error reply, or
@@ -1293,6 +1362,7 @@ mod tests {
         f.taken(11, 1_100);
         f.taken(12, 1_200);
         assert_eq!(f.low(), 10);
+        assert_eq!(f.resume_at(), 10, "at the oldest undecided");
         assert_eq!(
             f.clock(5_000),
             1_000,
@@ -1318,6 +1388,8 @@ mod tests {
         // A message delivered but never taken (lost on the way) holds the ack floor down.
         f.ack_floor = Some(7);
         assert_eq!(f.low(), 8);
+        // A consumer made again starts after what was decided, whatever the ack floor.
+        assert_eq!(f.resume_at(), 13);
         f.ack_floor = Some(12);
         assert_eq!(f.low(), 13);
         // The stream goes quiet: the wall clock again (request ids are kept by it).
@@ -1328,27 +1400,6 @@ mod tests {
         assert_eq!(f.clock(5_000), 800);
         f.pin = Some((800, Instant::now() - Duration::from_secs(1)));
         assert_eq!(f.clock(5_000), 5_000, "the pin ends");
-    }
-
-    #[test]
-    fn a_sweep_pass_takes_its_interval() {
-        for (every_ms, steps) in [
-            (10_000u64, 2_560usize),
-            (100, 2_560),
-            (300_000, 3_072),
-            (1_000, 7),
-        ] {
-            let (tick, per_tick) = sweep_cadence(Duration::from_millis(every_ms), steps);
-            assert!(tick >= Duration::from_millis(2), "{every_ms} ms: {tick:?}");
-            let pass = tick * steps.div_ceil(per_tick) as u32;
-            let every = Duration::from_millis(every_ms);
-            assert!(
-                pass >= every * 9 / 10 && pass <= every * 11 / 10,
-                "{every_ms} ms: {pass:?}"
-            );
-        }
-        // The shipped default: one step per tick.
-        assert_eq!(sweep_cadence(Duration::from_secs(10), 2_560).1, 1);
     }
 
     #[tokio::test]
@@ -1376,6 +1427,27 @@ mod tests {
                 Ok(_) => panic!("{field} = {value:?} accepted"),
             }
         }
+    }
+
+    #[test]
+    fn a_sweep_pass_takes_its_interval() {
+        for (every_ms, steps) in [
+            (10_000u64, 2_560usize),
+            (100, 2_560),
+            (300_000, 3_072),
+            (1_000, 7),
+        ] {
+            let (tick, per_tick) = sweep_cadence(Duration::from_millis(every_ms), steps);
+            assert!(tick >= Duration::from_millis(2), "{every_ms} ms: {tick:?}");
+            let pass = tick * steps.div_ceil(per_tick) as u32;
+            let every = Duration::from_millis(every_ms);
+            assert!(
+                pass >= every * 9 / 10 && pass <= every * 11 / 10,
+                "{every_ms} ms: {pass:?}"
+            );
+        }
+        // The shipped default: one step per tick.
+        assert_eq!(sweep_cadence(Duration::from_secs(10), 2_560).1, 1);
     }
 
     #[test]

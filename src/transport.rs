@@ -615,15 +615,14 @@ impl Wire {
     /// oldest message the stream holds). Explicit acks, `ack_wait`, `max_ack_pending`.
     pub async fn durable_consumer(
         &self,
-        setup: &JetStreamIntake,
+        txn_stream: &async_nats::jetstream::stream::Stream,
         cfg: &JetStreamSection,
         start: Option<u64>,
     ) -> Result<async_nats::jetstream::consumer::PullConsumer, TransportError> {
         use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
         let ack_wait = parse_duration(&cfg.ack_wait)
             .map_err(|e| TransportError::Config(format!("[jetstream] ack_wait: {e}")))?;
-        setup
-            .txn_stream
+        txn_stream
             .create_consumer(pull::Config {
                 durable_name: Some(cfg.consumer.clone()),
                 ack_policy: AckPolicy::Explicit,
@@ -638,6 +637,17 @@ impl Wire {
             })
             .await
             .map_err(|e| js_err(format!("cannot create consumer {}", cfg.consumer))(e.to_string()))
+    }
+
+    /// Whether the durable consumer `name` is gone from `stream`: true only when the server
+    /// answers that it does not know it (deleted by hand, say), not when it cannot be
+    /// asked now (a restart, a timeout).
+    pub async fn consumer_gone(stream: &async_nats::jetstream::stream::Stream, name: &str) -> bool {
+        use async_nats::jetstream::context::ConsumerInfoErrorKind;
+        matches!(
+            stream.consumer_info(name).await,
+            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound
+        )
     }
 
     /// When the server stored message `seq` of `stream` (epoch ms), if it still has it.

@@ -472,3 +472,58 @@ async fn a_corrupt_snapshot_is_rebuilt_from_the_streams_when_configured() {
     );
     assert_eq!(over["rules"][0]["values"]["card_amount_24h"], "20001");
 }
+
+/// The id of the next decision published, waiting at most 20 s.
+async fn decision_id(d: &mut async_nats::Subscriber) -> String {
+    let m = tokio::time::timeout(Duration::from_secs(20), d.next())
+        .await
+        .expect("a decision in time")
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    v["id"].as_str().unwrap().to_string()
+}
+
+/// The durable consumer deleted while the engine runs (by hand, or a tool re-applying the
+/// stream's configuration): the engine makes it again where it stands and goes on
+/// deciding, and what it had already decided is not delivered and decided again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_consumer_is_made_again_where_the_engine_stands() {
+    let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
+    let dir = Scratch::new("js-deleted");
+    let engine = Engine::start_with(
+        &nats.url(),
+        &js_config("fraudgate", &dir.0.join("s.snap"), "60s"),
+    )
+    .await;
+    let c = client(&nats.url()).await;
+    let js = jetstream::new(c.clone());
+    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    c.flush().await.unwrap();
+    let ts = fraudgate::service::now_ms();
+    for i in 0..3 {
+        let id = format!("del-{i}");
+        js_publish(&js, &id, txn_at(&id, "4111111111119003", "10", ts + i)).await;
+        assert_eq!(decision_id(&mut decisions).await, id);
+    }
+    drained(&js, "fraudgate").await;
+    let stream = js.get_stream("FRAUD_TXN").await.unwrap();
+    stream.delete_consumer("fraudgate").await.unwrap();
+    js_publish(
+        &js,
+        "del-3",
+        txn_at("del-3", "4111111111119003", "10", ts + 3),
+    )
+    .await;
+    assert_eq!(decision_id(&mut decisions).await, "del-3");
+    engine
+        .wait_log(
+            "the JetStream consumer was gone; made it again",
+            Duration::from_secs(5),
+        )
+        .await;
+    // Nothing decided before the deletion comes again.
+    let again = tokio::time::timeout(Duration::from_secs(1), decisions.next()).await;
+    assert!(again.is_err(), "a decision again: {again:?}");
+    drained(&js, "fraudgate").await;
+    drop(engine);
+}
