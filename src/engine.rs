@@ -586,7 +586,7 @@ impl Engine {
     /// Evicts the least recently used keys of a group over `max_keys`, down to 15/16 of
     /// the cap (so the scan is paid once per cap/16 new keys, not per key). "Recently
     /// used" is the key's newest event time: every decision on a key adds an event.
-    fn enforce_cap(&self, store: &GroupStore) {
+    fn enforce_cap(&self, seen: &GroupStore) {
         let Some(cap) = self.cfg.max_keys else { return };
         // One eviction at a time, and never during a snapshot's copy, a rule swap or a
         // sweep (which hold this lock): the next insert checks again.
@@ -594,6 +594,18 @@ impl Engine {
             Ok(g) => g,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return,
+        };
+        // `seen` is the store of the rules the decision ran on. A swap may have come
+        // since (the decision let go of the barrier first): then the keys may have a new
+        // row layout, or the group may be gone. The keys are read with the store active
+        // now (no swap can start while this lock is held).
+        let active = self.active.load();
+        let Some(store) = active
+            .stores
+            .iter()
+            .find(|s| Arc::ptr_eq(&s.map, &seen.map))
+        else {
+            return;
         };
         let len = store.map.len();
         if len > cap {
@@ -693,7 +705,10 @@ impl Engine {
                         // shard) often enough that a flood overshoots it by at most this
                         // many keys per deciding thread.
                         let every = (cap / 64).clamp(1, 256) as u32;
-                        let n = store.inserts.fetch_add(1, Ordering::Relaxed) + 1;
+                        let n = store
+                            .inserts
+                            .fetch_add(1, Ordering::Relaxed)
+                            .wrapping_add(1);
                         if n.is_multiple_of(every) {
                             over_cap.push(gi);
                         }

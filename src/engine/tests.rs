@@ -605,6 +605,57 @@ fn key_cap_evicts_least_recently_used_and_counts() {
 }
 
 #[test]
+fn cap_eviction_after_a_migrating_swap_reads_the_new_layout() {
+    // A decision that found its group over the cap evicts after it has let go of the
+    // barrier: a swap that changed the group's row layout may come in between. The
+    // eviction must read the keys with the layout they have now (with the old one, a
+    // key's newest bucket is read from the wrong word, and the wrong keys go).
+    let cap = 64 * 256; // the cap is checked every 256 inserts
+    let cfg = EngineConfig {
+        max_keys: Some(cap),
+        ..Default::default()
+    };
+    let e = engine_with(cfg.clone());
+    // Not a multiple of 256 past the cap: no check has evicted anything yet.
+    let n = cap as i64 + 200;
+    for i in 0..n {
+        // Two events in different buckets: keys with more than one row.
+        let ts = T0 + i * 1_000;
+        e.decide(&tx(&format!("a{i}"), &format!("card{i}"), 1, ts), ts);
+        let later = ts + 1_000;
+        e.decide(&tx(&format!("b{i}"), &format!("card{i}"), 1, later), later);
+    }
+    let card_keys = || e.with_group("card", |g| g.map.len()).unwrap();
+    assert_eq!(card_keys(), n as usize);
+    let before = e.active.load_full();
+    let stale = before
+        .stores
+        .iter()
+        .find(|s| s.signature == "card")
+        .unwrap();
+    // One more count slot on the card group (a filter of its own): its rows get wider.
+    let wider = format!(
+        "{RULES}\n[windows.card_txn_2h]\nagg = \"count\"\nby = \"card\"\nover = \"2h\"\nwhere = \"amount > 5\"\n\n\
+         [[rule]]\nid = \"busy\"\ndescription = \"busy\"\nwhen = \"card_txn_2h >= 50\"\nscore = 1\n"
+    );
+    let report = e.swap_rules(rules_from(&wider, &cfg));
+    assert_eq!(report.migrated, 1, "{report:?}");
+    e.enforce_cap(stale);
+    let target = cap - cap / 16;
+    assert_eq!(card_keys(), target);
+    let has = |card: &str| {
+        let k = StateKey::from(e.config().hash_key.hash_str(card));
+        e.with_group("card", |g| g.map.contains_key(&k)).unwrap()
+    };
+    let evicted = n as usize - target;
+    assert!(
+        (0..evicted).all(|i| !has(&format!("card{i}"))),
+        "a recent key was kept over an old one"
+    );
+    assert!((evicted..n as usize).all(|i| has(&format!("card{i}"))));
+}
+
+#[test]
 fn snapshot_is_a_point_in_time_cut_under_concurrent_decisions() {
     // Two threads decide 4,000 transactions over a few cards and devices while snapshots
     // are taken. Restoring any one of them and re-deciding every transaction from the
