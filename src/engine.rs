@@ -208,6 +208,15 @@ pub struct StateSnapshot {
     pub dedupe: Vec<(KeyHash, i64, String)>,
 }
 
+/// Uninstalls a snapshot's capture when dropped.
+struct CaptureGuard<'a>(&'a ArcSwapOption<Capture>);
+
+impl Drop for CaptureGuard<'_> {
+    fn drop(&mut self) {
+        self.0.store(None);
+    }
+}
+
 /// A snapshot as [`Engine::snapshot`] takes it: the key states already encoded (bincode,
 /// as `(StateKey, KeyState)` items) while each key's lock was held, so copying allocates
 /// nothing under a lock. `header` holds everything else (its groups' `keys` are empty);
@@ -939,6 +948,9 @@ impl Engine {
     pub fn snapshot(&self, taken_at_ms: i64, at_cut: impl FnOnce() -> Cursor) -> EncodedSnapshot {
         let _one = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
         let active = self.active.load_full();
+        // The capture is taken away however this copy ends: left in place (after a panic
+        // in here, say), every later decision would keep copying key states into it.
+        let _uninstall = CaptureGuard(&self.capture);
         let (capture, cursor) = {
             let _excl = self.barrier.write().unwrap_or_else(|e| e.into_inner());
             let c = Arc::new(Capture {
@@ -1010,7 +1022,7 @@ impl Engine {
                 Some((id, e.at_ms, json))
             })
             .collect();
-        self.capture.store(None);
+        drop(_uninstall);
         EncodedSnapshot {
             header: StateSnapshot {
                 format: SNAPSHOT_FORMAT,

@@ -656,6 +656,24 @@ fn cap_eviction_after_a_migrating_swap_reads_the_new_layout() {
 }
 
 #[test]
+fn a_snapshot_that_panics_leaves_no_capture_behind() {
+    let e = engine();
+    e.decide(&tx("s1", "card1", 5, T0), T0);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        e.snapshot(T0, || panic!("the cursor could not be read"))
+    }));
+    assert!(r.is_err());
+    assert!(
+        e.capture.load().is_none(),
+        "decisions would copy into it forever"
+    );
+    // Decisions and the next snapshot go on.
+    e.decide(&tx("s2", "card1", 5, T0 + 1), T0 + 1);
+    e.snapshot(T0 + 2, Cursor::default);
+    assert!(e.capture.load().is_none());
+}
+
+#[test]
 fn snapshot_is_a_point_in_time_cut_under_concurrent_decisions() {
     // Two threads decide 4,000 transactions over a few cards and devices while snapshots
     // are taken. Restoring any one of them and re-deciding every transaction from the
