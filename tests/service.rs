@@ -960,6 +960,21 @@ async fn an_unwritable_snapshot_path_is_counted_and_decisions_continue() {
     assert_eq!(stopped["fields"]["snapshots_ok"].as_u64(), Some(0));
 }
 
+/// Publishes `body` on fraud.txn and returns what the engine forwards to fraud.invalid.
+async fn forwarded(
+    c: &async_nats::Client,
+    invalid: &mut async_nats::Subscriber,
+    body: &str,
+) -> async_nats::Message {
+    c.publish("fraud.txn", Bytes::from(body.to_string()))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), invalid.next())
+        .await
+        .expect("forwarded within 5 s")
+        .unwrap()
+}
+
 /// An oversized stream payload just under the server's message limit: forwarded to
 /// fraud.invalid with the headers, it would no longer fit. It goes cut to fit, with its
 /// full length in `Fraudgate-Truncated`, instead of being lost.
@@ -973,13 +988,7 @@ async fn an_invalid_payload_at_the_servers_limit_is_forwarded_cut_to_fit() {
     assert!(body.len() <= max && body.len() > max - 100);
     let mut invalid = c.subscribe("fraud.invalid").await.unwrap();
     c.flush().await.unwrap();
-    c.publish("fraud.txn", Bytes::from(body.clone()))
-        .await
-        .unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(5), invalid.next())
-        .await
-        .expect("forwarded within 5 s")
-        .unwrap();
+    let m = forwarded(&c, &mut invalid, &body).await;
     let h = m.headers.unwrap();
     assert_eq!(h.get("Fraudgate-Error-Code").unwrap().as_str(), "oversized");
     assert_eq!(
@@ -990,13 +999,7 @@ async fn an_invalid_payload_at_the_servers_limit_is_forwarded_cut_to_fit() {
     assert!(body.as_bytes().starts_with(&m.payload));
     // A payload that fits is forwarded whole, without the header.
     let small = format!(r#"{{"id":"big","pad":"{}"}}"#, "x".repeat(4096));
-    c.publish("fraud.txn", Bytes::from(small.clone()))
-        .await
-        .unwrap();
-    let m = tokio::time::timeout(Duration::from_secs(5), invalid.next())
-        .await
-        .expect("forwarded within 5 s")
-        .unwrap();
+    let m = forwarded(&c, &mut invalid, &small).await;
     assert_eq!(m.payload.as_ref(), small.as_bytes());
     assert!(m.headers.unwrap().get("Fraudgate-Truncated").is_none());
 }
