@@ -163,8 +163,8 @@ impl KeyState {
     /// window) or for the start of a window that is short next to the key's retention:
     /// both lie at or near the end of the rows, which the current event has just brought
     /// into cache. So the search gallops back from the newest row (1, 2, 4 ... rows) and
-    /// binary-searches only the last stride, instead of starting in the middle of the
-    /// rows, in lines nothing else of this decision reads.
+    /// binary-searches only within the last of those steps, instead of starting in the
+    /// middle of the rows, in lines nothing else of this decision reads.
     fn upper(&self, stride: usize, b: i64) -> usize {
         let n = self.rows.len() / stride;
         if n == 0 || self.bucket_at(stride, n - 1) <= b {
@@ -356,7 +356,7 @@ impl KeyState {
         } else {
             0
         };
-        if dead > 0 && dead >= need {
+        if dead >= need {
             // Rebase the surviving prefixes on the last dead row, then drop the dead rows.
             let last_dead = (dead - 1) * stride;
             let base: Vec<u64> = self.rows[last_dead + 1..last_dead + stride].to_vec();
