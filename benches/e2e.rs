@@ -153,10 +153,13 @@ fn phases(counts: [usize; 4]) -> [(usize, u64, i64); 4] {
 
 /// Each figure's median over the rounds (the upper one of an even count).
 fn median(rows: &[Row]) -> Row {
-    let m = |f: fn(&Row) -> f64| {
-        let mut v: Vec<f64> = rows.iter().map(f).collect();
+    let med = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
+    };
+    let m = |f: fn(&Row) -> f64| med(rows.iter().map(f).collect());
+    let cpu = |f: fn(&Row) -> [f64; PROCS]| {
+        std::array::from_fn(|i| med(rows.iter().map(|r| f(r)[i]).collect()))
     };
     Row {
         stream: m(|r| r.stream),
@@ -165,16 +168,8 @@ fn median(rows: &[Row]) -> Row {
         p50: m(|r| r.p50),
         p99: m(|r| r.p99),
         p999: m(|r| r.p999),
-        stream_cpu: [0, 1, 2].map(|i| {
-            let mut v: Vec<f64> = rows.iter().map(|r| r.stream_cpu[i]).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        }),
-        rr_cpu: [0, 1, 2].map(|i| {
-            let mut v: Vec<f64> = rows.iter().map(|r| r.rr_cpu[i]).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        }),
+        stream_cpu: cpu(|r| r.stream_cpu),
+        rr_cpu: cpu(|r| r.rr_cpu),
     }
 }
 
