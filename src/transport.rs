@@ -488,6 +488,11 @@ impl Ack {
     }
 }
 
+/// Messages asked for by one pull request, and how long a request waits (async-nats's
+/// default), unless the consumer allows less.
+const PULL_BATCH: usize = 256;
+const PULL_EXPIRES: Duration = Duration::from_secs(30);
+
 /// A message from the durable consumer: payload, stream sequence, store time, its ack.
 pub struct Delivered {
     pub payload: Bytes,
@@ -675,9 +680,21 @@ impl Wire {
         consumer: &async_nats::jetstream::consumer::PullConsumer,
     ) -> Result<impl futures::Stream<Item = Result<Delivered, String>>, TransportError> {
         use futures::StreamExt;
-        let messages = consumer
-            .stream()
-            .max_messages_per_batch(256)
+        // Pull requests within what the consumer allows (an operator may have set up the
+        // consumer with a smaller `max_batch` or `max_expires`): the server refuses a
+        // request over them with a 409, and the pull would end on every request.
+        let limits = &consumer.cached_info().config;
+        let batch = match usize::try_from(limits.max_batch) {
+            Ok(max) if max > 0 => max.min(PULL_BATCH),
+            _ => PULL_BATCH,
+        };
+        let mut pull = consumer.stream().max_messages_per_batch(batch);
+        if !limits.max_expires.is_zero() && limits.max_expires < PULL_EXPIRES {
+            pull = pull
+                .expires(limits.max_expires)
+                .heartbeat(limits.max_expires / 4);
+        }
+        let messages = pull
             .messages()
             .await
             .map_err(|e| js_err("cannot pull from the consumer")(e.to_string()))?;

@@ -507,7 +507,24 @@ async fn a_deleted_consumer_is_made_again_where_the_engine_stands() {
     }
     drained(&js, "fraudgate").await;
     let stream = js.get_stream("FRAUD_TXN").await.unwrap();
-    stream.delete_consumer("fraudgate").await.unwrap();
+    // The server can fail a delete while it writes the consumer's state (a 500,
+    // "directory not empty"): again until the consumer is gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if stream.delete_consumer("fraudgate").await.is_ok() {
+            break;
+        }
+        if let Err(e) = stream.consumer_info("fraudgate").await {
+            if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the consumer could not be deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     js_publish(
         &js,
         "del-3",
@@ -526,4 +543,58 @@ async fn a_deleted_consumer_is_made_again_where_the_engine_stands() {
     assert!(again.is_err(), "a decision again: {again:?}");
     drained(&js, "fraudgate").await;
     drop(engine);
+}
+
+/// A durable consumer the operator set up with smaller pull limits than the engine's
+/// defaults (`max_batch` 10, `max_expires` 2 s): the server refuses a pull request over
+/// them, so the engine must ask within them, or it never gets a message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_with_small_pull_limits_is_pulled_within_them() {
+    let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
+    let c = client(&nats.url()).await;
+    let js = jetstream::new(c.clone());
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: "FRAUD_TXN".into(),
+            subjects: vec!["fraud.txn".into()],
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("fraudgate".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            filter_subject: "fraud.txn".into(),
+            max_batch: 10,
+            max_expires: Duration::from_secs(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let dir = Scratch::new("js-limits");
+    let engine = Engine::start_with(
+        &nats.url(),
+        &js_config("fraudgate", &dir.0.join("s.snap"), "60s"),
+    )
+    .await;
+    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    c.flush().await.unwrap();
+    let ts = fraudgate::service::now_ms();
+    for i in 0..30 {
+        let id = format!("lim-{i}");
+        js_publish(&js, &id, txn_at(&id, "4111111111119004", "10", ts + i)).await;
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 30 {
+        seen.insert(decision_id(&mut decisions).await);
+    }
+    drained(&js, "fraudgate").await;
+    assert_eq!(
+        engine.count_log("JetStream pull ended"),
+        0,
+        "{}",
+        engine.log_text()
+    );
 }
