@@ -106,9 +106,10 @@ overview.panel("timeseries", "Engine decision time",
                [(quantile(0.5, "fraudgate_decision_duration_seconds"), "p50 {{path}}"),
                 (quantile(0.99, "fraudgate_decision_duration_seconds"), "p99 {{path}}"),
                 (quantile(0.999, "fraudgate_decision_duration_seconds"), "p99.9 {{path}}")], "s")
-overview.panel("timeseries", "Invalid inputs by code",
-               "Refused inputs per second by stable error code (request-reply answers them; the stream forwards them to fraud.invalid).",
-               [(f'sum by (code) (rate(fraudgate_invalid_inputs_total{{{I}}}[{RI}]))', "{{code}}")], "reqps")
+overview.panel("timeseries", "Invalid inputs by code, and failed decisions",
+               "Refused inputs per second by stable error code (request-reply answers them; the stream forwards them to fraud.invalid), and transactions the engine failed to decide (a bug: answered or forwarded with the code internal).",
+               [(f'sum by (code) (rate(fraudgate_invalid_inputs_total{{{I}}}[{RI}]))', "{{code}}"),
+                (f'sum(rate(fraudgate_decision_failures_total{{{I}}}[{RI}]))', "internal (failed decisions)")], "reqps")
 overview.panel("timeseries", "Retries",
                "Retries answered from the dedupe table (the original decision again, counted once) per second.",
                [(f'sum(rate(fraudgate_duplicates_total{{{I}}}[{RI}]))', "retries")], "reqps")

@@ -555,6 +555,12 @@ impl Engine {
             (None, entry) => {
                 let (mut decision, too_late) =
                     self.decide_fresh(&active, capture.as_deref(), &base, &keys, &mut over_cap);
+                // Fault injection for tests (feature `failpoints`, compiled out otherwise):
+                // a bug in the middle of a decision, the windows updated and the id's retry
+                // table shard locked.
+                fail::fail_point!("decide", txn.id.starts_with("failpoint-"), |_| {
+                    panic!("failpoint: decide")
+                });
                 if let Some(c) = capture.as_deref() {
                     // Under this id's dedupe shard lock, like the snapshot's read of it.
                     c.ids_after.insert(id_hash, ());

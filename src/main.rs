@@ -153,6 +153,9 @@ fn init_logging(format: &str, level: &str) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Test builds only (feature `failpoints`): fail points from FAILPOINTS.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,

@@ -613,6 +613,7 @@ impl Running {
             decided = s.decided(),
             invalid = s.invalid_total(),
             publish_errors = s.publish_errors,
+            decision_failures = s.decision_failures.iter().sum::<u64>(),
             snapshots_ok = s.snapshots_ok,
             snapshots_failed = s.snapshots_failed,
             clean,
@@ -798,7 +799,7 @@ async fn intake_jetstream(
                 match wire.decode(&d.payload) {
                     Err(e) => {
                         counters.invalid(e.code);
-                        if wire.publish_invalid(d.payload, &e).await.is_err() {
+                        if wire.publish_invalid(d.payload, &(&e).into()).await.is_err() {
                             counters.publish_error();
                         } else if d.ack.ack().await.is_err() {
                             counters.ack_error();
@@ -969,13 +970,13 @@ async fn take(
             counters.invalid(e.code);
             let sent = match path {
                 IntakePath::Check => match msg.reply {
-                    Some(inbox) => wire.reply_error(inbox, &e).await,
+                    Some(inbox) => wire.reply_error(inbox, &(&e).into()).await,
                     None => {
                         counters.no_reply();
                         Ok(())
                     }
                 },
-                IntakePath::Stream => wire.publish_invalid(msg.payload, &e).await,
+                IntakePath::Stream => wire.publish_invalid(msg.payload, &(&e).into()).await,
             };
             if sent.is_err() {
                 counters.publish_error();
@@ -1061,12 +1062,7 @@ async fn decide_one(
     let out = match decided {
         Ok(out) => out,
         Err(_) => {
-            counters.publish_error();
-            tracing::error!(id = %job.txn.id, "decision panicked; transaction not decided");
-            if let Some((_, ack)) = job.js.take() {
-                // Not again: a redelivery would panic again, forever.
-                let _ = ack.term().await;
-            }
+            failed(wire, counters, job, path).await;
             return;
         }
     };
@@ -1101,6 +1097,41 @@ async fn decide_one(
         Err(e) => {
             counters.publish_error();
             tracing::warn!(error = %e, id = %out.decision.id, "could not publish a decision");
+        }
+    }
+}
+
+/// A decision that panicked (a bug): the requester gets an `internal` error at once instead
+/// of waiting out its timeout, and a stream transaction goes to fraud.invalid, re-encoded,
+/// where its payload is kept for a person to look at.
+async fn failed(wire: &Wire, counters: &Counters, job: &mut Job, path: IntakePath) {
+    counters.decision_failed(path);
+    tracing::error!(
+        id = %job.txn.id,
+        path = path.as_str(),
+        "decision failed (a bug); answered as an internal error"
+    );
+    let sent = match &job.reply {
+        Reply::Check(Some(inbox)) => {
+            let why = transport::Refusal::internal(&job.txn.id);
+            wire.reply_error(inbox.clone(), &why).await
+        }
+        Reply::Check(None) => Ok(()),
+        Reply::Stream => wire.publish_failed(&job.txn).await,
+    };
+    match sent {
+        Err(e) => {
+            // A JetStream message stays unacknowledged and comes again.
+            counters.publish_error();
+            tracing::warn!(error = %e, id = %job.txn.id, "could not report a failed decision");
+        }
+        Ok(()) => {
+            if let Some((_, ack)) = job.js.take() {
+                // Not again: a redelivery would fail the same way, every time.
+                if ack.term().await.is_err() {
+                    counters.ack_error();
+                }
+            }
         }
     }
 }

@@ -29,6 +29,7 @@ pub mod names {
     pub const LATE_DROPPED: &str = "fraudgate_late_events_dropped_total";
     pub const TS_CLAMPED: &str = "fraudgate_future_timestamps_clamped_total";
     pub const PUBLISH_ERRORS: &str = "fraudgate_publish_errors_total";
+    pub const DECISION_FAILURES: &str = "fraudgate_decision_failures_total";
     pub const DECISION_SECONDS: &str = "fraudgate_decision_duration_seconds";
     pub const END_TO_END_SECONDS: &str = "fraudgate_end_to_end_duration_seconds";
     pub const RULE_HITS: &str = "fraudgate_rule_hits_total";
@@ -163,6 +164,11 @@ fn describe() {
         PUBLISH_ERRORS,
         Unit::Count,
         "Decisions or error replies that could not be published."
+    );
+    describe_counter!(
+        DECISION_FAILURES,
+        Unit::Count,
+        "Transactions the engine failed to decide (a bug), by path: answered with an `internal` error, or forwarded to the invalid subject."
     );
     describe_histogram!(
         DECISION_SECONDS,
@@ -328,6 +334,7 @@ pub struct Counters {
     late_dropped: Both,
     ts_clamped: Both,
     publish_errors: Both,
+    decision_failures: [Both; 2],
     reloads_ok: Both,
     reloads_failed: Both,
     disconnects: Both,
@@ -379,6 +386,8 @@ pub struct Snapshot {
     /// Invalid inputs by error code, in [`ErrorCode::ALL`] order.
     pub invalid: [u64; 7],
     pub publish_errors: u64,
+    /// Decisions that failed (a bug): [check, stream].
+    pub decision_failures: [u64; 2],
     pub reloads_ok: u64,
     pub reloads_failed: u64,
     pub disconnects: u64,
@@ -439,6 +448,7 @@ impl Counters {
             late_dropped: Both::new(counter!(LATE_DROPPED)),
             ts_clamped: Both::new(counter!(TS_CLAMPED)),
             publish_errors: Both::new(counter!(PUBLISH_ERRORS)),
+            decision_failures: path_counter(DECISION_FAILURES),
             reloads_ok: reloads("success"),
             reloads_failed: reloads("failure"),
             disconnects: Both::new(counter!(NATS_DISCONNECTS)),
@@ -490,6 +500,9 @@ impl Counters {
     }
     pub fn publish_error(&self) {
         self.publish_errors.inc();
+    }
+    pub fn decision_failed(&self, p: Path) {
+        self.decision_failures[p.idx()].inc();
     }
     pub fn reload(&self, ok: bool) {
         if ok {
@@ -673,6 +686,10 @@ impl Counters {
             ts_clamped: self.ts_clamped.get(),
             invalid,
             publish_errors: self.publish_errors.get(),
+            decision_failures: [
+                self.decision_failures[0].get(),
+                self.decision_failures[1].get(),
+            ],
             reloads_ok: self.reloads_ok.get(),
             reloads_failed: self.reloads_failed.get(),
             disconnects: self.disconnects.get(),
@@ -730,6 +747,7 @@ mod tests {
             LATE_DROPPED,
             TS_CLAMPED,
             PUBLISH_ERRORS,
+            DECISION_FAILURES,
             RULE_HITS,
             RELOADS,
             EVICTED_KEYS,

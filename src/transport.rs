@@ -5,7 +5,8 @@
 //!   or `{"id": ..., "error": {"code": ..., "message": ...}}` for bad input.
 //! - `fraud.txn`, queue group `fraudgate`: asynchronous intake. Each decision is published
 //!   to `fraud.decision.<action>`; bad input goes to `fraud.invalid` (the original payload,
-//!   the reason in headers).
+//!   the reason in headers), and so does a transaction the engine failed to decide (code
+//!   `internal`, the transaction re-encoded).
 //! - Published decisions carry the headers `Nats-Msg-Id` (the transaction id),
 //!   `Fraudgate-Action` and `Fraudgate-Rules-Version`; a decision reply is the bare JSON, an
 //!   error reply has the `Fraudgate-Error-Code` header.
@@ -352,17 +353,18 @@ impl Wire {
     pub async fn reply_error(
         &self,
         inbox: Subject,
-        e: &DecodeError,
+        e: &Refusal<'_>,
     ) -> Result<(), async_nats::PublishError> {
         let body = error_json(e);
         let mut h = HeaderMap::new();
-        h.insert(HEADER_ERROR_CODE, e.code.as_str());
+        h.insert(HEADER_ERROR_CODE, e.code);
         self.client
             .publish_with_headers(inbox, h, Bytes::from(body))
             .await
     }
 
-    /// Forwards an invalid asynchronous payload, unchanged, with the reason in headers.
+    /// Forwards an asynchronous payload that was not decided (invalid input, unchanged, or
+    /// a transaction the engine failed on), with the reason in headers.
     /// A payload that no longer fits the server's message limit once the headers are
     /// added (an oversized one just under that limit) goes cut to fit, with
     /// `Fraudgate-Truncated` giving its full length: refused by the server, it would be
@@ -371,18 +373,18 @@ impl Wire {
     pub async fn publish_invalid(
         &self,
         payload: Bytes,
-        e: &DecodeError,
+        e: &Refusal<'_>,
     ) -> Result<(), async_nats::PublishError> {
         let mut h = HeaderMap::new();
-        let message = header_safe(&e.message);
-        let id = e.id.as_deref().map(header_safe);
-        h.insert(HEADER_ERROR_CODE, e.code.as_str());
+        let message = header_safe(e.message);
+        let id = e.id.map(header_safe);
+        h.insert(HEADER_ERROR_CODE, e.code);
         h.insert(HEADER_ERROR, message.as_str());
         if let Some(id) = &id {
             h.insert(HEADER_MSG_ID, id.as_str());
         }
         let fields = [
-            (HEADER_ERROR_CODE, e.code.as_str()),
+            (HEADER_ERROR_CODE, e.code),
             (HEADER_ERROR, message.as_str()),
             (HEADER_MSG_ID, id.as_deref().unwrap_or("")),
             // Room for the truncation header itself.
@@ -403,6 +405,15 @@ impl Wire {
         };
         self.stream
             .publish_with_headers(self.subjects.invalid.clone(), h, payload)
+            .await
+    }
+
+    /// Forwards an asynchronous transaction the engine failed to decide to fraud.invalid:
+    /// re-encoded from what was decoded (the original bytes are not kept past decoding),
+    /// with the code `internal`.
+    pub async fn publish_failed(&self, txn: &Transaction) -> Result<(), async_nats::PublishError> {
+        let payload = Bytes::from(txn.to_json());
+        self.publish_invalid(payload, &Refusal::internal(&txn.id))
             .await
     }
 
@@ -795,11 +806,46 @@ async fn queue_subscribe(
         })
 }
 
+/// Why a message got no decision: its input was refused, or the engine failed on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal<'a> {
+    /// A stable code: one of [`ErrorCode`]'s, or [`INTERNAL`].
+    pub code: &'a str,
+    pub message: &'a str,
+    /// The transaction id, when it could be read.
+    pub id: Option<&'a str>,
+}
+
+/// The code of a transaction the engine failed to decide (a bug, not the input's fault as
+/// far as the input's checks go). Retrying it fails the same way.
+pub const INTERNAL: &str = "internal";
+
+impl<'a> Refusal<'a> {
+    /// The engine's own failure on transaction `id`.
+    pub fn internal(id: &'a str) -> Self {
+        Refusal {
+            code: INTERNAL,
+            message: "the engine failed while deciding this transaction; it was not decided",
+            id: Some(id),
+        }
+    }
+}
+
+impl<'a> From<&'a DecodeError> for Refusal<'a> {
+    fn from(e: &'a DecodeError) -> Self {
+        Refusal {
+            code: e.code.as_str(),
+            message: &e.message,
+            id: e.id.as_deref(),
+        }
+    }
+}
+
 /// `{"id": ..., "error": {"code": ..., "message": ...}}`
-pub fn error_json(e: &DecodeError) -> String {
+pub fn error_json(e: &Refusal<'_>) -> String {
     serde_json::json!({
         "id": e.id,
-        "error": {"code": e.code.as_str(), "message": e.message},
+        "error": {"code": e.code, "message": e.message},
     })
     .to_string()
 }
@@ -863,13 +909,17 @@ mod tests {
     #[test]
     fn error_object_shape() {
         let e = Transaction::from_json(br#"{"id":"x1","card":"c","amount":-1}"#).unwrap_err();
-        let v: serde_json::Value = serde_json::from_str(&error_json(&e)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&error_json(&(&e).into())).unwrap();
         assert_eq!(v["id"], "x1");
         assert_eq!(v["error"]["code"], "negative_amount");
         assert!(v["error"]["message"].as_str().unwrap().contains(">= 0"));
         let e = Transaction::from_json(b"{").unwrap_err();
-        let v: serde_json::Value = serde_json::from_str(&error_json(&e)).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&error_json(&(&e).into())).unwrap();
         assert!(v["id"].is_null());
+        let v: serde_json::Value =
+            serde_json::from_str(&error_json(&Refusal::internal("x2"))).unwrap();
+        assert_eq!(v["id"], "x2");
+        assert_eq!(v["error"]["code"], INTERNAL);
         assert_eq!(header_safe("a\nb\rc"), "a b c");
     }
 }

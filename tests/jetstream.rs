@@ -598,3 +598,43 @@ async fn a_consumer_with_small_pull_limits_is_pulled_within_them() {
         engine.log_text()
     );
 }
+
+/// A JetStream transaction the engine fails to decide (a fail point that panics for ids
+/// starting with `failpoint-`): forwarded to fraud.invalid once and terminated, not
+/// delivered again forever, and the transactions after it are decided.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_decision_is_forwarded_once_and_not_delivered_again() {
+    let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
+    let dir = Scratch::new("js-failpoint");
+    let engine = Engine::start_env(
+        &nats.url(),
+        &js_config("fraudgate", &dir.0.join("s.snap"), "60s"),
+        &[("FAILPOINTS", "decide=panic")],
+    )
+    .await;
+    let c = client(&nats.url()).await;
+    let js = jetstream::new(c.clone());
+    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    let mut invalid = c.subscribe("fraud.invalid").await.unwrap();
+    c.flush().await.unwrap();
+    let ts = fraudgate::service::now_ms();
+    let card = "4111111111119005";
+    js_publish(&js, "failpoint-js", txn_at("failpoint-js", card, "10", ts)).await;
+    js_publish(&js, "fp-js-ok", txn_at("fp-js-ok", card, "10", ts + 1)).await;
+    let m = tokio::time::timeout(Duration::from_secs(10), invalid.next())
+        .await
+        .expect("forwarded in time")
+        .unwrap();
+    let h = m.headers.unwrap();
+    assert_eq!(h.get("Fraudgate-Error-Code").unwrap().as_str(), "internal");
+    assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "failpoint-js");
+    assert_eq!(decision_id(&mut decisions).await, "fp-js-ok");
+    drained(&js, "fraudgate").await;
+    // Past the consumer's ack_wait (2 s): not delivered, failed and forwarded again.
+    let again = tokio::time::timeout(Duration::from_secs(4), invalid.next()).await;
+    assert!(again.is_err(), "forwarded again: {again:?}");
+    let engine = stop(engine).await;
+    let stopped = engine.stopped_line();
+    assert_eq!(stopped["fields"]["decision_failures"].as_u64(), Some(1));
+}

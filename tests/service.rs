@@ -1003,3 +1003,68 @@ async fn an_invalid_payload_at_the_servers_limit_is_forwarded_cut_to_fit() {
     assert_eq!(m.payload.as_ref(), small.as_bytes());
     assert!(m.headers.unwrap().get("Fraudgate-Truncated").is_none());
 }
+
+/// A bug in the middle of a decision (a fail point that panics for ids starting with
+/// `failpoint-`, with the windows updated and the id's retry-table shard locked): the
+/// requester gets an `internal` error at once instead of waiting out its timeout, a stream
+/// transaction goes to fraud.invalid instead of nowhere, and the engine goes on deciding,
+/// the same shard included.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_that_fails_is_answered_as_internal_and_the_engine_goes_on() {
+    let nats = nats().await;
+    let engine = Engine::start_env(&nats.url(), CONFIG, &[("FAILPOINTS", "decide=panic")]).await;
+    let c = client(&nats.url()).await;
+    let body = txn("failpoint-1", "4111111111113301", "10");
+    for _ in 0..2 {
+        // Again: the failure left nothing in the retry table (and no shard locked).
+        let m = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.request("fraud.check", Bytes::from(body.clone())),
+        )
+        .await
+        .expect("an answer within 5 s, not the requester's timeout")
+        .unwrap();
+        let h = m.headers.expect("an error reply has headers");
+        assert_eq!(h.get("Fraudgate-Error-Code").unwrap().as_str(), "internal");
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(v["id"], "failpoint-1", "{v}");
+        assert_eq!(v["error"]["code"], "internal", "{v}");
+    }
+    // The failure came after the windows were updated: both tries are in them (the
+    // duplicate rule would reject the same amount again), and that is documented.
+    let d = check(&c, &txn("fp-ok-1", "4111111111113301", "10")).await;
+    assert_eq!(d["decided_by"], "reject:duplicate_txn", "{d}");
+    let d = check(&c, &txn("fp-ok-1b", "4111111111113301", "11")).await;
+    assert_eq!(d["action"], "approve", "{d}");
+
+    let mut invalid = c.subscribe("fraud.invalid").await.unwrap();
+    c.flush().await.unwrap();
+    let m = forwarded(
+        &c,
+        &mut invalid,
+        &txn("failpoint-2", "4111111111113302", "12.50"),
+    )
+    .await;
+    let h = m.headers.unwrap();
+    assert_eq!(h.get("Fraudgate-Error-Code").unwrap().as_str(), "internal");
+    assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "failpoint-2");
+    // The transaction as decoded, for a person to look at and send again.
+    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(v["id"], "failpoint-2", "{v}");
+    assert_eq!(v["card"], "4111111111113302", "{v}");
+    assert_eq!(v["amount"], "12.50", "{v}");
+    let d = check(&c, &txn("fp-ok-2", "4111111111113302", "10")).await;
+    assert_eq!(d["action"], "approve", "{d}");
+
+    let engine = stop(engine).await;
+    let stopped = engine.stopped_line();
+    assert_eq!(stopped["fields"]["decision_failures"].as_u64(), Some(3));
+    assert_eq!(stopped["fields"]["publish_errors"].as_u64(), Some(0));
+    assert_eq!(
+        engine.count_log("decision failed (a bug)"),
+        3,
+        "{}",
+        engine.log_text()
+    );
+}
