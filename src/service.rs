@@ -171,8 +171,20 @@ struct Shard {
     stream: mpsc::Sender<Batch>,
 }
 
-/// Longest a shutdown may take before the process exits anyway.
-pub const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(15);
+/// Shutdown budgets, so a NATS server that is down or hangs cannot hold the process
+/// forever, nor take the time of the steps that do not need it. Draining the
+/// subscriptions (and deciding what they still deliver) gives up after `DRAIN`; the
+/// workers then get `WORKER_GRACE` to finish what they hold; the final snapshot is local
+/// disk and gets `SNAPSHOT` of its own whatever NATS did; the last flush and close get
+/// `FLUSH`. At most ~25 s in all (with the ack floor's 2 s read); with NATS healthy, as
+/// long as the work takes.
+pub mod shutdown_budget {
+    use std::time::Duration;
+    pub const DRAIN: Duration = Duration::from_secs(8);
+    pub const WORKER_GRACE: Duration = Duration::from_secs(2);
+    pub const SNAPSHOT: Duration = Duration::from_secs(10);
+    pub const FLUSH: Duration = Duration::from_secs(3);
+}
 
 /// A running service. [`Running::shutdown`] stops it cleanly.
 pub struct Running {
@@ -563,44 +575,62 @@ impl Running {
         EXPORTER.get().copied()
     }
 
-    /// Stops taking messages, decides and publishes everything already received, flushes
-    /// and closes the connection.
-    /// The whole shutdown has a deadline ([`SHUTDOWN_DEADLINE`]), so a NATS server that
-    /// is down cannot hold the process forever; what could not be finished is logged.
+    /// Stops taking messages, decides and publishes everything already received, writes
+    /// the final snapshot, flushes and closes the connection. Each step has its own
+    /// deadline ([`shutdown_budget`]); what could not be finished is logged.
     pub async fn shutdown(self) -> Snapshot {
-        let deadline = tokio::time::Instant::now() + SHUTDOWN_DEADLINE;
-        let left = || deadline.saturating_duration_since(tokio::time::Instant::now());
+        use tokio::time::Instant as TokioInstant;
+        let budget = |d: Duration| TokioInstant::now() + d;
         tracing::info!("shutting down: draining subscriptions");
         let _ = self.stop.send(true);
         let mut clean = true;
+        let drained_by = budget(shutdown_budget::DRAIN);
         for mut t in self.intake {
-            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+            if tokio::time::timeout_at(drained_by, &mut t).await.is_err() {
                 clean = false;
                 tracing::error!("intake did not drain in time (is NATS reachable?)");
                 t.abort();
+                // Gone for sure (its queue senders dropped) before the workers are timed.
+                let _ = t.await;
             }
         }
         // The intake tasks held the only senders: the workers finish their queues and stop.
+        let finished_by = drained_by.max(TokioInstant::now()) + shutdown_budget::WORKER_GRACE;
         for mut t in self.workers {
-            if tokio::time::timeout_at(deadline, &mut t).await.is_err() {
+            if tokio::time::timeout_at(finished_by, &mut t).await.is_err() {
                 clean = false;
-                tracing::error!("a worker did not finish in time");
                 t.abort();
             }
+        }
+        let undecided: i64 = [IntakePath::Check, IntakePath::Stream]
+            .iter()
+            .map(|p| self.counters.queued_now(*p))
+            .sum();
+        if undecided > 0 {
+            tracing::error!(
+                undecided,
+                "workers did not finish in time (publishing to NATS?): transactions taken \
+                 in and not decided (with JetStream they come again)"
+            );
         }
         for t in self.background {
             t.abort();
         }
-        // Every accepted transaction is in the windows now: save them for the next start.
+        // Every decided transaction is in the windows now: save them for the next start.
         if let Some(snaps) = self.snapshots.clone() {
             snaps.refresh_ack_floor().await;
             let (engine, counters) = (self.engine.clone(), self.counters.clone());
             let write = tokio::task::spawn_blocking(move || snaps.write(&engine, &counters));
-            if tokio::time::timeout(left(), write).await.is_err() {
+            if tokio::time::timeout(shutdown_budget::SNAPSHOT, write)
+                .await
+                .is_err()
+            {
                 clean = false;
                 tracing::error!("the final snapshot did not finish in time");
             }
         }
+        let flushed_by = budget(shutdown_budget::FLUSH);
+        let left = || flushed_by.saturating_duration_since(TokioInstant::now());
         if !self.wire.flush(left()).await {
             clean = false;
             tracing::warn!("NATS flush did not complete before exit");

@@ -556,12 +556,15 @@ impl Counters {
     pub fn queued(&self, p: Path, delta: i64) {
         self.queued[p.idx()].fetch_add(delta, Relaxed);
     }
+    /// Transactions handed to the workers and not decided yet.
+    pub fn queued_now(&self, p: Path) -> i64 {
+        self.queued[p.idx()].load(Relaxed).max(0)
+    }
 
     /// Sets the in-flight gauges from the queued counts.
     pub fn publish_queued(&self) {
         for p in Path::ALL {
-            let n = self.queued[p.idx()].load(Relaxed).max(0);
-            self.in_flight[p.idx()].set(n as f64);
+            self.in_flight[p.idx()].set(self.queued_now(p) as f64);
         }
     }
 

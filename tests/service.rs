@@ -1068,3 +1068,70 @@ async fn a_decision_that_fails_is_answered_as_internal_and_the_engine_goes_on() 
         engine.log_text()
     );
 }
+
+/// SIGTERM while the NATS server is unresponsive (stopped, so connections hang instead of
+/// failing): draining the subscriptions cannot finish, but the final snapshot is local
+/// disk and must still be written, or a restart forgets the windows since the last
+/// periodic one. The shutdown stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_final_snapshot_is_written_when_nats_hangs_at_shutdown() {
+    let nats = nats().await;
+    let dir = Scratch::new("hang-snap");
+    let path = dir.0.join("fraudgate.snap");
+    let config = format!(
+        "{CONFIG}\n[snapshot]\npath = {:?}\ninterval = \"1h\"\n",
+        path.display().to_string()
+    );
+    let engine = Engine::start_with(&nats.url(), &config).await;
+    let c = client(&nats.url()).await;
+    // Enough state that writing it takes a while (a real snapshot is far bigger).
+    const N: usize = 20_000;
+    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    c.flush().await.unwrap();
+    for i in 0..N {
+        let body = txn(&format!("hang-{i}"), &format!("4{i:015}"), "10");
+        c.publish("fraud.txn", Bytes::from(body)).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    for _ in 0..N {
+        tokio::time::timeout(Duration::from_secs(30), decisions.next())
+            .await
+            .expect("every decision")
+            .unwrap();
+    }
+    assert!(!path.exists(), "no periodic snapshot yet");
+    let pid = nats.pid().unwrap().to_string();
+    let kill = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+    };
+    assert!(kill("-STOP").success());
+    let started = std::time::Instant::now();
+    engine.signal("TERM");
+    let mut engine = engine;
+    let status = tokio::time::timeout(Duration::from_secs(60), engine.child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    let took = started.elapsed();
+    kill("-CONT");
+    let log = engine.log_text();
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(took < Duration::from_secs(30), "took {took:?}:\n{log}");
+    assert!(log.contains("snapshot written"), "{log}");
+    let cards = windows_in(&path, fraudgate::service::now_ms())
+        .into_iter()
+        .filter(|(w, _, v)| w == "card_txn_1h" && v == "1")
+        .count();
+    assert_eq!(cards, N, "{log}");
+    // Written within its own time, not by luck before the process exited.
+    assert!(
+        !log.contains("the final snapshot did not finish in time"),
+        "{log}"
+    );
+    // Everything taken in was decided before the snapshot.
+    assert!(!log.contains("workers did not finish in time"), "{log}");
+    assert!(log.contains("intake did not drain in time"), "{log}");
+}
