@@ -81,8 +81,9 @@ struct InFlight {
     /// The consumer's ack floor, as last read (before each snapshot): a message delivered
     /// but lost before intake took it is above it, and comes again.
     ack_floor: Option<u64>,
-    /// Store time of the newest message taken in, and when it was taken.
-    newest: Option<(i64, Instant)>,
+    /// Messages taken in the last `hold`, by the second they were taken in: (when the
+    /// second began, the lowest store time taken in it). See [`InFlight::clock`].
+    recent: std::collections::VecDeque<(Instant, i64)>,
     /// Until when the eviction clock is held at a store time: after a restart, at the
     /// first unacknowledged message's, until its redelivery is surely in.
     pin: Option<(i64, Instant)>,
@@ -92,10 +93,24 @@ struct InFlight {
 
 impl InFlight {
     fn taken(&mut self, seq: u64, stored_ms: i64) {
+        self.taken_at(seq, stored_ms, Instant::now());
+    }
+    fn taken_at(&mut self, seq: u64, stored_ms: i64, now: Instant) {
         self.pending.entry(seq).or_insert((0, stored_ms)).0 += 1;
         self.next = self.next.max(seq + 1);
-        let newest = self.newest.map_or(stored_ms, |n| n.0.max(stored_ms));
-        self.newest = Some((newest, Instant::now()));
+        match self.recent.back_mut() {
+            Some((at, low)) if now.duration_since(*at) < RECENT_SLOT => {
+                *low = (*low).min(stored_ms);
+            }
+            _ => self.recent.push_back((now, stored_ms)),
+        }
+        while self
+            .recent
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) >= self.hold + RECENT_SLOT)
+        {
+            self.recent.pop_front();
+        }
     }
     fn decided(&mut self, seq: u64) {
         if let std::collections::btree_map::Entry::Occupied(mut o) = self.pending.entry(seq) {
@@ -126,22 +141,32 @@ impl InFlight {
         }
     }
     /// The clock idle state is evicted by. Ids are remembered by the store time of their
-    /// message, so while a backlog is worked through (store times behind the wall clock)
-    /// eviction must follow the stream: never past the oldest message still undecided,
-    /// nor, while messages keep coming, the newest taken (an ack lost now means a
-    /// redelivery within `ack_wait`), nor a restart's pin. Otherwise ids a redelivery or
-    /// the next replay must find would be gone, and counted twice. When the stream is
+    /// message, so while a backlog is worked through (store times behind the wall clock,
+    /// and moving faster than it) eviction must follow the stream: never past the oldest
+    /// message still undecided, nor a restart's pin, nor, for a message taken in the last
+    /// `hold`, its store time plus the wall time since it was taken. An ack lost now means
+    /// a redelivery within `ack_wait`, and the message's id must still be there when it
+    /// comes, however far the backlog has moved on meanwhile. Otherwise ids a redelivery
+    /// or the next replay must find would be gone, and counted twice. In real time (store
+    /// times at the wall clock) that is the wall clock less a second; when the stream is
     /// quiet, the wall clock (request ids are kept by it).
     fn clock(&self, now_ms: i64) -> i64 {
+        self.clock_at(now_ms, Instant::now())
+    }
+    fn clock_at(&self, now_ms: i64, now: Instant) -> i64 {
         let oldest = self.pending.values().map(|v| v.1).min();
-        let recent = |t: Option<(i64, Instant)>, hold: Duration| {
-            t.filter(|(_, at)| at.elapsed() < hold).map(|(ms, _)| ms)
-        };
-        let pinned = self
-            .pin
-            .filter(|(_, until)| Instant::now() < *until)
-            .map(|p| p.0);
-        [Some(now_ms), oldest, recent(self.newest, self.hold), pinned]
+        // A message of the second that began at `at` was taken at most `age` ago.
+        let recent = self
+            .recent
+            .iter()
+            .filter(|(at, _)| now.duration_since(*at) < self.hold + RECENT_SLOT)
+            .map(|(at, low)| {
+                let age = now.duration_since(*at).saturating_sub(RECENT_SLOT);
+                low.saturating_add(age.as_millis() as i64)
+            })
+            .min();
+        let pinned = self.pin.filter(|(_, until)| now < *until).map(|p| p.0);
+        [Some(now_ms), oldest, recent, pinned]
             .into_iter()
             .flatten()
             .min()
@@ -150,6 +175,9 @@ impl InFlight {
 }
 
 type Tracker = Arc<std::sync::Mutex<InFlight>>;
+
+/// How finely [`InFlight`] remembers when recent messages were taken.
+const RECENT_SLOT: Duration = Duration::from_secs(1);
 
 /// The first and the longest pause between JetStream pulls that end without a message.
 const PULL_PAUSE_MIN: Duration = Duration::from_millis(100);
@@ -1118,6 +1146,9 @@ async fn decide_one(
             // Acknowledged only once the decision is on its way, on the same connection:
             // a crash before this line means a redelivery, answered from the dedupe table.
             if let Some((_, ack)) = job.js.take() {
+                // Fault injection for tests (feature `failpoints`): an acknowledgement
+                // lost on the way, so the message comes again after `ack_wait`.
+                fail::fail_point!("ack", out.decision.id.starts_with("failpoint-"), |_| {});
                 if let Err(e) = ack.ack().await {
                     counters.ack_error();
                     tracing::warn!(error = %e, id = %out.decision.id, "could not acknowledge");
@@ -1433,7 +1464,11 @@ mod tests {
         assert_eq!(f.low(), 10, "out of order: 10 is still undecided");
         f.decided(10);
         assert_eq!(f.low(), 12);
-        assert_eq!(f.clock(5_000), 1_200);
+        assert_eq!(
+            f.clock(5_000),
+            1_000,
+            "12 is the oldest undecided, but 10 was decided a moment ago"
+        );
         // A redelivery of 12 while the first delivery is undecided: both must finish.
         f.taken(12, 1_200);
         f.decided(12);
@@ -1442,8 +1477,8 @@ mod tests {
         assert_eq!(f.low(), 13, "all taken are decided: one past the highest");
         assert_eq!(
             f.clock(5_000),
-            1_200,
-            "messages still coming: never past the newest taken"
+            1_000,
+            "all decided, but 10 was taken a moment ago: its ack may be lost"
         );
         assert_eq!(f.clock(900), 900);
         // A message delivered but never taken (lost on the way) holds the ack floor down.
@@ -1455,12 +1490,56 @@ mod tests {
         assert_eq!(f.low(), 13);
         // The stream goes quiet: the wall clock again (request ids are kept by it).
         f.hold = Duration::ZERO;
-        assert_eq!(f.clock(5_000), 5_000);
+        assert_eq!(f.clock_at(5_000, Instant::now() + RECENT_SLOT), 5_000);
         // After a restart: held at the first unacknowledged message's store time.
         f.pin = Some((800, Instant::now() + Duration::from_secs(60)));
         assert_eq!(f.clock(5_000), 800);
         f.pin = Some((800, Instant::now() - Duration::from_secs(1)));
-        assert_eq!(f.clock(5_000), 5_000, "the pin ends");
+        assert_eq!(
+            f.clock_at(5_000, Instant::now() + RECENT_SLOT),
+            5_000,
+            "the pin ends"
+        );
+    }
+
+    /// A backlog worked through at many times the speed it was stored: the eviction clock
+    /// moves from a message's store time at the wall clock's pace, not the backlog's, so
+    /// the id of a message whose ack was lost is still there when it comes again.
+    #[test]
+    fn the_eviction_clock_ages_recent_messages_at_the_wall_clocks_pace() {
+        let t0 = Instant::now();
+        let s = |secs: u64| t0 + Duration::from_secs(secs);
+        let mut f = InFlight {
+            hold: Duration::from_secs(60),
+            ..Default::default()
+        };
+        // Ten minutes of stored traffic, taken and decided within one second.
+        f.taken_at(1, 0, t0);
+        for seq in 2..=600 {
+            f.taken_at(seq, seq as i64 * 1_000, t0 + Duration::from_millis(seq));
+        }
+        for seq in 1..=600 {
+            f.decided(seq);
+        }
+        let now_ms = 3_600_000;
+        assert_eq!(f.clock_at(now_ms, s(1)), 0, "message 1 was taken just now");
+        // Its redelivery comes within 2 x ack_wait: 30 s later the clock is 29 s on from
+        // message 1's store time (one second of slack), not at the backlog's end.
+        assert_eq!(f.clock_at(now_ms, s(30)), 29_000);
+        // Later messages, stored later, bound the clock less.
+        f.taken_at(601, 601_000, s(30));
+        f.decided(601);
+        assert_eq!(f.clock_at(now_ms, s(31)), 30_000);
+        // After `hold`, nothing taken then can come again: the wall clock.
+        assert_eq!(f.clock_at(now_ms, s(92)), now_ms);
+        // In real time, the wall clock less the slot.
+        let mut g = InFlight {
+            hold: Duration::from_secs(60),
+            ..Default::default()
+        };
+        g.taken_at(1, now_ms, t0);
+        g.decided(1);
+        assert_eq!(g.clock_at(now_ms + 10_000, s(10)), now_ms + 9_000);
     }
 
     #[tokio::test]

@@ -638,3 +638,68 @@ async fn a_failed_decision_is_forwarded_once_and_not_delivered_again() {
     let stopped = engine.stopped_line();
     assert_eq!(stopped["fields"]["decision_failures"].as_u64(), Some(1));
 }
+
+/// A backlog stored over 10 s is worked through in a moment, and the acknowledgement of
+/// its first message is lost (a fail point). The message comes again after `ack_wait`
+/// (2 s); by then the backlog's store times are 10 s on, past the retry horizon (3 s)
+/// from the first message's. Its id must still be in the retry table: the redelivery is
+/// answered as a retry, and the card is counted once in the windows, not twice.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_ack_in_a_backlog_is_answered_as_a_retry() {
+    let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
+    let dir = Scratch::new("js-lost-ack");
+    let snap = dir.0.join("s.snap");
+    let config = format!(
+        "{}{}dedupe_horizon = \"3s\"\n",
+        js_config("fraudgate", &snap, "60s")
+            .replace("[service]\n", "[service]\nsweep_interval = \"1s\"\n"),
+        daytime_engine_table()
+    );
+    // The stream and the consumer, then a backlog while no engine runs.
+    let _ = stop(Engine::start_with(&nats.url(), &config).await).await;
+    let c = client(&nats.url()).await;
+    let js = jetstream::new(c.clone());
+    const N: i64 = 40;
+    let ts = fraudgate::service::now_ms();
+    js_publish(
+        &js,
+        "failpoint-ack",
+        txn_at("failpoint-ack", "4111111111119100", "10", ts),
+    )
+    .await;
+    for i in 1..=N {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let id = format!("backlog-{i}");
+        let card = format!("4111111111{:06}", 119100 + i);
+        js_publish(&js, &id, txn_at(&id, &card, "10", ts + i)).await;
+    }
+    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    c.flush().await.unwrap();
+    let engine = Engine::start_env(&nats.url(), &config, &[("FAILPOINTS", "ack=1*return")]).await;
+    let mut first = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(m)) =
+            tokio::time::timeout(Duration::from_millis(500), decisions.next()).await
+        {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            if v["id"] == "failpoint-ack" {
+                first += 1;
+            }
+        }
+    }
+    assert_eq!(first, 2, "decided, then answered again after the lost ack");
+    drained(&js, "fraudgate").await;
+    let engine = stop(engine).await;
+    let counts: Vec<String> = windows_in(&snap, fraudgate::service::now_ms())
+        .into_iter()
+        .filter(|(w, _, _)| w == "card_txn_1h")
+        .map(|(_, _, v)| v)
+        .collect();
+    assert_eq!(counts.len(), N as usize + 1, "{}", engine.log_text());
+    assert!(
+        counts.iter().all(|v| v == "1"),
+        "a card counted twice: {counts:?}"
+    );
+}
