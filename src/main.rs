@@ -166,6 +166,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// Panics go to the log as one structured line, with their location and a message whose
+/// card numbers are masked (the default hook prints the message as it is to stderr, and a
+/// message may hold an input value).
+fn log_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!(
+            location,
+            thread = std::thread::current().name().unwrap_or("?"),
+            "panic: {}",
+            fraudgate::txn::redact_pans(&message)
+        );
+    }));
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -220,9 +244,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 file.metrics.addr = metrics_addr;
             }
             init_logging(&file.log.format, &file.log.level)?;
+            log_panics();
             let engine = engine_config(&file)?;
             let nats_url = nats_url.unwrap_or_else(|| file.nats.url.clone());
-            runtime()?.block_on(async {
+            let rt = runtime()?;
+            let code = rt.block_on(async {
                 let mut signals = Signals::new()?;
                 let running = Running::start(RunOptions {
                     rules_dir: rules,
@@ -240,7 +266,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 });
                 running.shutdown().await;
                 Ok(ExitCode::SUCCESS)
-            })
+            });
+            // A blocking task still running (a final snapshot past its deadline, stuck in
+            // fsync) must not hold the exit: dropping the runtime would wait for it. The
+            // shutdown has logged what did not finish.
+            rt.shutdown_timeout(Duration::from_secs(1));
+            code
         }
         Cmd::Ask {
             transaction,

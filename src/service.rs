@@ -87,7 +87,9 @@ struct InFlight {
     /// Until when the eviction clock is held at a store time: after a restart, at the
     /// first unacknowledged message's, until its redelivery is surely in.
     pin: Option<(i64, Instant)>,
-    /// How long an id must survive its message's last delivery: `2 x ack_wait`.
+    /// How long after a message is taken its redelivery may still come (a lost ack brings
+    /// it back after `ack_wait`): `2 x ack_wait`. Within it the clock keeps the message's
+    /// id for the retry horizon (longer than `ack_wait`) of wall time since it was taken.
     hold: Duration,
 }
 
@@ -204,8 +206,10 @@ struct Shard {
 /// subscriptions (and deciding what they still deliver) gives up after `DRAIN`; the
 /// workers then get `WORKER_GRACE` to finish what they hold; the final snapshot is local
 /// disk and gets `SNAPSHOT` of its own whatever NATS did; the last flush and close get
-/// `FLUSH`. At most ~25 s in all (with the ack floor's 2 s read); with NATS healthy, as
-/// long as the work takes.
+/// `FLUSH`. At most ~25 s in all (with the ack floor's 2 s read); the process then exits
+/// without waiting for a snapshot write still stuck (main's runtime shutdown). With NATS
+/// healthy the first two steps end as soon as the queues are empty, but never later than
+/// 10 s after the signal.
 pub mod shutdown_budget {
     use std::time::Duration;
     pub const DRAIN: Duration = Duration::from_secs(8);
@@ -627,6 +631,7 @@ impl Running {
         for mut t in self.workers {
             if tokio::time::timeout_at(finished_by, &mut t).await.is_err() {
                 clean = false;
+                tracing::error!("a worker did not finish in time (publishing to NATS?)");
                 t.abort();
             }
         }
@@ -637,8 +642,8 @@ impl Running {
         if undecided > 0 {
             tracing::error!(
                 undecided,
-                "workers did not finish in time (publishing to NATS?): transactions taken \
-                 in and not decided (with JetStream they come again)"
+                "transactions taken in and not decided: with JetStream they come again, \
+                 with core NATS they are lost"
             );
         }
         for t in self.background {
@@ -921,6 +926,28 @@ async fn recover(
 > {
     use transport::ReplayFrom;
     let setup = wire.jetstream_setup(cfg).await?;
+    if let Some(after) = setup.redelivery_after {
+        // An existing consumer keeps its own ack_wait (and backoff): ids must outlive
+        // its redeliveries, not the configured ones.
+        let horizon = engine.config().dedupe_horizon;
+        if horizon <= after {
+            return Err(ServiceError::Config(format!(
+                "consumer {} redelivers after {after:?}, not before [engine] dedupe_horizon \
+                 ({horizon:?}): a redelivery would be counted again. Make the horizon longer, \
+                 or the consumer's ack_wait shorter",
+                cfg.consumer
+            )));
+        }
+        let mut t = lock(tracker);
+        if 2 * after > t.hold {
+            tracing::warn!(
+                consumer = %cfg.consumer,
+                redelivery_after = ?after,
+                "the existing consumer redelivers later than [jetstream] ack_wait; ids are kept for its redeliveries"
+            );
+            t.hold = 2 * after;
+        }
+    }
     // Start empty: nothing is replayed; the consumer goes on from where it was.
     let empty = start == Start::Empty;
     let restored = match start {
@@ -1114,7 +1141,7 @@ async fn decide_one(
         engine.decide(&job.txn, job.received_ms)
     }));
     if let (Some((seq, _)), Some(t)) = (&job.js, tracker) {
-        // In the windows now (or never will be, after a panic): below the next cut.
+        // In the windows now (after a panic, maybe in part): below the next cut.
         lock(t).decided(*seq);
     }
     let out = match decided {
@@ -1180,19 +1207,16 @@ async fn failed(wire: &Wire, counters: &Counters, job: &mut Job, path: IntakePat
         Reply::Check(None) => Ok(()),
         Reply::Stream => wire.publish_failed(&job.txn).await,
     };
-    match sent {
-        Err(e) => {
-            // A JetStream message stays unacknowledged and comes again.
-            counters.publish_error();
-            tracing::warn!(error = %e, id = %job.txn.id, "could not report a failed decision");
-        }
-        Ok(()) => {
-            if let Some((_, ack)) = job.js.take() {
-                // Not again: a redelivery would fail the same way, every time.
-                if ack.term().await.is_err() {
-                    counters.ack_error();
-                }
-            }
+    if let Err(e) = sent {
+        counters.publish_error();
+        tracing::error!(error = %e, id = %job.txn.id, "could not report a failed decision");
+    }
+    if let Some((_, ack)) = job.js.take() {
+        // Not again, even when the report above failed: a redelivery would fail the same
+        // way, and each try may have counted it in the windows again. The message stays
+        // in the stream's storage, and the server announces its termination.
+        if ack.term().await.is_err() {
+            counters.ack_error();
         }
     }
 }
@@ -1442,21 +1466,23 @@ mod tests {
 
     #[test]
     fn in_flight_cursor_and_eviction_clock() {
+        // One instant for "now" throughout: a stall of the test cannot move the clock.
+        let t0 = Instant::now();
         let mut f = InFlight {
             next: 10,
             hold: Duration::from_secs(60),
             ..Default::default()
         };
         assert_eq!(f.low(), 10);
-        assert_eq!(f.clock(5_000), 5_000);
+        assert_eq!(f.clock_at(5_000, t0), 5_000);
         // A backlog: messages stored long before now.
-        f.taken(10, 1_000);
-        f.taken(11, 1_100);
-        f.taken(12, 1_200);
+        f.taken_at(10, 1_000, t0);
+        f.taken_at(11, 1_100, t0);
+        f.taken_at(12, 1_200, t0);
         assert_eq!(f.low(), 10);
         assert_eq!(f.resume_at(), 10, "at the oldest undecided");
         assert_eq!(
-            f.clock(5_000),
+            f.clock_at(5_000, t0),
             1_000,
             "eviction follows the oldest undecided"
         );
@@ -1465,22 +1491,22 @@ mod tests {
         f.decided(10);
         assert_eq!(f.low(), 12);
         assert_eq!(
-            f.clock(5_000),
+            f.clock_at(5_000, t0),
             1_000,
             "12 is the oldest undecided, but 10 was decided a moment ago"
         );
         // A redelivery of 12 while the first delivery is undecided: both must finish.
-        f.taken(12, 1_200);
+        f.taken_at(12, 1_200, t0);
         f.decided(12);
         assert_eq!(f.low(), 12);
         f.decided(12);
         assert_eq!(f.low(), 13, "all taken are decided: one past the highest");
         assert_eq!(
-            f.clock(5_000),
+            f.clock_at(5_000, t0),
             1_000,
             "all decided, but 10 was taken a moment ago: its ack may be lost"
         );
-        assert_eq!(f.clock(900), 900);
+        assert_eq!(f.clock_at(900, t0), 900);
         // A message delivered but never taken (lost on the way) holds the ack floor down.
         f.ack_floor = Some(7);
         assert_eq!(f.low(), 8);
@@ -1490,16 +1516,12 @@ mod tests {
         assert_eq!(f.low(), 13);
         // The stream goes quiet: the wall clock again (request ids are kept by it).
         f.hold = Duration::ZERO;
-        assert_eq!(f.clock_at(5_000, Instant::now() + RECENT_SLOT), 5_000);
+        assert_eq!(f.clock_at(5_000, t0 + RECENT_SLOT), 5_000);
         // After a restart: held at the first unacknowledged message's store time.
-        f.pin = Some((800, Instant::now() + Duration::from_secs(60)));
-        assert_eq!(f.clock(5_000), 800);
-        f.pin = Some((800, Instant::now() - Duration::from_secs(1)));
-        assert_eq!(
-            f.clock_at(5_000, Instant::now() + RECENT_SLOT),
-            5_000,
-            "the pin ends"
-        );
+        f.pin = Some((800, t0 + Duration::from_secs(60)));
+        assert_eq!(f.clock_at(5_000, t0), 800);
+        f.pin = Some((800, t0 + Duration::from_secs(1)));
+        assert_eq!(f.clock_at(5_000, t0 + RECENT_SLOT), 5_000, "the pin ends");
     }
 
     /// A backlog worked through at many times the speed it was stored: the eviction clock

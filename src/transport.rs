@@ -458,6 +458,10 @@ pub struct JetStreamIntake {
     pub delivered: u64,
     /// Every message up to this sequence is acknowledged (0 when new or none).
     pub ack_floor: u64,
+    /// The existing consumer's own redelivery delay: its `ack_wait`, or its longest
+    /// `backoff` step when longer. It may differ from `[jetstream] ack_wait`, which only
+    /// a consumer the engine creates gets.
+    pub redelivery_after: Option<Duration>,
     pub txn_first: u64,
     /// Last sequence of the capture stream now: the request replay ends there.
     pub capture_last: u64,
@@ -596,7 +600,7 @@ impl Wire {
             .map_err(|e| js_err(format!("stream {}", cfg.stream))(e.to_string()))?
             .state
             .first_sequence;
-        let (consumer, delivered, ack_floor) = match txn_stream
+        let (consumer, delivered, ack_floor, redelivery_after) = match txn_stream
             .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&cfg.consumer)
             .await
         {
@@ -606,9 +610,11 @@ impl Wire {
                     .await
                     .map_err(|e| js_err(format!("consumer {}", cfg.consumer))(e.to_string()))?;
                 let (d, f) = (i.delivered.stream_sequence, i.ack_floor.stream_sequence);
-                (Some(c), d, f)
+                let backoff = i.config.backoff.iter().max().copied();
+                let after = backoff.map_or(i.config.ack_wait, |b| b.max(i.config.ack_wait));
+                (Some(c), d, f, Some(after))
             }
-            Err(_) if cfg.create => (None, 0, 0),
+            Err(_) if cfg.create => (None, 0, 0, None),
             Err(e) => {
                 return Err(js_err(format!(
                     "consumer {} (create = false: it must exist)",
@@ -622,6 +628,7 @@ impl Wire {
             consumer,
             delivered,
             ack_floor,
+            redelivery_after,
             txn_first,
             capture_last,
         })

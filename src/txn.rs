@@ -442,6 +442,31 @@ fn parse_attr(raw: &str) -> Option<AttrValue> {
 /// Masks a card number as first 6 + last 4 (`411111******1111`). Short values (tokens of
 /// fewer than 13 characters) show at most their last 4 characters, and never more than
 /// half of them.
+/// `text` with every run of 13 to 19 digits (a card number's length) masked as
+/// [`mask_card`] does: for text that may hold input values, such as a panic's message.
+pub fn redact_pans(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let (mut i, mut copied) = (0, 0);
+    while i < b.len() {
+        if !b[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && b[i].is_ascii_digit() {
+            i += 1;
+        }
+        if (13..=19).contains(&(i - start)) {
+            out.push_str(&text[copied..start]);
+            out.push_str(&mask_card(&text[start..i]));
+            copied = i;
+        }
+    }
+    out.push_str(&text[copied..]);
+    out
+}
+
 pub fn mask_card(card: &str) -> String {
     let n = card.len();
     if card.is_ascii() && n >= 13 {
@@ -700,5 +725,20 @@ mod tests {
         assert_eq!(mask_card("abc"), "**c");
         assert_eq!(mask_card("a"), "*");
         assert_eq!(mask_card(""), "");
+    }
+
+    #[test]
+    fn redacts_card_numbers_in_text() {
+        assert_eq!(
+            redact_pans("called `unwrap` on card 4111111111111111, id 123456789012, €5"),
+            "called `unwrap` on card 411111******1111, id 123456789012, €5"
+        );
+        assert_eq!(redact_pans("4000000000000002"), "400000******0002");
+        assert_eq!(
+            redact_pans("x12345678901234567890y"),
+            "x12345678901234567890y",
+            "20 digits: not a card number"
+        );
+        assert_eq!(redact_pans("none"), "none");
     }
 }

@@ -703,3 +703,61 @@ async fn a_lost_ack_in_a_backlog_is_answered_as_a_retry() {
         "a card counted twice: {counts:?}"
     );
 }
+
+/// A durable consumer made beforehand keeps its own `ack_wait`: one at least as long as
+/// the retry horizon is refused (its redeliveries would be counted again), and a longer
+/// one than configured makes the engine keep ids for its redeliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_consumers_ack_wait_is_checked_against_the_retry_horizon() {
+    let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
+    let c = client(&nats.url()).await;
+    let js = jetstream::new(c.clone());
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: "FRAUD_TXN".into(),
+            subjects: vec!["fraud.txn".into()],
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let consumer = |ack_wait: u64| jetstream::consumer::pull::Config {
+        durable_name: Some("fraudgate".into()),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        filter_subject: "fraud.txn".into(),
+        ack_wait: Duration::from_secs(ack_wait),
+        ..Default::default()
+    };
+    stream.create_consumer(consumer(150)).await.unwrap();
+    let dir = Scratch::new("js-ack-wait");
+    let config = js_config("fraudgate", &dir.0.join("s.snap"), "60s");
+    let cfg_path = dir.0.join("fraudgate.toml");
+    std::fs::write(&cfg_path, format!("{config}{}", daytime_engine_table())).unwrap();
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+        .args(["run", "--nats-url", &nats.url(), "--rules"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"))
+        .arg("--config")
+        .arg(&cfg_path)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("consumer fraudgate redelivers after 150s"),
+        "{stderr}"
+    );
+    stream.delete_consumer("fraudgate").await.unwrap();
+    stream.create_consumer(consumer(30)).await.unwrap();
+    let engine = Engine::start_with(&nats.url(), &config).await;
+    let log = engine.log_text();
+    assert!(
+        log.contains("the existing consumer redelivers later than [jetstream] ack_wait"),
+        "{log}"
+    );
+    let ts = fraudgate::service::now_ms();
+    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    c.flush().await.unwrap();
+    js_publish(&js, "aw-1", txn_at("aw-1", "4111111111119200", "10", ts)).await;
+    assert_eq!(decision_id(&mut decisions).await, "aw-1");
+}

@@ -1031,10 +1031,11 @@ async fn a_decision_that_fails_is_answered_as_internal_and_the_engine_goes_on() 
         assert_eq!(v["id"], "failpoint-1", "{v}");
         assert_eq!(v["error"]["code"], "internal", "{v}");
     }
-    // The failure came after the windows were updated: both tries are in them (the
-    // duplicate rule would reject the same amount again), and that is documented.
+    // The failure came after the windows were updated: both tries are in them, and that
+    // is documented.
     let d = check(&c, &txn("fp-ok-1", "4111111111113301", "10")).await;
     assert_eq!(d["decided_by"], "reject:duplicate_txn", "{d}");
+    assert_eq!(d["rules"][0]["values"]["card_merchant_amount_2m"], 3, "{d}");
     let d = check(&c, &txn("fp-ok-1b", "4111111111113301", "11")).await;
     assert_eq!(d["action"], "approve", "{d}");
 
@@ -1131,7 +1132,5 @@ async fn the_final_snapshot_is_written_when_nats_hangs_at_shutdown() {
         !log.contains("the final snapshot did not finish in time"),
         "{log}"
     );
-    // Everything taken in was decided before the snapshot.
-    assert!(!log.contains("workers did not finish in time"), "{log}");
     assert!(log.contains("intake did not drain in time"), "{log}");
 }
