@@ -381,6 +381,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match fraudgate::load_dir(&rules, &cfg) {
                 Ok(rs) => {
                     println!("ok: {}", rs.summary());
+                    for line in list_end_lines(&rs, fraudgate::service::now_ms()) {
+                        println!("{line}");
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {
@@ -405,6 +408,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             replay(&rules, input.as_deref(), cfg, summary, quiet)
         }
     }
+}
+
+/// For `check`: per list with entries that end, how many, the next end, and how many
+/// have ended already (harmless, but worth removing from the file).
+fn list_end_lines(rs: &fraudgate::RuleSet, now_ms: i64) -> Vec<String> {
+    let time = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+            .unwrap_or_else(|| ms.to_string())
+    };
+    rs.list_ends
+        .iter()
+        .map(|(name, ends)| {
+            let ended = ends.iter().filter(|&&e| e <= now_ms).count();
+            let next = ends
+                .iter()
+                .find(|&&e| e > now_ms)
+                .map_or(String::new(), |&e| format!(", the next at {}", time(e)));
+            format!(
+                "list {name}: {} of {} entries end{next}; {ended} ended already{}",
+                ends.len(),
+                rs.lists.get(name).copied().unwrap_or(0),
+                if ended > 0 {
+                    " (they no longer apply; remove them from the file)"
+                } else {
+                    ""
+                }
+            )
+        })
+        .collect()
 }
 
 async fn ask(

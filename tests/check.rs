@@ -3,6 +3,8 @@
 //! Each `tests/check/<case>/rules/` is checked; stderr must equal `expected.txt`.
 //! `UPDATE_EXPECT=1 cargo test --test check` rewrites the snapshots; review the diff.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -66,5 +68,34 @@ fn missing_directory_is_a_clear_error() {
     assert!(
         stderr.contains("cannot read rule directory no/such/dir"),
         "{stderr}"
+    );
+}
+
+/// Block-list entries with an end: `check` says how many, when the next ends, and which
+/// have ended already (they no longer apply, but still sit in the file).
+#[test]
+fn list_entries_that_end_are_reported() {
+    let dir = common::Scratch::new("check-ends");
+    let rules = dir.0.join("rules");
+    common::copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"), &rules);
+    let list = rules.join("lists/blocked_cards.txt");
+    let mut text = std::fs::read_to_string(&list).unwrap();
+    text.push_str("4000000000000010 until 2020-01-01  # ended\n");
+    text.push_str("4000000000000011 until 2999-12-31  # chargeback case 1234\n");
+    std::fs::write(&list, text).unwrap();
+    let out = fraudgate().arg("check").arg(&rules).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains(
+            "list blocked_cards: 2 of 3 entries end, the next at 3000-01-01T00:00:00Z; \
+             1 ended already (they no longer apply; remove them from the file)"
+        ),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.lines().count(),
+        2,
+        "one line per list with ends: {stdout}"
     );
 }

@@ -11,7 +11,7 @@
 //! `false`, `true or unknown` is `true`, `not unknown` is unknown); a rule fires only when
 //! its condition is `true`. `present(x)` is `true` or `false`, never unknown.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use rust_decimal::Decimal;
@@ -200,6 +200,9 @@ impl Ty {
 #[derive(Debug, Default)]
 pub struct StrSet {
     pub hashes: HashSet<KeyHash, PreHashed>,
+    /// List-file entries with an end (`until`): the event time (ms) from which each no
+    /// longer applies. An entry also in `hashes` has no end.
+    pub until: HashMap<KeyHash, i64, PreHashed>,
     /// Inline lists of at most [`INLINE_PLAIN_MAX`] entries: the entries in clear.
     pub plain: Option<Vec<Box<str>>>,
 }
@@ -212,6 +215,7 @@ impl StrSet {
     pub fn inline(key: &HashKey, items: &[String]) -> StrSet {
         let mut s = StrSet {
             hashes: items.iter().map(|x| key.hash_str(x)).collect(),
+            until: HashMap::default(),
             plain: None,
         };
         if items.len() <= INLINE_PLAIN_MAX {
@@ -221,18 +225,41 @@ impl StrSet {
     }
 
     pub fn len(&self) -> usize {
-        self.hashes.len()
+        self.hashes.len() + self.until.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.hashes.is_empty()
+        self.len() == 0
+    }
+
+    /// Adds a list-file entry; `until`: the event time from which it no longer applies.
+    /// The same entry twice keeps the longer reach (no end beats any end).
+    pub fn insert(&mut self, h: KeyHash, until: Option<i64>) {
+        match until {
+            None => {
+                self.until.remove(&h);
+                self.hashes.insert(h);
+            }
+            Some(_) if self.hashes.contains(&h) => {}
+            Some(u) => {
+                let e = self.until.entry(h).or_insert(u);
+                *e = (*e).max(u);
+            }
+        }
+    }
+
+    /// Whether the entry with hash `h` applies to an event at `ts_ms`.
+    #[inline]
+    pub fn has(&self, h: &KeyHash, ts_ms: i64) -> bool {
+        self.hashes.contains(h)
+            || (!self.until.is_empty() && self.until.get(h).is_some_and(|&u| ts_ms < u))
     }
 
     #[inline]
-    pub fn contains(&self, key: &HashKey, s: &str) -> bool {
+    pub fn contains(&self, key: &HashKey, s: &str, ts_ms: i64) -> bool {
         match &self.plain {
             Some(p) => p.iter().any(|x| &**x == s),
-            None => self.hashes.contains(&key.hash_str(s)),
+            None => self.has(&key.hash_str(s), ts_ms),
         }
     }
 }
@@ -892,19 +919,21 @@ impl<'s> ExprCompiler<'s> {
             (V::Str(S::Field(fld, _)), V::StrList(set)) if set.plain.is_none() => {
                 // Hashed list: reuse the field's hash from the per-decision cache.
                 V::Bool(Box::new(move |c| {
-                    wrap(Tri::opt(
-                        c.hashes.get(fld, c).map(|h| set.hashes.contains(&h)),
-                    ))
+                    wrap(Tri::opt(c.hashes.get(fld, c).map(|h| set.has(&h, c.ts_ms))))
                 }))
             }
             (V::Str(s), V::StrList(set)) => match s.func() {
                 Ok(f) => V::Bool(Box::new(move |c| {
-                    wrap(Tri::opt(f(c).map(|v| set.contains(c.key, v))))
+                    wrap(Tri::opt(f(c).map(|v| set.contains(c.key, v, c.ts_ms))))
                 })),
-                Err(k) => {
-                    let t = wrap(Tri::from(set.contains(&self.key, &k)));
+                Err(k) if set.until.is_empty() => {
+                    let t = wrap(Tri::from(set.contains(&self.key, &k, 0)));
                     V::Bool(Box::new(move |_| t))
                 }
+                // A constant looked up in a list with ends: the answer depends on the time.
+                Err(k) => V::Bool(Box::new(move |c| {
+                    wrap(Tri::from(set.contains(c.key, &k, c.ts_ms)))
+                })),
             },
             (V::Int(i), V::NumList(set)) => {
                 let f = i.into_fn();

@@ -204,6 +204,8 @@ pub struct RuleSet {
     pub dec_features: usize,
     /// Lists by name with their entry counts.
     pub lists: BTreeMap<String, usize>,
+    /// Lists with entries that end (`until`): the ends (ms since the epoch), sorted.
+    pub list_ends: BTreeMap<String, Vec<i64>>,
     pub needs_local_time: bool,
     pub files: Vec<String>,
 }
@@ -553,6 +555,7 @@ impl Loader<'_> {
         // 4. Lists.
         let mut lists: BTreeMap<String, CompiledList> = BTreeMap::new();
         let mut list_sizes = BTreeMap::new();
+        let mut list_ends = BTreeMap::new();
         let mut list_origin: BTreeMap<String, usize> = BTreeMap::new();
         for (fi, f) in parsed.iter() {
             for (name, def) in &f.lists {
@@ -580,7 +583,14 @@ impl Loader<'_> {
                 }
                 if let Some(l) = self.list(*fi, def, read) {
                     let n = match &l {
-                        CompiledList::Str(s) => s.len(),
+                        CompiledList::Str(s) => {
+                            if !s.until.is_empty() {
+                                let mut ends: Vec<i64> = s.until.values().copied().collect();
+                                ends.sort_unstable();
+                                list_ends.insert(name.clone(), ends);
+                            }
+                            s.len()
+                        }
                         CompiledList::Num(n) => n.values.len(),
                     };
                     list_sizes.insert(name.clone(), n);
@@ -826,6 +836,7 @@ impl Loader<'_> {
             int_features: n_int,
             dec_features: n_dec,
             lists: list_sizes,
+            list_ends,
             needs_local_time: self.needs_local_time,
             files: self.files.iter().map(|f| f.name.clone()).collect(),
         })
@@ -938,6 +949,42 @@ impl Loader<'_> {
                     if entry.is_empty() {
                         continue;
                     }
+                    let col_of = |part: &str| {
+                        let col = start + (part.as_ptr() as usize - line.as_ptr() as usize);
+                        col..col + part.len()
+                    };
+                    let (entry, until) = match split_until(entry) {
+                        None => (entry, None),
+                        Some((_, date)) if int => {
+                            self.err(
+                                "bad-list",
+                                li,
+                                col_of(date),
+                                "entries of an int list cannot end".to_string(),
+                                "`until` is for string lists (cards, devices, merchants ...)",
+                            );
+                            continue;
+                        }
+                        Some((value, date)) => match parse_until(date) {
+                            Some(ms) if !value.is_empty() => (value, Some(ms)),
+                            _ => {
+                                let msg = if date.is_empty() || value.is_empty() {
+                                    "`until` needs an entry before it and a date after it"
+                                        .to_string()
+                                } else {
+                                    format!("`{date}` is not a date or time")
+                                };
+                                self.err(
+                                    "bad-list",
+                                    li,
+                                    col_of(date),
+                                    msg,
+                                    "write `<entry> until YYYY-MM-DD` (to the end of that day, UTC) or an RFC 3339 time such as 2026-12-31T18:00:00Z",
+                                );
+                                continue;
+                            }
+                        },
+                    };
                     if int {
                         match entry.parse::<i64>() {
                             Ok(v) => nums.push(Decimal::from(v)),
@@ -953,7 +1000,7 @@ impl Loader<'_> {
                             }
                         }
                     } else {
-                        strs.hashes.insert(self.key.hash_str(entry));
+                        strs.insert(self.key.hash_str(entry), until);
                     }
                 }
                 if int {
@@ -1227,6 +1274,35 @@ enum SlotKind {
     Count,
     Sum(SumOf),
     Distinct(KeyField),
+}
+
+/// `<entry> until <date>` at the end of a list-file line: (entry, date). `until` with
+/// nothing after it gives an empty date (refused by the caller).
+fn split_until(entry: &str) -> Option<(&str, &str)> {
+    let mut words = entry.split_whitespace().rev();
+    let (last, before) = (words.next()?, words.next());
+    let (value_end, date) = if last == "until" {
+        (entry.len() - last.len(), &entry[entry.len()..])
+    } else if before == Some("until") {
+        let date_at = entry.len() - last.len();
+        let until_at = entry[..date_at].trim_end().len() - "until".len();
+        (until_at, &entry[date_at..])
+    } else {
+        return None;
+    };
+    Some((entry[..value_end].trim_end(), date))
+}
+
+/// The end of a list entry, in ms since the epoch: a date is to the end of that day, UTC;
+/// an RFC 3339 time is that instant.
+fn parse_until(date: &str) -> Option<i64> {
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d") {
+        let next = d.succ_opt()?.and_hms_opt(0, 0, 0)?;
+        return Some(next.and_utc().timestamp_millis());
+    }
+    chrono::DateTime::parse_from_rfc3339(date)
+        .ok()
+        .map(|t| t.timestamp_millis())
 }
 
 fn name_clashes(name: &str, lists: &BTreeMap<String, CompiledList>) -> bool {

@@ -223,6 +223,113 @@ action = "block"
     assert_eq!(eval(&rs2, &txn()), Tri::False);
 }
 
+/// Evaluates the single rule's condition on `t` at event time `ts_ms`.
+fn eval_at(rs: &RuleSet, t: &Transaction, ts_ms: i64) -> Tri {
+    let key = crate::keyhash::HashKey::default();
+    let attrs: Vec<Option<&AttrValue>> = rs.attrs.iter().map(|(n, _)| t.attr(n)).collect();
+    let (ints, decs) = (vec![None; rs.int_features], vec![None; rs.dec_features]);
+    let ctx = Ctx {
+        txn: t,
+        ts_ms,
+        currency: "EUR",
+        attrs: &attrs,
+        ints: &ints,
+        decs: &decs,
+        local_hour: 3,
+        local_weekday: 4,
+        key: &key,
+        hashes: &Default::default(),
+    };
+    (rs.rules[0].when)(&ctx)
+}
+
+#[test]
+fn list_entries_can_end() {
+    let body = r#"
+[lists]
+blocked = { file = "blocked.txt" }
+[[rule]]
+id = "r"
+description = "d"
+when = "card in blocked or 'm9' in blocked"
+action = "block"
+"#;
+    let list = "\
+4111111111111111  until 2026-12-31   # chargeback case 1234: to the end of that day, UTC
+m9 until 2026-12-01T18:00:00+01:00
+4222222222222222 until 2026-01-01
+4222222222222222
+merchant with spaces until 2026-01-01
+";
+    let read = |p: &str| -> std::io::Result<String> {
+        match p {
+            "r/blocked.txt" => Ok(list.into()),
+            _ => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "x")),
+        }
+    };
+    let rs = compile(files(body), &read, &EngineConfig::default()).unwrap();
+    assert_eq!(rs.lists["blocked"], 4);
+    let end_of_2026_12_31 = 1_798_761_600_000; // 2027-01-01T00:00:00Z
+    let m9_end = 1_796_144_400_000; // 2026-12-01T17:00:00Z
+    let spaces_end = 1_767_312_000_000; // 2026-01-02T00:00:00Z
+    assert_eq!(
+        rs.list_ends["blocked"],
+        vec![spaces_end, m9_end, end_of_2026_12_31]
+    );
+    let mut t = txn();
+    t.card = "4111111111111111".into();
+    assert_eq!(eval_at(&rs, &t, end_of_2026_12_31 - 1), Tri::True);
+    // From the end on, the card is not on the list; neither is m9 (a constant looked up
+    // at each decision's time).
+    assert_eq!(eval_at(&rs, &t, end_of_2026_12_31), Tri::False);
+    t.card = "4333333333333333".into();
+    assert_eq!(eval_at(&rs, &t, m9_end - 1), Tri::True);
+    assert_eq!(eval_at(&rs, &t, m9_end), Tri::False);
+    // Listed without an end as well: no end.
+    t.card = "4222222222222222".into();
+    assert_eq!(eval_at(&rs, &t, i64::MAX), Tri::True);
+
+    for (bad, msg) in [
+        (
+            "4111 until 2026-02-30\n",
+            "`2026-02-30` is not a date or time",
+        ),
+        ("4111 until tomorrow\n", "`tomorrow` is not a date or time"),
+        (
+            "4111 until\n",
+            "`until` needs an entry before it and a date after it",
+        ),
+    ] {
+        let read = |p: &str| -> std::io::Result<String> {
+            match p {
+                "r/blocked.txt" => Ok(bad.into()),
+                _ => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "x")),
+            }
+        };
+        let e = compile(files(body), &read, &EngineConfig::default()).unwrap_err();
+        assert_eq!(codes(&e), ["bad-list"], "{bad}");
+        let text = e.render();
+        assert!(text.contains(msg), "{bad}: {text}");
+        assert!(text.contains("r/blocked.txt:1:"), "{text}");
+    }
+    let ints = body.replace(
+        r#"file = "blocked.txt" }"#,
+        r#"file = "blocked.txt", type = "int" }"#,
+    );
+    let read = |p: &str| -> std::io::Result<String> {
+        match p {
+            "r/blocked.txt" => Ok("7995 until 2026-12-31\n".into()),
+            _ => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "x")),
+        }
+    };
+    let e = compile(files(&ints), &read, &EngineConfig::default()).unwrap_err();
+    assert!(
+        e.render().contains("entries of an int list cannot end"),
+        "{}",
+        e.render()
+    );
+}
+
 fn codes(e: &LoadError) -> Vec<&'static str> {
     e.diagnostics.iter().map(|d| d.code).collect()
 }
