@@ -130,6 +130,7 @@ fn fired_mask(
     let ctx = Ctx {
         txn: t,
         ts_ms: 0,
+        received_ms: 0,
         currency: "EUR",
         attrs: &attrs,
         ints,

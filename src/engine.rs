@@ -511,6 +511,7 @@ impl Engine {
         let base = Ctx {
             txn,
             ts_ms,
+            received_ms: now_ms,
             currency,
             attrs: &attrs,
             ints: &[],

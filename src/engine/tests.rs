@@ -808,3 +808,58 @@ action = "hold"
     t.attrs.clear();
     assert_eq!(resolve_attrs(&rs, &t).as_slice(), &[None, None, None, None]);
 }
+
+/// A list entry's end is compared with the time the engine received the transaction, not
+/// with its `ts`, which the sender sets: a backdated `ts` must not revive an ended allow
+/// entry (or keep a block), and a replay passing each transaction's own time as its
+/// receive time decides as the engine did then.
+#[test]
+fn list_entries_end_by_the_receive_time_not_the_senders_ts() {
+    let text = r#"
+[ruleset]
+version = "test"
+hold_at = 50
+reject_at = 100
+
+[lists]
+allowed = { file = "allowed.txt" }
+
+[[rule]]
+id = "allowed_card"
+description = "trusted"
+when = "card in allowed"
+action = "allow"
+"#;
+    let cfg = EngineConfig::default();
+    let end = T0 + 60_000;
+    let list = format!("4111111111111111 until {}\n", {
+        chrono::DateTime::from_timestamp_millis(end)
+            .unwrap()
+            .to_rfc3339()
+    });
+    let rs = compile(
+        vec![SourceFile {
+            name: "t/r.toml".into(),
+            text: text.into(),
+        }],
+        &|p| match p {
+            "t/allowed.txt" => Ok(list.clone()),
+            _ => Err(std::io::Error::other("none")),
+        },
+        &cfg,
+    )
+    .unwrap_or_else(|e| panic!("{}", e.render()));
+    let e = Engine::new(rs, cfg);
+    let allowed = |o: &Outcome| {
+        o.decision
+            .rules
+            .iter()
+            .any(|r| r.id.as_ref() == "allowed_card")
+    };
+    // Before the end: allowed.
+    let o = e.decide(&tx("a1", "4111111111111111", 10, T0), end - 1);
+    assert!(allowed(&o), "{:?}", o.decision);
+    // After it, with a `ts` from before the end: not allowed.
+    let o = e.decide(&tx("a2", "4111111111111111", 10, T0), end);
+    assert!(!allowed(&o), "{:?}", o.decision);
+}

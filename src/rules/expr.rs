@@ -53,6 +53,10 @@ pub struct Ctx<'a> {
     pub txn: &'a Transaction,
     /// Event time used for the decision (the transaction's `ts` or the receive time).
     pub ts_ms: i64,
+    /// When the engine received the transaction (the stream's store time with JetStream;
+    /// in `replay`, the transaction's own time). List entries end by it, never by `ts`,
+    /// which the sender sets: a backdated `ts` must not revive an ended allow entry.
+    pub received_ms: i64,
     /// The transaction's currency, or the configured default.
     pub currency: &'a str,
     /// Declared attributes, by declaration index; `None` when absent or of another type.
@@ -248,18 +252,18 @@ impl StrSet {
         }
     }
 
-    /// Whether the entry with hash `h` applies to an event at `ts_ms`.
+    /// Whether the entry with hash `h` applies to a transaction received at `at_ms`.
     #[inline]
-    pub fn has(&self, h: &KeyHash, ts_ms: i64) -> bool {
+    pub fn has(&self, h: &KeyHash, at_ms: i64) -> bool {
         self.hashes.contains(h)
-            || (!self.until.is_empty() && self.until.get(h).is_some_and(|&u| ts_ms < u))
+            || (!self.until.is_empty() && self.until.get(h).is_some_and(|&u| at_ms < u))
     }
 
     #[inline]
-    pub fn contains(&self, key: &HashKey, s: &str, ts_ms: i64) -> bool {
+    pub fn contains(&self, key: &HashKey, s: &str, at_ms: i64) -> bool {
         match &self.plain {
             Some(p) => p.iter().any(|x| &**x == s),
-            None => self.has(&key.hash_str(s), ts_ms),
+            None => self.has(&key.hash_str(s), at_ms),
         }
     }
 }
@@ -919,12 +923,16 @@ impl<'s> ExprCompiler<'s> {
             (V::Str(S::Field(fld, _)), V::StrList(set)) if set.plain.is_none() => {
                 // Hashed list: reuse the field's hash from the per-decision cache.
                 V::Bool(Box::new(move |c| {
-                    wrap(Tri::opt(c.hashes.get(fld, c).map(|h| set.has(&h, c.ts_ms))))
+                    wrap(Tri::opt(
+                        c.hashes.get(fld, c).map(|h| set.has(&h, c.received_ms)),
+                    ))
                 }))
             }
             (V::Str(s), V::StrList(set)) => match s.func() {
                 Ok(f) => V::Bool(Box::new(move |c| {
-                    wrap(Tri::opt(f(c).map(|v| set.contains(c.key, v, c.ts_ms))))
+                    wrap(Tri::opt(
+                        f(c).map(|v| set.contains(c.key, v, c.received_ms)),
+                    ))
                 })),
                 Err(k) if set.until.is_empty() => {
                     let t = wrap(Tri::from(set.contains(&self.key, &k, 0)));
@@ -932,7 +940,7 @@ impl<'s> ExprCompiler<'s> {
                 }
                 // A constant looked up in a list with ends: the answer depends on the time.
                 Err(k) => V::Bool(Box::new(move |c| {
-                    wrap(Tri::from(set.contains(c.key, &k, c.ts_ms)))
+                    wrap(Tri::from(set.contains(c.key, &k, c.received_ms)))
                 })),
             },
             (V::Int(i), V::NumList(set)) => {

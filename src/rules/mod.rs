@@ -298,6 +298,9 @@ struct Loader<'a> {
     cfg: &'a EngineConfig,
     key: HashKey,
     files: Vec<SourceFile>,
+    /// The original text of files kept in `files` with card numbers masked (string list
+    /// files, which diagnostics may quote): the rules version hashes the original.
+    originals: BTreeMap<usize, String>,
     diags: Vec<Diagnostic>,
 }
 
@@ -359,6 +362,7 @@ pub fn compile(
         cfg,
         key: cfg.hash_key,
         files,
+        originals: BTreeMap::new(),
         diags: Vec::new(),
     };
     if l.files.is_empty() {
@@ -822,7 +826,7 @@ impl Loader<'_> {
         if !self.diags.is_empty() {
             return None;
         }
-        let content_hash = content_hash(&self.files);
+        let content_hash = content_hash(&self.files, &self.originals);
         Some(RuleSet {
             version: format!("{label}+{}", &content_hash[..12]),
             label,
@@ -935,9 +939,21 @@ impl Loader<'_> {
                     }
                 };
                 let li = self.files.len();
+                // A diagnostic quotes its line: string list files may hold card numbers,
+                // so the copy kept for diagnostics has them masked (same length, so spans
+                // still fit); the rules version hashes the original.
+                let shown = if int {
+                    text.clone()
+                } else {
+                    let masked = crate::txn::redact_pans(&text);
+                    if masked != text {
+                        self.originals.insert(li, text.clone());
+                    }
+                    masked
+                };
                 self.files.push(SourceFile {
                     name: path,
-                    text: text.clone(),
+                    text: shown,
                 });
                 let mut strs = StrSet::default();
                 let mut nums = Vec::new();
@@ -972,7 +988,10 @@ impl Loader<'_> {
                                     "`until` needs an entry before it and a date after it"
                                         .to_string()
                                 } else {
-                                    format!("`{date}` is not a date or time")
+                                    format!(
+                                        "`{}` is not a date or time",
+                                        crate::txn::redact_pans(date)
+                                    )
                                 };
                                 self.err(
                                     "bad-list",
@@ -1276,33 +1295,41 @@ enum SlotKind {
     Distinct(KeyField),
 }
 
-/// `<entry> until <date>` at the end of a list-file line: (entry, date). `until` with
-/// nothing after it gives an empty date (refused by the caller).
+/// `<entry> until <date>` on a list-file line: (entry, date), at the last word `until`
+/// (any case) after the first word. Everything after it is the date, so trailing words
+/// (a reason without `#`) make it invalid instead of silently part of the entry. `until`
+/// with nothing after it gives an empty date (refused by the caller).
 fn split_until(entry: &str) -> Option<(&str, &str)> {
-    let mut words = entry.split_whitespace().rev();
-    let (last, before) = (words.next()?, words.next());
-    let (value_end, date) = if last == "until" {
-        (entry.len() - last.len(), &entry[entry.len()..])
-    } else if before == Some("until") {
-        let date_at = entry.len() - last.len();
-        let until_at = entry[..date_at].trim_end().len() - "until".len();
-        (until_at, &entry[date_at..])
+    let mut at = None;
+    let mut pos = 0;
+    for (i, word) in entry.split_whitespace().enumerate() {
+        let start = pos + entry[pos..].find(word).unwrap_or(0);
+        pos = start + word.len();
+        if i > 0 && word.eq_ignore_ascii_case("until") {
+            at = Some(start);
+        } else if i == 0 && word.eq_ignore_ascii_case("until") {
+            at = at.or(Some(start));
+        }
+    }
+    let at = at?;
+    let date = entry[at + "until".len()..].trim();
+    let date = if date.is_empty() {
+        &entry[entry.len()..]
     } else {
-        return None;
+        date
     };
-    Some((entry[..value_end].trim_end(), date))
+    Some((entry[..at].trim_end(), date))
 }
 
 /// The end of a list entry, in ms since the epoch: a date is to the end of that day, UTC;
 /// an RFC 3339 time is that instant.
 fn parse_until(date: &str) -> Option<i64> {
-    if let Ok(d) = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d") {
-        let next = d.succ_opt()?.and_hms_opt(0, 0, 0)?;
-        return Some(next.and_utc().timestamp_millis());
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(date) {
+        return Some(t.timestamp_millis());
     }
-    chrono::DateTime::parse_from_rfc3339(date)
-        .ok()
-        .map(|t| t.timestamp_millis())
+    let d = chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").ok()?;
+    let next = d.succ_opt()?.and_hms_opt(0, 0, 0)?;
+    Some(next.and_utc().timestamp_millis())
 }
 
 fn name_clashes(name: &str, lists: &BTreeMap<String, CompiledList>) -> bool {
@@ -1329,26 +1356,28 @@ fn valid_rule_id(s: &str) -> bool {
 
 /// Hex SipHash-128 over every file's content and its path relative to the rule directory,
 /// so the same rules give the same version wherever the directory lives.
-fn content_hash(files: &[SourceFile]) -> String {
+fn content_hash(files: &[SourceFile], originals: &BTreeMap<usize, String>) -> String {
     let root = Path::new(&files[0].name)
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let mut sorted: Vec<(String, &SourceFile)> = files
+    let mut sorted: Vec<(String, &str)> = files
         .iter()
-        .map(|f| {
+        .enumerate()
+        .map(|(i, f)| {
             let p = Path::new(&f.name);
             let rel = p.strip_prefix(&root).unwrap_or(p);
-            (rel.to_string_lossy().replace('\\', "/"), f)
+            let text = originals.get(&i).map_or(f.text.as_str(), String::as_str);
+            (rel.to_string_lossy().replace('\\', "/"), text)
         })
         .collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     let mut h = SipHasher13::new_with_keys(0, 0);
     use std::hash::Hasher;
-    for (rel, f) in sorted {
+    for (rel, text) in sorted {
         h.write(rel.as_bytes());
         h.write_u8(0);
-        h.write(f.text.as_bytes());
+        h.write(text.as_bytes());
         h.write_u8(0);
     }
     format!("{:032x}", h.finish128().as_u128())

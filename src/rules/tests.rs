@@ -54,6 +54,7 @@ fn eval(rs: &RuleSet, t: &Transaction) -> Tri {
     let ctx = Ctx {
         txn: t,
         ts_ms: 0,
+        received_ms: 0,
         currency: "EUR",
         attrs: &attrs,
         ints: &ints,
@@ -223,14 +224,15 @@ action = "block"
     assert_eq!(eval(&rs2, &txn()), Tri::False);
 }
 
-/// Evaluates the single rule's condition on `t` at event time `ts_ms`.
-fn eval_at(rs: &RuleSet, t: &Transaction, ts_ms: i64) -> Tri {
+/// Evaluates the single rule's condition on `t` received at `at_ms` (its `ts` is 0).
+fn eval_at(rs: &RuleSet, t: &Transaction, at_ms: i64) -> Tri {
     let key = crate::keyhash::HashKey::default();
     let attrs: Vec<Option<&AttrValue>> = rs.attrs.iter().map(|(n, _)| t.attr(n)).collect();
     let (ints, decs) = (vec![None; rs.int_features], vec![None; rs.dec_features]);
     let ctx = Ctx {
         txn: t,
-        ts_ms,
+        ts_ms: 0,
+        received_ms: at_ms,
         currency: "EUR",
         attrs: &attrs,
         ints: &ints,
@@ -260,6 +262,10 @@ m9 until 2026-12-01T18:00:00+01:00
 4222222222222222 until 2026-01-01
 4222222222222222
 merchant with spaces until 2026-01-01
+4444444444444444
+4444444444444444 until 2020-01-01
+4555555555555555 until 2026-12-10
+4555555555555555 UNTIL 2026-12-20 18:00:00Z
 ";
     let read = |p: &str| -> std::io::Result<String> {
         match p {
@@ -268,13 +274,14 @@ merchant with spaces until 2026-01-01
         }
     };
     let rs = compile(files(body), &read, &EngineConfig::default()).unwrap();
-    assert_eq!(rs.lists["blocked"], 4);
+    assert_eq!(rs.lists["blocked"], 6);
     let end_of_2026_12_31 = 1_798_761_600_000; // 2027-01-01T00:00:00Z
     let m9_end = 1_796_144_400_000; // 2026-12-01T17:00:00Z
     let spaces_end = 1_767_312_000_000; // 2026-01-02T00:00:00Z
+    let later_end = 1_797_789_600_000; // 2026-12-20T18:00:00Z (any case, a space for T)
     assert_eq!(
         rs.list_ends["blocked"],
-        vec![spaces_end, m9_end, end_of_2026_12_31]
+        vec![spaces_end, m9_end, later_end, end_of_2026_12_31]
     );
     let mut t = txn();
     t.card = "4111111111111111".into();
@@ -285,9 +292,15 @@ merchant with spaces until 2026-01-01
     t.card = "4333333333333333".into();
     assert_eq!(eval_at(&rs, &t, m9_end - 1), Tri::True);
     assert_eq!(eval_at(&rs, &t, m9_end), Tri::False);
-    // Listed without an end as well: no end.
+    // Listed without an end as well, before or after: no end.
     t.card = "4222222222222222".into();
     assert_eq!(eval_at(&rs, &t, i64::MAX), Tri::True);
+    t.card = "4444444444444444".into();
+    assert_eq!(eval_at(&rs, &t, i64::MAX), Tri::True);
+    // Two ends: the later one.
+    t.card = "4555555555555555".into();
+    assert_eq!(eval_at(&rs, &t, later_end - 1), Tri::True);
+    assert_eq!(eval_at(&rs, &t, later_end), Tri::False);
 
     for (bad, msg) in [
         (
@@ -298,6 +311,15 @@ merchant with spaces until 2026-01-01
         (
             "4111 until\n",
             "`until` needs an entry before it and a date after it",
+        ),
+        (
+            "until 2026-12-31\n",
+            "`until` needs an entry before it and a date after it",
+        ),
+        // A reason without `#` is not silently part of the entry.
+        (
+            "4111111111111111 until 2026-12-31 chargeback 1234\n",
+            "`2026-12-31 chargeback 1234` is not a date or time",
         ),
     ] {
         let read = |p: &str| -> std::io::Result<String> {
@@ -311,6 +333,8 @@ merchant with spaces until 2026-01-01
         let text = e.render();
         assert!(text.contains(msg), "{bad}: {text}");
         assert!(text.contains("r/blocked.txt:1:"), "{text}");
+        // The quoted line has its card number masked.
+        assert!(!text.contains("4111111111111111"), "{text}");
     }
     let ints = body.replace(
         r#"file = "blocked.txt" }"#,
