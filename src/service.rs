@@ -828,6 +828,7 @@ async fn intake_jetstream(
         };
         let mut messages = std::pin::pin!(messages);
         let mut last_error = None;
+        let mut failed = false;
         loop {
             let msgs = tokio::select! {
                 m = messages.next() => {
@@ -851,10 +852,13 @@ async fn intake_jetstream(
                         d
                     }
                     Err(e) => {
-                        // Heartbeats missed while the server restarts, and the like: the
-                        // pull goes on (or ends, and is made again above).
+                        // Missed heartbeats, the consumer deleted, no responders (a pull
+                        // request to a consumer gone): this pull is over, whether or not
+                        // async-nats ends it. The rest of the batch is taken, then the
+                        // pull is made again above (the consumer with it, if gone).
                         tracing::debug!(error = %e, "JetStream pull error");
                         last_error = Some(e);
+                        failed = true;
                         continue;
                     }
                 };
@@ -884,6 +888,14 @@ async fn intake_jetstream(
                 }
             }
             dispatch(&mut batches, &shards, path, &counters).await;
+            if failed {
+                tracing::warn!(
+                    error = last_error.as_deref().unwrap_or("none"),
+                    retry_in = ?pause,
+                    "JetStream pull failed; pulling again"
+                );
+                continue 'pull;
+            }
         }
     }
 }

@@ -507,6 +507,10 @@ impl Ack {
 /// default), unless the consumer allows less.
 const PULL_BATCH: usize = 256;
 const PULL_EXPIRES: Duration = Duration::from_secs(30);
+/// Idle heartbeat asked of the server for a pull (async-nats asks for none by default):
+/// a pull that silently stopped (its consumer deleted between two pull requests, say) is
+/// noticed after two missed heartbeats instead of never.
+const PULL_HEARTBEAT: Duration = Duration::from_secs(5);
 
 /// A message from the durable consumer: payload, stream sequence, store time, its ack.
 pub struct Delivered {
@@ -706,12 +710,15 @@ impl Wire {
             Ok(max) if max > 0 => max.min(PULL_BATCH),
             _ => PULL_BATCH,
         };
-        let mut pull = consumer.stream().max_messages_per_batch(batch);
-        if !limits.max_expires.is_zero() && limits.max_expires < PULL_EXPIRES {
-            pull = pull
-                .expires(limits.max_expires)
-                .heartbeat(limits.max_expires / 4);
-        }
+        let expires = match limits.max_expires {
+            m if !m.is_zero() && m < PULL_EXPIRES => m,
+            _ => PULL_EXPIRES,
+        };
+        let pull = consumer
+            .stream()
+            .max_messages_per_batch(batch)
+            .expires(expires)
+            .heartbeat(PULL_HEARTBEAT.min(expires / 4));
         let messages = pull
             .messages()
             .await

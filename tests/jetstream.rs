@@ -473,12 +473,13 @@ async fn a_corrupt_snapshot_is_rebuilt_from_the_streams_when_configured() {
     assert_eq!(over["rules"][0]["values"]["card_amount_24h"], "20001");
 }
 
-/// The id of the next decision published, waiting at most 20 s.
-async fn decision_id(d: &mut async_nats::Subscriber) -> String {
-    let m = tokio::time::timeout(Duration::from_secs(20), d.next())
-        .await
-        .expect("a decision in time")
-        .unwrap();
+/// The id of the next decision published, waiting at most 20 s (then failing with the
+/// engine's log).
+async fn decision_id(d: &mut async_nats::Subscriber, engine: &Engine) -> String {
+    let m = match tokio::time::timeout(Duration::from_secs(20), d.next()).await {
+        Ok(m) => m.unwrap(),
+        Err(_) => panic!("no decision in 20 s:\n{}", engine.log_text()),
+    };
     let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
     v["id"].as_str().unwrap().to_string()
 }
@@ -503,7 +504,7 @@ async fn a_deleted_consumer_is_made_again_where_the_engine_stands() {
     for i in 0..3 {
         let id = format!("del-{i}");
         js_publish(&js, &id, txn_at(&id, "4111111111119003", "10", ts + i)).await;
-        assert_eq!(decision_id(&mut decisions).await, id);
+        assert_eq!(decision_id(&mut decisions, &engine).await, id);
     }
     drained(&js, "fraudgate").await;
     let stream = js.get_stream("FRAUD_TXN").await.unwrap();
@@ -531,7 +532,7 @@ async fn a_deleted_consumer_is_made_again_where_the_engine_stands() {
         txn_at("del-3", "4111111111119003", "10", ts + 3),
     )
     .await;
-    assert_eq!(decision_id(&mut decisions).await, "del-3");
+    assert_eq!(decision_id(&mut decisions, &engine).await, "del-3");
     engine
         .wait_log(
             "the JetStream consumer was gone; made it again",
@@ -588,7 +589,7 @@ async fn a_consumer_with_small_pull_limits_is_pulled_within_them() {
     }
     let mut seen = std::collections::BTreeSet::new();
     while seen.len() < 30 {
-        seen.insert(decision_id(&mut decisions).await);
+        seen.insert(decision_id(&mut decisions, &engine).await);
     }
     drained(&js, "fraudgate").await;
     assert_eq!(
@@ -629,7 +630,7 @@ async fn a_failed_decision_is_forwarded_once_and_not_delivered_again() {
     let h = m.headers.unwrap();
     assert_eq!(h.get("Fraudgate-Error-Code").unwrap().as_str(), "internal");
     assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "failpoint-js");
-    assert_eq!(decision_id(&mut decisions).await, "fp-js-ok");
+    assert_eq!(decision_id(&mut decisions, &engine).await, "fp-js-ok");
     drained(&js, "fraudgate").await;
     // Past the consumer's ack_wait (2 s): not delivered, failed and forwarded again.
     let again = tokio::time::timeout(Duration::from_secs(4), invalid.next()).await;
@@ -759,5 +760,5 @@ async fn an_existing_consumers_ack_wait_is_checked_against_the_retry_horizon() {
     let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
     c.flush().await.unwrap();
     js_publish(&js, "aw-1", txn_at("aw-1", "4111111111119200", "10", ts)).await;
-    assert_eq!(decision_id(&mut decisions).await, "aw-1");
+    assert_eq!(decision_id(&mut decisions, &engine).await, "aw-1");
 }
