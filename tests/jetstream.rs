@@ -473,6 +473,18 @@ async fn a_corrupt_snapshot_is_rebuilt_from_the_streams_when_configured() {
     assert_eq!(over["rules"][0]["values"]["card_amount_24h"], "20001");
 }
 
+/// The transaction stream as the engine makes it, made first by an operator.
+async fn txn_stream(js: &jetstream::Context) -> jetstream::stream::Stream {
+    js.create_stream(jetstream::stream::Config {
+        name: "FRAUD_TXN".into(),
+        subjects: vec!["fraud.txn".into()],
+        storage: jetstream::stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
 /// The id of the next decision published, waiting at most 20 s (then failing with the
 /// engine's log).
 async fn decision_id(d: &mut async_nats::Subscriber, engine: &Engine) -> String {
@@ -554,15 +566,7 @@ async fn a_consumer_with_small_pull_limits_is_pulled_within_them() {
     let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
     let c = client(&nats.url()).await;
     let js = jetstream::new(c.clone());
-    let stream = js
-        .create_stream(jetstream::stream::Config {
-            name: "FRAUD_TXN".into(),
-            subjects: vec!["fraud.txn".into()],
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stream = txn_stream(&js).await;
     stream
         .create_consumer(jetstream::consumer::pull::Config {
             durable_name: Some("fraudgate".into()),
@@ -713,15 +717,7 @@ async fn an_existing_consumers_ack_wait_is_checked_against_the_retry_horizon() {
     let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
     let c = client(&nats.url()).await;
     let js = jetstream::new(c.clone());
-    let stream = js
-        .create_stream(jetstream::stream::Config {
-            name: "FRAUD_TXN".into(),
-            subjects: vec!["fraud.txn".into()],
-            storage: jetstream::stream::StorageType::File,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    let stream = txn_stream(&js).await;
     let consumer = |ack_wait: u64| jetstream::consumer::pull::Config {
         durable_name: Some("fraudgate".into()),
         ack_policy: jetstream::consumer::AckPolicy::Explicit,

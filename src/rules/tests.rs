@@ -47,14 +47,18 @@ fn rule(when: &str) -> String {
 
 /// Evaluates the single rule's condition on a transaction with no window features.
 fn eval(rs: &RuleSet, t: &Transaction) -> Tri {
+    eval_at(rs, t, 0)
+}
+
+/// Evaluates the single rule's condition on `t` received at `at_ms` (its `ts` is 0).
+fn eval_at(rs: &RuleSet, t: &Transaction, at_ms: i64) -> Tri {
     let key = crate::keyhash::HashKey::default();
     let attrs: Vec<Option<&AttrValue>> = rs.attrs.iter().map(|(n, _)| t.attr(n)).collect();
-    let ints = vec![None; rs.int_features];
-    let decs = vec![None; rs.dec_features];
+    let (ints, decs) = (vec![None; rs.int_features], vec![None; rs.dec_features]);
     let ctx = Ctx {
         txn: t,
         ts_ms: 0,
-        received_ms: 0,
+        received_ms: at_ms,
         currency: "EUR",
         attrs: &attrs,
         ints: &ints,
@@ -222,27 +226,6 @@ action = "block"
     let rs2 = compile(files(body), &read2, &EngineConfig::default()).unwrap();
     assert_ne!(rs.version, rs2.version);
     assert_eq!(eval(&rs2, &txn()), Tri::False);
-}
-
-/// Evaluates the single rule's condition on `t` received at `at_ms` (its `ts` is 0).
-fn eval_at(rs: &RuleSet, t: &Transaction, at_ms: i64) -> Tri {
-    let key = crate::keyhash::HashKey::default();
-    let attrs: Vec<Option<&AttrValue>> = rs.attrs.iter().map(|(n, _)| t.attr(n)).collect();
-    let (ints, decs) = (vec![None; rs.int_features], vec![None; rs.dec_features]);
-    let ctx = Ctx {
-        txn: t,
-        ts_ms: 0,
-        received_ms: at_ms,
-        currency: "EUR",
-        attrs: &attrs,
-        ints: &ints,
-        decs: &decs,
-        local_hour: 3,
-        local_weekday: 4,
-        key: &key,
-        hashes: &Default::default(),
-    };
-    (rs.rules[0].when)(&ctx)
 }
 
 #[test]
