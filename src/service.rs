@@ -1434,6 +1434,17 @@ pub async fn reload(
         }
         Ok(rs) => {
             let summary = rs.summary();
+            // What changed in the lists, for the audit trail (never an entry in clear).
+            let lists: Vec<String> = rs
+                .list_changes(&engine.rules())
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            let lists = if lists.is_empty() {
+                "unchanged".to_string()
+            } else {
+                lists.join("; ")
+            };
             let e = engine.clone();
             match tokio::task::spawn_blocking(move || e.swap_rules(rs)).await {
                 Ok(sw) => {
@@ -1449,6 +1460,7 @@ pub async fn reload(
                         migrated_keys = sw.migrated_keys,
                         new_groups = sw.added,
                         dropped_groups = sw.dropped,
+                        lists = %lists,
                         "rules reloaded: {summary}"
                     );
                 }

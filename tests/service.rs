@@ -1134,3 +1134,40 @@ async fn the_final_snapshot_is_written_when_nats_hangs_at_shutdown() {
     );
     assert!(log.contains("intake did not drain in time"), "{log}");
 }
+
+/// A temporary block written while the engine runs: the card is blocked from the reload
+/// on, the reload's log line says which list changed and by how much (never the card),
+/// and the block lifts by itself at its end, with no reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_temporary_block_applies_at_once_and_lifts_by_itself() {
+    let nats = nats().await;
+    let engine = Engine::start(&nats.url()).await;
+    let c = client(&nats.url()).await;
+    let card = "4111111111113501";
+    let d = check(&c, &txn("tmp-1", card, "10")).await;
+    assert_eq!(d["action"], "approve", "{d}");
+    let end = chrono::Utc::now() + chrono::Duration::seconds(4);
+    let list = engine.rules.join("lists/blocked_cards.txt");
+    let mut text = std::fs::read_to_string(&list).unwrap();
+    text.push_str(&format!(
+        "{card} until {}   # test: a temporary block\n",
+        end.to_rfc3339()
+    ));
+    let tmp = engine.rules.join("lists/.blocked_cards.txt.swp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, &list).unwrap();
+    engine
+        .wait_log("rules reloaded", Duration::from_secs(10))
+        .await;
+    let log = engine.log_text();
+    assert!(log.contains("blocked_cards +1 -0 (2 entries)"), "{log}");
+    assert!(!log.contains(card), "the card in the log:\n{log}");
+    let d = check(&c, &txn("tmp-2", card, "10")).await;
+    assert_eq!(d["decided_by"], "block:blocked_card", "{d}");
+    // After the end, the same rules (no reload): not blocked.
+    let wait = (end - chrono::Utc::now()).to_std().unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_millis(200)).await;
+    let d = check(&c, &txn("tmp-3", card, "11")).await;
+    assert_eq!(d["action"], "approve", "{d}");
+    assert_eq!(engine.count_log("rules reloaded"), 1);
+}

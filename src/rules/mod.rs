@@ -206,6 +206,8 @@ pub struct RuleSet {
     pub lists: BTreeMap<String, usize>,
     /// Lists with entries that end (`until`): the ends (ms since the epoch), sorted.
     pub list_ends: BTreeMap<String, Vec<i64>>,
+    /// The compiled lists, to tell what a reload changed ([`RuleSet::list_changes`]).
+    pub list_sets: BTreeMap<String, CompiledList>,
     pub needs_local_time: bool,
     pub files: Vec<String>,
 }
@@ -239,6 +241,74 @@ impl RuleSet {
             self.reject_at,
             self.version
         )
+    }
+}
+
+/// How one list differs between two rule sets: entries (keyed hashes for string lists,
+/// so no entry is ever shown) added, removed, and kept with another end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListChange {
+    pub name: String,
+    pub added: usize,
+    pub removed: usize,
+    pub ends_changed: usize,
+    /// Entries now.
+    pub entries: usize,
+}
+
+impl std::fmt::Display for ListChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} +{} -{}", self.name, self.added, self.removed)?;
+        if self.ends_changed > 0 {
+            write!(f, " ~{} end(s)", self.ends_changed)?;
+        }
+        write!(f, " ({} entries)", self.entries)
+    }
+}
+
+impl RuleSet {
+    /// The lists whose entries differ from `old`'s (a list new or gone counts all its
+    /// entries), for the reload log: an audit line per change, without entries in clear.
+    pub fn list_changes(&self, old: &RuleSet) -> Vec<ListChange> {
+        use std::collections::{BTreeSet, HashMap};
+        let empty = CompiledList::Num(Arc::new(NumSet::new(Vec::new())));
+        // Each list as entry -> end (i64::MAX: none).
+        let entries = |l: &CompiledList| -> HashMap<u128, i64> {
+            match l {
+                CompiledList::Str(s) => s
+                    .hashes
+                    .iter()
+                    .map(|h| (*h, i64::MAX))
+                    .chain(s.until.iter().map(|(h, &u)| (*h, u)))
+                    .collect(),
+                CompiledList::Num(n) => n
+                    .values
+                    .iter()
+                    .map(|d| (u128::from_le_bytes(d.serialize()), i64::MAX))
+                    .collect(),
+            }
+        };
+        let names: BTreeSet<&String> = self.list_sets.keys().chain(old.list_sets.keys()).collect();
+        names
+            .into_iter()
+            .filter_map(|name| {
+                let now = entries(self.list_sets.get(name).unwrap_or(&empty));
+                let before = entries(old.list_sets.get(name).unwrap_or(&empty));
+                let added = now.keys().filter(|k| !before.contains_key(k)).count();
+                let removed = before.keys().filter(|k| !now.contains_key(k)).count();
+                let ends_changed = now
+                    .iter()
+                    .filter(|(k, u)| before.get(k).is_some_and(|b| b != *u))
+                    .count();
+                (added + removed + ends_changed > 0).then(|| ListChange {
+                    name: name.clone(),
+                    added,
+                    removed,
+                    ends_changed,
+                    entries: now.len(),
+                })
+            })
+            .collect()
     }
 }
 
@@ -841,6 +911,7 @@ impl Loader<'_> {
             dec_features: n_dec,
             lists: list_sizes,
             list_ends,
+            list_sets: lists.clone(),
             needs_local_time: self.needs_local_time,
             files: self.files.iter().map(|f| f.name.clone()).collect(),
         })

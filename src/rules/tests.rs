@@ -493,3 +493,43 @@ fn spans_map_through_escapes() {
     let d = &e.diagnostics[0];
     assert_eq!(&e.files[0].text[d.span.clone()], "amout", "{}", e.render());
 }
+
+#[test]
+fn list_changes_count_entries_without_showing_them() {
+    let body = |extra: &str| {
+        format!(
+            "[lists]\nblocked = {{ file = \"blocked.txt\" }}\ncodes = [7995, 6051]\n{extra}\n{}",
+            rule("card in blocked and mcc in codes")
+        )
+    };
+    let with = |list: &'static str, extra: &str| {
+        let read = move |p: &str| -> std::io::Result<String> {
+            match p {
+                "r/blocked.txt" => Ok(list.into()),
+                _ => Err(std::io::Error::new(std::io::ErrorKind::NotFound, "x")),
+            }
+        };
+        compile(files(&body(extra)), &read, &EngineConfig::default()).unwrap()
+    };
+    let old = with(
+        "4111111111111111\n4222222222222222 until 2026-12-31\nm1\n",
+        "",
+    );
+    let new = with(
+        "4111111111111111\n4222222222222222 until 2027-01-31\n4333333333333333\n",
+        "vip = [\"m-1\"]",
+    );
+    let changes: Vec<String> = new
+        .list_changes(&old)
+        .iter()
+        .map(|c| c.to_string())
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            "blocked +1 -1 ~1 end(s) (3 entries)",
+            "vip +1 -0 (1 entries)"
+        ]
+    );
+    assert!(old.list_changes(&old).is_empty());
+}
