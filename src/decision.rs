@@ -48,6 +48,10 @@ pub struct FiredRule {
     /// Values of the fields, attributes and windows the condition read. Card numbers are
     /// masked; decimals are strings, so they stay exact.
     pub values: Values,
+    /// The rule's condition as written (so the thresholds the values met are in the
+    /// decision). Empty, and left out, in decisions kept before it existed.
+    #[serde(default, skip_serializing_if = "str::is_empty")]
+    pub when: Arc<str>,
 }
 
 /// Named values, in the order the condition reads them; serialised as a JSON object.
@@ -160,7 +164,21 @@ mod tests {
             mode,
             reason: "".into(),
             values: Default::default(),
+            when: "".into(),
         }
+    }
+
+    #[test]
+    fn a_rule_condition_is_shown_and_optional_when_read_back() {
+        let mut fired = r("x", Some(RuleAction::Hold), 0, Mode::Active);
+        fired.when = "amount > 1000".into();
+        let json = serde_json::to_string(&fired).unwrap();
+        assert!(json.ends_with(r#","when":"amount > 1000"}"#), "{json}");
+        // Kept before the field existed (retry table, snapshot): read back without it.
+        let old = r#"{"id":"x","action":"hold","score":0,"mode":"active","reason":"","values":{}}"#;
+        let back: FiredRule = serde_json::from_str(old).unwrap();
+        assert!(back.when.is_empty());
+        assert!(!serde_json::to_string(&back).unwrap().contains("when"));
     }
 
     #[test]

@@ -778,6 +778,7 @@ impl Engine {
                             .map(|(name, rd)| (name.clone(), rd.read(&ctx)))
                             .collect(),
                     ),
+                    when: r.condition.clone(),
                 });
             }
         }

@@ -82,6 +82,13 @@ fn windows_count_and_decide() {
     assert_eq!(feature(&c, "burst", "card_txn_1m"), Some(3.into()));
     assert_eq!(feature(&c, "spend", "card_amount_1h"), Some("1200".into()));
     assert_eq!(c.decision.score, 60);
+    // Each fired rule carries its condition, so the thresholds are in the decision, and
+    // the retry table's copy (parsed back for a retry) keeps it.
+    let burst = c.decision.rules.iter().find(|r| &*r.id == "burst").unwrap();
+    assert_eq!(&*burst.when, "card_txn_1m >= 3");
+    let again = e.decide(&tx("3", "c1", 400, T0 + 20_000), T0);
+    assert!(again.duplicate);
+    assert_eq!(again.decision.rules, c.decision.rules);
     // 60 s after the first: (t-60s, t] excludes it.
     let d = e.decide(&tx("4", "c1", 1, T0 + 60_000), T0);
     assert_eq!(

@@ -73,6 +73,9 @@ pub struct Rule {
     pub score: i64,
     pub mode: Mode,
     pub when: BoolFn,
+    /// The condition as written (whitespace collapsed, card numbers masked): with
+    /// `reads`, a fired rule shows the values it read and what it compared them with.
+    pub condition: Arc<str>,
     /// Names the condition reads, reported with their values when the rule fires.
     pub reads: Vec<(Arc<str>, Reader)>,
     /// File the rule came from.
@@ -882,6 +885,14 @@ impl Loader<'_> {
                     score,
                     mode,
                     when,
+                    condition: crate::txn::redact_pans(
+                        &rd.when
+                            .get_ref()
+                            .split_whitespace()
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                    )
+                    .into(),
                     reads: reads.into_iter().map(|(n, r)| (n.into(), r)).collect(),
                     file: self.files[*fi].name.clone(),
                 });

@@ -533,3 +533,12 @@ fn list_changes_count_entries_without_showing_them() {
     );
     assert!(old.list_changes(&old).is_empty());
 }
+
+#[test]
+fn a_rules_condition_is_kept_as_written_with_card_numbers_masked() {
+    let rs = compile_ok(&rule("card == '4111111111111111'   and\t amount > 1000"));
+    assert_eq!(
+        &*rs.rules[0].condition,
+        "card == '411111******1111' and amount > 1000"
+    );
+}
