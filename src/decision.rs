@@ -117,7 +117,7 @@ impl Decision {
     /// The JSON as bytes, written into one buffer sized for it up front (growing a
     /// buffer step by step costs reallocations and copies on every decision).
     pub fn to_json_vec(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(192 + 192 * self.rules.len());
+        let mut v = Vec::with_capacity(192 + 256 * self.rules.len());
         match serde_json::to_writer(&mut v, self) {
             Ok(()) => v,
             Err(e) => format!(r#"{{"id":null,"error":{{"code":"internal","message":"{e}"}}}}"#)

@@ -830,19 +830,36 @@ async fn intake_jetstream(
         let mut last_error = None;
         let mut failed = false;
         loop {
-            let msgs = tokio::select! {
-                m = messages.next() => {
-                    let Some(first) = m else {
+            let msgs = if failed {
+                // This pull is over: take what it already holds (delivered to us, so
+                // otherwise back only after ack_wait), then make it again.
+                use futures::FutureExt;
+                match messages.next().now_or_never() {
+                    Some(Some(first)) => with_buffered(first, &mut messages),
+                    _ => {
                         tracing::warn!(
-                            last_error = last_error.as_deref().unwrap_or("none"),
+                            error = last_error.as_deref().unwrap_or("none"),
                             retry_in = ?pause,
-                            "JetStream pull ended; pulling again"
+                            "JetStream pull failed; pulling again"
                         );
                         continue 'pull;
-                    };
-                    with_buffered(first, &mut messages)
+                    }
                 }
-                _ = stop.changed() => break 'pull,
+            } else {
+                tokio::select! {
+                    m = messages.next() => {
+                        let Some(first) = m else {
+                            tracing::warn!(
+                                last_error = last_error.as_deref().unwrap_or("none"),
+                                retry_in = ?pause,
+                                "JetStream pull ended; pulling again"
+                            );
+                            continue 'pull;
+                        };
+                        with_buffered(first, &mut messages)
+                    }
+                    _ = stop.changed() => break 'pull,
+                }
             };
             let received_at = Instant::now();
             for m in msgs {
@@ -854,8 +871,8 @@ async fn intake_jetstream(
                     Err(e) => {
                         // Missed heartbeats, the consumer deleted, no responders (a pull
                         // request to a consumer gone): this pull is over, whether or not
-                        // async-nats ends it. The rest of the batch is taken, then the
-                        // pull is made again above (the consumer with it, if gone).
+                        // async-nats ends it. What it holds is taken, then the pull is
+                        // made again above (the consumer with it, if gone).
                         tracing::debug!(error = %e, "JetStream pull error");
                         last_error = Some(e);
                         failed = true;
@@ -888,14 +905,6 @@ async fn intake_jetstream(
                 }
             }
             dispatch(&mut batches, &shards, path, &counters).await;
-            if failed {
-                tracing::warn!(
-                    error = last_error.as_deref().unwrap_or("none"),
-                    retry_in = ?pause,
-                    "JetStream pull failed; pulling again"
-                );
-                continue 'pull;
-            }
         }
     }
 }
@@ -1434,20 +1443,24 @@ pub async fn reload(
         }
         Ok(rs) => {
             let summary = rs.summary();
-            // What changed in the lists, for the audit trail (never an entry in clear).
-            let lists: Vec<String> = rs
-                .list_changes(&engine.rules())
-                .iter()
-                .map(ToString::to_string)
-                .collect();
-            let lists = if lists.is_empty() {
-                "unchanged".to_string()
-            } else {
-                lists.join("; ")
-            };
             let e = engine.clone();
-            match tokio::task::spawn_blocking(move || e.swap_rules(rs)).await {
-                Ok(sw) => {
+            // What changed in the lists, for the audit trail (never an entry in clear):
+            // off the runtime with the swap, as a big list takes a while to compare.
+            let swap = move || {
+                let changes: Vec<String> = rs
+                    .list_changes(&e.rules())
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                (e.swap_rules(rs), changes)
+            };
+            match tokio::task::spawn_blocking(swap).await {
+                Ok((sw, changes)) => {
+                    let lists = if changes.is_empty() {
+                        "unchanged".to_string()
+                    } else {
+                        changes.join("; ")
+                    };
                     counters.reload(true);
                     counters.rules_dir_valid(true);
                     counters.rules_loaded(&engine.rules(), unix_secs());

@@ -718,7 +718,9 @@ impl Wire {
             .stream()
             .max_messages_per_batch(batch)
             .expires(expires)
-            .heartbeat(PULL_HEARTBEAT.min(expires / 4));
+            // Half the expiry at most (the server's limit), for the most slack before
+            // async-nats calls a heartbeat missed (after two heartbeats' time).
+            .heartbeat(PULL_HEARTBEAT.min(expires / 2));
         let messages = pull
             .messages()
             .await

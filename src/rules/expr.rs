@@ -204,7 +204,7 @@ impl Ty {
 #[derive(Debug, Default)]
 pub struct StrSet {
     pub hashes: HashSet<KeyHash, PreHashed>,
-    /// List-file entries with an end (`until`): the event time (ms) from which each no
+    /// List-file entries with an end (`until`): the receive time (ms) from which each no
     /// longer applies. An entry also in `hashes` has no end.
     pub until: HashMap<KeyHash, i64, PreHashed>,
     /// Inline lists of at most [`INLINE_PLAIN_MAX`] entries: the entries in clear.
@@ -236,7 +236,7 @@ impl StrSet {
         self.len() == 0
     }
 
-    /// Adds a list-file entry; `until`: the event time from which it no longer applies.
+    /// Adds a list-file entry; `until`: the receive time from which it no longer applies.
     /// The same entry twice keeps the longer reach (no end beats any end).
     pub fn insert(&mut self, h: KeyHash, until: Option<i64>) {
         match until {

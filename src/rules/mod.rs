@@ -273,42 +273,65 @@ impl RuleSet {
     /// The lists whose entries differ from `old`'s (a list new or gone counts all its
     /// entries), for the reload log: an audit line per change, without entries in clear.
     pub fn list_changes(&self, old: &RuleSet) -> Vec<ListChange> {
-        use std::collections::{BTreeSet, HashMap};
-        let empty = CompiledList::Num(Arc::new(NumSet::new(Vec::new())));
-        // Each list as entry -> end (i64::MAX: none).
-        let entries = |l: &CompiledList| -> HashMap<u128, i64> {
-            match l {
-                CompiledList::Str(s) => s
-                    .hashes
-                    .iter()
-                    .map(|h| (*h, i64::MAX))
-                    .chain(s.until.iter().map(|(h, &u)| (*h, u)))
-                    .collect(),
-                CompiledList::Num(n) => n
-                    .values
-                    .iter()
-                    .map(|d| (u128::from_le_bytes(d.serialize()), i64::MAX))
-                    .collect(),
+        use std::collections::BTreeSet;
+        // An entry's end in `s`: `Some(None)` listed without one, `None` not listed.
+        fn end(s: &StrSet, h: &crate::keyhash::KeyHash) -> Option<Option<i64>> {
+            if s.hashes.contains(h) {
+                Some(None)
+            } else {
+                s.until.get(h).map(|&u| Some(u))
             }
+        }
+        let len = |l: &CompiledList| match l {
+            CompiledList::Str(s) => s.len(),
+            CompiledList::Num(n) => n.values.len(),
         };
+        // Looked up in place: a reload of a million-entry list copies nothing.
         let names: BTreeSet<&String> = self.list_sets.keys().chain(old.list_sets.keys()).collect();
         names
             .into_iter()
             .filter_map(|name| {
-                let now = entries(self.list_sets.get(name).unwrap_or(&empty));
-                let before = entries(old.list_sets.get(name).unwrap_or(&empty));
-                let added = now.keys().filter(|k| !before.contains_key(k)).count();
-                let removed = before.keys().filter(|k| !now.contains_key(k)).count();
-                let ends_changed = now
-                    .iter()
-                    .filter(|(k, u)| before.get(k).is_some_and(|b| b != *u))
-                    .count();
+                let (added, removed, ends_changed, entries) =
+                    match (self.list_sets.get(name), old.list_sets.get(name)) {
+                        (Some(CompiledList::Str(n)), Some(CompiledList::Str(o))) => {
+                            let (mut added, mut ends) = (0, 0);
+                            let now = n.hashes.iter().map(|h| (h, None));
+                            for (h, e) in now.chain(n.until.iter().map(|(h, &u)| (h, Some(u)))) {
+                                match end(o, h) {
+                                    None => added += 1,
+                                    Some(before) if before != e => ends += 1,
+                                    Some(_) => {}
+                                }
+                            }
+                            let removed = o
+                                .hashes
+                                .iter()
+                                .chain(o.until.keys())
+                                .filter(|h| end(n, h).is_none())
+                                .count();
+                            (added, removed, ends, n.len())
+                        }
+                        (Some(CompiledList::Num(n)), Some(CompiledList::Num(o))) => {
+                            let missing = |a: &NumSet, b: &NumSet| {
+                                a.values
+                                    .iter()
+                                    .filter(|v| b.values.binary_search(v).is_err())
+                                    .count()
+                            };
+                            (missing(n, o), missing(o, n), 0, n.values.len())
+                        }
+                        (Some(l), None) => (len(l), 0, 0, len(l)),
+                        (None, Some(o)) => (0, len(o), 0, 0),
+                        // The type changed: every entry is new.
+                        (Some(l), Some(o)) => (len(l), len(o), 0, len(l)),
+                        (None, None) => return None,
+                    };
                 (added + removed + ends_changed > 0).then(|| ListChange {
                     name: name.clone(),
                     added,
                     removed,
                     ends_changed,
-                    entries: now.len(),
+                    entries,
                 })
             })
             .collect()
@@ -885,14 +908,7 @@ impl Loader<'_> {
                     score,
                     mode,
                     when,
-                    condition: crate::txn::redact_pans(
-                        &rd.when
-                            .get_ref()
-                            .split_whitespace()
-                            .collect::<Vec<_>>()
-                            .join(" "),
-                    )
-                    .into(),
+                    condition: condition_text(rd.when.get_ref()).into(),
                     reads: reads.into_iter().map(|(n, r)| (n.into(), r)).collect(),
                     file: self.files[*fi].name.clone(),
                 });
@@ -1375,6 +1391,43 @@ enum SlotKind {
     Count,
     Sum(SumOf),
     Distinct(KeyField),
+}
+
+/// A condition as decisions show it: comments dropped, whitespace outside string
+/// literals collapsed to one space (literals kept as written), card numbers masked.
+fn condition_text(src: &str) -> String {
+    fn put(out: &mut String, gap: &mut bool, c: char) {
+        if *gap && !out.is_empty() {
+            out.push(' ');
+        }
+        *gap = false;
+        out.push(c);
+    }
+    let mut out = String::with_capacity(src.len());
+    let mut chars = src.chars();
+    let mut gap = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' | '"' => {
+                put(&mut out, &mut gap, c);
+                while let Some(d) = chars.next() {
+                    out.push(d);
+                    if d == '\\' {
+                        out.extend(chars.next());
+                    } else if d == c {
+                        break;
+                    }
+                }
+            }
+            '#' => {
+                let _ = chars.by_ref().find(|&d| d == '\n');
+                gap = true;
+            }
+            c if c.is_whitespace() => gap = true,
+            c => put(&mut out, &mut gap, c),
+        }
+    }
+    crate::txn::redact_pans(&out)
 }
 
 /// `<entry> until <date>` on a list-file line: (entry, date), at the last word `until`

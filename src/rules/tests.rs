@@ -498,7 +498,7 @@ fn spans_map_through_escapes() {
 fn list_changes_count_entries_without_showing_them() {
     let body = |extra: &str| {
         format!(
-            "[lists]\nblocked = {{ file = \"blocked.txt\" }}\ncodes = [7995, 6051]\n{extra}\n{}",
+            "[lists]\nblocked = {{ file = \"blocked.txt\" }}\n{extra}\n{}",
             rule("card in blocked and mcc in codes")
         )
     };
@@ -513,11 +513,11 @@ fn list_changes_count_entries_without_showing_them() {
     };
     let old = with(
         "4111111111111111\n4222222222222222 until 2026-12-31\nm1\n",
-        "",
+        "codes = [7995, 6051]",
     );
     let new = with(
         "4111111111111111\n4222222222222222 until 2027-01-31\n4333333333333333\n",
-        "vip = [\"m-1\"]",
+        "codes = [7995, 5816]\nvip = [\"m-1\"]",
     );
     let changes: Vec<String> = new
         .list_changes(&old)
@@ -528,6 +528,7 @@ fn list_changes_count_entries_without_showing_them() {
         changes,
         [
             "blocked +1 -1 ~1 end(s) (3 entries)",
+            "codes +1 -1 (2 entries)",
             "vip +1 -0 (1 entries)"
         ]
     );
@@ -536,9 +537,12 @@ fn list_changes_count_entries_without_showing_them() {
 
 #[test]
 fn a_rules_condition_is_kept_as_written_with_card_numbers_masked() {
-    let rs = compile_ok(&rule("card == '4111111111111111'   and\t amount > 1000"));
+    let rs = compile_ok(&rule(
+        "card == 'x  y' or card == '4111111111111111'   or\t amount > 1000 # the limit",
+    ));
+    // Comments dropped, whitespace collapsed outside literals, card numbers masked.
     assert_eq!(
         &*rs.rules[0].condition,
-        "card == '411111******1111' and amount > 1000"
+        "card == 'x  y' or card == '411111******1111' or amount > 1000"
     );
 }
