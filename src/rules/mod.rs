@@ -73,8 +73,9 @@ pub struct Rule {
     pub score: i64,
     pub mode: Mode,
     pub when: BoolFn,
-    /// The condition as written (whitespace collapsed, card numbers masked): with
-    /// `reads`, a fired rule shows the values it read and what it compared them with.
+    /// The condition as written (`condition_text`: comments dropped, whitespace outside
+    /// literals collapsed, card numbers masked): with `reads`, a fired rule shows the
+    /// values it read and what it compared them with.
     pub condition: Arc<str>,
     /// Names the condition reads, reported with their values when the rule fires.
     pub reads: Vec<(Arc<str>, Reader)>,
