@@ -1187,6 +1187,14 @@ async fn decide_one(
     if out.ts_clamped {
         counters.ts_clamped();
     }
+    // Fault injection for tests (feature `failpoints`): a worker stuck while it publishes,
+    // as on a connection whose buffer is full (`deliver=return(ms)`: waits, yielding).
+    #[cfg(feature = "failpoints")]
+    if out.decision.id.starts_with("failpoint-") {
+        if let Some(Some(ms)) = fail::eval("deliver", |arg| arg.and_then(|a| a.parse().ok())) {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
     match wire.deliver(&job.reply, &out.decision, out.json).await {
         Ok(()) => {
             counters.decided(path, out.decision.action);

@@ -1171,3 +1171,50 @@ async fn a_temporary_block_applies_at_once_and_lifts_by_itself() {
     assert_eq!(d["action"], "approve", "{d}");
     assert_eq!(engine.count_log("rules reloaded"), 1);
 }
+
+/// SIGTERM while a worker is stuck publishing (a fail point holds it for 30 s) with five
+/// transactions of the same card queued behind it: the workers' grace ends the wait, the
+/// log says a worker did not finish and how many transactions were left undecided, and
+/// the process exits well before the stuck publish would have returned.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stuck_at_shutdown_is_given_up_after_its_grace() {
+    let nats = nats().await;
+    let engine = Engine::start_env(
+        &nats.url(),
+        CONFIG,
+        &[("FAILPOINTS", "deliver=return(30000)")],
+    )
+    .await;
+    let c = client(&nats.url()).await;
+    let card = "4111111111113601";
+    for (i, id) in ["failpoint-stuck", "q-1", "q-2", "q-3", "q-4", "q-5"]
+        .iter()
+        .enumerate()
+    {
+        let amount = format!("{}", 10 + i);
+        c.publish("fraud.txn", Bytes::from(txn(id, card, &amount)))
+            .await
+            .unwrap();
+    }
+    c.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    engine.signal("TERM");
+    let mut engine = engine;
+    let status = tokio::time::timeout(Duration::from_secs(40), engine.child.wait())
+        .await
+        .expect("exits")
+        .unwrap();
+    let took = started.elapsed();
+    let log = engine.log_text();
+    assert!(status.success(), "{status}:\n{log}");
+    assert!(took < Duration::from_secs(20), "took {took:?}:\n{log}");
+    assert!(log.contains("a worker did not finish in time"), "{log}");
+    let undecided = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["fields"]["undecided"].is_i64())
+        .unwrap_or_else(|| panic!("no undecided count:\n{log}"));
+    assert_eq!(undecided["fields"]["undecided"], 5, "{log}");
+}
