@@ -218,14 +218,21 @@ pub fn txn(id: &str, card: &str, amount: &str) -> String {
 }
 
 /// Sends SIGTERM and waits for a clean exit.
-pub async fn stop(mut engine: Engine) -> Engine {
+pub async fn stop(engine: Engine) -> Engine {
+    stop_timed(engine).await.0
+}
+
+/// Sends SIGTERM, waits (at most 60 s) for a clean exit, and says how long it took.
+pub async fn stop_timed(mut engine: Engine) -> (Engine, Duration) {
+    let started = Instant::now();
     engine.signal("TERM");
-    let status = tokio::time::timeout(Duration::from_secs(30), engine.child.wait())
+    let status = tokio::time::timeout(Duration::from_secs(60), engine.child.wait())
         .await
         .expect("exits")
         .unwrap();
+    let took = started.elapsed();
     assert!(status.success(), "{status}:\n{}", engine.log_text());
-    engine
+    (engine, took)
 }
 
 /// Every window value of every key in a snapshot file, read at `at_ms` (with the shipped
