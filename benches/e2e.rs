@@ -260,23 +260,31 @@ fn main() {
             "e2e: nats-server {url}; stream {stream_n} msgs, request-reply {rr_n}, latency {lat_secs} s at {rate}/s"
         );
         let rounds = env_or("E2E_ROUNDS", 1).max(1);
+        // The baseline row: another build (`E2E_BASELINE`), and/or this build with another
+        // rule directory (`E2E_BASELINE_RULES`) or more config (`E2E_BASELINE_CONFIG`, a file
+        // of tables besides [log] and [metrics], appended to the bench's own): what a rule
+        // set or a setting costs, measured in the same rounds.
         let baseline = std::env::var("E2E_BASELINE").ok();
+        let baseline_rules = std::env::var("E2E_BASELINE_RULES").ok();
+        let baseline_extra = std::env::var("E2E_BASELINE_CONFIG")
+            .ok()
+            .map(|p| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("E2E_BASELINE_CONFIG {p}: {e}")));
+        let with_baseline = baseline.is_some() || baseline_rules.is_some() || baseline_extra.is_some();
         let client = async_nats::connect(&url).await.unwrap();
         let dir = std::env::temp_dir().join(format!("fraudgate-e2e-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = dir.join("fraudgate.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[log]\nlevel = \"warn\"\n[metrics]\naddr = \"127.0.0.1:{}\"\n",
-                free_port().unwrap()
-            ),
-        )
-        .unwrap();
-        let spawn_with = |bin: &str, cfg: &std::path::Path| {
+        let base_cfg = format!(
+            "[log]\nlevel = \"warn\"\n[metrics]\naddr = \"127.0.0.1:{}\"\n",
+            free_port().unwrap()
+        );
+        std::fs::write(&cfg, &base_cfg).unwrap();
+        let baseline_cfg = dir.join("baseline.toml");
+        std::fs::write(&baseline_cfg, format!("{base_cfg}{}", baseline_extra.as_deref().unwrap_or(""))).unwrap();
+        let shipped_rules = format!("{root}/rules");
+        let spawn_with = |bin: &str, rules: &str, cfg: &std::path::Path| {
             tokio::process::Command::new(bin)
-                .args(["run", "--nats-url", &url, "--rules"])
-                .arg(format!("{root}/rules"))
+                .args(["run", "--nats-url", &url, "--rules", rules])
                 .arg("--config")
                 .arg(cfg)
                 .stderr(std::process::Stdio::null())
@@ -284,7 +292,7 @@ fn main() {
                 .spawn()
                 .unwrap()
         };
-        let spawn_engine = |cfg: &std::path::Path| spawn_with(env!("CARGO_BIN_EXE_fraudgate"), cfg);
+        let spawn_engine = |cfg: &std::path::Path| spawn_with(env!("CARGO_BIN_EXE_fraudgate"), &shipped_rules, cfg);
         let sizes = (stream_n, rr_n, rate, lat_secs);
         let (mut ceiling_rows, mut engine_rows, mut baseline_rows) = (Vec::new(), Vec::new(), Vec::new());
         // Rounds alternate the targets, so a slow minute of this shared machine does not
@@ -293,7 +301,7 @@ fn main() {
         // in the second and third place differed by 12 % (stream), which a comparison
         // would have taken for a change.
         let mut order = vec!["ceiling", "fraudgate"];
-        if baseline.is_some() {
+        if with_baseline {
             order.push("baseline");
         }
         for round in 1..=rounds {
@@ -314,7 +322,11 @@ fn main() {
                     // Optionally another fraudgate build (say, the previous commit's),
                     // measured in the same run: the only before/after comparison this
                     // machine allows.
-                    _ => spawn_with(baseline.as_deref().unwrap_or_default(), &cfg),
+                    _ => spawn_with(
+                        baseline.as_deref().unwrap_or(env!("CARGO_BIN_EXE_fraudgate")),
+                        baseline_rules.as_deref().unwrap_or(&shipped_rules),
+                        &baseline_cfg,
+                    ),
                 };
                 wait_ready(&client).await;
                 let pids = [child.id(), nats.pid(), None];
@@ -373,7 +385,16 @@ fn main() {
         if !baseline_rows.is_empty() {
             let b = median(&baseline_rows);
             println!(
-                "\nfraudgate / baseline (medians): stream {:.2}, request-reply {:.2}, p50 {:+.0} us, p99 {:+.0} us",
+                "\nbaseline ({}, rules {}{}) / ceiling (medians): stream {:.2}, request-reply {:.2}, p99 {:+.0} us",
+                baseline.as_deref().unwrap_or("this build"),
+                baseline_rules.as_deref().unwrap_or("shipped"),
+                if baseline_extra.is_some() { ", with E2E_BASELINE_CONFIG" } else { "" },
+                b.stream / c.stream,
+                b.rr / c.rr,
+                (b.p99 - c.p99) * 1000.0
+            );
+            println!(
+                "fraudgate / baseline (medians): stream {:.2}, request-reply {:.2}, p50 {:+.0} us, p99 {:+.0} us",
                 f.stream / b.stream,
                 f.rr / b.rr,
                 (f.p50 - b.p50) * 1000.0,
