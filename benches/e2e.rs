@@ -91,6 +91,52 @@ async fn cpu_per_decision<F: std::future::Future<Output = LoadReport>>(
     (report, us)
 }
 
+/// Cumulative bucket counts of fraudgate's own time from receipt to publish on the
+/// request path (`fraudgate_end_to_end_duration_seconds{path="check"}`), read from its
+/// `/metrics`: `(upper bound in seconds, count)`, in the exporter's order (ascending).
+async fn own_buckets(metrics: &str) -> Vec<(f64, u64)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(metrics).await else {
+        return Vec::new();
+    };
+    let mut body = String::new();
+    let req = format!("GET /metrics HTTP/1.0\r\nHost: {metrics}\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() || s.read_to_string(&mut body).await.is_err() {
+        return Vec::new();
+    }
+    let prefix = format!(
+        "{}_bucket{{path=\"check\",le=\"",
+        fraudgate::telemetry::names::END_TO_END_SECONDS
+    );
+    body.lines()
+        .filter_map(|l| l.strip_prefix(prefix.as_str()))
+        .filter_map(|l| {
+            let (le, count) = l.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// The upper bound (µs) of the bucket holding quantile `q` of what was added to the
+/// histogram between two reads of [`own_buckets`]; `None` without data.
+fn own_quantile_us(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Option<f64> {
+    let base = |le: f64| before.iter().find(|b| b.0 == le).map_or(0, |b| b.1);
+    let total = after.last()?.1.checked_sub(base(f64::INFINITY))?;
+    if total == 0 {
+        return None;
+    }
+    let want = (q * total as f64).ceil() as u64;
+    after
+        .iter()
+        .find(|(le, n)| n - base(*le).min(*n) >= want)
+        .map(|(le, _)| le * 1e6)
+}
+
 #[derive(Clone, Copy)]
 struct Row {
     stream: f64,
@@ -99,6 +145,11 @@ struct Row {
     p50: f64,
     p99: f64,
     p999: f64,
+    /// fraudgate's own time from receipt to publish in the latency phase, p99 and p99.9
+    /// (µs, the upper bound of the histogram bucket holding it); NaN for the ceiling,
+    /// which keeps no such histogram.
+    own_p99: f64,
+    own_p999: f64,
     /// CPU µs per decision in the stream and request-reply phases, per process.
     stream_cpu: [f64; PROCS],
     rr_cpu: [f64; PROCS],
@@ -168,6 +219,8 @@ fn median(rows: &[Row]) -> Row {
         p50: m(|r| r.p50),
         p99: m(|r| r.p99),
         p999: m(|r| r.p999),
+        own_p99: m(|r| r.own_p99),
+        own_p999: m(|r| r.own_p999),
         stream_cpu: cpu(|r| r.stream_cpu),
         rr_cpu: cpu(|r| r.rr_cpu),
     }
@@ -194,6 +247,7 @@ async fn measure(
     name: &'static str,
     client: &async_nats::Client,
     pids: [Option<u32>; PROCS],
+    metrics: Option<&str>,
     sizes: (usize, usize, f64, usize),
 ) -> Row {
     let (stream_n, rr_n, rate, lat_secs) = sizes;
@@ -211,7 +265,19 @@ async fn measure(
         load(client, LoadPath::Check, LoadMode::Closed(64), rr_p),
     )
     .await;
+    let before = match metrics {
+        Some(m) => own_buckets(m).await,
+        None => Vec::new(),
+    };
     let lat = load(client, LoadPath::Check, LoadMode::Open(rate), lat_p).await;
+    let (own_p99, own_p999) = match metrics {
+        Some(m) => {
+            let after = own_buckets(m).await;
+            let q = |q| own_quantile_us(&before, &after, q).unwrap_or(f64::NAN);
+            (q(0.99), q(0.999))
+        }
+        None => (f64::NAN, f64::NAN),
+    };
     println!(
         "  {name:<10} stream {:>9.0}/s ({} of {} decided)  request-reply {:>8.0}/s  at {rate:.0}/s: p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  (errors {}, timeouts {}; request-reply held or rejected {:.1} %)",
         stream.throughput(),
@@ -230,6 +296,12 @@ async fn measure(
         "",
         stream_cpu[0], stream_cpu[1], stream_cpu[2], rr_cpu[0], rr_cpu[1], rr_cpu[2],
     );
+    if metrics.is_some() {
+        println!(
+            "  {:<10} own time from receipt to publish at {rate:.0}/s (its histogram): p99 <= {own_p99:.0} us, p99.9 <= {own_p999:.0} us",
+            ""
+        );
+    }
     Row {
         stream: stream.throughput(),
         stream_lost: stream.sent - stream.answered,
@@ -237,6 +309,8 @@ async fn measure(
         p50: lat.quantile_ms(0.5),
         p99: lat.quantile_ms(0.99),
         p999: lat.quantile_ms(0.999),
+        own_p99,
+        own_p999,
         stream_cpu,
         rr_cpu,
     }
@@ -274,10 +348,8 @@ fn main() {
         let dir = std::env::temp_dir().join(format!("fraudgate-e2e-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = dir.join("fraudgate.toml");
-        let base_cfg = format!(
-            "[log]\nlevel = \"warn\"\n[metrics]\naddr = \"127.0.0.1:{}\"\n",
-            free_port().unwrap()
-        );
+        let metrics_addr = format!("127.0.0.1:{}", free_port().unwrap());
+        let base_cfg = format!("[log]\nlevel = \"warn\"\n[metrics]\naddr = \"{metrics_addr}\"\n");
         std::fs::write(&cfg, &base_cfg).unwrap();
         let baseline_cfg = dir.join("baseline.toml");
         std::fs::write(&baseline_cfg, format!("{base_cfg}{}", baseline_extra.as_deref().unwrap_or(""))).unwrap();
@@ -330,7 +402,8 @@ fn main() {
                 };
                 wait_ready(&client).await;
                 let pids = [child.id(), nats.pid(), None];
-                let row = measure(target, &client, pids, sizes).await;
+                let metrics = (target != "ceiling").then_some(metrics_addr.as_str());
+                let row = measure(target, &client, pids, metrics, sizes).await;
                 let _ = child.kill().await;
                 match target {
                     "ceiling" => ceiling_rows.push(row),
@@ -368,6 +441,10 @@ fn main() {
             (f.p99 - c.p99) * 1000.0
         );
         println!("| p99.9 at {rate:.0}/s (ms) | {:.3} | {:.3} | {:.2} | |", c.p999, f.p999, f.p999 / c.p999);
+        println!(
+            "| fraudgate's own time, receipt to publish, p99 / p99.9 at {rate:.0}/s (its histogram, bucket bound) | | <= {:.0} / <= {:.0} us | | |",
+            f.own_p99, f.own_p999
+        );
         println!();
         println!("| CPU per decision (us) | ceiling | fraudgate | fraudgate - ceiling |");
         println!("|---|---|---|---|");
@@ -385,13 +462,14 @@ fn main() {
         if !baseline_rows.is_empty() {
             let b = median(&baseline_rows);
             println!(
-                "\nbaseline ({}, rules {}{}) / ceiling (medians): stream {:.2}, request-reply {:.2}, p99 {:+.0} us",
+                "\nbaseline ({}, rules {}{}) / ceiling (medians): stream {:.2}, request-reply {:.2}, p99 {:+.0} us (own p99 <= {:.0} us)",
                 baseline.as_deref().unwrap_or("this build"),
                 baseline_rules.as_deref().unwrap_or("shipped"),
                 if baseline_extra.is_some() { ", with E2E_BASELINE_CONFIG" } else { "" },
                 b.stream / c.stream,
                 b.rr / c.rr,
-                (b.p99 - c.p99) * 1000.0
+                (b.p99 - c.p99) * 1000.0,
+                b.own_p99
             );
             println!(
                 "fraudgate / baseline (medians): stream {:.2}, request-reply {:.2}, p50 {:+.0} us, p99 {:+.0} us",
