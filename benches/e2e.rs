@@ -27,7 +27,15 @@
 //! machine is shared: single runs of one binary differ by up to 30 %). Each round starts
 //! with the next target, so no target always has the same place in the sequence.
 //! E2E_BASELINE=/path/to/another/fraudgate adds a third target in every round, measured
-//! the same way (before/after comparisons of a change).
+//! the same way (before/after comparisons of a change); E2E_BASELINE_RULES=<rule directory>
+//! and E2E_BASELINE_CONFIG=<file of [engine] / [service] ... tables> make that target this
+//! build with other rules or settings (what a rule set costs). Paths are relative to the
+//! repository root.
+//!
+//! For fraudgate rows, its own time from receipt to publish in the latency phase (p99 and
+//! p99.9 of its `fraudgate_end_to_end_duration_seconds` histogram, read from `/metrics`
+//! before and after, as the bound of the bucket holding it): how much of the latency the
+//! engine itself adds, which the client's figure cannot separate from the machine's noise.
 
 use std::time::{Duration, Instant};
 
@@ -96,14 +104,17 @@ async fn cpu_per_decision<F: std::future::Future<Output = LoadReport>>(
 /// `/metrics`: `(upper bound in seconds, count)`, in the exporter's order (ascending).
 async fn own_buckets(metrics: &str) -> Vec<(f64, u64)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(metrics).await else {
+    let scrape = async {
+        let mut s = tokio::net::TcpStream::connect(metrics).await.ok()?;
+        let mut body = String::new();
+        let req = format!("GET /metrics HTTP/1.0\r\nHost: {metrics}\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        s.read_to_string(&mut body).await.ok()?;
+        Some(body)
+    };
+    let Ok(Some(body)) = tokio::time::timeout(Duration::from_secs(5), scrape).await else {
         return Vec::new();
     };
-    let mut body = String::new();
-    let req = format!("GET /metrics HTTP/1.0\r\nHost: {metrics}\r\n\r\n");
-    if s.write_all(req.as_bytes()).await.is_err() || s.read_to_string(&mut body).await.is_err() {
-        return Vec::new();
-    }
     let prefix = format!(
         "{}_bucket{{path=\"check\",le=\"",
         fraudgate::telemetry::names::END_TO_END_SECONDS
@@ -125,6 +136,8 @@ async fn own_buckets(metrics: &str) -> Vec<(f64, u64)> {
 /// The upper bound (µs) of the bucket holding quantile `q` of what was added to the
 /// histogram between two reads of [`own_buckets`]; `None` without data.
 fn own_quantile_us(before: &[(f64, u64)], after: &[(f64, u64)], q: f64) -> Option<f64> {
+    // Without the first read, everything since the engine started would be counted.
+    before.last().filter(|b| b.0 == f64::INFINITY)?;
     let base = |le: f64| before.iter().find(|b| b.0 == le).map_or(0, |b| b.1);
     let total = after.last()?.1.checked_sub(base(f64::INFINITY))?;
     if total == 0 {
@@ -204,9 +217,11 @@ fn phases(counts: [usize; 4]) -> [(usize, u64, i64); 4] {
 
 /// Each figure's median over the rounds (the upper one of an even count).
 fn median(rows: &[Row]) -> Row {
-    let med = |mut v: Vec<f64>| {
+    // A figure a round could not read (NaN) is left out, not sorted last.
+    let med = |v: Vec<f64>| {
+        let mut v: Vec<f64> = v.into_iter().filter(|x| !x.is_nan()).collect();
         v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
     };
     let m = |f: fn(&Row) -> f64| med(rows.iter().map(f).collect());
     let cpu = |f: fn(&Row) -> [f64; PROCS]| {
@@ -340,9 +355,18 @@ fn main() {
         // set or a setting costs, measured in the same rounds.
         let baseline = std::env::var("E2E_BASELINE").ok();
         let baseline_rules = std::env::var("E2E_BASELINE_RULES").ok();
-        let baseline_extra = std::env::var("E2E_BASELINE_CONFIG")
-            .ok()
-            .map(|p| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("E2E_BASELINE_CONFIG {p}: {e}")));
+        let baseline_extra = std::env::var("E2E_BASELINE_CONFIG").ok().map(|p| {
+            let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("E2E_BASELINE_CONFIG {p}: {e}"));
+            // The engine's stderr is not shown: a file it would refuse must fail here.
+            let table: toml::Table = text.parse().unwrap_or_else(|e| panic!("E2E_BASELINE_CONFIG {p}: {e}"));
+            for own in ["log", "metrics", "subjects"] {
+                assert!(
+                    !table.contains_key(own),
+                    "E2E_BASELINE_CONFIG {p}: has [{own}]; [log], [metrics] and [subjects] are set by the bench (it reads the engine's metrics and uses the default subjects)"
+                );
+            }
+            text
+        });
         let with_baseline = baseline.is_some() || baseline_rules.is_some() || baseline_extra.is_some();
         let client = async_nats::connect(&url).await.unwrap();
         let dir = std::env::temp_dir().join(format!("fraudgate-e2e-{}", std::process::id()));
