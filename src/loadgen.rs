@@ -58,6 +58,9 @@ impl Pattern {
 pub struct Labeled {
     pub txn: Transaction,
     pub pattern: Option<Pattern>,
+    /// Which injected instance of `pattern` this transaction belongs to (a card-testing
+    /// burst is one instance of six transactions); 0 for normal traffic.
+    pub instance: u64,
 }
 
 /// Shape of the traffic.
@@ -77,6 +80,10 @@ pub struct GenConfig {
     pub fraud_rate: f64,
     /// Regions the high-risk-at-night pattern uses (the shipped rules' placeholders).
     pub high_risk_regions: Vec<String>,
+    /// Part of every transaction id (`g<seed>-<tag>-<n>`; `g<seed>-<n>` when empty): two
+    /// runs of one seed against one engine need different ids, or the second is answered
+    /// from the engine's retry table (the originals' decisions, nothing counted).
+    pub run_tag: String,
 }
 
 impl Default for GenConfig {
@@ -90,6 +97,7 @@ impl Default for GenConfig {
             txns_per_card_day: 10.0,
             fraud_rate: 0.002,
             high_risk_regions: ["XA", "XB", "XC", "XD"].map(String::from).to_vec(),
+            run_tag: String::new(),
         }
     }
 }
@@ -220,6 +228,8 @@ pub struct Generator {
     cfg: GenConfig,
     rng: Rng,
     seq: u64,
+    /// Injected pattern instances so far (numbered from 1).
+    instances: u64,
     /// Injected transactions not yet due: (due event time, transaction).
     pending: VecDeque<(i64, Labeled)>,
 }
@@ -230,6 +240,7 @@ impl Generator {
             rng: Rng::new(cfg.seed),
             cfg,
             seq: 0,
+            instances: 0,
             pending: VecDeque::new(),
         }
     }
@@ -240,7 +251,10 @@ impl Generator {
 
     fn id(&mut self) -> String {
         self.seq += 1;
-        format!("g{}-{}", self.cfg.seed, self.seq)
+        match self.cfg.run_tag.as_str() {
+            "" => format!("g{}-{}", self.cfg.seed, self.seq),
+            tag => format!("g{}-{tag}-{}", self.cfg.seed, self.seq),
+        }
     }
 
     /// A card of the population. Activity is skewed: the busiest card makes about
@@ -339,6 +353,7 @@ impl Generator {
         Labeled {
             txn: self.normal_for(card, now_ms),
             pattern: None,
+            instance: 0,
         }
     }
 
@@ -427,6 +442,8 @@ impl Generator {
                 plan.push((now_ms, t));
             }
         }
+        self.instances += 1;
+        let instance = self.instances;
         for (due, txn) in plan {
             let pos = self.pending.partition_point(|(d, _)| *d <= due);
             self.pending.insert(
@@ -436,6 +453,7 @@ impl Generator {
                     Labeled {
                         txn,
                         pattern: Some(p),
+                        instance,
                     },
                 ),
             );
@@ -451,6 +469,24 @@ impl Generator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_carry_the_run_tag() {
+        let mut plain = Generator::new(GenConfig::default());
+        assert_eq!(plain.next_at(1_795_687_200_000).txn.id, "g1-1");
+        let mut tagged = Generator::new(GenConfig {
+            run_tag: "r7".into(),
+            ..Default::default()
+        });
+        let t = tagged.next_at(1_795_687_200_000).txn;
+        assert_eq!(t.id, "g1-r7-1");
+        // Only the id differs: the same seed is the same traffic.
+        let mut again = Generator::new(GenConfig::default())
+            .next_at(1_795_687_200_000)
+            .txn;
+        again.id = t.id.clone();
+        assert_eq!(again.to_json(), t.to_json());
+    }
 
     #[test]
     fn deterministic_and_labelled() {

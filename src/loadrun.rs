@@ -5,10 +5,15 @@
 //!   measured from that scheduled time, so a stall shows up in the latency instead of
 //!   silently slowing the sender (no coordinated omission).
 //! - **Closed loop** (`concurrency`): N transactions in flight; each answer releases the
-//!   next. Latency is measured from the send.
+//!   next. Latency is measured from the send (after a slot was free).
 //! - **check** path: request-reply on the check subject. **stream** path: publish on the
 //!   txn subject; latency runs from the (scheduled) publish to the decision received on
-//!   `<decision_prefix>.>`.
+//!   `<decision_prefix>.>`. A decision that does not come within the timeout counts as
+//!   lost (and gives its slot back), as a request without an answer does.
+//! - **Detection**: per injected pattern, transactions flagged (held or rejected) and
+//!   instances caught (an instance is one card-testing burst, one duplicate pair ...:
+//!   caught when any of its transactions is flagged; a rule that needs four tiny amounts
+//!   cannot flag the first three, so per transaction a perfect rule set stays below 100 %).
 //!
 //! Payloads are generated before the run (with their event times), so the generator's cost
 //! is not part of the measurement.
@@ -59,7 +64,8 @@ pub struct LoadOptions {
     pub events_end_ms: Option<i64>,
 }
 
-/// Per injected pattern: transactions sent, and held or rejected.
+/// Per injected pattern: transactions answered, and held or rejected (or, for
+/// [`LoadReport::instances`], instances answered and caught).
 pub type PatternTally = HashMap<Pattern, (u64, u64)>;
 
 #[derive(Debug, Clone)]
@@ -75,6 +81,9 @@ pub struct LoadReport {
     /// approve, hold, reject.
     pub actions: [u64; 3],
     pub patterns: PatternTally,
+    /// Per pattern: injected instances with an answered transaction, and those with at
+    /// least one transaction held or rejected.
+    pub instances: PatternTally,
     /// Normal (unlabelled) transactions held or rejected: false positives.
     pub false_positives: u64,
 }
@@ -92,6 +101,14 @@ impl LoadReport {
     pub fn recall(&self) -> f64 {
         let (n, tp) = self
             .patterns
+            .values()
+            .fold((0, 0), |a, p| (a.0 + p.0, a.1 + p.1));
+        tp as f64 / n.max(1) as f64
+    }
+    /// Of the injected pattern instances, the share with a transaction held or rejected.
+    pub fn instance_recall(&self) -> f64 {
+        let (n, tp) = self
+            .instances
             .values()
             .fold((0, 0), |a, p| (a.0 + p.0, a.1 + p.1));
         tp as f64 / n.max(1) as f64
@@ -127,22 +144,27 @@ impl LoadReport {
             100.0 * self.actions[2] as f64 / total
         );
         if !self.patterns.is_empty() {
-            s += "detection   pattern            injected   caught   missed\n";
+            s += "detection   pattern             transactions  flagged   missed   instances   caught   missed\n";
             let mut pats: Vec<_> = self.patterns.iter().collect();
             pats.sort();
             for (p, (n, caught)) in pats {
+                let (i, ic) = self.instances.get(p).copied().unwrap_or_default();
                 s += &format!(
-                    "            {:<18} {:>8} {:>8} {:>8}\n",
+                    "            {:<18} {:>13} {:>8} {:>8} {:>11} {:>8} {:>8}\n",
                     p.name(),
                     n,
                     caught,
-                    n - caught
+                    n - caught,
+                    i,
+                    ic,
+                    i - ic
                 );
             }
             s += &format!(
-                "            precision {:.3}  recall {:.3}  (normal transactions held or rejected: {})\n",
+                "            precision {:.3}  recall {:.3} of transactions, {:.3} of instances  (normal transactions held or rejected: {})\n",
                 self.precision(),
                 self.recall(),
+                self.instance_recall(),
                 self.false_positives
             );
         }
@@ -160,7 +182,11 @@ struct Item {
     id: String,
     payload: Bytes,
     pattern: Option<Pattern>,
+    instance: u64,
 }
+
+/// An injected transaction's label: its pattern and instance.
+type Label = Option<(Pattern, u64)>;
 
 /// Shared outcome counters of a run.
 struct Tally {
@@ -174,6 +200,8 @@ struct TallyInner {
     hist: Histogram<u64>,
     actions: [u64; 3],
     patterns: PatternTally,
+    /// Per injected instance: whether any of its transactions was flagged.
+    instances: HashMap<(Pattern, u64), bool>,
     false_positives: u64,
     last_answer: Option<Instant>,
 }
@@ -188,6 +216,7 @@ impl Tally {
                 hist: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds"),
                 actions: [0; 3],
                 patterns: HashMap::new(),
+                instances: HashMap::new(),
                 false_positives: 0,
                 last_answer: None,
             }),
@@ -195,7 +224,7 @@ impl Tally {
     }
 
     /// Records one decision (its JSON) answered `latency` after it was due.
-    fn answer(&self, body: &[u8], latency: Duration, pattern: Option<Pattern>) {
+    fn answer(&self, body: &[u8], latency: Duration, label: Label) {
         let action = action_of(body);
         let mut t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         t.last_answer = Some(Instant::now());
@@ -205,11 +234,12 @@ impl Tally {
                 let _ = t.hist.record((latency.as_micros() as u64).max(1));
                 t.actions[i] += 1;
                 let flagged = i > 0;
-                match pattern {
-                    Some(p) => {
+                match label {
+                    Some((p, instance)) => {
                         let e = t.patterns.entry(p).or_insert((0, 0));
                         e.0 += 1;
                         e.1 += u64::from(flagged);
+                        *t.instances.entry((p, instance)).or_default() |= flagged;
                     }
                     None => t.false_positives += u64::from(flagged),
                 }
@@ -250,6 +280,7 @@ fn prepare(gen: &GenConfig, count: usize, end_ms: i64) -> Vec<Item> {
                 id: l.txn.id.clone(),
                 payload: Bytes::from(l.txn.to_json()),
                 pattern: l.pattern,
+                instance: l.instance,
             }
         })
         .collect()
@@ -262,12 +293,17 @@ pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadRe
     let tally = Arc::new(Tally::new());
     let sent = Arc::new(AtomicU64::new(0));
     // Stream path: decisions come back on the decision subjects; match them by id.
-    type Waiting = HashMap<String, (Instant, Option<Pattern>)>;
+    type Waiting = HashMap<String, (Instant, Label)>;
     let waiting: Arc<Mutex<Waiting>> = Arc::new(Mutex::new(HashMap::with_capacity(opts.count)));
     let slots = Arc::new(Semaphore::new(match opts.mode {
         LoadMode::Closed(n) => n.max(1),
         _ => Semaphore::MAX_PERMITS,
     }));
+    // Stream transactions settled (answered, lost or never published), and whether the
+    // sender is done: the collector stops when both say everything is accounted for.
+    let settled = Arc::new(AtomicU64::new(0));
+    let sending_done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let closed = matches!(opts.mode, LoadMode::Closed(_));
     let mut collector = None;
     if opts.path == LoadPath::Stream {
         let mut sub = client
@@ -279,29 +315,56 @@ pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadRe
             .await
             .map_err(|e| LoadError::Nats(e.to_string()))?;
         let (tally, waiting, slots) = (tally.clone(), waiting.clone(), slots.clone());
-        let expected = opts.count as u64;
-        let closed = matches!(opts.mode, LoadMode::Closed(_));
+        let (settled, sending_done, sent) = (settled.clone(), sending_done.clone(), sent.clone());
+        let timeout = opts.timeout;
         collector = Some(tokio::spawn(async move {
-            let mut got = 0u64;
-            while got < expected {
-                let Some(m) = sub.next().await else { break };
-                let Some(id) = m
-                    .headers
-                    .as_ref()
-                    .and_then(|h| h.get(crate::transport::HEADER_MSG_ID))
-                else {
-                    continue;
-                };
-                let entry = waiting
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(id.as_str());
-                if let Some((due, pattern)) = entry {
-                    tally.answer(&m.payload, due.elapsed(), pattern);
-                    if closed {
-                        slots.add_permits(1);
+            // Decisions overdue by more than the timeout are lost: counted as such, and
+            // in a closed loop their slots come back (or the run would stall for good
+            // once `concurrency` decisions went missing).
+            let expire_every =
+                (timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
+            let mut next_expiry = Instant::now() + expire_every;
+            while !(sending_done.load(Relaxed) && settled.load(Relaxed) >= sent.load(Relaxed)) {
+                let wait = next_expiry.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(wait, sub.next()).await {
+                    Ok(None) => break,
+                    Ok(Some(m)) => {
+                        let Some(id) = m
+                            .headers
+                            .as_ref()
+                            .and_then(|h| h.get(crate::transport::HEADER_MSG_ID))
+                        else {
+                            continue;
+                        };
+                        let entry = waiting
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(id.as_str());
+                        if let Some((due, label)) = entry {
+                            tally.answer(&m.payload, due.elapsed(), label);
+                            if closed {
+                                slots.add_permits(1);
+                            }
+                            settled.fetch_add(1, Relaxed);
+                        }
                     }
-                    got += 1;
+                    Err(_) => {}
+                }
+                if Instant::now() >= next_expiry {
+                    let lost = {
+                        let mut w = waiting.lock().unwrap_or_else(|e| e.into_inner());
+                        let before = w.len();
+                        w.retain(|_, (due, _)| due.elapsed() < timeout);
+                        (before - w.len()) as u64
+                    };
+                    if lost > 0 {
+                        tally.timeouts.fetch_add(lost, Relaxed);
+                        settled.fetch_add(lost, Relaxed);
+                        if closed {
+                            slots.add_permits(lost as usize);
+                        }
+                    }
+                    next_expiry = Instant::now() + expire_every;
                 }
             }
         }));
@@ -355,12 +418,12 @@ pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadRe
     };
     let mut tasks = Vec::new();
     for (i, item) in items.iter().enumerate() {
-        let due = match pacer.as_mut() {
+        let scheduled = match pacer.as_mut() {
             Some(rx) => match rx.recv().await {
-                Some(due) => due,
+                Some(due) => Some(due),
                 None => break,
             },
-            None => Instant::now(),
+            None => None,
         };
         let permit = match opts.mode {
             LoadMode::Closed(_) => Some(
@@ -372,6 +435,10 @@ pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadRe
             ),
             _ => None,
         };
+        // Open loop: from the scheduled time. Otherwise from the send, after a slot was
+        // free (the wait for a slot is the load client's, not the engine's).
+        let due = scheduled.unwrap_or_else(Instant::now);
+        let label = item.pattern.map(|p| (p, item.instance));
         sent.fetch_add(1, Relaxed);
         match opts.path {
             LoadPath::Check => {
@@ -385,7 +452,7 @@ pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadRe
                     )
                     .await;
                     match r {
-                        Ok(Ok(m)) => tally.answer(&m.payload, due.elapsed(), item.pattern),
+                        Ok(Ok(m)) => tally.answer(&m.payload, due.elapsed(), label),
                         Ok(Err(_)) => {
                             tally.errors.fetch_add(1, Relaxed);
                         }
@@ -404,13 +471,26 @@ pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadRe
                 waiting
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(item.id.clone(), (due, item.pattern));
+                    .insert(item.id.clone(), (due, label));
                 if client
                     .publish(opts.subjects.txn.clone(), item.payload.clone())
                     .await
                     .is_err()
                 {
-                    tally.errors.fetch_add(1, Relaxed);
+                    // Not sent: an error, not also a lost decision (unless the collector
+                    // has already expired it).
+                    let unsent = waiting
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&item.id)
+                        .is_some();
+                    if unsent {
+                        tally.errors.fetch_add(1, Relaxed);
+                        settled.fetch_add(1, Relaxed);
+                        if closed {
+                            slots.add_permits(1);
+                        }
+                    }
                 }
             }
         }
@@ -419,15 +499,26 @@ pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadRe
             tasks.retain(|t| !t.is_finished());
         }
     }
+    sending_done.store(true, Relaxed);
     let _ = client.flush().await;
     for t in tasks {
         let _ = t.await;
     }
-    if let Some(c) = collector {
-        if tokio::time::timeout(opts.timeout, c).await.is_err() {
-            let lost = waiting.lock().unwrap_or_else(|e| e.into_inner()).len() as u64;
-            tally.timeouts.fetch_add(lost, Relaxed);
+    if let Some(mut c) = collector {
+        // It ends once every decision came or was given up (within the timeout); the
+        // margin covers an expiry tick. Whatever is still waiting after it is lost.
+        if tokio::time::timeout(opts.timeout + Duration::from_secs(2), &mut c)
+            .await
+            .is_err()
+        {
+            c.abort();
         }
+        let lost = waiting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+            .count() as u64;
+        tally.timeouts.fetch_add(lost, Relaxed);
     }
     if let Some(p) = progress {
         p.abort();
@@ -445,6 +536,15 @@ pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadRe
         latency_us: inner.hist.clone(),
         actions: inner.actions,
         patterns: inner.patterns.clone(),
+        instances: inner
+            .instances
+            .iter()
+            .fold(HashMap::new(), |mut m, ((p, _), &caught)| {
+                let e: &mut (u64, u64) = m.entry(*p).or_default();
+                e.0 += 1;
+                e.1 += u64::from(caught);
+                m
+            }),
         false_positives: inner.false_positives,
     })
 }
@@ -473,11 +573,36 @@ mod tests {
             latency_us: Histogram::new(3).unwrap(),
             actions: [6, 2, 2],
             patterns: HashMap::new(),
+            instances: HashMap::new(),
             false_positives: 1,
         };
         r.patterns.insert(Pattern::CardTesting, (4, 3));
+        r.instances.insert(Pattern::CardTesting, (2, 1));
         assert!((r.precision() - 0.75).abs() < 1e-9);
         assert!((r.recall() - 0.75).abs() < 1e-9);
-        assert!(r.render().contains("card_testing"));
+        assert!((r.instance_recall() - 0.5).abs() < 1e-9);
+        let text = r.render();
+        assert!(text.contains("card_testing"), "{text}");
+        assert!(text.contains("0.500 of instances"), "{text}");
+    }
+
+    #[test]
+    fn an_instance_is_caught_when_any_of_its_transactions_is_flagged() {
+        let t = Tally::new();
+        let approve = br#"{"id":"a","action":"approve"}"#;
+        let hold = br#"{"id":"a","action":"hold"}"#;
+        let ms = Duration::from_millis(1);
+        // Card testing: three approved lead-ins, then flagged; a second burst never caught.
+        for _ in 0..3 {
+            t.answer(approve, ms, Some((Pattern::CardTesting, 1)));
+        }
+        t.answer(hold, ms, Some((Pattern::CardTesting, 1)));
+        t.answer(approve, ms, Some((Pattern::CardTesting, 2)));
+        t.answer(hold, ms, None);
+        let inner = t.inner.lock().unwrap();
+        assert_eq!(inner.patterns[&Pattern::CardTesting], (5, 1));
+        assert!(inner.instances[&(Pattern::CardTesting, 1)]);
+        assert!(!inner.instances[&(Pattern::CardTesting, 2)]);
+        assert_eq!(inner.false_positives, 1);
     }
 }

@@ -85,13 +85,27 @@ enum Cmd {
         /// How many transactions; default: 10 s worth at --rate, else 100,000.
         #[arg(long)]
         count: Option<usize>,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
+        /// Seed of the generated traffic: the same seed (with --events-end and --run-tag)
+        /// sends the same transactions. Default: a new one per run, printed at the start.
+        /// The same seed twice against one engine within a few minutes repeats the same
+        /// cards, merchants and amounts, which the duplicate rule then rejects.
+        #[arg(long)]
+        seed: Option<u64>,
         /// Share of normal transactions that start an injected fraud pattern.
         #[arg(long, default_value_t = 0.005)]
         fraud_rate: f64,
+        /// A decision later than this counts as lost.
         #[arg(long, default_value = "5s")]
         timeout: String,
+        /// Part of every transaction id. Default: made from the clock, so a second run
+        /// against the same engine is not answered from its retry table. Give the same tag
+        /// (and --events-end) to send exactly the same transactions again.
+        #[arg(long)]
+        run_tag: Option<String>,
+        /// Event time of the last transaction (RFC 3339, e.g. `2026-11-27T18:00:00Z`); the
+        /// others go back from it at the traffic's density. Default: now.
+        #[arg(long)]
+        events_end: Option<String>,
     },
     /// Check a rule directory: exit 0 with a summary, or 1 with every error.
     Check {
@@ -326,8 +340,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             seed,
             fraud_rate,
             timeout,
+            run_tag,
+            events_end,
         } => {
             use fraudgate::loadrun::{LoadMode, LoadOptions, LoadPath};
+            let events_end_ms = match events_end {
+                None => None,
+                Some(t) => Some(
+                    chrono::DateTime::parse_from_rfc3339(&t)
+                        .map_err(|e| {
+                            anyhow::anyhow!(
+                                "--events-end `{t}`: {e} (use RFC 3339, e.g. 2026-11-27T18:00:00Z)"
+                            )
+                        })?
+                        .timestamp_millis(),
+                ),
+            };
+            let now = fraudgate::service::now_ms();
+            let seed = seed.unwrap_or((now as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40);
+            let run_tag = run_tag.unwrap_or_else(|| format!("{now:x}"));
+            if !run_tag
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                anyhow::bail!("--run-tag may hold letters, digits and `_` only");
+            }
             let file = read_config(config.as_deref())?;
             let path = match path.as_str() {
                 "check" => LoadPath::Check,
@@ -349,7 +386,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let counters = std::sync::Arc::new(fraudgate::telemetry::Counters::default());
                 let client =
                     fraudgate::transport::connect(&file.nats, &url, "loadgen", counters).await?;
-                eprintln!("loadgen: {count} transactions, {mode:?} on {path:?}, seed {seed}");
+                eprintln!(
+                    "loadgen: {count} transactions, {mode:?} on {path:?}, seed {seed}, run tag {run_tag}"
+                );
                 let report = fraudgate::loadrun::run(
                     client,
                     LoadOptions {
@@ -359,12 +398,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         gen: fraudgate::loadgen::GenConfig {
                             seed,
                             fraud_rate,
+                            run_tag,
                             ..Default::default()
                         },
                         timeout,
                         subjects: file.subjects.clone(),
                         progress: true,
-                        events_end_ms: None,
+                        events_end_ms,
                     },
                 )
                 .await?;

@@ -553,6 +553,39 @@ async fn sigterm_under_load_decides_every_accepted_transaction() {
     assert_eq!(in_windows, received, "transactions in the final snapshot");
 }
 
+/// A stream load whose decisions never come (no engine here) ends, and counts each one
+/// as lost. Lost decisions used to keep their closed-loop slots, so the run waited forever
+/// once `concurrency` of them were missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_load_without_decisions_ends_and_counts_them_lost() {
+    use fraudgate::loadrun::{LoadMode, LoadOptions, LoadPath};
+    let nats = nats().await;
+    let run = fraudgate::loadrun::run(
+        client(&nats.url()).await,
+        LoadOptions {
+            path: LoadPath::Stream,
+            mode: LoadMode::Closed(4),
+            count: 12,
+            gen: fraudgate::loadgen::GenConfig {
+                seed: 5,
+                ..Default::default()
+            },
+            timeout: Duration::from_millis(300),
+            subjects: Default::default(),
+            progress: false,
+            events_end_ms: None,
+        },
+    );
+    let report = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("the run ends")
+        .unwrap();
+    assert_eq!(
+        (report.sent, report.answered, report.timeouts, report.errors),
+        (12, 0, 12, 0)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_runs_and_stops_cleanly() {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
