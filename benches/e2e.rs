@@ -99,12 +99,11 @@ async fn cpu_per_decision<F: std::future::Future<Output = LoadReport>>(
     (report, us)
 }
 
-/// Cumulative bucket counts of fraudgate's own time from receipt to publish on the
-/// request path (`fraudgate_end_to_end_duration_seconds{path="check"}`), read from its
-/// `/metrics`: `(upper bound in seconds, count)`, in the exporter's order (ascending).
-async fn own_buckets(metrics: &str) -> Vec<(f64, u64)> {
+/// The engine's `/metrics` page (HTTP response, headers included); empty when it cannot
+/// be read within 5 s.
+async fn scrape(metrics: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let scrape = async {
+    let get = async {
         let mut s = tokio::net::TcpStream::connect(metrics).await.ok()?;
         let mut body = String::new();
         let req = format!("GET /metrics HTTP/1.0\r\nHost: {metrics}\r\n\r\n");
@@ -112,9 +111,17 @@ async fn own_buckets(metrics: &str) -> Vec<(f64, u64)> {
         s.read_to_string(&mut body).await.ok()?;
         Some(body)
     };
-    let Ok(Some(body)) = tokio::time::timeout(Duration::from_secs(5), scrape).await else {
-        return Vec::new();
-    };
+    match tokio::time::timeout(Duration::from_secs(5), get).await {
+        Ok(Some(body)) => body,
+        _ => String::new(),
+    }
+}
+
+/// Cumulative bucket counts of fraudgate's own time from receipt to publish on the
+/// request path (`fraudgate_end_to_end_duration_seconds{path="check"}`), read from its
+/// `/metrics`: `(upper bound in seconds, count)`, in the exporter's order (ascending).
+async fn own_buckets(metrics: &str) -> Vec<(f64, u64)> {
+    let body = scrape(metrics).await;
     let prefix = format!(
         "{}_bucket{{path=\"check\",le=\"",
         fraudgate::telemetry::names::END_TO_END_SECONDS
@@ -530,7 +537,9 @@ fn main() {
         // and swept every second, so the figure is window state, not the dedupe table.
         std::fs::write(
             &cfg,
-            "[log]\nlevel = \"warn\"\n[engine]\ndedupe_horizon = \"5s\"\n[service]\nsweep_interval = \"1s\"\n",
+            format!(
+                "[log]\nlevel = \"warn\"\n[metrics]\naddr = \"{metrics_addr}\"\n[engine]\ndedupe_horizon = \"5s\"\n[service]\nsweep_interval = \"1s\"\n"
+            ),
         )
         .unwrap();
         let mut engine = spawn_engine(&cfg);
@@ -579,7 +588,23 @@ fn main() {
         client.flush().await.unwrap();
         let decided = counter.await.unwrap();
         tokio::time::sleep(Duration::from_secs(8)).await; // dedupe horizon + sweeps
-        let after = rss_kib(pid);
+        // Steady state: the resident size once it stops moving (the allocator returns
+        // what the retry table and the decisions churned through over a few seconds).
+        let mut after = rss_kib(pid);
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let now = rss_kib(pid);
+            let settled = now.abs_diff(after) * 200 < after.max(1);
+            after = now;
+            if settled {
+                break;
+            }
+        }
+        // The engine's own count of card keys (its gauge, refreshed by every sweep).
+        let card_keys = scrape(&metrics_addr).await.lines().find_map(|l| {
+            l.strip_prefix(&format!("{}{{group=\"card\"}} ", fraudgate::telemetry::names::STATE_KEYS))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        });
         let _ = engine.kill().await;
         println!();
         println!(
@@ -590,6 +615,10 @@ fn main() {
         );
         if decided < cards {
             println!("  (only {decided} of {cards} cards were decided: the figure is per decided card)");
+        }
+        match card_keys {
+            Some(k) => println!("  card keys tracked by the engine (fraudgate_state_keys): {k:.0}"),
+            None => println!("  (the engine's card key count could not be read from its metrics)"),
         }
         if cards < 100_000 {
             // A few MiB of the process's own growth (buffers, allocator pages) over a
