@@ -497,7 +497,7 @@ fn main() {
             .sum();
         if dropped > 0 {
             println!(
-                "DROPPED: {dropped} stream transactions without a decision in time (ceiling {} / fraudgate {} / baseline {}): the stream figures are not valid",
+                "DROPPED: {dropped} stream transactions not decided (no decision in time, an error decision or a failed publish; ceiling {} / fraudgate {} / baseline {}): the stream figures are not valid",
                 c.stream_lost,
                 f.stream_lost,
                 baseline_rows.iter().map(|r| r.stream_lost).sum::<u64>()
@@ -591,15 +591,17 @@ fn main() {
         // Steady state: the resident size once it stops moving (the allocator returns
         // what the retry table and the decisions churned through over a few seconds).
         let mut after = rss_kib(pid);
+        let mut settled = false;
         for _ in 0..10 {
             tokio::time::sleep(Duration::from_secs(1)).await;
             let now = rss_kib(pid);
-            let settled = now.abs_diff(after) * 200 < after.max(1);
+            settled = now.abs_diff(after) * 200 < after.max(1);
             after = now;
-            if settled {
+            if settled || now == 0 {
                 break;
             }
         }
+        assert!(after > 0, "the engine exited during the memory measurement");
         // The engine's own count of card keys (its gauge, refreshed by every sweep).
         let card_keys = scrape(&metrics_addr).await.lines().find_map(|l| {
             l.strip_prefix(&format!("{}{{group=\"card\"}} ", fraudgate::telemetry::names::STATE_KEYS))
@@ -615,6 +617,9 @@ fn main() {
         );
         if decided < cards {
             println!("  (only {decided} of {cards} cards were decided: the figure is per decided card)");
+        }
+        if !settled {
+            println!("  (the resident size was still moving 10 s after the sweeps: the last sample is shown)");
         }
         match card_keys {
             Some(k) => println!("  card keys tracked by the engine (fraudgate_state_keys): {k:.0}"),

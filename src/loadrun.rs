@@ -9,7 +9,8 @@
 //! - **check** path: request-reply on the check subject. **stream** path: publish on the
 //!   txn subject; latency runs from the (scheduled) publish to the decision received on
 //!   `<decision_prefix>.>`. A decision that does not come within the timeout counts as
-//!   lost (and gives its slot back), as a request without an answer does.
+//!   lost (and gives its slot back), as a request without an answer does (stream: from
+//!   the (scheduled) publish; check: from the request).
 //! - **Detection**: per injected pattern, transactions flagged (held or rejected) and
 //!   instances caught (an instance is one card-testing burst, one duplicate pair ...:
 //!   caught when any of its transactions is flagged; a rule that needs four tiny amounts
@@ -19,7 +20,10 @@
 //! is not part of the measurement.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -324,7 +328,9 @@ pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadRe
             let expire_every =
                 (timeout / 4).clamp(Duration::from_millis(20), Duration::from_secs(1));
             let mut next_expiry = Instant::now() + expire_every;
-            while !(sending_done.load(Relaxed) && settled.load(Relaxed) >= sent.load(Relaxed)) {
+            // Acquire pairs with the sender's Release: once `sending_done` is seen, `sent`
+            // is final.
+            while !(sending_done.load(Acquire) && settled.load(Relaxed) >= sent.load(Relaxed)) {
                 let wait = next_expiry.saturating_duration_since(Instant::now());
                 match tokio::time::timeout(wait, sub.next()).await {
                     Ok(None) => break,
@@ -341,7 +347,14 @@ pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadRe
                             .unwrap_or_else(|e| e.into_inner())
                             .remove(id.as_str());
                         if let Some((due, label)) = entry {
-                            tally.answer(&m.payload, due.elapsed(), label);
+                            // Later than the timeout but before the expiry tick: lost,
+                            // as it would have been a tick earlier.
+                            let latency = due.elapsed();
+                            if latency >= timeout {
+                                tally.timeouts.fetch_add(1, Relaxed);
+                            } else {
+                                tally.answer(&m.payload, latency, label);
+                            }
                             if closed {
                                 slots.add_permits(1);
                             }
@@ -367,6 +380,9 @@ pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadRe
                     next_expiry = Instant::now() + expire_every;
                 }
             }
+            // Nothing gives slots back any more (the subscription may have ended): a
+            // sender still waiting for one gets an error instead of waiting forever.
+            slots.close();
         }));
     }
 
@@ -426,13 +442,12 @@ pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadRe
             None => None,
         };
         let permit = match opts.mode {
-            LoadMode::Closed(_) => Some(
-                slots
-                    .clone()
-                    .acquire_owned()
-                    .await
-                    .map_err(|e| LoadError::Nats(e.to_string()))?,
-            ),
+            // Closed only by the stream collector when it stops early (its subscription
+            // ended): nothing more can be answered, so stop sending.
+            LoadMode::Closed(_) => match slots.clone().acquire_owned().await {
+                Ok(p) => Some(p),
+                Err(_) => break,
+            },
             _ => None,
         };
         // Open loop: from the scheduled time. Otherwise from the send, after a slot was
@@ -499,7 +514,7 @@ pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadRe
             tasks.retain(|t| !t.is_finished());
         }
     }
-    sending_done.store(true, Relaxed);
+    sending_done.store(true, Release);
     let _ = client.flush().await;
     for t in tasks {
         let _ = t.await;
@@ -511,7 +526,9 @@ pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadRe
             .await
             .is_err()
         {
+            // Stopped before the drain below, so no decision is half-counted.
             c.abort();
+            let _ = (&mut c).await;
         }
         let lost = waiting
             .lock()
