@@ -358,7 +358,7 @@ fn main() {
         let rounds = env_or("E2E_ROUNDS", 1).max(1);
         // The baseline row: another build (`E2E_BASELINE`), and/or this build with another
         // rule directory (`E2E_BASELINE_RULES`) or more config (`E2E_BASELINE_CONFIG`, a file
-        // of tables besides [log] and [metrics], appended to the bench's own): what a rule
+        // of tables besides [log], [metrics] and [subjects], appended to the bench's own): what a rule
         // set or a setting costs, measured in the same rounds.
         let baseline = std::env::var("E2E_BASELINE").ok();
         let baseline_rules = std::env::var("E2E_BASELINE_RULES").ok();

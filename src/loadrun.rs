@@ -103,19 +103,11 @@ impl LoadReport {
     }
     /// Of the injected fraud transactions, the share held or rejected.
     pub fn recall(&self) -> f64 {
-        let (n, tp) = self
-            .patterns
-            .values()
-            .fold((0, 0), |a, p| (a.0 + p.0, a.1 + p.1));
-        tp as f64 / n.max(1) as f64
+        flagged_share(&self.patterns)
     }
     /// Of the injected pattern instances, the share with a transaction held or rejected.
     pub fn instance_recall(&self) -> f64 {
-        let (n, tp) = self
-            .instances
-            .values()
-            .fold((0, 0), |a, p| (a.0 + p.0, a.1 + p.1));
-        tp as f64 / n.max(1) as f64
+        flagged_share(&self.instances)
     }
     pub fn quantile_ms(&self, q: f64) -> f64 {
         self.latency_us.value_at_quantile(q) as f64 / 1000.0
@@ -174,6 +166,12 @@ impl LoadReport {
         }
         s
     }
+}
+
+/// Flagged over all, summed across the patterns of `t`.
+fn flagged_share(t: &PatternTally) -> f64 {
+    let (n, flagged) = t.values().fold((0, 0), |a, p| (a.0 + p.0, a.1 + p.1));
+    flagged as f64 / n.max(1) as f64
 }
 
 #[derive(Debug, thiserror::Error)]
