@@ -125,6 +125,10 @@ overview.panel("timeseries", "NATS events",
                [(f'sum(increase(fraudgate_nats_reconnects_total{{{I}}}[{RI}]))', "reconnects"),
                 (f'sum(increase(fraudgate_nats_disconnects_total{{{I}}}[{RI}]))', "disconnects"),
                 (f'sum(increase(fraudgate_nats_slow_consumer_total{{{I}}}[{RI}]))', "slow-consumer events")], "short")
+overview.panel("timeseries", "Stalls",
+               "What the watchdog finds: decision workers holding one transaction longer than [service] stall_after, and whether the runtime's threads are all blocked (stalled now), and stalls found in each interval. A stalled worker holds every card routed to it; the engine log names the transaction.",
+               [(f'sum by (kind) (fraudgate_stalled{{{I}}})', "stalled now: {{kind}}"),
+                (f'sum by (kind) (increase(fraudgate_stalls_total{{{I}}}[{RI}]))', "stalls found: {{kind}}")], "short")
 
 rules = Board("fraudgate-rules", "fraudgate / Rules",
               "What the rules do: hits per rule, shadow against active, reloads and the active version.")

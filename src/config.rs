@@ -486,6 +486,9 @@ pub struct ServiceSection {
     pub reload_debounce: String,
     /// How often idle keys and old transaction ids are swept, e.g. `10s`.
     pub sweep_interval: String,
+    /// A decision worker holding one transaction this long, or the async runtime not
+    /// running its timers this long, is reported as stalled (log, metrics, alert).
+    pub stall_after: String,
 }
 
 impl Default for ServiceSection {
@@ -495,6 +498,7 @@ impl Default for ServiceSection {
             queue_depth: 4096,
             reload_debounce: "300ms".into(),
             sweep_interval: "10s".into(),
+            stall_after: "1s".into(),
         }
     }
 }

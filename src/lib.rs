@@ -18,6 +18,7 @@ pub mod snapshot;
 pub mod telemetry;
 pub mod transport;
 pub mod txn;
+pub mod watchdog;
 pub mod window;
 
 pub use config::EngineConfig;

@@ -26,6 +26,7 @@ use crate::keyhash::HashKey;
 use crate::telemetry::{Counters, Path as IntakePath, Snapshot};
 use crate::transport::{self, Reply, TransportError, Wire};
 use crate::txn::Transaction;
+use crate::watchdog::{Beats, Event as StallEvent, Watchdog, WorkerBeat};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -230,6 +231,7 @@ pub struct Running {
     /// Keeps the file watcher alive.
     _watcher: Option<notify::RecommendedWatcher>,
     snapshots: Option<Snapshots>,
+    watchdog: Watchdog,
 }
 
 /// Where and how the window state is saved. The lock keeps the periodic and the final
@@ -465,6 +467,14 @@ impl Running {
                 "[service] sweep_interval must be at most 5m".into(),
             ));
         }
+        let stall_after = duration("[service] stall_after", &opts.file.service.stall_after)?;
+        // At least five heartbeats: the runtime's heartbeat ticks every 100 ms, and a tick
+        // comes a little late as a rule.
+        if !(Duration::from_millis(500)..=Duration::from_secs(60)).contains(&stall_after) {
+            return Err(ServiceError::Config(
+                "[service] stall_after must be between 500ms and 60s".into(),
+            ));
+        }
         let (watcher, reload) = reload_task(
             opts.rules_dir.clone(),
             opts.engine.clone(),
@@ -505,7 +515,8 @@ impl Running {
         let depth = svc.queue_depth.div_ceil(MAX_BATCH).max(2);
         let mut shards = Vec::with_capacity(n);
         let mut workers = Vec::with_capacity(n);
-        for _ in 0..n {
+        let beats = Beats::new(n);
+        for k in 0..n {
             let (ctx, crx) = mpsc::channel(depth);
             let (stx, srx) = mpsc::channel(depth);
             shards.push(Shard {
@@ -519,6 +530,7 @@ impl Running {
                 wire.clone(),
                 counters.clone(),
                 tracker.clone(),
+                (beats.clone(), k),
             )));
         }
         let shards = Arc::new(shards);
@@ -573,6 +585,10 @@ impl Running {
             )));
         }
         background.push(tokio::spawn(queue_monitor(counters.clone(), stop_rx)));
+        // Ticks until aborted at shutdown, after the watchdog has stopped watching it.
+        background.push(tokio::spawn(heartbeat(beats.clone())));
+        let watchdog = start_watchdog(beats, stall_after, counters.clone())
+            .map_err(|e| ServiceError::Config(format!("cannot start the watchdog thread: {e}")))?;
         tracing::info!(
             check = %wire.subjects.check,
             txn = %wire.subjects.txn,
@@ -591,6 +607,7 @@ impl Running {
             background,
             _watcher: Some(watcher),
             snapshots,
+            watchdog,
         })
     }
 
@@ -610,7 +627,7 @@ impl Running {
     /// Stops taking messages, decides and publishes everything already received, writes
     /// the final snapshot, flushes and closes the connection. Each step has its own
     /// deadline ([`shutdown_budget`]); what could not be finished is logged.
-    pub async fn shutdown(self) -> Snapshot {
+    pub async fn shutdown(mut self) -> Snapshot {
         use tokio::time::Instant as TokioInstant;
         let budget = |d: Duration| TokioInstant::now() + d;
         tracing::info!("shutting down: draining subscriptions");
@@ -646,6 +663,9 @@ impl Running {
                  with core NATS they are lost"
             );
         }
+        // Before the heartbeat stops (it is a background task): a stopped heartbeat is
+        // no stall.
+        self.watchdog.stop();
         for t in self.background {
             t.abort();
         }
@@ -1123,8 +1143,10 @@ async fn worker(
     wire: Wire,
     counters: Arc<Counters>,
     tracker: Option<Tracker>,
+    (beats, k): (Arc<Beats>, usize),
 ) {
     let tracker = tracker.as_ref();
+    let beat = beats.worker(k);
     loop {
         let (mut batch, path) = tokio::select! {
             biased;
@@ -1139,13 +1161,87 @@ async fn worker(
                 // Request-reply first, even in the middle of a stream batch.
                 while let Ok(mut urgent) = check.try_recv() {
                     for j in urgent.iter_mut() {
+                        beat.begin();
                         decide_one(&engine, &wire, &counters, tracker, j, IntakePath::Check).await;
+                        stalled_on(beat, j, IntakePath::Check, k);
                     }
                 }
             }
+            beat.begin();
             decide_one(&engine, &wire, &counters, tracker, job, path).await;
+            stalled_on(beat, job, path, k);
         }
     }
+}
+
+/// Ends a worker's hold on `job`; if the watchdog reported that hold as a stall, logs
+/// which transaction it was (only the worker knows).
+fn stalled_on(beat: &WorkerBeat, job: &Job, path: IntakePath, worker: usize) {
+    if beat.end() {
+        tracing::warn!(
+            worker,
+            id = %job.txn.id,
+            path = path.as_str(),
+            "the transaction a stalled worker held is done"
+        );
+    }
+}
+
+/// The async runtime's heartbeat for the watchdog: when every runtime thread is blocked,
+/// it stops.
+async fn heartbeat(beats: Arc<Beats>) {
+    let mut tick = tokio::time::interval(crate::watchdog::HEARTBEAT);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        beats.runtime_tick();
+    }
+}
+
+/// The watchdog thread: logs each stall when it is found and when it ends, counts it,
+/// and keeps the stall gauges current.
+fn start_watchdog(
+    beats: Arc<Beats>,
+    after: Duration,
+    counters: Arc<Counters>,
+) -> std::io::Result<Watchdog> {
+    let after_ms = after.as_millis() as u64;
+    Watchdog::start(beats, after, move |events, (workers, runtime)| {
+        for e in events {
+            match *e {
+                StallEvent::WorkerStalled { worker, held } => {
+                    counters.stall(false);
+                    tracing::error!(
+                        worker,
+                        held_ms = held.as_millis() as u64,
+                        stall_after_ms = after_ms,
+                        "a decision worker has held one transaction too long: the transactions \
+                         of its cards wait behind it (a bug, or a publish that cannot go out: \
+                         is NATS reachable?); its id is logged when it is done"
+                    );
+                }
+                StallEvent::WorkerMoving { worker, lasted } => tracing::warn!(
+                    worker,
+                    lasted_ms = lasted.as_millis() as u64,
+                    "a stalled decision worker moves again"
+                ),
+                StallEvent::RuntimeStalled { quiet } => {
+                    counters.stall(true);
+                    tracing::error!(
+                        quiet_ms = quiet.as_millis() as u64,
+                        stall_after_ms = after_ms,
+                        "the async runtime has not run its heartbeat: its threads are blocked \
+                         (a bug); intake, decisions and replies wait"
+                    );
+                }
+                StallEvent::RuntimeMoving { lasted } => tracing::warn!(
+                    lasted_ms = lasted.as_millis() as u64,
+                    "the async runtime runs again"
+                ),
+            }
+        }
+        counters.stalled_now(workers, runtime);
+    })
 }
 
 async fn decide_one(
@@ -1615,10 +1711,15 @@ mod tests {
         // checked its configuration would fail on the connection, or worse, take
         // traffic first and then stop.
         let port = crate::demo::free_port().unwrap();
-        for (field, value) in [("sweep_interval", "10m"), ("reload_debounce", "soon")] {
+        for (field, value) in [
+            ("sweep_interval", "10m"),
+            ("reload_debounce", "soon"),
+            ("stall_after", "10ms"),
+        ] {
             let mut file = crate::config::FileConfig::default();
             match field {
                 "sweep_interval" => file.service.sweep_interval = value.into(),
+                "stall_after" => file.service.stall_after = value.into(),
                 _ => file.service.reload_debounce = value.into(),
             }
             let started = Running::start(RunOptions {

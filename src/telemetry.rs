@@ -57,7 +57,12 @@ pub mod names {
     pub const SNAPSHOT_BYTES: &str = "fraudgate_snapshot_bytes";
     pub const SNAPSHOT_SECONDS: &str = "fraudgate_snapshot_duration_seconds";
     pub const LAST_SNAPSHOT: &str = "fraudgate_snapshot_last_success_timestamp_seconds";
+    pub const STALLED: &str = "fraudgate_stalled";
+    pub const STALLS: &str = "fraudgate_stalls_total";
 }
+
+/// The `kind` label of the stall metrics, in [`Counters::stall`]'s order.
+const STALL_KINDS: [&str; 2] = ["worker", "runtime"];
 
 /// How long an unset gauge survives in the exporter.
 pub const GAUGE_IDLE: std::time::Duration = std::time::Duration::from_secs(600);
@@ -77,23 +82,66 @@ pub enum TelemetryError {
 
 /// Installs the Prometheus exporter serving `/metrics` on `addr` and describes every
 /// metric. Call before creating [`Counters`] (handles made earlier are no-ops).
+///
+/// The exporter runs on a thread of its own with a one-thread runtime, never on the
+/// service's: when a bug blocks the service's threads, `/metrics` still answers, with the
+/// watchdog's stall gauges, instead of going dark (the exporter's own `install` would
+/// spawn it on the caller's runtime).
 pub fn install_exporter(addr: SocketAddr) -> Result<(), TelemetryError> {
     use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
     use metrics_util::MetricKindMask;
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
-        // Gauges nobody sets for 10 minutes go (e.g. the info series of a replaced rules
-        // version); live gauges are refreshed by `Counters::refresh` on every sweep.
-        .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE))
-        .set_buckets_for_metric(
-            Matcher::Suffix("_duration_seconds".into()),
-            &DURATION_BUCKETS,
-        )
-        .and_then(|b| b.install())
-        .map_err(|e| TelemetryError::Exporter {
-            addr,
-            message: e.to_string(),
-        })?;
+    let fail = |message: String| TelemetryError::Exporter { addr, message };
+    // Built on the exporter's thread, inside its runtime, and the outcome sent back: the
+    // listener is bound there (a taken port fails this call), and a runtime that could not
+    // start serving is dropped there too, never inside the caller's async context (where
+    // tokio refuses to drop a runtime).
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name("fraudgate-metrics".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            let built = {
+                let _in = runtime.enter();
+                PrometheusBuilder::new()
+                    .with_http_listener(addr)
+                    // Gauges nobody sets for 10 minutes go (e.g. the info series of a
+                    // replaced rules version); live gauges are refreshed by
+                    // `Counters::refresh` on every sweep.
+                    .idle_timeout(MetricKindMask::GAUGE, Some(GAUGE_IDLE))
+                    .set_buckets_for_metric(
+                        Matcher::Suffix("_duration_seconds".into()),
+                        &DURATION_BUCKETS,
+                    )
+                    .and_then(|b| b.build())
+            };
+            match built {
+                Ok((recorder, exporter)) => {
+                    if tx.send(Ok(recorder)).is_ok() {
+                        if let Err(e) = runtime.block_on(exporter) {
+                            tracing::error!(error = ?e, "the metrics exporter stopped");
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e.to_string()));
+                }
+            }
+        })
+        .map_err(|e| fail(e.to_string()))?;
+    let recorder = rx
+        .recv()
+        .map_err(|_| fail("the exporter thread ended".into()))?
+        .map_err(fail)?;
+    metrics::set_global_recorder(recorder).map_err(|e| fail(e.to_string()))?;
     describe();
     Ok(())
 }
@@ -237,6 +285,15 @@ fn describe() {
         "Transactions taken in and not yet decided (queued in workers), by path."
     );
     describe_gauge!(
+        STALLED,
+        "Stalled now, by kind: decision workers holding one transaction longer than [service] stall_after (worker), or 1 while the async runtime has not run its heartbeat task for that long, its threads blocked (runtime)."
+    );
+    describe_counter!(
+        STALLS,
+        Unit::Count,
+        "Stalls the watchdog found, by kind (worker, runtime): the transactions of a stalled worker's cards wait, and a stalled runtime takes nothing in."
+    );
+    describe_gauge!(
         NATS_CONNECTED,
         "1 while connected to NATS, 0 while disconnected."
     );
@@ -352,6 +409,9 @@ pub struct Counters {
     snapshots_failed: Both,
     replayed: [Both; 2],
     ack_errors: Both,
+    /// Stalls reported by the watchdog: [worker, runtime].
+    stalls: [Both; 2],
+    stalled: [Gauge; 2],
     decision_seconds: [Histogram; 2],
     end_to_end_seconds: [Histogram; 2],
     in_flight: [Gauge; 2],
@@ -400,6 +460,8 @@ pub struct Snapshot {
     /// Re-applied at start from JetStream: [check, stream].
     pub replayed: [u64; 2],
     pub ack_errors: u64,
+    /// Stalls reported by the watchdog: [worker, runtime].
+    pub stalls: [u64; 2],
 }
 
 impl Snapshot {
@@ -466,6 +528,12 @@ impl Counters {
             snapshots_failed: Both::new(counter!(SNAPSHOTS, "result" => "failure")),
             replayed: path_counter(REPLAYED),
             ack_errors: Both::new(counter!(ACK_ERRORS)),
+            stalls: STALL_KINDS.map(|k| Both::new(counter!(STALLS, "kind" => k))),
+            stalled: STALL_KINDS.map(|k| {
+                let g = gauge!(STALLED, "kind" => k);
+                g.set(0.0);
+                g
+            }),
             decision_seconds: Path::ALL.map(|p| histogram!(DECISION_SECONDS, "path" => p.as_str())),
             end_to_end_seconds: Path::ALL
                 .map(|p| histogram!(END_TO_END_SECONDS, "path" => p.as_str())),
@@ -486,6 +554,16 @@ impl Counters {
     }
     pub fn ack_error(&self) {
         self.ack_errors.inc();
+    }
+    /// The watchdog found a worker (`runtime` false) or the runtime stalled.
+    pub fn stall(&self, runtime: bool) {
+        self.stalls[runtime as usize].inc();
+    }
+    /// Stalled now: how many workers, and whether the runtime (set by the watchdog on
+    /// every tick, so the gauges stay fresh).
+    pub fn stalled_now(&self, workers: usize, runtime: bool) {
+        self.stalled[0].set(workers as f64);
+        self.stalled[1].set(if runtime { 1.0 } else { 0.0 });
     }
     pub fn duplicate(&self) {
         self.duplicates.inc();
@@ -704,6 +782,7 @@ impl Counters {
             snapshots_failed: self.snapshots_failed.get(),
             replayed: [self.replayed[0].get(), self.replayed[1].get()],
             ack_errors: self.ack_errors.get(),
+            stalls: [self.stalls[0].get(), self.stalls[1].get()],
         }
     }
 
@@ -762,6 +841,7 @@ mod tests {
             NATS_RECONNECTS,
             NATS_DISCONNECTS,
             NATS_SLOW_CONSUMER,
+            STALLS,
         ] {
             assert!(n.starts_with("fraudgate_") && n.ends_with("_total"), "{n}");
         }

@@ -318,6 +318,41 @@ async fn ask_prints_the_decision() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no decision"));
 }
 
+/// A metrics port another process holds: `run` refuses to start with a clear error (exit
+/// 2), before it connects anywhere, and does not panic. (The exporter is set up on a thread
+/// of its own; a failed setup must not take the process down on the way out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_metrics_port_is_a_clear_error_at_start() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = held.local_addr().unwrap();
+    let dir = Scratch::new("metrics-port");
+    let cfg = dir.0.join("fraudgate.toml");
+    std::fs::write(&cfg, format!("[metrics]\naddr = \"{addr}\"\n")).unwrap();
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let port = fraudgate::demo::free_port().unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+            .args(["run", "--nats-url", &format!("nats://127.0.0.1:{port}")])
+            .arg("--rules")
+            .arg(&rules)
+            .arg("--config")
+            .arg(&cfg)
+            .output(),
+    )
+    .await
+    .expect("exits at once")
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("cannot serve metrics on {addr}")),
+        "{err}"
+    );
+    assert!(!err.contains("panic"), "{err}");
+    drop(held);
+}
+
 /// Publishes `n` stream transactions at about `rate`/s; returns the ids sent.
 async fn stream_traffic(c: async_nats::Client, prefix: &str, n: usize, rate: u64) -> Vec<String> {
     let mut ids = Vec::with_capacity(n);
@@ -1101,6 +1136,131 @@ async fn a_decision_that_fails_is_answered_as_internal_and_the_engine_goes_on() 
         "{}",
         engine.log_text()
     );
+}
+
+/// A thread-blocking bug: decisions that block their runtime threads (`decide=sleep`, one
+/// on each of the four workers: two at a time hold both runtime threads). The watchdog thread
+/// reports the stalled workers and the stalled runtime while it lasts, on `/metrics`,
+/// which answers from a thread of its own, and in the log, with the ids once the workers
+/// are done; then everything is decided and the engine goes on.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_decision_is_reported_as_a_stall_while_it_lasts() {
+    let nats = nats().await;
+    let port = fraudgate::demo::free_port().unwrap();
+    let config = format!("{CONFIG}\n[metrics]\naddr = \"127.0.0.1:{port}\"\n")
+        .replace("[service]\n", "[service]\nstall_after = \"500ms\"\n");
+    // Two runtime threads, as in CI, whatever this machine has: four sleeping decisions
+    // must be able to block them all.
+    let engine = Engine::start_env(
+        &nats.url(),
+        &config,
+        &[
+            ("FAILPOINTS", "decide=sleep(2500)"),
+            ("TOKIO_WORKER_THREADS", "2"),
+        ],
+    )
+    .await;
+    let c = client(&nats.url()).await;
+    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    c.flush().await.unwrap();
+    // One card per worker: the service's shard function (FNV-1a of the card, modulo the
+    // four workers of CONFIG).
+    let shard = |card: &str| {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in card.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+        (h % 4) as usize
+    };
+    let mut cards: [Option<String>; 4] = Default::default();
+    for i in 0.. {
+        let card = format!("41111111111{:05}", 37000 + i);
+        let slot = &mut cards[shard(&card)];
+        if slot.is_none() {
+            *slot = Some(card);
+        }
+        if cards.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    for (i, card) in cards.iter().flatten().enumerate() {
+        let body = txn(&format!("failpoint-stall-{i}"), card, "10");
+        c.publish("fraud.txn", Bytes::from(body)).await.unwrap();
+    }
+    c.flush().await.unwrap();
+
+    // While they sleep: the stall on /metrics. Two workers hold a sleeping decision at a
+    // time (one per runtime thread), and the others wait their turn, not yet holding one.
+    let mut seen = (0.0, 0.0);
+    let deadline = std::time::Instant::now() + Duration::from_millis(2200);
+    while std::time::Instant::now() < deadline && !(seen.0 >= 2.0 && seen.1 == 1.0) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let text = metrics_text(port)
+            .await
+            .expect("/metrics answers during the stall");
+        seen = (
+            metric_value(&text, "fraudgate_stalled{kind=\"worker\"}").unwrap_or(0.0),
+            metric_value(&text, "fraudgate_stalled{kind=\"runtime\"}").unwrap_or(0.0),
+        );
+    }
+    assert!(
+        seen.0 >= 2.0 && seen.1 == 1.0,
+        "{seen:?}\n{}",
+        engine.log_text()
+    );
+
+    // Afterwards: all four decided, the gauges back at 0, the stalls counted and logged.
+    for _ in 0..4 {
+        tokio::time::timeout(Duration::from_secs(10), decisions.next())
+            .await
+            .expect("every stalled transaction is decided")
+            .unwrap();
+    }
+    let d = check(&c, &txn("after-stall", "4111111111137999", "10")).await;
+    assert_eq!(d["action"], "approve", "{d}");
+    engine
+        .wait_log("the async runtime runs again", Duration::from_secs(5))
+        .await;
+    let log = engine.log_text();
+    assert!(log.contains("has held one transaction too long"), "{log}");
+    assert!(log.contains("has not run its heartbeat"), "{log}");
+    let done: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("the transaction a stalled worker held is done"))
+        .collect();
+    // (At least: on a loaded machine another transaction may be held past 500 ms too.)
+    assert!(done.len() >= 4, "{log}");
+    for i in 0..4 {
+        let id = format!("failpoint-stall-{i}");
+        assert!(done.iter().any(|l| l.contains(&id)), "{id}:\n{log}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let text = loop {
+        let text = metrics_text(port).await.unwrap_or_default();
+        let now = (
+            metric_value(&text, "fraudgate_stalled{kind=\"worker\"}"),
+            metric_value(&text, "fraudgate_stalled{kind=\"runtime\"}"),
+        );
+        if now == (Some(0.0), Some(0.0)) || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        metric_value(&text, "fraudgate_stalled{kind=\"worker\"}"),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(
+        metric_value(&text, "fraudgate_stalls_total{kind=\"worker\"}") >= Some(4.0),
+        "{text}"
+    );
+    assert!(
+        metric_value(&text, "fraudgate_stalls_total{kind=\"runtime\"}") >= Some(1.0),
+        "{text}"
+    );
+    stop(engine).await;
 }
 
 /// SIGTERM while the NATS server is unresponsive (stopped, so connections hang instead of

@@ -246,3 +246,31 @@ pub fn windows_in(path: &Path, at_ms: i64) -> Vec<(String, fraudgate::keyhash::S
         .unwrap();
     engine.window_values(at_ms)
 }
+
+/// The engine's `/metrics` text on `port`, or `None` when it does not answer within 1 s.
+pub async fn metrics_text(port: u16) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let get = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        Some(body)
+    };
+    tokio::time::timeout(Duration::from_secs(1), get)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// The value of one series (`name{labels}` exactly as the exporter writes it) in a
+/// `/metrics` text.
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
