@@ -1156,7 +1156,9 @@ impl Loader<'_> {
                 None
             }
             Ok(d) => {
-                let ms = d.as_millis() as i64;
+                // Saturating: a length past i64 milliseconds must not wrap to a negative one
+                // and slip past the checks below.
+                let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
                 if ms == 0 {
                     self.err(
                         "bad-duration",
@@ -1301,12 +1303,10 @@ impl Loader<'_> {
         let mut filter = None;
         let mut filter_sig = String::new();
         if let Some(src) = &w.filter {
+            // (A filter that does not lex gets a diagnostic below and no slot.)
             filter_sig = format!(
                 " where {}",
-                src.get_ref()
-                    .split_whitespace()
-                    .collect::<Vec<_>>()
-                    .join(" ")
+                syntax::canonical(src.get_ref()).unwrap_or_default()
             );
             if let Some((f, _)) = self.expr(fi, src, filter_scope) {
                 filter = Some(f);

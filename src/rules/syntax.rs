@@ -339,6 +339,22 @@ const MAX_DEPTH: usize = 64;
 /// chain (`a and b and c ...`) nests as deeply as it is long.
 const MAX_TOKENS: usize = 1_000;
 
+/// A form of `src` that is the same for two expressions only if they are written with the
+/// same tokens: what window slots are shared and matched across reloads by. Each token as
+/// written, one space between tokens: spacing and `#` comments do not matter, the inside
+/// of a string literal does. (For an expression written with spaces between its tokens
+/// and no comment, that is its text: the form slot signatures had before, which
+/// snapshots taken then hold.) `None` when `src` does not lex.
+pub fn canonical(src: &str) -> Option<String> {
+    let toks = lex(src).ok()?;
+    let words: Vec<&str> = toks
+        .iter()
+        .filter(|(t, _)| *t != Tok::Eof)
+        .map(|(_, span)| &src[span.clone()])
+        .collect();
+    Some(words.join(" "))
+}
+
 /// Parses one expression.
 pub fn parse(src: &str) -> Result<Expr, SyntaxError> {
     let toks = lex(src)?;

@@ -182,6 +182,50 @@ score = 1
 }
 
 #[test]
+fn filters_that_differ_only_inside_a_string_or_by_a_comment_do_not_share_a_slot() {
+    // Spaces inside a string are part of the value; a `#` comment ends the expression's
+    // line. Collapsing whitespace in the raw text made both pairs one slot, so one
+    // window counted with the other's filter.
+    let rs = compile_ok(
+        r##"
+[windows]
+a = { agg = "count", by = "card", over = "1h", where = "merchant == 'ACME  STORE'" }
+b = { agg = "count", by = "card", over = "1h", where = "merchant == 'ACME STORE'" }
+c = { agg = "count", by = "card", over = "1h", where = """amount < 2 # small
+or mcc == 1""" }
+d = { agg = "count", by = "card", over = "1h", where = "amount < 2 # small or mcc == 1" }
+e = { agg = "count", by = "card", over = "2h", where = "amount < 2 # a comment" }
+f = { agg = "count", by = "card", over = "3h", where = "amount   <   2" }
+[[rule]]
+id = "r"
+description = "d"
+when = "a > 1 or b > 1 or c > 1 or d > 1 or e > 1 or f > 1"
+score = 1
+"##,
+    );
+    let card = rs.groups.iter().find(|g| g.signature == "card").unwrap();
+    // a, b, c apart; d, e and f are all `amount < 2`: one slot (spacing and comments
+    // do not matter).
+    assert_eq!(card.counts.len(), 4);
+    let mut t = Transaction::new("x", "4111111111111111", Decimal::new(1, 0));
+    t.merchant = Some("ACME STORE".into());
+    t.mcc = Some(1);
+    let e = crate::engine::Engine::new(rs, crate::config::EngineConfig::default());
+    let now = 1_800_000_000_000;
+    e.decide(&t, now);
+    let values = e.window_values(now);
+    let get = |n: &str| {
+        values
+            .iter()
+            .find(|(w, _, _)| w == n)
+            .map(|(_, _, v)| v.clone())
+    };
+    assert_eq!(get("a").as_deref(), Some("0"), "{values:?}");
+    assert_eq!(get("b").as_deref(), Some("1"), "{values:?}");
+    assert_eq!(get("c").as_deref(), Some("1"), "{values:?}");
+}
+
+#[test]
 fn version_is_label_plus_content_hash() {
     let a = compile_ok(&rule("amount > 1"));
     let b = compile_ok(&rule("amount > 2"));
@@ -433,6 +477,8 @@ fn structural_errors() {
         ("[windows]\nw = { agg = \"avg\", by = \"card\", over = \"1h\" }\n", "bad-window"),
         ("[windows]\nw = { agg = \"count\", by = \"crad\", over = \"1h\" }\n", "unknown-identifier"),
         ("[windows]\nw = { agg = \"count\", by = \"card\", over = \"1500ms\" }\n", "bad-duration"),
+        // Past i64 milliseconds: refused, not wrapped to a negative length.
+        ("[windows]\nw = { agg = \"count\", by = \"card\", over = \"18446744073709550616ms\" }\n", "bad-duration"),
         ("[windows]\nw = { agg = \"count\", by = \"card\", over = \"1h\", where = \"w > 1\" }\n", "unknown-identifier"),
         ("[windows]\namount = { agg = \"count\", by = \"card\", over = \"1h\" }\n", "bad-name"),
         ("x = \"float\"\n", "bad-attr-type"),
