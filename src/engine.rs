@@ -141,8 +141,8 @@ pub struct Outcome {
     /// The decision's JSON ([`Decision::to_json_vec`]), for a duplicate the bytes stored
     /// with the original: what is published.
     pub json: Vec<u8>,
-    /// The id was seen within the dedupe horizon: this is the original decision, and
-    /// nothing was counted again.
+    /// The id was seen within the dedupe horizon (of its last sighting): this is the
+    /// original decision, and nothing was counted again.
     pub duplicate: bool,
     /// The event was older than every window of some key and added nothing there.
     pub too_late: bool,
@@ -546,13 +546,23 @@ impl Engine {
             _ => None,
         };
         let out = match (original, entry) {
-            (Some((decision, json)), _) => Outcome {
-                decision,
-                json,
-                duplicate: true,
-                too_late: false,
-                ts_clamped: false,
-            },
+            (Some((decision, json)), entry) => {
+                // The horizon runs from the last time the id was seen: a retry keeps the
+                // id for another horizon. A request replay after a restart starts a horizon
+                // before the snapshot's cut, so every retry it re-applies finds its id,
+                // however long ago the original was (else the retry was counted again).
+                if let Entry::Occupied(mut o) = entry {
+                    let e = o.get_mut();
+                    e.at_ms = e.at_ms.max(now_ms);
+                }
+                Outcome {
+                    decision,
+                    json,
+                    duplicate: true,
+                    too_late: false,
+                    ts_clamped: false,
+                }
+            }
             (None, entry) => {
                 let (mut decision, too_late) =
                     self.decide_fresh(&active, capture.as_deref(), &base, &keys, &mut over_cap);

@@ -79,8 +79,9 @@ struct InFlight {
     pending: std::collections::BTreeMap<u64, (u32, i64)>,
     /// One past the highest sequence taken in (or the replay's end).
     next: u64,
-    /// The consumer's ack floor, as last read (before each snapshot): a message delivered
-    /// but lost before intake took it is above it, and comes again.
+    /// The consumer's ack floor, as read before this snapshot (`None` when that read
+    /// failed): a message delivered but lost before intake took it is above it, and comes
+    /// again.
     ack_floor: Option<u64>,
     /// Messages taken in the last `hold`, by the second they were taken in: (when the
     /// second began, the lowest store time taken in it). See [`InFlight::clock`].
@@ -134,6 +135,15 @@ impl InFlight {
             .copied()
             .unwrap_or(self.next)
             .max(1)
+    }
+    /// The ack floor as just read, or `None` when it could not be read: then no floor at
+    /// all, never an older one. An old floor may lie below messages decided so long ago
+    /// that their ids have left the retry table: a restart would replay them from there and
+    /// count them twice (NATS unreachable for a few snapshots, then a restart). Without a
+    /// floor, a message delivered but never taken is not replayed; it is not acknowledged
+    /// either, so the server delivers it again and it is decided then.
+    fn floor_read(&mut self, floor: Option<u64>) {
+        self.ack_floor = floor;
     }
     /// The snapshot cursor: the lowest sequence that may be missing from the windows.
     fn low(&self) -> u64 {
@@ -250,15 +260,19 @@ struct Snapshots {
 }
 
 impl Snapshots {
-    /// Reads the consumer's ack floor into the tracker (before a cut; a stale value only
-    /// makes the cursor lower, which replay handles).
+    /// Reads the consumer's ack floor into the tracker, before a cut. A failed read leaves
+    /// no floor (see [`InFlight::floor_read`]).
     async fn refresh_ack_floor(&self) {
         if let (Some(c), Some(t)) = (&self.consumer, &self.tracker) {
             let mut c = c.clone();
             let read = tokio::time::timeout(Duration::from_secs(2), Wire::ack_floor(&mut c));
-            if let Ok(Some(f)) = read.await {
-                lock(t).ack_floor = Some(f);
+            let floor = read.await.ok().flatten();
+            if floor.is_none() {
+                tracing::warn!(
+                    "could not read the consumer's ack floor; the snapshot cursor goes without it"
+                );
             }
+            lock(t).floor_read(floor);
         }
     }
 
@@ -1654,6 +1668,11 @@ mod tests {
         // A consumer made again starts after what was decided, whatever the ack floor.
         assert_eq!(f.resume_at(), 13);
         f.ack_floor = Some(12);
+        assert_eq!(f.low(), 13);
+        // A floor that could not be read is no floor, not the last one read: that one may
+        // lie below ids long gone from the retry table.
+        f.ack_floor = Some(7);
+        f.floor_read(None);
         assert_eq!(f.low(), 13);
         // The stream goes quiet: the wall clock again (request ids are kept by it).
         f.hold = Duration::ZERO;

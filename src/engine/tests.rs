@@ -147,7 +147,40 @@ fn retries_return_the_original_and_count_once() {
     let e = engine_with(cfg);
     e.decide(&tx("r1", "c3", 1, T0), T0);
     assert!(e.decide(&tx("r1", "c3", 1, T0), T0 + 60_000).duplicate);
-    assert!(!e.decide(&tx("r1", "c3", 1, T0), T0 + 60_001).duplicate);
+    // The horizon runs from the last time the id was seen: a retry keeps it.
+    assert!(e.decide(&tx("r1", "c3", 1, T0), T0 + 120_000).duplicate);
+    assert!(!e.decide(&tx("r1", "c3", 1, T0), T0 + 180_001).duplicate);
+}
+
+/// A retried id stays in the retry table for a horizon from its last retry, also through
+/// the sweep: a request replay after a restart (from the cut minus the horizon) finds it
+/// and does not count the retry again, however old the original is.
+#[test]
+fn a_retry_keeps_its_id_for_another_horizon() {
+    let cfg = EngineConfig {
+        dedupe_horizon: Duration::from_secs(120),
+        ..Default::default()
+    };
+    let e = engine_with(cfg);
+    let first = e.decide(&tx("k1", "c4", 600, T0), T0);
+    assert!(e.decide(&tx("k1", "c4", 600, T0), T0 + 50_000).duplicate);
+    // 125 s after the original, 75 s after the retry: the original alone would be gone.
+    e.evict_idle(T0 + 125_000);
+    let replayed = e.decide(&tx("k1", "c4", 600, T0), T0 + 140_000);
+    assert!(replayed.duplicate);
+    assert_eq!(replayed.decision, first.decision);
+    let next = e.decide(&tx("k2", "c4", 1, T0 + 1), T0 + 140_000);
+    assert_eq!(
+        feature(&next, "spend", "card_amount_1h"),
+        None,
+        "601 in the hour: the retries added nothing ({:?})",
+        next.decision.rules
+    );
+    let next = e.decide(&tx("k3", "c4", 400, T0 + 2), T0 + 140_000);
+    assert_eq!(
+        feature(&next, "spend", "card_amount_1h"),
+        Some("1001".into())
+    );
 }
 
 #[test]
