@@ -432,7 +432,17 @@ fn value_offsets(text: &str, span: &std::ops::Range<usize>, value: &str) -> Opti
                     char::from_u32(u32::from_str_radix(body.get(i + 2..i + 10)?, 16).ok()?)?
                         .len_utf8(),
                 ),
-                _ => (2, 1),
+                // TOML 1.1 `\xHH`.
+                b'x' => (
+                    4,
+                    char::from_u32(u32::from_str_radix(body.get(i + 2..i + 4)?, 16).ok()?)?
+                        .len_utf8(),
+                ),
+                // `\e` (TOML 1.1) and the one-letter escapes of TOML 1.0.
+                b'b' | b't' | b'n' | b'f' | b'r' | b'e' | b'"' | b'\\' => (2, 1),
+                // Anything else (a line-ending backslash cannot occur in a single-line
+                // string): no mapping, the caller points at the whole string.
+                _ => return None,
             }
         } else {
             let ch = body.get(i..)?.chars().next()?;
@@ -1025,7 +1035,12 @@ impl Loader<'_> {
                     .unwrap_or_default();
                 let path = dir.join(rel).display().to_string();
                 let text = match read(&path) {
-                    Ok(t) => t,
+                    // A byte-order mark (editors write one as "UTF-8 with BOM") is not part
+                    // of the first entry: kept, that entry never matched, silently.
+                    Ok(t) => match t.strip_prefix('\u{feff}') {
+                        Some(rest) => rest.to_string(),
+                        None => t,
+                    },
                     Err(e) => {
                         self.err(
                             "list-file",

@@ -273,6 +273,32 @@ action = "block"
 }
 
 #[test]
+fn a_list_file_with_a_byte_order_mark_matches_its_first_entry() {
+    let body = r#"
+[lists]
+bad = { file = "bad.txt" }
+codes = { file = "codes.txt", type = "int" }
+[[rule]]
+id = "r"
+description = "d"
+when = "card in bad and mcc in codes"
+action = "block"
+"#;
+    let read = |p: &str| -> std::io::Result<String> {
+        match p {
+            "r/bad.txt" => Ok("\u{feff}4111111111111111\n".into()),
+            "r/codes.txt" => Ok("\u{feff}7995\n".into()),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                p.to_string(),
+            )),
+        }
+    };
+    let rs = compile(files(body), &read, &EngineConfig::default()).unwrap();
+    assert_eq!(eval(&rs, &txn()), Tri::True);
+}
+
+#[test]
 fn list_entries_can_end() {
     let body = r#"
 [lists]
@@ -531,6 +557,11 @@ fn ruleset_table_rules() {
 #[test]
 fn spans_map_through_escapes() {
     let e = compile_err("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"merchant == \\\"\\u00e9\\\" and amout > 1\"\naction = \"hold\"\n");
+    let d = &e.diagnostics[0];
+    let src = &e.files[0].text;
+    assert_eq!(&src[d.span.clone()], "amout", "{}", e.render());
+    // TOML 1.1's `\xHH` is four bytes in the file, one character in the value.
+    let e = compile_err("[[rule]]\nid = \"x\"\ndescription = \"d\"\nwhen = \"merchant == \\\"\\x41\\x42\\\" and amout > 1\"\naction = \"hold\"\n");
     let d = &e.diagnostics[0];
     let src = &e.files[0].text;
     assert_eq!(&src[d.span.clone()], "amout", "{}", e.render());
