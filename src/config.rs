@@ -192,8 +192,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             .ok_or_else(|| format!("bad duration `{s}`: too large"))?;
         rest = &rest[unit_len..];
     }
+    // Far beyond any setting or window (windows stop at 400d), and far inside i64
+    // milliseconds, which every user of a duration computes in: nothing can wrap.
+    if total > MAX_DURATION_MS {
+        return Err(format!("bad duration `{s}`: longer than 3650d"));
+    }
     Ok(Duration::from_millis(total))
 }
+
+/// The longest duration [`parse_duration`] accepts: ten years.
+const MAX_DURATION_MS: u64 = 3650 * 86_400_000;
 
 #[cfg(test)]
 mod tests {
@@ -207,6 +215,15 @@ mod tests {
         assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
         for bad in ["", "10", "m", "10x", "1.5h", "-1m", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+        // Past ten years: refused, so no setting can wrap when read as i64 milliseconds
+        // (a dedupe_horizon of u64::MAX - 999 ms was -1000 ms).
+        assert_eq!(
+            parse_duration("3650d"),
+            Ok(Duration::from_secs(3650 * 86400))
+        );
+        for bad in ["3651d", "18446744073709550616ms"] {
+            assert!(parse_duration(bad).unwrap_err().contains("3650d"), "{bad}");
         }
     }
 

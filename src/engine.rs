@@ -126,7 +126,8 @@ type OverCap = SmallVec<[usize; 4]>;
 /// Entity key per key group of one decision (`None`: a key field is missing).
 type GroupKeys = SmallVec<[Option<KeyHash>; 8]>;
 
-/// A retry-table entry: when the id was decided and the decision's JSON, as published.
+/// A retry-table entry: when the id was last seen (decided, or retried since) and the
+/// decision's JSON, as published.
 /// One heap block per id: the table holds every id of the dedupe horizon (at 100k/s and
 /// two minutes, 12M of them), and a sweep frees the expired ones by the million.
 struct DedupeEntry {
@@ -204,7 +205,7 @@ pub struct StateSnapshot {
     /// Last applied stream sequence, when the intake knows it (JetStream).
     pub cursor: Cursor,
     pub groups: Vec<GroupSnapshot>,
-    /// Retry table: id hash, first-seen time, the decision as JSON.
+    /// Retry table: id hash, last-seen time, the decision as JSON.
     pub dedupe: Vec<(KeyHash, i64, String)>,
 }
 

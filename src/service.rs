@@ -154,7 +154,7 @@ impl InFlight {
         }
     }
     /// The clock idle state is evicted by. Ids are remembered by the store time of their
-    /// message, so while a backlog is worked through (store times behind the wall clock,
+    /// message (or of a later retry's), so while a backlog is worked through (store times behind the wall clock,
     /// and moving faster than it) eviction must follow the stream: never past the oldest
     /// message still undecided, nor a restart's pin, nor, for a message taken in the last
     /// `hold`, its store time plus the wall time since it was taken. An ack lost now means

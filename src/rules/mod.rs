@@ -1183,15 +1183,6 @@ impl Loader<'_> {
                         "zero",
                     );
                     None
-                } else if ms % res_ms != 0 {
-                    self.err(
-                        "bad-duration",
-                        fi,
-                        w.over.span(),
-                        format!("window length is not a multiple of the resolution ({res_ms} ms)"),
-                        "round it to the resolution",
-                    );
-                    None
                 } else if ms > 400 * 86_400_000 {
                     self.err(
                         "bad-duration",
@@ -1199,6 +1190,15 @@ impl Loader<'_> {
                         w.over.span(),
                         "windows longer than 400d are not supported",
                         "too long",
+                    );
+                    None
+                } else if ms % res_ms != 0 {
+                    self.err(
+                        "bad-duration",
+                        fi,
+                        w.over.span(),
+                        format!("window length is not a multiple of the resolution ({res_ms} ms)"),
+                        "round it to the resolution",
                     );
                     None
                 } else {

@@ -341,18 +341,27 @@ const MAX_TOKENS: usize = 1_000;
 
 /// A form of `src` that is the same for two expressions only if they are written with the
 /// same tokens: what window slots are shared and matched across reloads by. Each token as
-/// written, one space between tokens: spacing and `#` comments do not matter, the inside
-/// of a string literal does. (For an expression written with spaces between its tokens
-/// and no comment, that is its text: the form slot signatures had before, which
-/// snapshots taken then hold.) `None` when `src` does not lex.
+/// written; one space where the source had spacing or a `#` comment between two tokens,
+/// none where it had nothing. So the amount of spacing and comments do not matter, the
+/// inside of a string literal does, and an expression without comments or repeated
+/// spaces inside a string keeps the form slot signatures had before (its text with each
+/// run of whitespace as one space), which snapshots taken then hold. `None` when `src`
+/// does not lex.
 pub fn canonical(src: &str) -> Option<String> {
     let toks = lex(src).ok()?;
-    let words: Vec<&str> = toks
-        .iter()
-        .filter(|(t, _)| *t != Tok::Eof)
-        .map(|(_, span)| &src[span.clone()])
-        .collect();
-    Some(words.join(" "))
+    let mut out = String::with_capacity(src.len());
+    let mut end = None;
+    for (t, span) in &toks {
+        if *t == Tok::Eof {
+            break;
+        }
+        if end.is_some_and(|e| e < span.start) {
+            out.push(' ');
+        }
+        out.push_str(&src[span.clone()]);
+        end = Some(span.end);
+    }
+    Some(out)
 }
 
 /// Parses one expression.
@@ -604,6 +613,30 @@ mod tests {
                 )
             }
         }
+    }
+
+    #[test]
+    fn the_canonical_form_keeps_the_old_signatures_and_parts_what_differs() {
+        // Without comments or repeated spaces inside strings: the text with each run of
+        // whitespace as one space, as signatures were before (snapshots hold those).
+        for src in [
+            "amount < 2",
+            "  mcc in [5992, 5947]  ",
+            "present(attrs.x) and (a or b)",
+            "amount<2",
+            "merchant == 'ACME STORE'",
+            "local_hour < 6\n  and amount > 1000",
+        ] {
+            let old = src.split_whitespace().collect::<Vec<_>>().join(" ");
+            assert_eq!(canonical(src).as_deref(), Some(old.as_str()), "{src:?}");
+        }
+        // Spacing inside a string is part of the value; a comment is not.
+        assert_ne!(
+            canonical("merchant == 'ACME  STORE'"),
+            canonical("merchant == 'ACME STORE'")
+        );
+        assert_eq!(canonical("amount < 2 # small"), canonical("amount   <   2"));
+        assert_eq!(canonical("amount < 'x"), None, "does not lex");
     }
 
     #[test]

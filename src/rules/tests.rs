@@ -186,8 +186,7 @@ fn filters_that_differ_only_inside_a_string_or_by_a_comment_do_not_share_a_slot(
     // Spaces inside a string are part of the value; a `#` comment ends the expression's
     // line. Collapsing whitespace in the raw text made both pairs one slot, so one
     // window counted with the other's filter.
-    let rs = compile_ok(
-        r##"
+    let body = r##"
 [windows]
 a = { agg = "count", by = "card", over = "1h", where = "merchant == 'ACME  STORE'" }
 b = { agg = "count", by = "card", over = "1h", where = "merchant == 'ACME STORE'" }
@@ -201,8 +200,8 @@ id = "r"
 description = "d"
 when = "a > 1 or b > 1 or c > 1 or d > 1 or e > 1 or f > 1"
 score = 1
-"##,
-    );
+"##;
+    let rs = compile_ok(body);
     let card = rs.groups.iter().find(|g| g.signature == "card").unwrap();
     // a, b, c apart; d, e and f are all `amount < 2`: one slot (spacing and comments
     // do not matter).
@@ -222,7 +221,21 @@ score = 1
     };
     assert_eq!(get("a").as_deref(), Some("0"), "{values:?}");
     assert_eq!(get("b").as_deref(), Some("1"), "{values:?}");
+    // An amount of 5 at mcc 1: c (`amount < 2 or mcc == 1`) counts it, d (`amount < 2`,
+    // the rest is a comment) does not.
+    let e = crate::engine::Engine::new(compile_ok(body), crate::config::EngineConfig::default());
+    let mut t = Transaction::new("y", "4111111111111111", Decimal::new(5, 0));
+    t.mcc = Some(1);
+    e.decide(&t, now);
+    let values = e.window_values(now);
+    let get = |n: &str| {
+        values
+            .iter()
+            .find(|(w, _, _)| w == n)
+            .map(|(_, _, v)| v.clone())
+    };
     assert_eq!(get("c").as_deref(), Some("1"), "{values:?}");
+    assert_eq!(get("d").as_deref(), Some("0"), "{values:?}");
 }
 
 #[test]
