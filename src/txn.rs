@@ -206,10 +206,13 @@ impl DecodeError {
 
     fn from_serde(e: serde_json::Error) -> Self {
         use serde_json::error::Category;
-        // serde quotes offending values between backticks ("invalid type: integer
-        // `4111111111111111`"); a card number sent with the wrong type must not come back
-        // in the error, so every quoted value is blanked. Field names are quoted the same
-        // way in "missing field `card`", which is kept.
+        // serde quotes offending values: numbers between backticks ("invalid type: integer
+        // `4111111111111111`"), strings between double quotes, escaped ("invalid type:
+        // string \"4111111111111111\"": a card number in a field that wants a number, or
+        // a whole transaction encoded twice, as one JSON string). A card number sent with
+        // the wrong type must not come back in the error, so every quoted value is
+        // blanked. Field names are quoted with backticks in "missing field `card`", which
+        // is kept.
         let msg = e.to_string();
         let code = match e.classify() {
             Category::Data if msg.starts_with("missing field") => ErrorCode::MissingField,
@@ -382,20 +385,34 @@ impl KeepScale for Decimal {
     }
 }
 
-/// Replaces every text between backticks with `…`.
+/// Replaces every text between backticks, and every double-quoted string (with its
+/// backslash escapes, as Rust's `{:?}` writes it), with `…`.
 fn blank_quoted(msg: &str) -> String {
     let mut out = String::with_capacity(msg.len());
-    let mut inside = false;
-    for ch in msg.chars() {
-        if ch == '`' {
-            if !inside {
-                out.push_str("`…");
-            } else {
-                out.push('`');
+    let mut chars = msg.chars();
+    while let Some(ch) = chars.next() {
+        match ch {
+            '`' => {
+                out.push_str("`…`");
+                for c in chars.by_ref() {
+                    if c == '`' {
+                        break;
+                    }
+                }
             }
-            inside = !inside;
-        } else if !inside {
-            out.push(ch);
+            '"' => {
+                out.push_str("\"…\"");
+                while let Some(c) = chars.next() {
+                    match c {
+                        '\\' => {
+                            chars.next();
+                        }
+                        '"' => break,
+                        _ => {}
+                    }
+                }
+            }
+            c => out.push(c),
         }
     }
     out
@@ -652,10 +669,27 @@ mod tests {
             br#"{"id":"a","card":"c","amount":"-4111111111111111"}"#,
             br#"{"id":"a","card":"c","amount":1,"ts":"4111111111111111"}"#,
             br#"{"id":"a","card":"c","amount":1,"ts":-4111111111111111}"#,
+            // A string where a number or an object belongs: serde quotes strings with
+            // double quotes, not backticks.
+            br#"{"id":"a","card":"c","amount":1,"mcc":"4111111111111111"}"#,
+            br#"{"id":"a","card":"c","amount":1,"attrs":"x 4111111111111111"}"#,
+            br#"{"id":"a","card":"c","amount":1,"mcc":"\"4111111111111111\" \\"}"#,
+            // A whole transaction encoded twice: one JSON string.
+            br#""{\"id\":\"a\",\"card\":\"4111111111111111\",\"amount\":1}""#,
         ] {
             let e = Transaction::from_json(bad).unwrap_err();
             assert!(!e.message.contains("4111"), "{}", e.message);
         }
+        let e =
+            Transaction::from_json(br#"{"id":"a","card":"c","amount":1,"mcc":"4111111111111111"}"#)
+                .unwrap_err();
+        assert_eq!(e.code, ErrorCode::WrongType);
+        assert!(
+            e.message
+                .starts_with("invalid type: string \"…\", expected"),
+            "{}",
+            e.message
+        );
         let t = Transaction::new("d", "4111111111111111", Decimal::ONE);
         let dbg = format!("{t:?}");
         assert!(!dbg.contains("4111111111111111") && dbg.contains("411111******1111"));
