@@ -152,9 +152,26 @@ fn engine_config(file: &FileConfig) -> anyhow::Result<EngineConfig> {
 
 fn init_logging(format: &str, level: &str) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .context("invalid [log] level")?;
+    let (text, source) = match std::env::var("RUST_LOG") {
+        Ok(v) if !v.is_empty() => (v, "RUST_LOG"),
+        _ => (level.to_string(), "[log] level"),
+    };
+    // A bare word that is not a level is taken by the filter syntax as a target name
+    // (everything from a module called `warning`, at any level): nothing of fraudgate's
+    // would be logged, not even its errors or a panic. Refused instead.
+    let bare = !text.contains(['=', ',', '[', ':']);
+    if bare
+        && text
+            .trim()
+            .parse::<tracing_subscriber::filter::LevelFilter>()
+            .is_err()
+    {
+        anyhow::bail!(
+            "{source} `{text}` is not a level: use error, warn, info, debug, trace or off, \
+             or a filter such as `fraudgate=debug`"
+        );
+    }
+    let filter = EnvFilter::try_new(&text).with_context(|| format!("invalid {source}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

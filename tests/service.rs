@@ -360,6 +360,35 @@ async fn a_taken_metrics_port_is_a_clear_error_at_start() {
     drop(held);
 }
 
+/// A log level that is not one (`warning`): refused at start with a clear error. The
+/// filter syntax would take the word for a target name and log nothing at all, not even
+/// errors or a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_level_that_is_not_one_is_refused() {
+    let dir = Scratch::new("log-level");
+    let cfg = dir.0.join("fraudgate.toml");
+    std::fs::write(&cfg, "[log]\nlevel = \"warning\"\n").unwrap();
+    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let port = fraudgate::demo::free_port().unwrap();
+    let out = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+            .args(["run", "--nats-url", &format!("nats://127.0.0.1:{port}")])
+            .arg("--rules")
+            .arg(&rules)
+            .arg("--config")
+            .arg(&cfg)
+            .env_remove("RUST_LOG")
+            .output(),
+    )
+    .await
+    .expect("exits at once")
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("`warning` is not a level"), "{err}");
+}
+
 /// Publishes `n` stream transactions at about `rate`/s; returns the ids sent.
 async fn stream_traffic(c: async_nats::Client, prefix: &str, n: usize, rate: u64) -> Vec<String> {
     let mut ids = Vec::with_capacity(n);
