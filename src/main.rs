@@ -562,6 +562,10 @@ fn replay(
     let mut decided = 0u64;
     const SWEEP_EVERY_MS: i64 = 60_000;
     let mut last_sweep = i64::MIN / 2;
+    // The replay's receive clock: the latest event time so far. A line without `ts` is
+    // taken as received then (the wall clock was years away from recorded traffic: its
+    // sweep dropped every key and id, and stopped later sweeps).
+    let mut clock: Option<i64> = None;
     for (n, line) in reader.lines().enumerate() {
         let line = line?;
         if line.trim().is_empty() {
@@ -573,7 +577,10 @@ fn replay(
                 // dedupe horizon applies as it did live.
                 let now = t
                     .ts_ms
+                    .or(clock)
                     .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+                let latest = clock.map_or(now, |c| c.max(now));
+                clock = Some(latest);
                 let o = engine.decide(&t, now);
                 decided += 1;
                 if !quiet {
@@ -582,9 +589,9 @@ fn replay(
                 }
                 // Sweep idle keys and old ids as the service does, so a long backtest runs
                 // in bounded memory.
-                if now >= last_sweep + SWEEP_EVERY_MS {
-                    engine.evict_idle(now);
-                    last_sweep = now;
+                if latest >= last_sweep + SWEEP_EVERY_MS {
+                    engine.evict_idle(latest);
+                    last_sweep = latest;
                 }
             }
             Err(e) => {

@@ -30,6 +30,49 @@ fn shipped_rules_check_clean() {
     assert!(stdout.contains("version 2026-11-26.1+"), "{stdout}");
 }
 
+/// `replay` takes a line without `ts` as received at the latest event time so far, not at
+/// the wall clock, which is years away from recorded traffic: its sweep dropped the
+/// windows, and the daily limit below was missed.
+#[test]
+fn replay_takes_a_line_without_ts_at_the_recorded_time() {
+    let dir = common::Scratch::new("replay-no-ts");
+    let file = dir.0.join("traffic.jsonl");
+    std::fs::write(
+        &file,
+        concat!(
+            r#"{"id":"r1","ts":"2025-01-01T10:00:00Z","card":"4111111111110001","amount":"10000.50"}"#,
+            "\n",
+            r#"{"id":"r2","card":"4111111111110002","amount":"5"}"#,
+            "\n",
+            r#"{"id":"r3","ts":"2025-01-01T10:05:00Z","card":"4111111111110001","amount":"10000"}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let out = fraudgate()
+        .args(["replay", "--rules", "rules"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    // Placed at the time of the line before it.
+    assert_eq!(lines[1]["ts"], lines[0]["ts"], "{}", lines[1]);
+    assert_eq!(
+        lines[2]["decided_by"], "reject:daily_card_limit",
+        "{}",
+        lines[2]
+    );
+}
+
 #[test]
 fn error_snapshots() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/check");
