@@ -407,6 +407,11 @@ pub struct Counters {
     evicted_ids: Counter,
     snapshots_ok: Both,
     snapshots_failed: Both,
+    /// The last snapshot written: bytes, seconds it took, when (unix seconds). Set again on
+    /// every refresh: while snapshots fail, the exporter would otherwise drop these gauges
+    /// after its idle timeout, and "time since the last snapshot" would go blank exactly
+    /// when it matters.
+    last_snapshot: std::sync::Mutex<Option<(u64, f64, f64)>>,
     replayed: [Both; 2],
     ack_errors: Both,
     /// Stalls reported by the watchdog: [worker, runtime].
@@ -526,6 +531,7 @@ impl Counters {
             evicted_ids,
             snapshots_ok: Both::new(counter!(SNAPSHOTS, "result" => "success")),
             snapshots_failed: Both::new(counter!(SNAPSHOTS, "result" => "failure")),
+            last_snapshot: std::sync::Mutex::new(None),
             replayed: path_counter(REPLAYED),
             ack_errors: Both::new(counter!(ACK_ERRORS)),
             stalls: STALL_KINDS.map(|k| Both::new(counter!(STALLS, "kind" => k))),
@@ -713,16 +719,28 @@ impl Counters {
         } else {
             0.0
         });
+        self.snapshot_gauges();
     }
 
     /// A state snapshot written: its size, how long it took, when.
     pub fn snapshot_written(&self, bytes: u64, secs: f64, unix_secs: f64) {
+        self.snapshots_ok.inc();
+        *self
+            .last_snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some((bytes, secs, unix_secs));
+        self.snapshot_gauges();
+    }
+
+    fn snapshot_gauges(&self) {
         use metrics::gauge;
         use names::*;
-        self.snapshots_ok.inc();
-        gauge!(SNAPSHOT_BYTES).set(bytes as f64);
-        gauge!(SNAPSHOT_SECONDS).set(secs);
-        gauge!(LAST_SNAPSHOT).set(unix_secs);
+        let last = *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((bytes, secs, unix_secs)) = last {
+            gauge!(SNAPSHOT_BYTES).set(bytes as f64);
+            gauge!(SNAPSHOT_SECONDS).set(secs);
+            gauge!(LAST_SNAPSHOT).set(unix_secs);
+        }
     }
 
     /// A state snapshot that could not be written.
