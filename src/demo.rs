@@ -120,6 +120,22 @@ impl NatsServer {
         // stops everything in order), not kill the server under a running engine.
         #[cfg(unix)]
         cmd.process_group(0);
+        // And killed with its parent: `kill_on_drop` covers every exit but a signal (a
+        // demo stopped with SIGTERM, a test run interrupted), which left servers running,
+        // JetStream stores and all. The signal comes when the thread that spawned it ends:
+        // these are started from the thread that runs the demo or the test (or a runtime
+        // worker, which lives as long as the runtime), never from a short-lived one.
+        #[cfg(target_os = "linux")]
+        // SAFETY: between fork and exec only `prctl` runs, which is async-signal-safe and
+        // touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())

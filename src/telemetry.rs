@@ -725,10 +725,8 @@ impl Counters {
     /// A state snapshot written: its size, how long it took, when.
     pub fn snapshot_written(&self, bytes: u64, secs: f64, unix_secs: f64) {
         self.snapshots_ok.inc();
-        *self
-            .last_snapshot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some((bytes, secs, unix_secs));
+        *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((bytes, secs, unix_secs));
         self.snapshot_gauges();
     }
 

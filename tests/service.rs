@@ -684,6 +684,53 @@ async fn demo_runs_and_stops_cleanly() {
     assert!(stdout.contains("errors 0, timeouts 0"), "{stdout}");
 }
 
+/// The demo's private nats-server goes with the demo, also when the demo is killed by a
+/// signal (no Drop runs then): it used to stay behind, listening.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demos_nats_server_does_not_outlive_a_killed_demo() {
+    use tokio::io::AsyncBufReadExt;
+    let mut demo = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+        .args(["demo", "--duration", "60s", "--rate", "100"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(demo.stdout.take().unwrap()).lines();
+    let port: u16 = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            if let Some(rest) = l.split("nats-server on nats://127.0.0.1:").nth(1) {
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                return digits.parse().unwrap();
+            }
+        }
+        panic!("the demo ended without naming its nats-server");
+    })
+    .await
+    .expect("the demo names its nats-server within 30 s");
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok(),
+        "the server listens while the demo runs"
+    );
+    demo.start_kill().unwrap();
+    demo.wait().await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nats-server on port {port} still listens 5 s after the demo was killed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_reply_is_not_stuck_behind_a_stream_backlog() {
     let nats = nats().await;
