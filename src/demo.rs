@@ -341,6 +341,9 @@ async fn generate(
     let mut owed = 0.0;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    // Transaction n is due at n / rate after the start.
+    let origin = Instant::now();
+    let mut due_n: u64 = 0;
     loop {
         if *stop.borrow() {
             break;
@@ -353,10 +356,14 @@ async fn generate(
         while owed >= 1.0 {
             owed -= 1.0;
             let labeled = g.next_at(now_ms());
-            // Latency from when the transaction was due, before waiting for one of the 64
-            // slots: a stall of the engine shows in the figures instead of only slowing
-            // the sender (no coordinated omission).
-            let started = Instant::now();
+            // Latency from when the transaction was due on the schedule (not from when
+            // this loop got to it: after a wait for one of the 64 slots, or a burst of
+            // missed ticks, that is later), so a stall of the engine shows in the figures
+            // instead of only slowing the sender (no coordinated omission). A tick sends
+            // up to 10 ms ahead of the schedule: never from the future.
+            let due = origin + Duration::from_secs_f64(due_n as f64 / f64::from(opts.rate.max(1)));
+            due_n += 1;
+            let started = due.min(Instant::now());
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 return;
             };
