@@ -618,7 +618,18 @@ impl Wire {
                 let after = backoff.map_or(i.config.ack_wait, |b| b.max(i.config.ack_wait));
                 (Some(c), d, f, Some(after))
             }
-            Err(_) if cfg.create => (None, 0, 0, None),
+            // Absent only when the server says so: any other failure (a timeout, JetStream
+            // unavailable during a leader election, a permission) taken for "absent" made
+            // the start create it at the stream's first message, skipping the replay and
+            // re-deciding and re-publishing the retention.
+            Err(e) if cfg.create => {
+                if !Self::consumer_gone(&txn_stream, &cfg.consumer).await {
+                    return Err(js_err(format!("consumer {}", cfg.consumer))(format!(
+                        "cannot read it (and the server does not say it is absent): {e}"
+                    )));
+                }
+                (None, 0, 0, None)
+            }
             Err(e) => {
                 return Err(js_err(format!(
                     "consumer {} (create = false: it must exist)",
