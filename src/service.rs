@@ -432,6 +432,11 @@ impl Running {
         let tracker: Option<Tracker> = match js_cfg.enabled {
             false => None,
             true => {
+                // Read here, before the first subscription, though only the stream setup
+                // (after it) uses them: a typo must not make the engine take its share of
+                // requests and then exit without answering them.
+                duration("[jetstream] max_age", &js_cfg.max_age)?;
+                duration("[jetstream] duplicate_window", &js_cfg.duplicate_window)?;
                 let ack_wait = duration("[jetstream] ack_wait", &js_cfg.ack_wait)?;
                 if opts.engine.dedupe_horizon <= ack_wait {
                     // A redelivery comes ack_wait after the first delivery; it must still
@@ -1734,11 +1739,21 @@ mod tests {
             ("sweep_interval", "10m"),
             ("reload_debounce", "soon"),
             ("stall_after", "10ms"),
+            ("max_age", "1 day"),
+            ("duplicate_window", "2 min"),
         ] {
             let mut file = crate::config::FileConfig::default();
             match field {
                 "sweep_interval" => file.service.sweep_interval = value.into(),
                 "stall_after" => file.service.stall_after = value.into(),
+                "max_age" => {
+                    file.jetstream.enabled = true;
+                    file.jetstream.max_age = value.into();
+                }
+                "duplicate_window" => {
+                    file.jetstream.enabled = true;
+                    file.jetstream.duplicate_window = value.into();
+                }
                 _ => file.service.reload_debounce = value.into(),
             }
             let started = Running::start(RunOptions {
