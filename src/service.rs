@@ -1412,7 +1412,10 @@ async fn sweeper(
             busy += started.elapsed();
         }
         counters.refresh();
-        counters.nats(wire.connected(), wire.in_messages());
+        // With JetStream the stream connection carries more than transactions (see
+        // `Counters::nats`): only the request connection is counted.
+        let core = tracker.is_none();
+        counters.nats(wire.connected(), wire.in_messages(core), core);
         let ev = &pass.evicted;
         counters.state(&engine.stats_with_heap(&pass.heap), ev);
         tracing::debug!(

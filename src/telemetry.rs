@@ -310,7 +310,7 @@ fn describe() {
     );
     describe_gauge!(BUILD_INFO, "Build information (always 1).");
     describe_gauge!(RULES_DIR_VALID, "1 while the rule directory compiles, 0 after a failed load (the previous rules stay active).");
-    describe_gauge!(NATS_PENDING, Unit::Count, "Messages the NATS client has received and the engine has not taken yet (subscription buffers).");
+    describe_gauge!(NATS_PENDING, Unit::Count, "Messages the NATS client has received and the engine has not taken yet (subscription buffers; with JetStream, requests only: the stream's backlog is the consumer's pending count on the server).");
 }
 
 /// Which intake a transaction came through.
@@ -630,11 +630,23 @@ impl Counters {
 
     /// NATS state, read from the client (events can be missed): connected, and messages
     /// received by the client but not yet taken by the intake.
-    pub fn nats(&self, connected: bool, in_messages: u64) {
+    /// The connection state, and the messages the client holds that intake has not taken:
+    /// `in_messages` received on the subscriptions counted, less those taken and those
+    /// dropped as a slow consumer. `stream_counted`: whether `in_messages` includes the
+    /// stream connection (core NATS). With JetStream it must not: that connection also
+    /// receives pull statuses, heartbeats, API replies and the start's replay, which no
+    /// intake takes, and the gauge grew without end.
+    pub fn nats(&self, connected: bool, in_messages: u64, stream_counted: bool) {
         self.is_connected.store(connected, Relaxed);
         self.connected.set(if connected { 1.0 } else { 0.0 });
-        let taken = self.received[0].get() + self.received[1].get();
-        metrics::gauge!(names::NATS_PENDING).set(in_messages.saturating_sub(taken) as f64);
+        metrics::gauge!(names::NATS_PENDING).set(self.pending(in_messages, stream_counted) as f64);
+    }
+
+    fn pending(&self, in_messages: u64, stream_counted: bool) -> u64 {
+        let taken = self.received[0].get() + stream_counted as u64 * self.received[1].get();
+        in_messages
+            .saturating_sub(taken)
+            .saturating_sub(self.slow_consumer.get())
     }
 
     /// Transactions handed to (positive) or taken by (negative) the workers.
@@ -833,6 +845,24 @@ mod tests {
         assert_eq!(s.decided(), 2);
         assert_eq!(s.invalid_of(ErrorCode::NegativeAmount), 1);
         assert_eq!(s.invalid_total(), 1);
+    }
+
+    #[test]
+    fn pending_counts_what_was_received_and_neither_taken_nor_dropped() {
+        let c = Counters::new();
+        for _ in 0..3 {
+            c.received(Path::Check);
+        }
+        for _ in 0..5 {
+            c.received(Path::Stream);
+        }
+        c.slow_consumer_n(2);
+        // Core NATS: both connections' messages, both paths' intake.
+        assert_eq!(c.pending(20, true), 10);
+        // JetStream: the request connection only; what the stream intake took is not
+        // subtracted from it.
+        assert_eq!(c.pending(20, false), 15);
+        assert_eq!(c.pending(4, true), 0, "never below zero");
     }
 
     #[test]

@@ -439,11 +439,15 @@ impl Wire {
             && self.stream.connection_state() == State::Connected
     }
 
-    /// Messages received from the server on both connections.
-    pub fn in_messages(&self) -> u64 {
+    /// Messages received from the server on the request connection, and with
+    /// `with_stream` on the stream connection too.
+    pub fn in_messages(&self, with_stream: bool) -> u64 {
         use std::sync::atomic::Ordering::Relaxed;
-        self.client.statistics().in_messages.load(Relaxed)
-            + self.stream.statistics().in_messages.load(Relaxed)
+        let stream = match with_stream {
+            true => self.stream.statistics().in_messages.load(Relaxed),
+            false => 0,
+        };
+        self.client.statistics().in_messages.load(Relaxed) + stream
     }
 }
 
