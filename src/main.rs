@@ -150,6 +150,21 @@ fn engine_config(file: &FileConfig) -> anyhow::Result<EngineConfig> {
         .context("invalid [engine] table")
 }
 
+/// The `[engine]` table for `check` and `replay`, which work offline: they compare only
+/// hashes made in the same run, so any entity hash key gives the same answers (up to the
+/// estimate of a distinct count past 128 values). A production config whose key variable
+/// is not set here (an analyst's machine) still works: the key is a throwaway one then.
+fn offline_engine_config(file: &FileConfig) -> anyhow::Result<EngineConfig> {
+    let var = file.engine.hash_key_env.as_deref();
+    file.engine
+        .resolve(|k| {
+            std::env::var(k)
+                .ok()
+                .or_else(|| (Some(k) == var).then(|| "fraudgate-offline-throwaway".into()))
+        })
+        .context("invalid [engine] table")
+}
+
 fn init_logging(format: &str, level: &str) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
     let (text, source) = match std::env::var("RUST_LOG") {
@@ -434,7 +449,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Cmd::Check { rules, config } => {
-            let cfg = engine_config(&read_config(config.as_deref())?)?;
+            let cfg = offline_engine_config(&read_config(config.as_deref())?)?;
             match fraudgate::load_dir(&rules, &cfg) {
                 Ok(rs) => {
                     println!("ok: {}", rs.summary());
@@ -461,7 +476,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             summary,
             quiet,
         } => {
-            let cfg = engine_config(&read_config(config.as_deref())?)?;
+            let cfg = offline_engine_config(&read_config(config.as_deref())?)?;
             replay(&rules, input.as_deref(), cfg, summary, quiet)
         }
     }

@@ -73,6 +73,31 @@ fn replay_takes_a_line_without_ts_at_the_recorded_time() {
     );
 }
 
+/// An analyst checks rules against the production config on a machine without the
+/// production secret: the hash key cannot change what `check` says, so a missing key
+/// variable is no reason to refuse.
+#[test]
+fn check_works_with_a_production_config_whose_key_variable_is_not_set() {
+    let dir = common::Scratch::new("check-offline-key");
+    let cfg = dir.0.join("fraudgate.toml");
+    std::fs::write(
+        &cfg,
+        "[engine]\nhash_key_env = \"FRAUDGATE_TEST_KEY_NOT_SET_ANYWHERE\"\n",
+    )
+    .unwrap();
+    let out = fraudgate()
+        .args(["check", "rules", "--config"])
+        .arg(&cfg)
+        .env_remove("FRAUDGATE_TEST_KEY_NOT_SET_ANYWHERE")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn error_snapshots() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/check");
