@@ -96,6 +96,8 @@ pub enum ConfigError {
     Currency(String),
     #[error("hash_key_env names `{0}`, which is not set")]
     MissingEnv(String),
+    #[error("the entity hash key is empty: a key nobody has to guess is no secret")]
+    EmptyKey,
 }
 
 impl EngineSection {
@@ -140,8 +142,14 @@ impl EngineSection {
         c.reserve_ids = self.reserve_ids.unwrap_or(0) as usize;
         if let Some(var) = &self.hash_key_env {
             let secret = env(var).ok_or_else(|| ConfigError::MissingEnv(var.clone()))?;
+            if secret.is_empty() {
+                return Err(ConfigError::EmptyKey);
+            }
             c.hash_key = HashKey::from_secret(&secret);
         } else if let Some(secret) = &self.hash_key {
+            if secret.is_empty() {
+                return Err(ConfigError::EmptyKey);
+            }
             c.hash_key = HashKey::from_secret(secret);
         }
         Ok(c)
@@ -225,6 +233,17 @@ mod tests {
         for bad in ["3651d", "18446744073709550616ms"] {
             assert!(parse_duration(bad).unwrap_err().contains("3650d"), "{bad}");
         }
+    }
+
+    #[test]
+    fn an_empty_hash_key_is_refused() {
+        let s: EngineSection = toml::from_str(r#"hash_key = """#).unwrap();
+        assert!(matches!(s.resolve(|_| None), Err(ConfigError::EmptyKey)));
+        let s: EngineSection = toml::from_str(r#"hash_key_env = "FG_KEY""#).unwrap();
+        assert!(matches!(
+            s.resolve(|_| Some(String::new())),
+            Err(ConfigError::EmptyKey)
+        ));
     }
 
     #[test]

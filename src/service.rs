@@ -394,6 +394,18 @@ impl Running {
             }
         })?;
         if opts.engine.hash_key == HashKey::default() {
+            // The snapshot holds every card's window state under its keyed hash. Under the
+            // built-in key, which anyone can read in this source, the hash of each of the
+            // ~10^5 card numbers that fit a decision's masked card (first six and last
+            // four digits) can be tried in moments: the file would give the numbers back.
+            if opts.file.snapshot.path.is_some() {
+                return Err(ServiceError::Config(
+                    "[snapshot] path is set but no entity hash key is: set [engine] \
+                     hash_key_env (or hash_key) to a secret, or the snapshot would let the \
+                     card numbers be recovered"
+                        .into(),
+                ));
+            }
             tracing::warn!(
                 "using the built-in entity hash key; set [engine] hash_key_env in production"
             );
@@ -1744,6 +1756,8 @@ mod tests {
             ("stall_after", "10ms"),
             ("max_age", "1 day"),
             ("duplicate_window", "2 min"),
+            // Snapshots under the built-in entity hash key.
+            ("hash_key", "/tmp/fraudgate-never-written.snap"),
         ] {
             let mut file = crate::config::FileConfig::default();
             match field {
@@ -1757,6 +1771,7 @@ mod tests {
                     file.jetstream.enabled = true;
                     file.jetstream.duplicate_window = value.into();
                 }
+                "hash_key" => file.snapshot.path = Some(value.into()),
                 _ => file.service.reload_debounce = value.into(),
             }
             let started = Running::start(RunOptions {

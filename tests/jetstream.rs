@@ -444,7 +444,7 @@ async fn a_corrupt_snapshot_is_rebuilt_from_the_streams_when_configured() {
         .arg("--config")
         .arg({
             let p = dir.0.join("fail.toml");
-            std::fs::write(&p, &config).unwrap();
+            std::fs::write(&p, format!("{config}{}", daytime_engine_table())).unwrap();
             p
         })
         .output()

@@ -1047,7 +1047,11 @@ async fn an_unusable_snapshot_stops_the_start_unless_configured_to_start_empty()
     let path = dir.0.join("fraudgate.snap");
     std::fs::write(&path, b"FGSNAP\0\0\x01\0\0\0not bincode at all").unwrap();
     let cfg = dir.0.join("fraudgate.toml");
-    std::fs::write(&cfg, snapshot_config(&path, "")).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("{}{}", snapshot_config(&path, ""), daytime_engine_table()),
+    )
+    .unwrap();
     let out = tokio::time::timeout(
         Duration::from_secs(30),
         tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))

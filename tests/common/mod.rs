@@ -71,6 +71,9 @@ reload_debounce = "100ms"
 workers = 4
 "#;
 
+/// The entity hash key of every test engine (see [`daytime_engine_table`]).
+pub const TEST_HASH_KEY: &str = "test-only-secret";
+
 /// An `[engine]` table whose time zone puts the local time at about noon now. The shipped
 /// rules hold large amounts at night (local_hour < 6); transactions without `ts` use the
 /// receive time, so without this the tests' decisions would depend on when they run.
@@ -83,7 +86,9 @@ pub fn daytime_engine_table() -> String {
         o if o > 0 => format!("Etc/GMT-{o}"),
         o => format!("Etc/GMT+{}", -o),
     };
-    format!("\n[engine]\ntimezone = \"{zone}\"\n")
+    // A key of its own, as production must have one (an engine with snapshots refuses to
+    // start under the built-in key).
+    format!("\n[engine]\ntimezone = \"{zone}\"\nhash_key = \"{TEST_HASH_KEY}\"\n")
 }
 
 impl Engine {
@@ -236,9 +241,12 @@ pub async fn stop_timed(mut engine: Engine) -> (Engine, Duration) {
 }
 
 /// Every window value of every key in a snapshot file, read at `at_ms` (with the shipped
-/// rules and the default engine settings).
+/// rules and the default engine settings, under the tests' hash key).
 pub fn windows_in(path: &Path, at_ms: i64) -> Vec<(String, fraudgate::keyhash::StateKey, String)> {
-    let cfg = fraudgate::EngineConfig::default();
+    let cfg = fraudgate::EngineConfig {
+        hash_key: fraudgate::keyhash::HashKey::from_secret(TEST_HASH_KEY),
+        ..Default::default()
+    };
     let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
     let engine = fraudgate::Engine::new(fraudgate::load_dir(&rules, &cfg).unwrap(), cfg);
     engine
