@@ -250,6 +250,11 @@ struct Signals {
     term: tokio::signal::unix::Signal,
     #[cfg(unix)]
     int: tokio::signal::unix::Signal,
+    /// SIGHUP reloads the rules (the service's reload task listens), but only once that
+    /// task runs: registered here, a SIGHUP during startup (a snapshot restore, a JetStream
+    /// replay) no longer ends the process by the default action.
+    #[cfg(unix)]
+    _hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -260,6 +265,7 @@ impl Signals {
             Ok(Signals {
                 term: signal(SignalKind::terminate()).context("SIGTERM handler")?,
                 int: signal(SignalKind::interrupt()).context("SIGINT handler")?,
+                _hup: signal(SignalKind::hangup()).context("SIGHUP handler")?,
             })
         }
         #[cfg(not(unix))]

@@ -360,6 +360,66 @@ async fn a_taken_metrics_port_is_a_clear_error_at_start() {
     drop(held);
 }
 
+/// SIGHUP during startup must not end the process by the default action. Here the start
+/// is held while it reads the rule directory (a list file that is a FIFO, written only
+/// after the signal): before the reload task exists, which listens for SIGHUP later. The
+/// start then goes on and fails on its own terms (no NATS: exit 2).
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_during_startup_does_not_kill_the_engine() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = Scratch::new("hup");
+    let rules = dir.0.join("rules");
+    copy_dir(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"),
+        &rules,
+    );
+    std::fs::write(
+        rules.join("zz-slow.toml"),
+        "[lists]\nslow_list = { file = \"slow.txt\" }\n",
+    )
+    .unwrap();
+    let fifo = rules.join("slow.txt");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let port = fraudgate::demo::free_port().unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+        .args(["run", "--nats-url", &format!("nats://127.0.0.1:{port}")])
+        .arg("--rules")
+        .arg(&rules)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Let the rule load go on (opening a FIFO for writing waits for its reader; a killed
+    // reader leaves none, so this is done off the runtime and not waited for then).
+    let writer = std::thread::spawn(move || std::fs::write(&fifo, "x\n"));
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("exits within 20 s")
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        None,
+        "killed by a signal: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(2));
+    writer.join().unwrap().unwrap();
+}
+
 /// A log level that is not one (`warning`): refused at start with a clear error. The
 /// filter syntax would take the word for a target name and log nothing at all, not even
 /// errors or a panic.
