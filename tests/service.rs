@@ -420,6 +420,39 @@ async fn a_sighup_during_startup_does_not_kill_the_engine() {
     writer.join().unwrap().unwrap();
 }
 
+/// `ask --timeout` longer than the NATS client's default request timeout (10 s) waits that
+/// long: here the engine holds the reply 11 s (fail point `deliver`).
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ask_waits_as_long_as_its_timeout_says() {
+    let nats = nats().await;
+    let _engine = Engine::start_env(
+        &nats.url(),
+        CONFIG,
+        &[("FAILPOINTS", "deliver=return(11000)")],
+    )
+    .await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+        .args([
+            "ask",
+            "--timeout",
+            "20s",
+            "--nats-url",
+            &nats.url(),
+            &txn("failpoint-slow", "4111111111113901", "5"),
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(d["id"], "failpoint-slow");
+}
+
 /// A log level that is not one (`warning`): refused at start with a clear error. The
 /// filter syntax would take the word for a target name and log nothing at all, not even
 /// errors or a panic.
