@@ -266,11 +266,13 @@ impl Wire<'_> {
             ));
         }
         // The id travels in NATS headers (Nats-Msg-Id), which cannot hold control
-        // characters, and in logs.
-        if id.len() > 256 || id.chars().any(char::is_control) {
+        // characters and whose values the server trims of leading spaces (` t1` would
+        // reach a downstream stream as `t1`, and be dropped there as a duplicate), and in
+        // logs.
+        if id.len() > 256 || id.chars().any(char::is_control) || id.trim() != id {
             return Err(DecodeError::new(
                 ErrorCode::WrongType,
-                "field `id` must be at most 256 characters without control characters",
+                "field `id` must be at most 256 bytes, without control characters or leading or trailing spaces",
             ));
         }
         if self.card.is_empty() {
@@ -623,6 +625,20 @@ mod tests {
             (br#"[1,2]"#, ErrorCode::WrongType),
             (
                 br#"{"id":"evil\nX","card":"c","amount":1}"#,
+                ErrorCode::WrongType,
+            ),
+            // NATS trims a header value's leading spaces: ` t1` would reach a downstream
+            // stream's dedupe as `t1`.
+            (
+                br#"{"id":" t1","card":"c","amount":1}"#,
+                ErrorCode::WrongType,
+            ),
+            (
+                br#"{"id":"t1 ","card":"c","amount":1}"#,
+                ErrorCode::WrongType,
+            ),
+            (
+                br#"{"id":"   ","card":"c","amount":1}"#,
                 ErrorCode::WrongType,
             ),
         ];
