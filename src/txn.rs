@@ -326,10 +326,28 @@ fn parse_decimal_text(raw: &str) -> Option<Decimal> {
         return None;
     }
     if text.contains(['e', 'E']) {
-        Decimal::from_scientific(text).ok()
+        exact_scientific(text)
     } else {
         Decimal::from_str_exact(text).ok()
     }
+}
+
+/// `<decimal>e<exponent>`, exactly: the mantissa read with `from_str_exact` and the
+/// exponent applied by moving the scale (`Decimal::from_scientific` read the mantissa
+/// with rounding, so `0.999…9e0` with 30 nines was 1). `None` when the value does not fit
+/// 28 decimal places or 96 bits.
+fn exact_scientific(text: &str) -> Option<Decimal> {
+    let (mantissa, exp) = text.split_once(['e', 'E'])?;
+    let mut d = Decimal::from_str_exact(mantissa).ok()?;
+    let exp: i64 = exp.parse().ok()?;
+    let scale = i64::from(d.scale()).checked_sub(exp)?;
+    if scale >= 0 {
+        d.set_scale(u32::try_from(scale).ok()?).ok()?;
+        return Some(d);
+    }
+    let up = u32::try_from(-scale).ok().filter(|&k| k <= 28)?;
+    d.set_scale(0).ok()?;
+    d.checked_mul(Decimal::from_i128_with_scale(10i128.pow(up), 0))
 }
 
 /// Largest number of decimal places accepted in an amount.
@@ -552,6 +570,20 @@ mod tests {
         assert_eq!(t.amount, dec("0.1"));
         let t = Transaction::from_json(br#"{"id":"a","card":"c","amount":"10.50"}"#).unwrap();
         assert_eq!(t.amount.to_string(), "10.50");
+        // An exponent is applied exactly, never rounding the mantissa.
+        for (text, want) in [("15e-1", "1.5"), ("1.5E+2", "150"), ("0.25e1", "2.5")] {
+            assert_eq!(
+                exact_scientific(text),
+                Some(want.parse().unwrap()),
+                "{text}"
+            );
+        }
+        assert_eq!(exact_scientific("0.999999999999999999999999999999e0"), None);
+        assert_eq!(exact_scientific("1e-29"), None);
+        assert!(Transaction::from_json(
+            br#"{"id":"a","card":"c","amount":"0.999999999999999999999999999999e0"}"#
+        )
+        .is_err());
         let t = Transaction::from_json(br#"{"id":"a","card":"c","amount":1.5e2}"#).unwrap();
         assert_eq!(t.amount, dec("150"));
         let t = Transaction::from_json(br#"{"id":"a","card":"c","amount":"-0"}"#).unwrap();
