@@ -114,7 +114,7 @@ overview.panel("timeseries", "Retries",
                "Retries answered from the dedupe table (the original decision again, counted once) per second.",
                [(f'sum(rate(fraudgate_duplicates_total{{{I}}}[{RI}]))', "retries")], "reqps")
 overview.panel("timeseries", "Waiting transactions",
-               "Transactions the NATS client holds that intake has not taken yet, and transactions queued in the decision workers, by path.",
+               "Transactions the NATS client holds that intake has not taken yet (with JetStream, requests only: the stream's backlog waits on the server, as the consumer's pending count), and transactions queued in the decision workers, by path.",
                [(f'sum(fraudgate_nats_pending_messages{{{I}}})', "in NATS client buffers"),
                 (f'sum by (path) (fraudgate_in_flight{{{I}}})', "queued {{path}}")], "short")
 overview.panel("timeseries", "NATS connection state",

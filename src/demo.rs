@@ -126,15 +126,22 @@ impl NatsServer {
         // these are started from the thread that runs the demo or the test (or a runtime
         // worker, which lives as long as the runtime), never from a short-lived one.
         #[cfg(target_os = "linux")]
-        // SAFETY: between fork and exec only `prctl` runs, which is async-signal-safe and
-        // touches no memory of the parent.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
+        {
+            let parent = std::process::id();
+            // SAFETY: between fork and exec only `prctl`, `getppid` and `_exit` run, which
+            // are async-signal-safe and touch no memory of the parent.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // The parent died before the request took effect: no signal will come.
+                    if libc::getppid() as u32 != parent {
+                        libc::_exit(1);
+                    }
+                    Ok(())
+                });
+            }
         }
         cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .stdin(std::process::Stdio::null())
@@ -341,29 +348,24 @@ async fn generate(
     let mut owed = 0.0;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    // Transaction n is due at n / rate after the start.
-    let origin = Instant::now();
-    let mut due_n: u64 = 0;
     loop {
         if *stop.borrow() {
             break;
         }
-        tokio::select! {
-            _ = tick.tick() => {}
+        // When this tick was due: missed ticks keep their place on the schedule (Burst).
+        let due = tokio::select! {
+            at = tick.tick() => at.into_std(),
             _ = stop.changed() => break,
-        }
+        };
         owed += per_tick;
         while owed >= 1.0 {
             owed -= 1.0;
             let labeled = g.next_at(now_ms());
-            // Latency from when the transaction was due on the schedule (not from when
-            // this loop got to it: after a wait for one of the 64 slots, or a burst of
-            // missed ticks, that is later), so a stall of the engine shows in the figures
-            // instead of only slowing the sender (no coordinated omission). A tick sends
-            // up to 10 ms ahead of the schedule: never from the future.
-            let due = origin + Duration::from_secs_f64(due_n as f64 / f64::from(opts.rate.max(1)));
-            due_n += 1;
-            let started = due.min(Instant::now());
+            // Latency from when the transaction's tick was due (not from when this loop
+            // got to it: after a wait for one of the 64 slots, or a burst of missed ticks,
+            // that is later), so a stall of the engine shows in the figures instead of
+            // only slowing the sender (no coordinated omission).
+            let started = due;
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 return;
             };

@@ -459,11 +459,14 @@ pub async fn run(client: async_nats::Client, opts: LoadOptions) -> Result<LoadRe
                 let (subject, timeout) = (opts.subjects.check.clone(), opts.timeout);
                 tasks.push(tokio::spawn(async move {
                     let item = &items[i];
-                    let r = tokio::time::timeout(
-                        timeout,
-                        client.request(subject, item.payload.clone()),
-                    )
-                    .await;
+                    // The request carries a timeout past ours (ours ends it, as a timeout):
+                    // the client's default (10 s) would cut a longer --timeout short and
+                    // count an error.
+                    let request = async_nats::Request::new()
+                        .payload(item.payload.clone())
+                        .timeout(Some(timeout + Duration::from_secs(1)));
+                    let r =
+                        tokio::time::timeout(timeout, client.send_request(subject, request)).await;
                     match r {
                         Ok(Ok(m)) => tally.answer(&m.payload, due.elapsed(), label),
                         Ok(Err(_)) => {

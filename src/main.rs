@@ -158,9 +158,8 @@ fn offline_engine_config(file: &FileConfig) -> anyhow::Result<EngineConfig> {
     let var = file.engine.hash_key_env.as_deref();
     file.engine
         .resolve(|k| {
-            std::env::var(k)
-                .ok()
-                .or_else(|| (Some(k) == var).then(|| "fraudgate-offline-throwaway".into()))
+            let value = std::env::var(k).ok().filter(|v| !v.is_empty());
+            value.or_else(|| (Some(k) == var).then(|| "fraudgate-offline-throwaway".into()))
         })
         .context("invalid [engine] table")
 }
@@ -527,18 +526,20 @@ async fn ask(
     let counters = std::sync::Arc::new(fraudgate::telemetry::Counters::default());
     let client = fraudgate::transport::connect(&file.nats, url, "ask", counters).await?;
     let subject = file.subjects.check.clone();
-    let reply = tokio::time::timeout(
-        timeout,
-        client.request(subject.clone(), body.trim().to_string().into()),
-    )
-    .await
-    .with_context(|| format!("no decision within {timeout:?} (is `fraudgate run` up?)"))?
-    .map_err(|e| match e.kind() {
-        async_nats::RequestErrorKind::NoResponders => anyhow::anyhow!(
-            "no decision: no engine is subscribed to {subject} (is `fraudgate run` up?)"
-        ),
-        _ => anyhow::anyhow!("request failed: {e}"),
-    })?;
+    // The request carries a timeout past ours (ours ends it): the client's default (10 s)
+    // would cut a longer --timeout short and report a failure instead.
+    let request = async_nats::Request::new()
+        .payload(body.trim().to_string().into())
+        .timeout(Some(timeout + Duration::from_secs(1)));
+    let reply = tokio::time::timeout(timeout, client.send_request(subject.clone(), request))
+        .await
+        .with_context(|| format!("no decision within {timeout:?} (is `fraudgate run` up?)"))?
+        .map_err(|e| match e.kind() {
+            async_nats::RequestErrorKind::NoResponders => anyhow::anyhow!(
+                "no decision: no engine is subscribed to {subject} (is `fraudgate run` up?)"
+            ),
+            _ => anyhow::anyhow!("request failed: {e}"),
+        })?;
     let text = String::from_utf8_lossy(&reply.payload);
     println!("{text}");
     let is_error = serde_json::from_str::<serde_json::Value>(&text)
@@ -600,8 +601,11 @@ fn replay(
                     .ts_ms
                     .or(clock)
                     .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
-                let latest = clock.map_or(now, |c| c.max(now));
-                clock = Some(latest);
+                // Only recorded times move the clock (a line without `ts` before any with
+                // one must not set it to today, which would stop every later sweep).
+                if let Some(ts) = t.ts_ms {
+                    clock = Some(clock.map_or(ts, |c| c.max(ts)));
+                }
                 let o = engine.decide(&t, now);
                 decided += 1;
                 if !quiet {
@@ -610,7 +614,7 @@ fn replay(
                 }
                 // Sweep idle keys and old ids as the service does, so a long backtest runs
                 // in bounded memory.
-                if latest >= last_sweep + SWEEP_EVERY_MS {
+                if let Some(latest) = clock.filter(|&c| c >= last_sweep + SWEEP_EVERY_MS) {
                     engine.evict_idle(latest);
                     last_sweep = latest;
                 }

@@ -154,10 +154,6 @@ pub async fn connect(
         .name(format!("{}-{role}", nats.name))
         .subscription_capacity(nats.subscription_capacity.max(1))
         .max_reconnects(None)
-        // Every request made on these connections is bounded by its caller's own timeout
-        // (`ask --timeout`, `loadgen --timeout`, the demo's 5 s); the client's default of
-        // 10 s cut longer ones short and reported them as failed, not timed out.
-        .request_timeout(None)
         .connection_timeout(
             parse_duration(&nats.connect_timeout)
                 .map_err(|e| TransportError::Config(format!("connect_timeout: {e}")))?,
