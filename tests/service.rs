@@ -271,22 +271,7 @@ async fn retries_get_the_original_decision_and_count_once() {
 async fn ask_prints_the_decision() {
     let nats = nats().await;
     let _engine = Engine::start(&nats.url()).await;
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
-        .args([
-            "ask",
-            "--nats-url",
-            &nats.url(),
-            &txn("ask-1", "4111111111113001", "12000"),
-        ])
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d = ask_ok(&nats.url(), &[], &txn("ask-1", "4111111111113001", "12000")).await;
     assert_eq!(d["id"], "ask-1");
     assert_eq!(d["action"], "reject");
     // From stdin, and a bad one exits 1 with the error object.
@@ -332,9 +317,22 @@ async fn ask_prints_the_decision() {
 async fn a_taken_metrics_port_is_a_clear_error_at_start() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = held.local_addr().unwrap();
-    let dir = Scratch::new("metrics-port");
+    let (code, err) = run_refused("metrics-port", &format!("[metrics]\naddr = \"{addr}\"\n")).await;
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains(&format!("cannot serve metrics on {addr}")),
+        "{err}"
+    );
+    assert!(!err.contains("panic"), "{err}");
+    drop(held);
+}
+
+/// `fraudgate run` with the shipped rules and `config`, against a port where no NATS runs,
+/// for starts refused before any connection: its exit code and stderr.
+async fn run_refused(name: &str, config: &str) -> (Option<i32>, String) {
+    let dir = Scratch::new(name);
     let cfg = dir.0.join("fraudgate.toml");
-    std::fs::write(&cfg, format!("[metrics]\naddr = \"{addr}\"\n")).unwrap();
+    std::fs::write(&cfg, config).unwrap();
     let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
     let port = fraudgate::demo::free_port().unwrap();
     let out = tokio::time::timeout(
@@ -345,19 +343,16 @@ async fn a_taken_metrics_port_is_a_clear_error_at_start() {
             .arg(&rules)
             .arg("--config")
             .arg(&cfg)
+            .env_remove("RUST_LOG")
             .output(),
     )
     .await
     .expect("exits at once")
     .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains(&format!("cannot serve metrics on {addr}")),
-        "{err}"
-    );
-    assert!(!err.contains("panic"), "{err}");
-    drop(held);
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// SIGHUP during startup must not end the process by the default action. Here the start
@@ -432,15 +427,21 @@ async fn ask_waits_as_long_as_its_timeout_says() {
         &[("FAILPOINTS", "deliver=return(11000)")],
     )
     .await;
+    let d = ask_ok(
+        &nats.url(),
+        &["--timeout", "20s"],
+        &txn("failpoint-slow", "4111111111113901", "5"),
+    )
+    .await;
+    assert_eq!(d["id"], "failpoint-slow");
+}
+
+/// `fraudgate ask` of `body` with `args`, which must succeed: the decision.
+async fn ask_ok(url: &str, args: &[&str], body: &str) -> serde_json::Value {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
-        .args([
-            "ask",
-            "--timeout",
-            "20s",
-            "--nats-url",
-            &nats.url(),
-            &txn("failpoint-slow", "4111111111113901", "5"),
-        ])
+        .arg("ask")
+        .args(args)
+        .args(["--nats-url", url, body])
         .output()
         .await
         .unwrap();
@@ -449,8 +450,7 @@ async fn ask_waits_as_long_as_its_timeout_says() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(d["id"], "failpoint-slow");
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// A log level that is not one (`warning`): refused at start with a clear error. The
@@ -458,27 +458,8 @@ async fn ask_waits_as_long_as_its_timeout_says() {
 /// errors or a panic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_level_that_is_not_one_is_refused() {
-    let dir = Scratch::new("log-level");
-    let cfg = dir.0.join("fraudgate.toml");
-    std::fs::write(&cfg, "[log]\nlevel = \"warning\"\n").unwrap();
-    let rules = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
-    let port = fraudgate::demo::free_port().unwrap();
-    let out = tokio::time::timeout(
-        Duration::from_secs(20),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
-            .args(["run", "--nats-url", &format!("nats://127.0.0.1:{port}")])
-            .arg("--rules")
-            .arg(&rules)
-            .arg("--config")
-            .arg(&cfg)
-            .env_remove("RUST_LOG")
-            .output(),
-    )
-    .await
-    .expect("exits at once")
-    .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, err) = run_refused("log-level", "[log]\nlevel = \"warning\"\n").await;
+    assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("`warning` is not a level"), "{err}");
 }
 
