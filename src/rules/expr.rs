@@ -608,6 +608,16 @@ impl<'s> ExprCompiler<'s> {
                 label = "no attributes are declared".into();
             }
             let sp = self.span(span);
+            // A likely typo gets the name it probably meant in the label; declaring it is
+            // then the other way out, not the first advice.
+            let note = match &hint {
+                Some(_) => format!(
+                    "or, if `{attr}` is a new attribute, declare it in an [attrs] table with its type (string, number or bool)"
+                ),
+                None => format!(
+                    "declare it in an [attrs] table with its type, e.g. `{attr} = \"string\"` (types: string, number, bool)"
+                ),
+            };
             self.diags.push(
                 Diagnostic::new(
                     "unknown-attribute",
@@ -616,9 +626,7 @@ impl<'s> ExprCompiler<'s> {
                     format!("unknown attribute `{name}`"),
                     label,
                 )
-                .note(format!(
-                    "declare it in an [attrs] table, e.g. `{attr} = \"number\"` (types: string, number, bool)"
-                )),
+                .note(note),
             );
             return V::Err;
         }
