@@ -209,33 +209,29 @@ score = 1
     let mut t = Transaction::new("x", "4111111111111111", Decimal::new(1, 0));
     t.merchant = Some("ACME STORE".into());
     t.mcc = Some(1);
-    let e = crate::engine::Engine::new(rs, crate::config::EngineConfig::default());
-    let now = 1_800_000_000_000;
-    e.decide(&t, now);
-    let values = e.window_values(now);
-    let get = |n: &str| {
-        values
-            .iter()
-            .find(|(w, _, _)| w == n)
-            .map(|(_, _, v)| v.clone())
-    };
-    assert_eq!(get("a").as_deref(), Some("0"), "{values:?}");
-    assert_eq!(get("b").as_deref(), Some("1"), "{values:?}");
+    let values = window_values_after(rs, &t);
+    let get = |n: &str| values.get(n).map(String::as_str);
+    assert_eq!(get("a"), Some("0"), "{values:?}");
+    assert_eq!(get("b"), Some("1"), "{values:?}");
     // An amount of 5 at mcc 1: c (`amount < 2 or mcc == 1`) counts it, d (`amount < 2`,
     // the rest is a comment) does not.
-    let e = crate::engine::Engine::new(compile_ok(body), crate::config::EngineConfig::default());
     let mut t = Transaction::new("y", "4111111111111111", Decimal::new(5, 0));
     t.mcc = Some(1);
-    e.decide(&t, now);
-    let values = e.window_values(now);
-    let get = |n: &str| {
-        values
-            .iter()
-            .find(|(w, _, _)| w == n)
-            .map(|(_, _, v)| v.clone())
-    };
-    assert_eq!(get("c").as_deref(), Some("1"), "{values:?}");
-    assert_eq!(get("d").as_deref(), Some("0"), "{values:?}");
+    let values = window_values_after(compile_ok(body), &t);
+    let get = |n: &str| values.get(n).map(String::as_str);
+    assert_eq!(get("c"), Some("1"), "{values:?}");
+    assert_eq!(get("d"), Some("0"), "{values:?}");
+}
+
+/// Every window's value (by window name) in a fresh engine on `rs` after deciding `t`.
+fn window_values_after(rs: RuleSet, t: &Transaction) -> BTreeMap<String, String> {
+    let e = crate::engine::Engine::new(rs, crate::config::EngineConfig::default());
+    let now = 1_800_000_000_000;
+    e.decide(t, now);
+    e.window_values(now)
+        .into_iter()
+        .map(|(w, _, v)| (w, v))
+        .collect()
 }
 
 #[test]
