@@ -17,7 +17,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::copy_dir;
+use common::{copy_dir, Scratch};
 
 use fraudgate::config::EngineSection;
 use fraudgate::{Engine, Transaction};
@@ -41,15 +41,14 @@ fn run_case(dir: &Path) -> Result<(), String> {
     let rules_dir: PathBuf = if dir.join("rules").is_dir() {
         dir.join("rules")
     } else if dir.join("overlay").is_dir() {
-        tmp = std::env::temp_dir().join(format!(
-            "fraudgate-golden-{}-{}",
-            std::process::id(),
+        // Removed when the case is done (a fixed path left one directory per run).
+        tmp = Scratch::new(&format!(
+            "golden-{}",
             dir.file_name().unwrap().to_string_lossy()
         ));
-        let _ = std::fs::remove_dir_all(&tmp);
-        copy_dir(&root.join("rules"), &tmp);
-        copy_dir(&dir.join("overlay"), &tmp);
-        tmp.clone()
+        copy_dir(&root.join("rules"), &tmp.0);
+        copy_dir(&dir.join("overlay"), &tmp.0);
+        tmp.0.clone()
     } else {
         root.join("rules")
     };
