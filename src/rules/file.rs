@@ -9,12 +9,13 @@ use toml::Spanned;
 #[serde(deny_unknown_fields)]
 pub struct RuleFile {
     pub ruleset: Option<Spanned<RulesetSection>>,
+    // Names keep their spans, so that an error about a name points at the name.
     #[serde(default)]
-    pub attrs: BTreeMap<String, Spanned<String>>,
+    pub attrs: BTreeMap<Spanned<String>, Spanned<String>>,
     #[serde(default)]
-    pub lists: BTreeMap<String, Spanned<ListDef>>,
+    pub lists: BTreeMap<Spanned<String>, Spanned<ListDef>>,
     #[serde(default)]
-    pub windows: BTreeMap<String, Spanned<WindowDef>>,
+    pub windows: BTreeMap<Spanned<String>, Spanned<WindowDef>>,
     #[serde(default, rename = "rule")]
     pub rules: Vec<Spanned<RuleDef>>,
 }

@@ -617,7 +617,8 @@ impl Loader<'_> {
         // 3. Attributes (merged over files; a conflicting type is an error).
         let mut attr_decl: BTreeMap<String, (usize, AttrType, usize)> = BTreeMap::new();
         for (fi, f) in parsed.iter() {
-            for (name, ty) in &f.attrs {
+            for (key, ty) in &f.attrs {
+                let name = key.get_ref();
                 let Some(t) = AttrType::parse(ty.get_ref()) else {
                     self.err(
                         "bad-attr-type",
@@ -632,9 +633,9 @@ impl Loader<'_> {
                     self.err(
                         "bad-name",
                         *fi,
-                        ty.span(),
-                        format!("attribute name `{name}` is not a valid identifier"),
-                        "use letters, digits and _",
+                        key.span(),
+                        format!("attribute name `{name}` is not an identifier"),
+                        NOT_AN_IDENTIFIER,
                     );
                     continue;
                 }
@@ -651,7 +652,7 @@ impl Loader<'_> {
                     }
                     Some(_) => {}
                     None => {
-                        attr_decl.insert(name.clone(), (0, t, *fi));
+                        attr_decl.insert(name.to_string(), (0, t, *fi));
                     }
                 }
             }
@@ -669,26 +670,27 @@ impl Loader<'_> {
         let mut list_ends = BTreeMap::new();
         let mut list_origin: BTreeMap<String, usize> = BTreeMap::new();
         for (fi, f) in parsed.iter() {
-            for (name, def) in &f.lists {
+            for (key, def) in &f.lists {
+                let name = key.get_ref();
                 if let Some(&prev) = list_origin.get(name) {
                     let pname = self.files[prev].name.clone();
                     self.err(
                         "duplicate-list",
                         *fi,
-                        def.span(),
+                        key.span(),
                         format!("list `{name}` is declared twice"),
                         format!("also declared in {pname}"),
                     );
                     continue;
                 }
                 list_origin.insert(name.clone(), *fi);
-                if !valid_name(name) || name_clashes(name, &BTreeMap::new()) {
+                if let Some((problem, help)) = name_problem(name, &BTreeMap::new()) {
                     self.err(
                         "bad-name",
                         *fi,
-                        def.span(),
-                        format!("list name `{name}` clashes with a field or keyword, or is not an identifier"),
-                        "choose another name",
+                        key.span(),
+                        format!("list name `{name}` {problem}"),
+                        help,
                     );
                     continue;
                 }
@@ -725,24 +727,25 @@ impl Loader<'_> {
             in_filter: true,
         };
         for (fi, f) in parsed.iter() {
-            for (name, def) in &f.windows {
+            for (key, def) in &f.windows {
+                let name = key.get_ref();
                 if window_scope.contains_key(name) || windows.iter().any(|w| &w.name == name) {
                     self.err(
                         "duplicate-window",
                         *fi,
-                        def.span(),
+                        key.span(),
                         format!("window `{name}` is declared twice"),
                         "window names are global across files",
                     );
                     continue;
                 }
-                if !valid_name(name) || name_clashes(name, &lists) {
+                if let Some((problem, help)) = name_problem(name, &lists) {
                     self.err(
                         "bad-name",
                         *fi,
-                        def.span(),
-                        format!("window name `{name}` clashes with a field or list, or is not an identifier"),
-                        "choose another name",
+                        key.span(),
+                        format!("window name `{name}` {problem}"),
+                        help,
                     );
                     continue;
                 }
@@ -1483,13 +1486,38 @@ fn parse_until(date: &str) -> Option<i64> {
     Some(next.and_utc().timestamp_millis())
 }
 
-fn name_clashes(name: &str, lists: &BTreeMap<String, CompiledList>) -> bool {
-    expr::FIELDS.iter().any(|(n, _)| *n == name)
-        || lists.contains_key(name)
-        || matches!(
-            name,
-            "and" | "or" | "not" | "in" | "true" | "false" | "attrs"
-        )
+const NOT_AN_IDENTIFIER: &str = "use letters, digits and _, not starting with a digit";
+
+/// Why `name` cannot name a list or window, and what to do instead; `None` when it can.
+/// Conditions read fields, keywords, lists and windows by bare name, so a name may be
+/// none of the others.
+fn name_problem(
+    name: &str,
+    lists: &BTreeMap<String, CompiledList>,
+) -> Option<(String, &'static str)> {
+    if !valid_name(name) {
+        Some(("is not an identifier".into(), NOT_AN_IDENTIFIER))
+    } else if expr::FIELDS.iter().any(|(n, _)| *n == name) {
+        Some((
+            "is the name of a transaction field".into(),
+            "choose another name",
+        ))
+    } else if matches!(
+        name,
+        "and" | "or" | "not" | "in" | "true" | "false" | "attrs"
+    ) {
+        Some((
+            "is a word of the rule language".into(),
+            "choose another name",
+        ))
+    } else if lists.contains_key(name) {
+        Some((
+            "is already the name of a list".into(),
+            "lists and windows share one set of names; choose another",
+        ))
+    } else {
+        None
+    }
 }
 
 fn valid_name(s: &str) -> bool {

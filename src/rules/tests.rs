@@ -517,6 +517,78 @@ fn structural_errors() {
 }
 
 #[test]
+fn name_errors_point_at_the_name_and_say_what_is_wrong() {
+    let lists = "[lists]\nseen = [\"a\"]\n";
+    let cases = [
+        (
+            format!("[windows]\namount = {W}\n"),
+            "amount",
+            "is the name of a transaction field",
+        ),
+        (
+            format!("[windows]\n\"card txn\" = {W}\n"),
+            "\"card txn\"",
+            "is not an identifier",
+        ),
+        (
+            format!("[windows]\nand = {W}\n"),
+            "and",
+            "is a word of the rule language",
+        ),
+        (
+            format!("{lists}[windows]\nseen = {W}\n"),
+            "seen",
+            "is already the name of a list",
+        ),
+        (
+            "[lists]\n\"1st\" = [\"a\"]\n".to_string(),
+            "\"1st\"",
+            "is not an identifier",
+        ),
+        (
+            "[lists]\nmcc = [\"a\"]\n".to_string(),
+            "mcc",
+            "is the name of a transaction field",
+        ),
+        // Right after the header's [attrs] table.
+        (
+            "\"a-b\" = \"string\"\n".to_string(),
+            "\"a-b\"",
+            "is not an identifier",
+        ),
+    ];
+    for (body, name, problem) in cases {
+        let e = compile_err(&body);
+        let d = e
+            .diagnostics
+            .iter()
+            .find(|d| d.code == "bad-name")
+            .unwrap_or_else(|| panic!("{body}: {}", e.render()));
+        assert_eq!(&format!("{HEADER}{body}")[d.span.clone()], name, "{body}");
+        assert!(d.message.ends_with(problem), "{body}: {}", d.message);
+    }
+    // A second declaration is shown at its name, in the file that repeats it.
+    let two = vec![
+        SourceFile {
+            name: "r/a.toml".into(),
+            text: format!("{HEADER}[windows]\nw = {W}\n{}", rule("w > 1")),
+        },
+        SourceFile {
+            name: "r/b.toml".into(),
+            text: format!("[windows]\nw = {W}\n"),
+        },
+    ];
+    let e = compile(two, &no_lists, &EngineConfig::default()).unwrap_err();
+    let d = &e.diagnostics[0];
+    assert_eq!(
+        (d.code, d.file, d.span.clone()),
+        ("duplicate-window", Some(1), 10..11)
+    );
+}
+
+const W: &str = "{ agg = \"count\", by = \"card\", over = \"1h\" }";
+
+#[test]
 fn ruleset_table_rules() {
     let two = vec![
         SourceFile {
