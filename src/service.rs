@@ -411,6 +411,9 @@ impl Running {
             );
         }
         tracing::info!(version = %rs.version, "rules loaded: {}", rs.summary());
+        // Fault injection for tests: a slow start between the rule load and the watcher
+        // (as a large snapshot restore makes it).
+        fail::fail_point!("rules_loaded");
         if let Some(addr) = &opts.file.metrics.addr {
             use std::net::ToSocketAddrs;
             let addr: std::net::SocketAddr = addr
@@ -1519,6 +1522,11 @@ fn reload_task(
     let task = tokio::spawn(async move {
         #[cfg(unix)]
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        // The rules were loaded before the watcher and this handler existed, perhaps a
+        // snapshot restore ago: an edit or a SIGHUP in between had nobody to see it. One
+        // look now; the version is a hash of the files, so if nothing changed, nothing is
+        // swapped.
+        reload(&dir, &cfg, &engine, &counters, "change during startup").await;
         let mut pending: Option<tokio::time::Instant> = None;
         loop {
             #[cfg(unix)]

@@ -883,6 +883,49 @@ async fn sighup_reloads_without_waiting_for_the_watcher() {
     );
 }
 
+/// Rules edited after the engine read them and before its watcher ran (here a 2 s pause
+/// there, as a large snapshot restore makes) are loaded once it is up: the watcher never
+/// saw the edit, and no other edit may come for hours.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_edited_during_startup_are_loaded_once_it_is_up() {
+    let nats = nats().await;
+    // Not the watcher: it would wait an hour.
+    let config = CONFIG.replace("reload_debounce = \"100ms\"", "reload_debounce = \"1h\"");
+    let engine = Engine::spawn_env(
+        &nats.url(),
+        &config,
+        &[("FAILPOINTS", "rules_loaded=sleep(2000)")],
+    );
+    engine
+        .wait_log("rules loaded", Duration::from_secs(20))
+        .await;
+    let head = std::fs::read_to_string(engine.rules.join("00-ruleset.toml"))
+        .unwrap()
+        .replace("version = \"2026-11-26.1\"", "version = \"2026-11-26.6\"");
+    engine.write_rule_file("00-ruleset.toml", &head);
+    assert!(
+        !engine.log_text().contains("taking transactions"),
+        "the edit came too late to test anything"
+    );
+    engine
+        .wait_log("rules reloaded", Duration::from_secs(20))
+        .await;
+    assert!(engine.log_text().contains("change during startup"));
+    engine
+        .wait_log("taking transactions", Duration::from_secs(20))
+        .await;
+    let c = client(&nats.url()).await;
+    let d = check(&c, &txn("startup-edit", "4111111111117001", "1")).await;
+    assert!(
+        d["rules_version"]
+            .as_str()
+            .unwrap()
+            .starts_with("2026-11-26.6+"),
+        "{d}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_auth_from_the_environment() {
     let port = fraudgate::demo::free_port().unwrap();

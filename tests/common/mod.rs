@@ -101,6 +101,14 @@ impl Engine {
     }
 
     pub async fn start_env(url: &str, config: &str, env: &[(&str, &str)]) -> Engine {
+        let e = Self::spawn_env(url, config, env);
+        e.wait_log("taking transactions", Duration::from_secs(20))
+            .await;
+        e
+    }
+
+    /// Starts the engine without waiting for it to take transactions.
+    pub fn spawn_env(url: &str, config: &str, env: &[(&str, &str)]) -> Engine {
         let dir = Scratch::new("engine");
         let rules = dir.0.join("rules");
         copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"), &rules);
@@ -123,15 +131,12 @@ impl Engine {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let e = Engine {
+        Engine {
             child,
             dir,
             rules,
             log,
-        };
-        e.wait_log("taking transactions", Duration::from_secs(20))
-            .await;
-        e
+        }
     }
 
     pub fn log_text(&self) -> String {
