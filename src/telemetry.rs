@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use metrics::{Counter, Gauge, Histogram, Unit};
+use metrics::{Counter, Histogram, Unit};
 
 use crate::decision::Action;
 use crate::engine::{Evicted, StateStats};
@@ -57,6 +57,7 @@ pub mod names {
     pub const SNAPSHOT_BYTES: &str = "fraudgate_snapshot_bytes";
     pub const SNAPSHOT_SECONDS: &str = "fraudgate_snapshot_duration_seconds";
     pub const LAST_SNAPSHOT: &str = "fraudgate_snapshot_last_success_timestamp_seconds";
+    pub const SNAPSHOT_INTERVAL: &str = "fraudgate_snapshot_interval_seconds";
     pub const STALLED: &str = "fraudgate_stalled";
     pub const STALLS: &str = "fraudgate_stalls_total";
 }
@@ -169,6 +170,11 @@ fn describe() {
         Unit::Seconds,
         "Unix time of the last state snapshot written successfully."
     );
+    describe_gauge!(
+        SNAPSHOT_INTERVAL,
+        Unit::Seconds,
+        "Configured time between state snapshots (absent when snapshots are off)."
+    );
     describe_counter!(
         RECEIVED,
         Unit::Count,
@@ -212,7 +218,7 @@ fn describe() {
     describe_counter!(
         PUBLISH_ERRORS,
         Unit::Count,
-        "Decisions or error replies that could not be published."
+        "Decisions or error replies that could not be published, and transactions lost with a decision worker that died."
     );
     describe_counter!(
         DECISION_FAILURES,
@@ -227,13 +233,13 @@ fn describe() {
     describe_histogram!(
         END_TO_END_SECONDS,
         Unit::Seconds,
-        "From message receipt to the decision published, by path."
+        "From the message taken off its NATS subscription to the decision handed to the client for publishing, by path. Time waiting in the client's subscription buffer is not in it (see fraudgate_nats_pending_messages)."
     );
     describe_counter!(RULE_HITS, Unit::Count, "Rules that fired, by rule id, mode (active or shadow) and the rule's own action (block, reject, hold, allow or score).");
     describe_counter!(
         RELOADS,
         Unit::Count,
-        "Rule reloads, by result (success or failure)."
+        "Rule reloads, by result: success (new rules active) or failure (the files do not compile; the previous rules stay). A reload that finds the files unchanged counts as neither."
     );
     describe_gauge!(
         RULES_INFO,
@@ -247,7 +253,7 @@ fn describe() {
     describe_gauge!(
         LAST_RELOAD,
         Unit::Seconds,
-        "Unix time of the last successful rule load."
+        "Unix time of the last rule load that changed the active rules (a reload that finds the files unchanged does not count)."
     );
     describe_gauge!(
         STATE_KEYS,
@@ -300,13 +306,13 @@ fn describe() {
     describe_counter!(
         NATS_RECONNECTS,
         Unit::Count,
-        "Successful reconnects to NATS."
+        "Successful reconnects to NATS (a connection's first connect is not counted)."
     );
     describe_counter!(NATS_DISCONNECTS, Unit::Count, "Disconnects from NATS.");
     describe_counter!(
         NATS_SLOW_CONSUMER,
         Unit::Count,
-        "Slow-consumer events: the NATS client dropped messages of a full subscription."
+        "Slow-consumer events: the NATS client dropped messages of a full subscription. A lower bound: the client reports drops through a small queue and loses reports in a burst."
     );
     describe_gauge!(BUILD_INFO, "Build information (always 1).");
     describe_gauge!(RULES_DIR_VALID, "1 while the rule directory compiles, 0 after a failed load (the previous rules stay active).");
@@ -381,6 +387,8 @@ struct RuleMetrics {
     /// Unix seconds of the load.
     loaded_at: f64,
     hits: HashMap<Arc<str>, Counter>,
+    /// Key group signatures (the `group` label).
+    groups: Vec<String>,
 }
 
 /// Service counters and metric handles. Cheap to bump from any task.
@@ -398,7 +406,8 @@ pub struct Counters {
     disconnects: Both,
     connects: AtomicU64,
     reconnects: Counter,
-    connected: Gauge,
+    /// Per NATS connection (the service has two, by role): connects seen, and up now.
+    links: std::sync::Mutex<Vec<(String, u64, bool)>>,
     is_connected: std::sync::atomic::AtomicBool,
     dir_valid: std::sync::atomic::AtomicBool,
     slow_consumer: Both,
@@ -412,14 +421,17 @@ pub struct Counters {
     /// after its idle timeout, and "time since the last snapshot" would go blank exactly
     /// when it matters.
     last_snapshot: std::sync::Mutex<Option<(u64, f64, f64)>>,
+    /// Seconds between snapshots, as f64 bits; 0 while snapshots are off.
+    snapshot_every: AtomicU64,
     replayed: [Both; 2],
     ack_errors: Both,
     /// Stalls reported by the watchdog: [worker, runtime].
     stalls: [Both; 2],
-    stalled: [Gauge; 2],
+    // No gauge handles are kept: the exporter deletes a gauge nobody set for its idle
+    // timeout (a start that replays for longer, a long stall), and a kept handle then
+    // writes to a value it never shows again. `gauge!` finds or makes the live one.
     decision_seconds: [Histogram; 2],
     end_to_end_seconds: [Histogram; 2],
-    in_flight: [Gauge; 2],
     queued: [std::sync::atomic::AtomicI64; 2],
     rules: ArcSwap<RuleMetrics>,
 }
@@ -458,6 +470,10 @@ pub struct Snapshot {
     pub reloads_failed: u64,
     pub disconnects: u64,
     pub connects: u64,
+    /// Connects after a connection's first.
+    pub reconnects: u64,
+    /// Every NATS connection is up (by the last events, or the last sweep's look).
+    pub connected: bool,
     pub slow_consumer: u64,
     pub no_reply: u64,
     pub snapshots_ok: u64,
@@ -496,17 +512,18 @@ impl Counters {
         let invalid = ErrorCode::ALL.map(|c| Both::new(counter!(INVALID, "code" => c.as_str())));
         let reloads = |r: &'static str| Both::new(counter!(RELOADS, "result" => r));
         gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-        let connected = gauge!(NATS_CONNECTED);
-        connected.set(0.0);
+        gauge!(NATS_CONNECTED).set(0.0);
         let reconnects = counter!(NATS_RECONNECTS);
         reconnects.increment(0);
         let evicted_keys = counter!(EVICTED_KEYS);
         evicted_keys.increment(0);
         let evicted_ids = counter!(EVICTED_IDS);
         evicted_ids.increment(0);
-        let in_flight = Path::ALL.map(|p| gauge!(IN_FLIGHT, "path" => p.as_str()));
-        for g in &in_flight {
-            g.set(0.0);
+        for p in Path::ALL {
+            gauge!(IN_FLIGHT, "path" => p.as_str()).set(0.0);
+        }
+        for k in STALL_KINDS {
+            gauge!(STALLED, "kind" => k).set(0.0);
         }
         Counters {
             received: path_counter(RECEIVED),
@@ -522,7 +539,7 @@ impl Counters {
             disconnects: Both::new(counter!(NATS_DISCONNECTS)),
             connects: AtomicU64::new(0),
             reconnects,
-            connected,
+            links: Default::default(),
             is_connected: std::sync::atomic::AtomicBool::new(false),
             dir_valid: std::sync::atomic::AtomicBool::new(true),
             slow_consumer: Both::new(counter!(NATS_SLOW_CONSUMER)),
@@ -532,18 +549,13 @@ impl Counters {
             snapshots_ok: Both::new(counter!(SNAPSHOTS, "result" => "success")),
             snapshots_failed: Both::new(counter!(SNAPSHOTS, "result" => "failure")),
             last_snapshot: std::sync::Mutex::new(None),
+            snapshot_every: AtomicU64::new(0),
             replayed: path_counter(REPLAYED),
             ack_errors: Both::new(counter!(ACK_ERRORS)),
             stalls: STALL_KINDS.map(|k| Both::new(counter!(STALLS, "kind" => k))),
-            stalled: STALL_KINDS.map(|k| {
-                let g = gauge!(STALLED, "kind" => k);
-                g.set(0.0);
-                g
-            }),
             decision_seconds: Path::ALL.map(|p| histogram!(DECISION_SECONDS, "path" => p.as_str())),
             end_to_end_seconds: Path::ALL
                 .map(|p| histogram!(END_TO_END_SECONDS, "path" => p.as_str())),
-            in_flight,
             queued: Default::default(),
             rules: ArcSwap::from_pointee(RuleMetrics::default()),
         }
@@ -568,8 +580,12 @@ impl Counters {
     /// Stalled now: how many workers, and whether the runtime (set by the watchdog on
     /// every tick, so the gauges stay fresh).
     pub fn stalled_now(&self, workers: usize, runtime: bool) {
-        self.stalled[0].set(workers as f64);
-        self.stalled[1].set(if runtime { 1.0 } else { 0.0 });
+        metrics::gauge!(names::STALLED, "kind" => STALL_KINDS[0]).set(workers as f64);
+        metrics::gauge!(names::STALLED, "kind" => STALL_KINDS[1]).set(if runtime {
+            1.0
+        } else {
+            0.0
+        });
     }
     pub fn duplicate(&self) {
         self.duplicates.inc();
@@ -596,17 +612,39 @@ impl Counters {
             self.reloads_failed.inc();
         }
     }
-    pub fn disconnected(&self) {
+    /// NATS connection `role` is down.
+    pub fn disconnected(&self, role: &str) {
         self.disconnects.inc();
-        self.is_connected.store(false, Relaxed);
-        self.connected.set(0.0);
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        match links.iter_mut().find(|l| l.0 == role) {
+            Some(l) => l.2 = false,
+            None => links.push((role.to_string(), 0, false)),
+        }
+        self.set_connected(false);
     }
-    pub fn connected(&self) {
-        if self.connects.fetch_add(1, Relaxed) > 0 {
+    /// NATS connection `role` is up. Its first connect is not a reconnect, whatever
+    /// other connection came before it.
+    pub fn connected(&self, role: &str) {
+        self.connects.fetch_add(1, Relaxed);
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        let i = match links.iter().position(|l| l.0 == role) {
+            Some(i) => i,
+            None => {
+                links.push((role.to_string(), 0, false));
+                links.len() - 1
+            }
+        };
+        links[i].1 += 1;
+        links[i].2 = true;
+        if links[i].1 > 1 {
             self.reconnects.increment(1);
         }
-        self.is_connected.store(true, Relaxed);
-        self.connected.set(1.0);
+        let all_up = links.iter().all(|l| l.2);
+        self.set_connected(all_up);
+    }
+    fn set_connected(&self, up: bool) {
+        self.is_connected.store(up, Relaxed);
+        metrics::gauge!(names::NATS_CONNECTED).set(if up { 1.0 } else { 0.0 });
     }
     pub fn slow_consumer(&self) {
         self.slow_consumer.inc();
@@ -637,8 +675,7 @@ impl Counters {
     /// receives pull statuses, heartbeats, API replies and the start's replay, which no
     /// intake takes, and the gauge grew without end.
     pub fn nats(&self, connected: bool, in_messages: u64, stream_counted: bool) {
-        self.is_connected.store(connected, Relaxed);
-        self.connected.set(if connected { 1.0 } else { 0.0 });
+        self.set_connected(connected);
         metrics::gauge!(names::NATS_PENDING).set(self.pending(in_messages, stream_counted) as f64);
     }
 
@@ -661,7 +698,7 @@ impl Counters {
     /// Sets the in-flight gauges from the queued counts.
     pub fn publish_queued(&self) {
         for p in Path::ALL {
-            self.in_flight[p.idx()].set(self.queued_now(p) as f64);
+            metrics::gauge!(names::IN_FLIGHT, "path" => p.as_str()).set(self.queued_now(p) as f64);
         }
     }
 
@@ -698,11 +735,25 @@ impl Counters {
                 (r.id.clone(), c)
             })
             .collect();
+        let groups: Vec<String> = rs.groups.iter().map(|g| g.signature.clone()).collect();
+        for g in &groups {
+            // The cap's series from the start (at 0), so that keys evicted at the cap
+            // before the first sweep (a start's replay) are an increase, not its first
+            // value, which alerts cannot see.
+            counter!(CAPPED_KEYS, "group" => g.clone()).absolute(0);
+        }
+        for gone in previous.groups.iter().filter(|g| !groups.contains(g)) {
+            // A group the new rules dropped holds nothing now; its last sizes would
+            // otherwise stay in the totals until the exporter's idle timeout.
+            gauge!(STATE_KEYS, "group" => gone.clone()).set(0.0);
+            gauge!(STATE_BYTES, "group" => gone.clone()).set(0.0);
+        }
         self.rules.store(Arc::new(RuleMetrics {
             version: rs.version.clone(),
             loaded,
             loaded_at: unix_secs,
             hits,
+            groups,
         }));
         self.refresh();
     }
@@ -726,11 +777,7 @@ impl Counters {
         } else {
             0.0
         });
-        self.connected.set(if self.is_connected.load(Relaxed) {
-            1.0
-        } else {
-            0.0
-        });
+        self.set_connected(self.is_connected.load(Relaxed));
         self.snapshot_gauges();
     }
 
@@ -742,9 +789,19 @@ impl Counters {
         self.snapshot_gauges();
     }
 
+    /// Snapshots are on, every `secs` seconds (alerts compare the last one's age to it).
+    pub fn snapshot_interval(&self, secs: f64) {
+        self.snapshot_every.store(secs.to_bits(), Relaxed);
+        self.snapshot_gauges();
+    }
+
     fn snapshot_gauges(&self) {
         use metrics::gauge;
         use names::*;
+        let every = f64::from_bits(self.snapshot_every.load(Relaxed));
+        if every > 0.0 {
+            gauge!(SNAPSHOT_INTERVAL).set(every);
+        }
         let last = *self.last_snapshot.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((bytes, secs, unix_secs)) = last {
             gauge!(SNAPSHOT_BYTES).set(bytes as f64);
@@ -804,6 +861,14 @@ impl Counters {
             reloads_failed: self.reloads_failed.get(),
             disconnects: self.disconnects.get(),
             connects: self.connects.load(Relaxed),
+            reconnects: self
+                .links
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|l| l.1.saturating_sub(1))
+                .sum(),
+            connected: self.is_connected.load(Relaxed),
             slow_consumer: self.slow_consumer.get(),
             no_reply: self.no_reply.load(Relaxed),
             snapshots_ok: self.snapshots_ok.get(),
@@ -845,6 +910,109 @@ mod tests {
         assert_eq!(s.decided(), 2);
         assert_eq!(s.invalid_of(ErrorCode::NegativeAmount), 1);
         assert_eq!(s.invalid_total(), 1);
+    }
+
+    /// The exporter deletes a gauge nobody set for its idle timeout (10 minutes in service:
+    /// a start that replays for longer, a long stall). Set again, it must come back: a kept
+    /// handle wrote to the deleted value, which no scrape showed again.
+    #[test]
+    fn gauges_come_back_after_the_exporters_idle_timeout() {
+        use metrics_exporter_prometheus::PrometheusBuilder;
+        use metrics_util::MetricKindMask;
+        let recorder = PrometheusBuilder::new()
+            .idle_timeout(
+                MetricKindMask::GAUGE,
+                Some(std::time::Duration::from_millis(300)),
+            )
+            .build_recorder();
+        let handle = recorder.handle();
+        let c = metrics::with_local_recorder(&recorder, Counters::new);
+        assert!(handle.render().contains("fraudgate_nats_connected 0"));
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        let idle = handle.render();
+        assert!(!idle.contains("fraudgate_nats_connected"), "{idle}");
+        metrics::with_local_recorder(&recorder, || {
+            c.connected("check");
+            c.stalled_now(1, false);
+            c.queued(Path::Check, 2);
+            c.publish_queued();
+        });
+        let text = handle.render();
+        for line in [
+            "fraudgate_nats_connected 1",
+            "fraudgate_stalled{kind=\"worker\"} 1",
+            "fraudgate_in_flight{path=\"check\"} 2",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
+    }
+
+    /// The service has two NATS connections: the second one's first connect is not a
+    /// reconnect (every clean start showed one), and one down is down.
+    #[test]
+    fn reconnects_and_the_connected_state_are_per_connection() {
+        let c = Counters::new();
+        c.connected("check");
+        c.connected("stream");
+        let s = c.snapshot();
+        assert_eq!((s.connects, s.reconnects, s.connected), (2, 0, true));
+        c.disconnected("stream");
+        assert!(!c.snapshot().connected);
+        c.connected("check"); // a late event of the other one: still one down
+        assert!(!c.snapshot().connected);
+        c.connected("stream");
+        let s = c.snapshot();
+        assert_eq!((s.connects, s.reconnects, s.connected), (4, 2, true));
+    }
+
+    /// Each key group has its cap series from the load (so an eviction before the first
+    /// sweep is an increase), and a group the next rules drop shows 0 keys, not its last
+    /// size.
+    #[test]
+    fn key_group_series_follow_the_rule_sets() {
+        use crate::rules::{compile, SourceFile};
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let head = "[ruleset]\nversion = \"t\"\nhold_at = 50\nreject_at = 100\n";
+        let set = |body: &str| {
+            let files = vec![SourceFile {
+                name: "r/a.toml".into(),
+                text: format!("{head}{body}"),
+            }];
+            let none = |_: &str| Err(std::io::Error::other("no lists"));
+            compile(files, &none, &Default::default()).unwrap()
+        };
+        let with_window = set("[windows]\nw = { agg = \"count\", by = \"device\", over = \"1h\" }\n[[rule]]\nid = \"r\"\ndescription = \"d\"\nwhen = \"w > 3\"\nscore = 1\n");
+        let without =
+            set("[[rule]]\nid = \"r\"\ndescription = \"d\"\nwhen = \"amount > 3\"\nscore = 1\n");
+        let c = metrics::with_local_recorder(&recorder, Counters::new);
+        metrics::with_local_recorder(&recorder, || {
+            c.rules_loaded(&with_window, 1.0);
+            let stats = StateStats {
+                groups: vec![("device".into(), 7, 700)],
+                ..Default::default()
+            };
+            c.state(&stats, &Default::default());
+        });
+        let text = handle.render();
+        assert!(
+            text.contains("fraudgate_state_capped_keys_total{group=\"device\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fraudgate_state_keys{group=\"device\"} 7"),
+            "{text}"
+        );
+        metrics::with_local_recorder(&recorder, || c.rules_loaded(&without, 2.0));
+        let text = handle.render();
+        assert!(
+            text.contains("fraudgate_state_keys{group=\"device\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fraudgate_state_bytes{group=\"device\"} 0"),
+            "{text}"
+        );
     }
 
     #[test]

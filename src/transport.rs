@@ -195,11 +195,11 @@ pub async fn connect(
             use async_nats::Event;
             match event {
                 Event::Connected => {
-                    c.connected();
+                    c.connected(&role);
                     tracing::info!(connection = %role, "NATS connected");
                 }
                 Event::Disconnected => {
-                    c.disconnected();
+                    c.disconnected(&role);
                     tracing::warn!(connection = %role, "NATS disconnected; reconnecting");
                 }
                 Event::SlowConsumer(sid) => {
