@@ -245,7 +245,7 @@ pub async fn run(opts: DemoOptions) -> Result<u64, DemoError> {
     if let Some(addr) = running.metrics_addr() {
         println!("  metrics: http://{addr}/metrics");
     }
-    println!("  try it yourself: fraudgate ask --nats-url {} '{{\"id\":\"t1\",\"card\":\"4111111111111111\",\"amount\":\"12000\"}}'", nats.url());
+    println!("  try it yourself: cargo run --release -- ask --nats-url {} '{{\"id\":\"t1\",\"card\":\"4111111111111111\",\"amount\":\"12000\"}}'", nats.url());
     println!("  Ctrl-C stops everything\n");
 
     let client = async_nats::connect(nats.url())

@@ -36,7 +36,7 @@ enum Cmd {
         #[arg(long)]
         metrics_addr: Option<String>,
         /// Config file (TOML): [engine], [nats], [subjects], [limits], [service],
-        /// [metrics], [log].
+        /// [metrics], [snapshot], [jetstream], [log].
         #[arg(long)]
         config: Option<PathBuf>,
     },

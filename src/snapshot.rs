@@ -84,7 +84,15 @@ pub fn write(path: &Path, snap: &EncodedSnapshot) -> Result<u64, SnapshotFileErr
         std::process::id()
     ));
     let result = (|| {
-        let f = std::fs::File::create(&tmp)?;
+        // Owner-only: the file holds the retry table's decisions (masked cards, merchants,
+        // amounts) and every key's history. A stale temp file of a crashed writer with this
+        // pid goes first, as opening it would keep its permissions.
+        let _ = std::fs::remove_file(&tmp);
+        let mut open = std::fs::OpenOptions::new();
+        open.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
+        let f = open.open(&tmp)?;
         let mut w = Counting {
             inner: std::io::BufWriter::with_capacity(1 << 20, f),
             bytes: 0,
@@ -158,4 +166,30 @@ pub fn read(path: &Path) -> Result<StateSnapshot, SnapshotFileError> {
         });
     }
     Ok(snap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The snapshot is readable by its owner only, whatever the umask.
+    #[cfg(unix)]
+    #[test]
+    fn the_file_is_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let cfg = crate::config::EngineConfig::default();
+        let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+        let engine = Engine::new(crate::rules::load_dir(&rules, &cfg).unwrap(), cfg);
+        let dir = std::env::temp_dir().join(format!("fraudgate-snapmode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state.snap");
+        // An older file with wider permissions is replaced, not reused.
+        std::fs::write(&path, b"old").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let written = save(&engine, &path, 1_000, Cursor::default);
+        let mode = std::fs::metadata(&path).map(|m| m.permissions().mode() & 0o777);
+        let _ = std::fs::remove_dir_all(&dir);
+        written.unwrap();
+        assert_eq!(mode.unwrap(), 0o600);
+    }
 }
