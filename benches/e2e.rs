@@ -13,15 +13,17 @@
 //!
 //! The traffic is the load generator's (100k cards at 10 transactions a day; 0.2 % of
 //! normal transactions start an injected fraud pattern). The phases (a 20k warm-up, then 1, 2 and 3) are
-//! one timeline of event times ending when the target's measurement starts, about 14 hours
-//! of a day at the default sizes, so rules see the traffic at its real density.
+//! one timeline of event times ending when the bench starts, about 14 hours of a day at
+//! the default sizes, so rules see the traffic at its real density; every target and
+//! round gets the same transactions.
 //!
 //! Then fraudgate's resident memory with 1M distinct cards tracked.
 //!
 //! Next to each throughput figure, the CPU time each process spent per decision in that
-//! phase (target, nats-server, this load client; from /proc): the three share the
-//! machine's cores, so their sum per decision is what the throughput is made of, and on
-//! this shared machine it varies far less between runs than the throughput itself.
+//! phase (target, nats-server, this load client; from /proc; the phase's transactions are
+//! made before it, outside this count): the three share the machine's cores, so their sum
+//! per decision is what the throughput is made of, and on this shared machine it varies
+//! far less between runs than the throughput itself.
 //!
 //! E2E_ROUNDS=n measures the targets n times, alternating, and reports medians (this
 //! machine is shared: single runs of one binary differ by up to 30 %). Each round starts
@@ -183,37 +185,44 @@ fn gen(seed: u64) -> GenConfig {
     }
 }
 
-async fn load(
-    client: &async_nats::Client,
+/// One phase's options and transactions, made before it runs (and before its CPU time is
+/// read).
+fn plan(
     path: LoadPath,
     mode: LoadMode,
     (count, seed, end): (usize, u64, i64),
+) -> (LoadOptions, loadrun::Prepared) {
+    let opts = LoadOptions {
+        path,
+        mode,
+        count,
+        gen: gen(seed),
+        timeout: Duration::from_secs(30),
+        subjects: SubjectsSection::default(),
+        progress: false,
+        events_end_ms: Some(end),
+    };
+    let prepared = loadrun::prepare(&opts);
+    (opts, prepared)
+}
+
+async fn run(
+    client: &async_nats::Client,
+    (opts, prepared): (LoadOptions, loadrun::Prepared),
 ) -> LoadReport {
-    loadrun::run(
-        client.clone(),
-        LoadOptions {
-            path,
-            mode,
-            count,
-            gen: gen(seed),
-            timeout: Duration::from_secs(30),
-            subjects: SubjectsSection::default(),
-            progress: false,
-            events_end_ms: Some(end),
-        },
-    )
-    .await
-    .expect("load run")
+    loadrun::run_prepared(client.clone(), opts, prepared)
+        .await
+        .expect("load run")
 }
 
 /// The phases of a measurement as (count, seed, end of its event times): one timeline
-/// that ends now, each phase after the one before, so the windows see one stretch of
-/// traffic at its real density (about 14 h of a day at the default sizes), not four
-/// stretches laid over the same minutes.
-fn phases(counts: [usize; 4]) -> [(usize, u64, i64); 4] {
+/// that ends at `end` (when the bench started: the same traffic for every target and
+/// round), each phase after the one before, so the windows see one stretch of traffic at
+/// its real density (about 14 h of a day at the default sizes), not four stretches laid
+/// over the same minutes.
+fn phases(counts: [usize; 4], mut end: i64) -> [(usize, u64, i64); 4] {
     let seeds = [7, 11, 13, 17];
     let mut out = [(0, 0, 0); 4];
-    let mut end = fraudgate::service::now_ms();
     for i in (0..4).rev() {
         out[i] = (counts[i], seeds[i], end);
         let t = fraudgate::loadgen::timeline(&gen(seeds[i]), end, counts[i]);
@@ -271,27 +280,25 @@ async fn measure(
     pids: [Option<u32>; PROCS],
     metrics: Option<&str>,
     sizes: (usize, usize, f64, usize),
+    events_end: i64,
 ) -> Row {
     let (stream_n, rr_n, rate, lat_secs) = sizes;
-    let [warm, stream_p, rr_p, lat_p] =
-        phases([20_000, stream_n, rr_n, (rate as usize) * lat_secs]);
+    let [warm, stream_p, rr_p, lat_p] = phases(
+        [20_000, stream_n, rr_n, (rate as usize) * lat_secs],
+        events_end,
+    );
     // Warm-up: fill windows and caches, settle the connection.
-    load(client, LoadPath::Check, LoadMode::Closed(64), warm).await;
-    let (stream, stream_cpu) = cpu_per_decision(
-        pids,
-        load(client, LoadPath::Stream, LoadMode::Closed(10_000), stream_p),
-    )
-    .await;
-    let (rr, rr_cpu) = cpu_per_decision(
-        pids,
-        load(client, LoadPath::Check, LoadMode::Closed(64), rr_p),
-    )
-    .await;
+    run(client, plan(LoadPath::Check, LoadMode::Closed(64), warm)).await;
+    let stream_plan = plan(LoadPath::Stream, LoadMode::Closed(10_000), stream_p);
+    let (stream, stream_cpu) = cpu_per_decision(pids, run(client, stream_plan)).await;
+    let rr_plan = plan(LoadPath::Check, LoadMode::Closed(64), rr_p);
+    let (rr, rr_cpu) = cpu_per_decision(pids, run(client, rr_plan)).await;
+    let lat_plan = plan(LoadPath::Check, LoadMode::Open(rate), lat_p);
     let before = match metrics {
         Some(m) => own_buckets(m).await,
         None => Vec::new(),
     };
-    let lat = load(client, LoadPath::Check, LoadMode::Open(rate), lat_p).await;
+    let lat = run(client, lat_plan).await;
     let (own_p99, own_p999) = match metrics {
         Some(m) => {
             let after = own_buckets(m).await;
@@ -314,7 +321,7 @@ async fn measure(
         100.0 * (rr.actions[1] + rr.actions[2]) as f64 / rr.actions.iter().sum::<u64>().max(1) as f64,
     );
     println!(
-        "  {:<10} CPU per decision (target / nats-server / load client with its traffic): stream {:.2} / {:.2} / {:.2} us, request-reply {:.2} / {:.2} / {:.2} us",
+        "  {:<10} CPU per decision (target / nats-server / load client): stream {:.2} / {:.2} / {:.2} us, request-reply {:.2} / {:.2} / {:.2} us",
         "",
         stream_cpu[0], stream_cpu[1], stream_cpu[2], rr_cpu[0], rr_cpu[1], rr_cpu[2],
     );
@@ -326,7 +333,9 @@ async fn measure(
     }
     Row {
         stream: stream.throughput(),
-        stream_lost: stream.sent - stream.answered,
+        // Against what the phase was to send: a sender that stopped early (its decision
+        // subscription ended) dropped the rest.
+        stream_lost: (stream_p.0 as u64).saturating_sub(stream.answered),
         rr: rr.throughput(),
         p50: lat.quantile_ms(0.5),
         p99: lat.quantile_ms(0.99),
@@ -385,9 +394,11 @@ fn main() {
         let baseline_cfg = dir.join("baseline.toml");
         std::fs::write(&baseline_cfg, format!("{base_cfg}{}", baseline_extra.as_deref().unwrap_or(""))).unwrap();
         let shipped_rules = format!("{root}/rules");
+        // Every target dies with the bench, also when it is killed by a signal.
         let spawn_with = |bin: &str, rules: &str, cfg: &std::path::Path| {
-            tokio::process::Command::new(bin)
-                .args(["run", "--nats-url", &url, "--rules", rules])
+            let mut cmd = tokio::process::Command::new(bin);
+            fraudgate::demo::die_with_parent(&mut cmd);
+            cmd.args(["run", "--nats-url", &url, "--rules", rules])
                 .arg("--config")
                 .arg(cfg)
                 .stderr(std::process::Stdio::null())
@@ -397,6 +408,7 @@ fn main() {
         };
         let spawn_engine = |cfg: &std::path::Path| spawn_with(env!("CARGO_BIN_EXE_fraudgate"), &shipped_rules, cfg);
         let sizes = (stream_n, rr_n, rate, lat_secs);
+        let events_end = fraudgate::service::now_ms();
         let (mut ceiling_rows, mut engine_rows, mut baseline_rows) = (Vec::new(), Vec::new(), Vec::new());
         // Rounds alternate the targets, so a slow minute of this shared machine does not
         // land on one of them only; the table shows each figure's median.
@@ -414,12 +426,15 @@ fn main() {
             for &target in &order {
                 let mut child = match target {
                     // The ceiling: a bare responder.
-                    "ceiling" => tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate-ceiling"))
-                        .args(["--nats-url", &url])
-                        .stderr(std::process::Stdio::null())
-                        .kill_on_drop(true)
-                        .spawn()
-                        .unwrap(),
+                    "ceiling" => {
+                        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate-ceiling"));
+                        fraudgate::demo::die_with_parent(&mut cmd);
+                        cmd.args(["--nats-url", &url])
+                            .stderr(std::process::Stdio::null())
+                            .kill_on_drop(true)
+                            .spawn()
+                            .unwrap()
+                    }
                     // fraudgate with the shipped rules and its metrics exporter on.
                     "fraudgate" => spawn_engine(&cfg),
                     // Optionally another fraudgate build (say, the previous commit's),
@@ -434,7 +449,7 @@ fn main() {
                 wait_ready(&client).await;
                 let pids = [child.id(), nats.pid(), None];
                 let metrics = (target != "ceiling").then_some(metrics_addr.as_str());
-                let row = measure(target, &client, pids, metrics, sizes).await;
+                let row = measure(target, &client, pids, metrics, sizes, events_end).await;
                 let _ = child.kill().await;
                 match target {
                     "ceiling" => ceiling_rows.push(row),
@@ -480,7 +495,7 @@ fn main() {
         println!();
         println!("| CPU per decision (us) | ceiling | fraudgate | fraudgate - ceiling |");
         println!("|---|---|---|---|");
-        let procs = ["target", "nats-server", "load client (with making its traffic)"];
+        let procs = ["target", "nats-server", "load client"];
         for (phase, cc, fc) in [("stream", c.stream_cpu, f.stream_cpu), ("request-reply", c.rr_cpu, f.rr_cpu)] {
             for i in 0..PROCS {
                 println!("| {phase}: {} | {:.2} | {:.2} | {:+.2} |", procs[i], cc[i], fc[i], fc[i] - cc[i]);

@@ -81,6 +81,35 @@ mod tempdir {
     }
 }
 
+/// Makes a child started with `cmd` be killed with this process. `kill_on_drop` covers
+/// every exit but a signal (a demo stopped with SIGTERM, a test run or benchmark
+/// interrupted), which left servers and engines running. The signal comes when the thread
+/// that spawned the child ends: call this from the thread that runs the demo, test or
+/// benchmark (or a runtime worker, which lives as long as the runtime), never from a
+/// short-lived one. Linux only; elsewhere it does nothing.
+pub fn die_with_parent(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        let parent = std::process::id();
+        // SAFETY: between fork and exec only `prctl`, `getppid` and `_exit` run, which
+        // are async-signal-safe and touch no memory of the parent.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent died before the request took effect: no signal will come.
+                if libc::getppid() as u32 != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
 impl NatsServer {
     /// Starts `nats-server` on a free port of 127.0.0.1 (with JetStream in a temp dir when
     /// `jetstream`), and waits until it accepts connections.
@@ -120,29 +149,7 @@ impl NatsServer {
         // stops everything in order), not kill the server under a running engine.
         #[cfg(unix)]
         cmd.process_group(0);
-        // And killed with its parent: `kill_on_drop` covers every exit but a signal (a
-        // demo stopped with SIGTERM, a test run interrupted), which left servers running,
-        // JetStream stores and all. The signal comes when the thread that spawned it ends:
-        // these are started from the thread that runs the demo or the test (or a runtime
-        // worker, which lives as long as the runtime), never from a short-lived one.
-        #[cfg(target_os = "linux")]
-        {
-            let parent = std::process::id();
-            // SAFETY: between fork and exec only `prctl`, `getppid` and `_exit` run, which
-            // are async-signal-safe and touch no memory of the parent.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    // The parent died before the request took effect: no signal will come.
-                    if libc::getppid() as u32 != parent {
-                        libc::_exit(1);
-                    }
-                    Ok(())
-                });
-            }
-        }
+        die_with_parent(&mut cmd);
         cmd.args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
@@ -262,8 +269,9 @@ pub async fn run(opts: DemoOptions) -> Result<u64, DemoError> {
 
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
-    let mut last_answered = 0;
+    let (mut last_answered, mut last_at) = (0, Instant::now());
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
     loop {
@@ -274,11 +282,19 @@ pub async fn run(opts: DemoOptions) -> Result<u64, DemoError> {
         tokio::select! {
             _ = tick.tick() => {
                 let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
-                let rate = t.answered - last_answered;
-                last_answered = t.answered;
+                // Per second of the real interval: a tick that came late covers more.
+                let rate = ((t.answered - last_answered) as f64
+                    / last_at.elapsed().as_secs_f64().max(1e-3))
+                .round() as u64;
+                (last_answered, last_at) = (t.answered, Instant::now());
+                // A second without an answer (a stalled engine) shows as "-", not 0 ms.
                 let (p50, p99) = {
                     let h = t.hist();
-                    (h.value_at_quantile(0.5), h.value_at_quantile(0.99))
+                    let ms = |q: f64| match h.is_empty() {
+                        true => "-".to_string(),
+                        false => format!("{:.2}", h.value_at_quantile(q) as f64 / 1000.0),
+                    };
+                    (ms(0.5), ms(0.99))
                 };
                 let total: u64 = t.actions.iter().sum::<u64>().max(1);
                 let pct = |i: usize| 100.0 * t.actions[i] as f64 / total as f64;
@@ -286,14 +302,14 @@ pub async fn run(opts: DemoOptions) -> Result<u64, DemoError> {
                 top.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
                 let top: Vec<String> = top.iter().take(3).map(|(k, v)| format!("{k} {v}")).collect();
                 println!(
-                    "t={:>3}s {:>6} tx/s  approve {:>5.1}%  hold {:>4.1}%  reject {:>4.1}%  p50 {:.2} ms  p99 {:.2} ms  top rules: {}",
+                    "t={:>3}s {:>6} tx/s  approve {:>5.1}%  hold {:>4.1}%  reject {:>4.1}%  p50 {} ms  p99 {} ms  top rules: {}",
                     started.elapsed().as_secs(),
                     rate,
                     pct(0),
                     pct(1),
                     pct(2),
-                    p50 as f64 / 1000.0,
-                    p99 as f64 / 1000.0,
+                    p50,
+                    p99,
                     top.join(", ")
                 );
                 if let Some(h) = t.latency_us.as_mut() {
@@ -413,7 +429,11 @@ async fn generate(
                         }
                     }
                     Ok(Err(_)) => t.errors += 1,
-                    Err(_) => t.timeouts += 1,
+                    Err(_) => {
+                        // At least the timeout: in the second's p99, not left out of it.
+                        t.timeouts += 1;
+                        let _ = t.hist().record(5_000_000);
+                    }
                 }
                 drop(permit);
             });

@@ -32,6 +32,20 @@ pub enum Pattern {
 }
 
 impl Pattern {
+    /// The shipped rules aimed at this pattern (`rules/`): the report says how many
+    /// instances one of them fired on, apart from instances held or rejected for any
+    /// reason (fraud transactions carry the same background signals as normal ones).
+    pub fn target_rules(self) -> &'static [&'static str] {
+        match self {
+            Pattern::CardTesting => &["card_testing"],
+            Pattern::AccountTakeover => &["new_device_large_amount", "ip_country_mismatch"],
+            Pattern::ManyMerchants => &["card_many_merchants"],
+            Pattern::Duplicate => &["duplicate_txn"],
+            Pattern::MerchantSpike => &["merchant_spike"],
+            Pattern::HighRiskNight => &["high_risk_region", "night_large_amount"],
+        }
+    }
+
     pub const ALL: [Pattern; 6] = [
         Pattern::CardTesting,
         Pattern::AccountTakeover,
@@ -463,6 +477,20 @@ impl Generator {
     /// Injected transactions still waiting for their time.
     pub fn pending(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Injected instances with transactions still to come: a run that stops now has sent
+    /// only part of them (a card-testing burst cut after two of its six), which no rule
+    /// could be expected to catch.
+    pub fn pending_instances(&self) -> Vec<(Pattern, u64)> {
+        let mut v: Vec<(Pattern, u64)> = self
+            .pending
+            .iter()
+            .filter_map(|(_, l)| l.pattern.map(|p| (p, l.instance)))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
     }
 }
 

@@ -132,3 +132,20 @@ fn the_shipped_rules_catch_the_injected_patterns_and_pass_normal_traffic() {
         "the spike rule fired at merchants without a spike\n{report}"
     );
 }
+
+/// The load report's "by its rule" column names shipped rules: a rule renamed in `rules/`
+/// must be renamed there too, or the column silently reads 0.
+#[test]
+fn every_patterns_target_rules_are_shipped() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cfg = fraudgate::EngineConfig::default();
+    let rs = fraudgate::load_dir(&root.join("rules"), &cfg).unwrap();
+    for p in Pattern::ALL {
+        for id in p.target_rules() {
+            assert!(
+                rs.rules.iter().any(|r| &*r.id == *id),
+                "{p:?}: no shipped rule {id}"
+            );
+        }
+    }
+}

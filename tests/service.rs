@@ -731,6 +731,56 @@ async fn a_stream_load_without_decisions_ends_and_counts_them_lost() {
     );
 }
 
+/// Stream transactions the engine refuses go to the invalid subject with their id: the
+/// load counts each as an error when it comes, not as a decision lost after the timeout.
+/// The refusing "engine" here is a plain responder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_load_counts_refused_transactions_as_errors_at_once() {
+    use fraudgate::loadrun::{LoadMode, LoadOptions, LoadPath};
+    let nats = nats().await;
+    let refuser = client(&nats.url()).await;
+    let mut txns = refuser.subscribe("fraud.txn").await.unwrap();
+    refuser.flush().await.unwrap();
+    tokio::spawn(async move {
+        while let Some(m) = txns.next().await {
+            let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Nats-Msg-Id", v["id"].as_str().unwrap());
+            refuser
+                .publish_with_headers("fraud.invalid", h, Bytes::from_static(b"{}"))
+                .await
+                .unwrap();
+        }
+    });
+    let started = std::time::Instant::now();
+    let report = fraudgate::loadrun::run(
+        client(&nats.url()).await,
+        LoadOptions {
+            path: LoadPath::Stream,
+            mode: LoadMode::Closed(4),
+            count: 12,
+            gen: fraudgate::loadgen::GenConfig {
+                seed: 5,
+                ..Default::default()
+            },
+            timeout: Duration::from_secs(30),
+            subjects: Default::default(),
+            progress: false,
+            events_end_ms: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (report.sent, report.answered, report.timeouts, report.errors),
+        (12, 0, 0, 12)
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "waited for the timeout"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_runs_and_stops_cleanly() {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
