@@ -322,7 +322,7 @@ pub async fn run(opts: DemoOptions) -> Result<u64, DemoError> {
     println!("\nstopping ...");
     let _ = stop.send(true);
     let _ = gen_task.await;
-    let snapshot = running.shutdown().await;
+    let snapshot = running.shutdown().await.counts;
     nats.stop().await;
     let t = tally.lock().unwrap_or_else(|e| e.into_inner());
     println!(

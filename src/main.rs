@@ -315,8 +315,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     eprintln!("second signal: exiting without finishing the shutdown");
                     std::process::exit(130);
                 });
-                running.shutdown().await;
-                Ok(ExitCode::SUCCESS)
+                // A shutdown that left a step unfinished (the log says which) exits 1, so
+                // that a supervisor sees it.
+                Ok(match running.shutdown().await.clean {
+                    true => ExitCode::SUCCESS,
+                    false => ExitCode::from(1),
+                })
             });
             // A blocking task still running (a final snapshot past its deadline, stuck in
             // fsync) must not hold the exit: dropping the runtime would wait for it. The

@@ -660,8 +660,9 @@ impl Running {
 
     /// Stops taking messages, decides and publishes everything already received, writes
     /// the final snapshot, flushes and closes the connection. Each step has its own
-    /// deadline ([`shutdown_budget`]); what could not be finished is logged.
-    pub async fn shutdown(mut self) -> Snapshot {
+    /// deadline ([`shutdown_budget`]); what could not be finished is logged, and the
+    /// result says whether every step finished.
+    pub async fn shutdown(mut self) -> Stopped {
         use tokio::time::Instant as TokioInstant;
         let budget = |d: Duration| TokioInstant::now() + d;
         tracing::info!("shutting down: draining subscriptions");
@@ -736,8 +737,18 @@ impl Running {
             clean,
             "stopped"
         );
-        s
+        Stopped { counts: s, clean }
     }
+}
+
+/// The outcome of [`Running::shutdown`].
+#[derive(Debug, Clone)]
+pub struct Stopped {
+    /// The counters at the end.
+    pub counts: Snapshot,
+    /// Every step finished in its time: nothing taken in was left undecided, the final
+    /// snapshot (if any) was written, NATS was flushed.
+    pub clean: bool,
 }
 
 async fn intake(

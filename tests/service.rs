@@ -1556,10 +1556,12 @@ async fn the_final_snapshot_is_written_when_nats_hangs_at_shutdown() {
             .unwrap()
     };
     assert!(kill("-STOP").success());
-    let (engine, took) = stop_timed(engine).await;
+    let (engine, took, status) = stop_status(engine).await;
     kill("-CONT");
     let log = engine.log_text();
     assert!(took < Duration::from_secs(30), "took {took:?}:\n{log}");
+    // The drain did not finish: exit 1, for a supervisor to see.
+    assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("snapshot written"), "{log}");
     let cards = windows_in(&path, fraudgate::service::now_ms())
         .into_iter()
@@ -1638,9 +1640,10 @@ async fn a_worker_stuck_at_shutdown_is_given_up_after_its_grace() {
     }
     c.flush().await.unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (engine, took) = stop_timed(engine).await;
+    let (engine, took, status) = stop_status(engine).await;
     let log = engine.log_text();
     assert!(took < Duration::from_secs(20), "took {took:?}:\n{log}");
+    assert_eq!(status.code(), Some(1), "{log}");
     assert!(log.contains("a worker did not finish in time"), "{log}");
     let undecided = log
         .lines()

@@ -232,17 +232,22 @@ pub async fn stop(engine: Engine) -> Engine {
     stop_timed(engine).await.0
 }
 
-/// Sends SIGTERM, waits (at most 60 s) for a clean exit, and says how long it took.
-pub async fn stop_timed(mut engine: Engine) -> (Engine, Duration) {
+/// Sends SIGTERM, waits (at most 60 s) for a clean exit (0), and says how long it took.
+pub async fn stop_timed(engine: Engine) -> (Engine, Duration) {
+    let (engine, took, status) = stop_status(engine).await;
+    assert!(status.success(), "{status}:\n{}", engine.log_text());
+    (engine, took)
+}
+
+/// Sends SIGTERM and waits (at most 60 s) for the exit: how long it took, and its status.
+pub async fn stop_status(mut engine: Engine) -> (Engine, Duration, std::process::ExitStatus) {
     let started = Instant::now();
     engine.signal("TERM");
     let status = tokio::time::timeout(Duration::from_secs(60), engine.child.wait())
         .await
         .expect("exits")
         .unwrap();
-    let took = started.elapsed();
-    assert!(status.success(), "{status}:\n{}", engine.log_text());
-    (engine, took)
+    (engine, started.elapsed(), status)
 }
 
 /// Every window value of every key in a snapshot file, read at `at_ms` (with the shipped
