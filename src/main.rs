@@ -462,6 +462,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             match fraudgate::load_dir(&rules, &cfg) {
                 Ok(rs) => {
                     println!("ok: {}", rs.summary());
+                    for w in &rs.warnings {
+                        println!("{w}");
+                    }
                     for line in list_end_lines(&rs, fraudgate::service::now_ms()) {
                         println!("{line}");
                     }

@@ -411,6 +411,9 @@ impl Running {
             );
         }
         tracing::info!(version = %rs.version, "rules loaded: {}", rs.summary());
+        for w in &rs.warnings {
+            tracing::warn!("{w}");
+        }
         // Fault injection for tests: a slow start between the rule load and the watcher
         // (as a large snapshot restore makes it).
         fail::fail_point!("rules_loaded");
@@ -1602,6 +1605,9 @@ pub async fn reload(
         }
         Ok(rs) => {
             let summary = rs.summary();
+            for w in &rs.warnings {
+                tracing::warn!(version = %rs.version, "{w}");
+            }
             let e = engine.clone();
             // What changed in the lists, for the audit trail (never an entry in clear):
             // off the runtime with the swap, as a big list takes a while to compare.

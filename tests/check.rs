@@ -28,6 +28,8 @@ fn shipped_rules_check_clean() {
         "{stdout}"
     );
     assert!(stdout.contains("version 2026-11-26.1+"), "{stdout}");
+    // Every shipped list and window is read by a rule.
+    assert!(!stdout.contains("warning"), "{stdout}");
 }
 
 /// `replay` takes a line without `ts` as received at the latest event time so far, not at

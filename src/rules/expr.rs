@@ -367,6 +367,8 @@ pub struct ExprCompiler<'s> {
     pub base: usize,
     pub diags: Vec<Diagnostic>,
     pub reads: Vec<(String, Reader)>,
+    /// Lists the expression reads (their contents never appear in `reads`).
+    pub lists_read: Vec<String>,
     pub key: HashKey,
 }
 
@@ -639,6 +641,7 @@ impl<'s> ExprCompiler<'s> {
             };
         }
         if let Some(l) = self.scope.lists.get(name) {
+            self.lists_read.push(name.to_string());
             return match l {
                 CompiledList::Str(s) => V::StrList(s.clone()),
                 CompiledList::Num(n) => V::NumList(n.clone()),

@@ -214,6 +214,16 @@ pub struct RuleSet {
     pub list_sets: BTreeMap<String, CompiledList>,
     pub needs_local_time: bool,
     pub files: Vec<String>,
+    /// Lists and windows nothing reads, one line each (`file:line:col`, never the
+    /// source text: an inline list may hold card numbers). The set loads anyway.
+    pub warnings: Vec<String>,
+}
+
+/// What a declared name is, for the unused-name warnings.
+#[derive(Clone, Copy)]
+enum Declared {
+    List,
+    Window,
 }
 
 impl std::fmt::Debug for RuleSet {
@@ -399,6 +409,8 @@ struct Loader<'a> {
     /// files, which diagnostics may quote): the rules version hashes the original.
     originals: BTreeMap<usize, String>,
     diags: Vec<Diagnostic>,
+    /// Lists and windows some expression reads (for the unused-name warnings).
+    read_names: std::collections::BTreeSet<String>,
 }
 
 /// File offset of every byte position `0..=value.len()` of a TOML string value, so that
@@ -471,6 +483,7 @@ pub fn compile(
         files,
         originals: BTreeMap::new(),
         diags: Vec::new(),
+        read_names: Default::default(),
     };
     if l.files.is_empty() {
         l.diags.push(Diagnostic::global(
@@ -664,6 +677,9 @@ impl Loader<'_> {
             attrs.push((name.clone(), *t));
         }
 
+        // Lists and windows as declared, for the unused-name warnings.
+        let mut declared: Vec<(Declared, String, usize, std::ops::Range<usize>)> = Vec::new();
+
         // 4. Lists.
         let mut lists: BTreeMap<String, CompiledList> = BTreeMap::new();
         let mut list_sizes = BTreeMap::new();
@@ -694,6 +710,7 @@ impl Loader<'_> {
                     );
                     continue;
                 }
+                declared.push((Declared::List, name.clone(), *fi, key.span()));
                 if let Some(l) = self.list(*fi, def, read) {
                     let n = match &l {
                         CompiledList::Str(s) => {
@@ -749,6 +766,7 @@ impl Loader<'_> {
                     );
                     continue;
                 }
+                declared.push((Declared::Window, name.clone(), *fi, key.span()));
                 let Some((gkey, by, read_kind, slot_sig, filter, buckets)) =
                     self.window(*fi, def, &attrs_scope, &filter_scope, res_ms)
                 else {
@@ -937,6 +955,29 @@ impl Loader<'_> {
         if !self.diags.is_empty() {
             return None;
         }
+        let warnings = declared
+            .iter()
+            .filter(|(_, name, _, _)| !self.read_names.contains(name))
+            .map(|(kind, name, fi, span)| {
+                let f = &self.files[*fi];
+                let (line, col) = diag::line_col(&f.text, span.start);
+                let at = format!("{}:{line}:{col}", f.name);
+                match kind {
+                    Declared::Window => {
+                        let by = windows
+                            .iter()
+                            .find(|w| &w.name == name)
+                            .map_or("", |w| groups[w.group].signature.as_str());
+                        format!(
+                            "warning[unused-window]: {at}: window `{name}` is not read by any rule; it still keeps state for every `{by}` key and costs time on every transaction: read it in a rule (a shadow rule shows its values) or remove it"
+                        )
+                    }
+                    Declared::List => format!(
+                        "warning[unused-list]: {at}: list `{name}` is not read by any rule or window filter"
+                    ),
+                }
+            })
+            .collect();
         let content_hash = content_hash(&self.files, &self.originals);
         Some(RuleSet {
             version: format!("{label}+{}", &content_hash[..12]),
@@ -955,6 +996,7 @@ impl Loader<'_> {
             list_sets: lists.clone(),
             needs_local_time: self.needs_local_time,
             files: self.files.iter().map(|f| f.name.clone()).collect(),
+            warnings,
         })
     }
 
@@ -986,9 +1028,13 @@ impl Loader<'_> {
             base: 0,
             diags: Vec::new(),
             reads: Vec::new(),
+            lists_read: Vec::new(),
             key: self.key,
         };
         let f = c.condition(&ast);
+        self.read_names.extend(c.lists_read);
+        self.read_names
+            .extend(c.reads.iter().map(|(name, _)| name.clone()));
         for mut d in c.diags {
             d.span = map(d.span.clone());
             self.diags.push(d);

@@ -586,6 +586,34 @@ fn name_errors_point_at_the_name_and_say_what_is_wrong() {
     );
 }
 
+/// Lists and windows nothing reads load, with one warning each (file:line:col, no source
+/// text); a list read only by a window filter is read.
+#[test]
+fn unused_lists_and_windows_are_warned_about() {
+    let body = format!(
+        "[lists]\nspare = [\"a\"]\nsmall_mcc = [5411]\n[windows]\nw = {W}\nidle = {W}\n\
+         f = {{ agg = \"count\", by = \"card\", over = \"1h\", where = \"mcc in small_mcc\" }}\n{}{}",
+        rule("w > 1"),
+        rule("f > 1").replace("id = \"r\"", "id = \"r2\"")
+    );
+    let rs = compile(files(&body), &no_lists, &EngineConfig::default()).unwrap();
+    let text = format!("{HEADER}{body}");
+    let line_of = |needle: &str| text[..text.find(needle).unwrap()].matches('\n').count() + 1;
+    assert_eq!(
+        rs.warnings,
+        [
+            format!(
+                "warning[unused-list]: r/a.toml:{}:1: list `spare` is not read by any rule or window filter",
+                line_of("spare =")
+            ),
+            format!(
+                "warning[unused-window]: r/a.toml:{}:1: window `idle` is not read by any rule; it still keeps state for every `card` key and costs time on every transaction: read it in a rule (a shadow rule shows its values) or remove it",
+                line_of("idle =")
+            ),
+        ]
+    );
+}
+
 const W: &str = "{ agg = \"count\", by = \"card\", over = \"1h\" }";
 
 #[test]
