@@ -98,6 +98,21 @@ pub enum ConfigError {
     MissingEnv(String),
     #[error("the entity hash key is empty: a key nobody has to guess is no secret")]
     EmptyKey,
+    #[error("the entity hash key is {0} bytes; use at least {MIN_KEY_BYTES} (e.g. `openssl rand -hex 16`): with a snapshot file, a guessable key gives the card numbers back")]
+    ShortKey(usize),
+}
+
+/// Shortest entity hash key accepted. The key is used as it is (one fast hash, no key
+/// stretching), and the snapshot file holds its fingerprint: a short key could be found
+/// by trying, offline, from a stolen snapshot.
+pub const MIN_KEY_BYTES: usize = 16;
+
+fn check_key(secret: &str) -> Result<(), ConfigError> {
+    match secret.len() {
+        0 => Err(ConfigError::EmptyKey),
+        n if n < MIN_KEY_BYTES => Err(ConfigError::ShortKey(n)),
+        _ => Ok(()),
+    }
 }
 
 impl EngineSection {
@@ -142,14 +157,10 @@ impl EngineSection {
         c.reserve_ids = self.reserve_ids.unwrap_or(0) as usize;
         if let Some(var) = &self.hash_key_env {
             let secret = env(var).ok_or_else(|| ConfigError::MissingEnv(var.clone()))?;
-            if secret.is_empty() {
-                return Err(ConfigError::EmptyKey);
-            }
+            check_key(&secret)?;
             c.hash_key = HashKey::from_secret(&secret);
         } else if let Some(secret) = &self.hash_key {
-            if secret.is_empty() {
-                return Err(ConfigError::EmptyKey);
-            }
+            check_key(secret)?;
             c.hash_key = HashKey::from_secret(secret);
         }
         Ok(c)
@@ -244,6 +255,11 @@ mod tests {
             s.resolve(|_| Some(String::new())),
             Err(ConfigError::EmptyKey)
         ));
+        assert!(matches!(
+            s.resolve(|_| Some("s3cret".into())),
+            Err(ConfigError::ShortKey(6))
+        ));
+        assert!(s.resolve(|_| Some("0123456789abcdef".into())).is_ok());
     }
 
     #[test]
@@ -255,11 +271,11 @@ mod tests {
         )
         .unwrap();
         let c = s
-            .resolve(|k| (k == "FG_KEY").then(|| "s3cret".into()))
+            .resolve(|k| (k == "FG_KEY").then(|| "s3cret-of-16-bytes".into()))
             .unwrap();
         assert_eq!(c.timezone, chrono_tz::Europe::Berlin);
         assert_eq!(c.resolution, Duration::from_secs(5));
-        assert_eq!(c.hash_key, HashKey::from_secret("s3cret"));
+        assert_eq!(c.hash_key, HashKey::from_secret("s3cret-of-16-bytes"));
         assert_eq!(
             s.resolve(|_| None).unwrap_err(),
             ConfigError::MissingEnv("FG_KEY".into())

@@ -281,6 +281,18 @@ impl Wire<'_> {
                 "field `card` must not be empty",
             )));
         }
+        let card = normalize_card(self.card);
+        // An id holding the transaction's own card number would carry it in clear into
+        // every decision, header and log line (the id is echoed everywhere, by design):
+        // refused, without echoing the id.
+        let digits = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
+        let card_digits = digits(&card);
+        if card_digits.len() >= 13 && digits(&id).contains(&card_digits) {
+            return Err(DecodeError::new(
+                ErrorCode::WrongType,
+                "field `id` must not hold the card number",
+            ));
+        }
         let amount = parse_amount(self.amount.get()).map_err(with_id)?;
         let ts_ms = match self.ts {
             None => None,
@@ -302,7 +314,7 @@ impl Wire<'_> {
         }
         Ok(Transaction {
             ts_ms,
-            card: self.card.into_owned(),
+            card: card.into_owned(),
             amount,
             currency: self.currency.map(Cow::into_owned),
             device: self.device.map(Cow::into_owned),
@@ -476,11 +488,30 @@ fn parse_attr(raw: &str) -> Option<AttrValue> {
     }
 }
 
-/// Masks a card number as first 6 + last 4 (`411111******1111`). Short values (tokens of
-/// fewer than 13 characters) show at most their last 4 characters, and never more than
-/// half of them.
-/// `text` with every run of 13 to 19 digits (a card number's length) masked as
-/// [`mask_card`] does: for text that may hold input values, such as a panic's message.
+/// A card number written in groups (`4111 1111 1111 1111`, `4111-1111-1111-1111`) as its
+/// digits, so that it is the same card for the windows and lists as when sent without
+/// separators. Anything else (a token, digits only) is kept as sent.
+fn normalize_card(card: Cow<'_, str>) -> Cow<'_, str> {
+    let digits = card.bytes().filter(u8::is_ascii_digit).count();
+    let grouped = card
+        .bytes()
+        .all(|b| b.is_ascii_digit() || b == b' ' || b == b'-')
+        && digits != card.len()
+        && card.as_bytes().first().is_some_and(u8::is_ascii_digit)
+        && card.as_bytes().last().is_some_and(u8::is_ascii_digit);
+    if grouped && (13..=19).contains(&digits) {
+        Cow::Owned(card.chars().filter(char::is_ascii_digit).collect())
+    } else {
+        card
+    }
+}
+
+/// `text` with every card number in it masked: a run of 13 to 19 digits, or digit groups
+/// joined by single spaces, dashes or underscores (`4111 1111 1111 1111`) with 13 digits or
+/// more in all (two such numbers in a row make one run, masked as one). The first 6 and
+/// last 4 digits stay, as [`mask_card`] keeps them, and so do the separators. For text that
+/// may hold input values: a panic's message, a fired rule's values, a diagnostic's line.
+/// An unbroken run of 20 digits or more is not a card number and stays.
 pub fn redact_pans(text: &str) -> String {
     let b = text.as_bytes();
     let mut out = String::with_capacity(text.len());
@@ -491,12 +522,40 @@ pub fn redact_pans(text: &str) -> String {
             continue;
         }
         let start = i;
-        while i < b.len() && b[i].is_ascii_digit() {
-            i += 1;
+        let (mut digits, mut separated) = (0usize, false);
+        loop {
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+                digits += 1;
+            }
+            // One separator with a digit after it continues the number.
+            if i + 1 < b.len() && matches!(b[i], b' ' | b'-' | b'_') && b[i + 1].is_ascii_digit() {
+                i += 1;
+                separated = true;
+                continue;
+            }
+            break;
         }
-        if (13..=19).contains(&(i - start)) {
+        let card = if separated {
+            digits >= 13
+        } else {
+            (13..=19).contains(&digits)
+        };
+        if card {
             out.push_str(&text[copied..start]);
-            out.push_str(&mask_card(&text[start..i]));
+            let mut seen = 0;
+            for &c in &b[start..i] {
+                if c.is_ascii_digit() {
+                    seen += 1;
+                    out.push(if seen <= 6 || seen > digits - 4 {
+                        c as char
+                    } else {
+                        '*'
+                    });
+                } else {
+                    out.push(c as char);
+                }
+            }
             copied = i;
         }
     }
@@ -504,6 +563,9 @@ pub fn redact_pans(text: &str) -> String {
     out
 }
 
+/// Masks a card number as first 6 + last 4 (`411111******1111`). Short values (tokens of
+/// fewer than 13 characters) show at most their last 4 characters, and never more than
+/// half of them.
 pub fn mask_card(card: &str) -> String {
     let n = card.len();
     if card.is_ascii() && n >= 13 {
@@ -535,6 +597,42 @@ mod tests {
 
     fn dec(s: &str) -> Decimal {
         Decimal::from_str(s).unwrap()
+    }
+
+    /// A card sent in groups is the same card as its digits; a token is kept as sent.
+    #[test]
+    fn a_grouped_card_number_is_read_as_its_digits() {
+        for (sent, read) in [
+            ("4111 1111 1111 1111", "4111111111111111"),
+            ("4111-1111-1111-1111", "4111111111111111"),
+            ("4111111111111111", "4111111111111111"),
+            ("tok-ab12-3456", "tok-ab12-3456"),
+            ("1234 5678", "1234 5678"),
+            (" 4111 1111 1111 1111", " 4111 1111 1111 1111"),
+        ] {
+            let json = format!(r#"{{"id":"t1","card":"{sent}","amount":"1"}}"#);
+            let t = Transaction::from_json(json.as_bytes()).unwrap();
+            assert_eq!(t.card, read, "{sent}");
+        }
+    }
+
+    /// An id holding the transaction's own card number is refused, and the error does not
+    /// echo it.
+    #[test]
+    fn an_id_holding_the_card_number_is_refused() {
+        for id in [
+            "4111111111111111",
+            "t-4111111111111111",
+            "20261126-4111 1111 1111 1111",
+        ] {
+            let json = format!(r#"{{"id":"{id}","card":"4111 1111 1111 1111","amount":"1"}}"#);
+            let e = Transaction::from_json(json.as_bytes()).unwrap_err();
+            assert_eq!(e.code, ErrorCode::WrongType, "{id}");
+            assert!(e.id.is_none(), "{id}");
+            assert!(!e.message.contains("4111"), "{id}: {}", e.message);
+        }
+        let ok = r#"{"id":"t-4000000000000002","card":"4111111111111111","amount":"1"}"#;
+        assert!(Transaction::from_json(ok.as_bytes()).is_ok());
     }
 
     #[test]
@@ -822,5 +920,26 @@ mod tests {
             "20 digits: not a card number"
         );
         assert_eq!(redact_pans("none"), "none");
+        // Written with separators: masked, separators kept.
+        assert_eq!(
+            redact_pans("card 4111 1111 1111 1111 or 4111-1111-1111-1112."),
+            "card 4111 11** **** 1111 or 4111-11**-****-1112."
+        );
+        assert_eq!(redact_pans("4111_1111_1111_1113"), "4111_11**_****_1113");
+        // Two in a row are one run: nothing of the middle stays.
+        assert_eq!(
+            redact_pans("4111 1111 1111 1111 4000 0000 0000 0002"),
+            "4111 11** **** **** **** **** **** 0002"
+        );
+        // Dates, times, amounts, phone numbers and thresholds stay.
+        for keep in [
+            "2026-11-26 10:00:00",
+            "amount > 10000.50 and mcc == 5411",
+            "+49 170 1234 567",
+            "1 2 3",
+            "- 5",
+        ] {
+            assert_eq!(redact_pans(keep), keep);
+        }
     }
 }

@@ -313,27 +313,39 @@ pub enum Reader {
 }
 
 impl Reader {
+    /// The value as a decision shows it. Values sent by the switch (every field but the
+    /// card, which is always masked, and attributes) go through the card-number masker:
+    /// a card number sent in the wrong field (a device, a recipient card attribute) must
+    /// not come back in the decision.
     pub fn read(&self, c: &Ctx<'_>) -> serde_json::Value {
+        use crate::txn::redact_pans;
         use serde_json::Value;
         let dec = |d: Option<Decimal>| d.map_or(Value::Null, |d| Value::String(d.to_string()));
-        let s = |s: Option<&str>| s.map_or(Value::Null, |s| Value::String(s.to_string()));
+        let s = |s: Option<&str>| s.map_or(Value::Null, |s| Value::String(redact_pans(s)));
         match *self {
             Reader::Field(f) => match f {
-                Field::Id => Value::String(c.txn.id.clone()),
+                Field::Id => Value::String(redact_pans(&c.txn.id)),
                 Field::Card => Value::String(c.txn.masked_card()),
                 Field::Amount => dec(Some(c.txn.amount)),
-                Field::Currency => Value::String(c.currency.to_string()),
+                Field::Currency => Value::String(redact_pans(c.currency)),
                 Field::Device => s(c.txn.device.as_deref()),
                 Field::Merchant => s(c.txn.merchant.as_deref()),
                 Field::Region => s(c.txn.region.as_deref()),
-                Field::Mcc => c.txn.mcc.map_or(Value::Null, Value::from),
+                // A number of 13 digits or more is no merchant category: shown masked.
+                Field::Mcc => c.txn.mcc.map_or(Value::Null, |m| {
+                    if m.unsigned_abs() >= 1_000_000_000_000 {
+                        Value::String(redact_pans(&m.to_string()))
+                    } else {
+                        Value::from(m)
+                    }
+                }),
                 Field::LocalHour => Value::from(c.local_hour),
                 Field::LocalWeekday => Value::from(c.local_weekday),
             },
             Reader::Attr(i) => match c.attrs[i] {
                 None => Value::Null,
-                Some(AttrValue::Str(v)) => Value::String(v.clone()),
-                Some(AttrValue::Num(d)) => Value::String(d.to_string()),
+                Some(AttrValue::Str(v)) => Value::String(redact_pans(v)),
+                Some(AttrValue::Num(d)) => Value::String(redact_pans(&d.to_string())),
                 Some(AttrValue::Bool(b)) => Value::Bool(*b),
             },
             Reader::IntFeature(i) => c.ints[i].map_or(Value::Null, Value::from),

@@ -533,9 +533,26 @@ pub fn compile(
     }
     match rs {
         Some(rs) if l.diags.is_empty() => Ok(rs),
+        // What the errors quote goes to `check`'s output and the engine's log: rule files
+        // may hold card numbers too (an inline list, a literal in a condition), and so
+        // may a message quoting a value. Masking keeps lengths, so spans still fit.
         _ => Err(LoadError {
-            files: l.files,
-            diagnostics: l.diags,
+            files: (l.files.into_iter())
+                .map(|f| SourceFile {
+                    text: crate::txn::redact_pans(&f.text),
+                    name: f.name,
+                })
+                .collect(),
+            diagnostics: (l.diags.into_iter())
+                .map(|mut d| {
+                    d.message = crate::txn::redact_pans(&d.message);
+                    d.label = crate::txn::redact_pans(&d.label);
+                    for n in &mut d.notes {
+                        *n = crate::txn::redact_pans(n);
+                    }
+                    d
+                })
+                .collect(),
         }),
     }
 }
@@ -617,6 +634,14 @@ impl Loader<'_> {
                         r.version.span(),
                         "the ruleset version label is empty",
                         "write a label such as \"2026-11-26.1\"",
+                    );
+                } else if looks_like_card(r.version.get_ref()) {
+                    self.err(
+                        "bad-version",
+                        fi,
+                        r.version.span(),
+                        "the ruleset version label must not hold a card number",
+                        "it goes into every decision, header and log line",
                     );
                 }
                 (
@@ -870,6 +895,14 @@ impl Loader<'_> {
                         format!("rule id `{id}` must be 1-64 characters of letters, digits, _ - ."),
                         "rule ids become metric labels",
                     );
+                } else if looks_like_card(&id) {
+                    self.err(
+                        "bad-name",
+                        *fi,
+                        rd.id.span(),
+                        "a rule id must not hold a card number",
+                        "rule ids go into every decision and metric label: name the rule, keep the card in a list file",
+                    );
                 }
                 let action = match &rd.action {
                     None => None,
@@ -934,8 +967,13 @@ impl Loader<'_> {
                 };
                 rules.push(Rule {
                     id: id.into(),
-                    description: rd.description.clone(),
-                    reason: rd.reason.as_deref().unwrap_or(&rd.description).into(),
+                    // Both go into decisions: a card number an analyst wrote in them is
+                    // shown masked.
+                    description: crate::txn::redact_pans(&rd.description),
+                    reason: crate::txn::redact_pans(
+                        rd.reason.as_deref().unwrap_or(&rd.description),
+                    )
+                    .into(),
                     action,
                     score,
                     mode,
@@ -1102,12 +1140,10 @@ impl Loader<'_> {
                     }
                 };
                 let li = self.files.len();
-                // A diagnostic quotes its line: string list files may hold card numbers,
-                // so the copy kept for diagnostics has them masked (same length, so spans
-                // still fit); the rules version hashes the original.
-                let shown = if int {
-                    text.clone()
-                } else {
+                // A diagnostic quotes its line: list files may hold card numbers (an int
+                // list as well), so the copy kept for diagnostics has them masked (same
+                // length, so spans still fit); the rules version hashes the original.
+                let shown = {
                     let masked = crate::txn::redact_pans(&text);
                     if masked != text {
                         self.originals.insert(li, text.clone());
@@ -1570,6 +1606,11 @@ fn valid_name(s: &str) -> bool {
     let mut chars = s.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// Whether `s` holds a card number (as [`crate::txn::redact_pans`] finds them).
+fn looks_like_card(s: &str) -> bool {
+    crate::txn::redact_pans(s) != s
 }
 
 fn valid_rule_id(s: &str) -> bool {
