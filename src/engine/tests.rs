@@ -472,6 +472,52 @@ score = 1
     assert_eq!(o.decision.rules[0].values["card_txn_1m"], 5);
 }
 
+/// A card number sent in another field (a device, a recipient card attribute, an mcc, the
+/// id) is masked in the values a fired rule reports, grouped or not; a description holding
+/// one is masked in the decision.
+#[test]
+fn card_numbers_in_other_fields_are_masked_in_rule_values() {
+    let text = r#"
+[ruleset]
+version = "test"
+hold_at = 50
+reject_at = 100
+[attrs]
+recipient = "string"
+ref = "number"
+[[rule]]
+id = "show"
+description = "shows them; card 4000 0000 0000 0002"
+when = "present(device) and present(attrs.recipient) and present(attrs.ref) and present(mcc) and id != 'x' and merchant != 'x'"
+score = 1
+"#;
+    let cfg = EngineConfig::default();
+    let e = Engine::new(rules_from(text, &cfg), cfg);
+    let json =
+        br#"{"id":"t-1","card":"4111111111111111","amount":"1","device":"4111 1111 1111 1111",
+        "merchant":"m 5500-0000-0000-0004","mcc":4000000000000002,
+        "attrs":{"recipient":"4000000000000002","ref":5500000000000004}}"#;
+    let t = Transaction::from_json(json).unwrap();
+    let o = e.decide(&t, T0);
+    let out = String::from_utf8(o.json.to_vec()).unwrap();
+    for clear in [
+        "4111 1111 1111 1111",
+        "5500-0000-0000-0004",
+        "4000000000000002",
+        "5500000000000004",
+        "4000 0000 0000 0002",
+    ] {
+        assert!(!out.contains(clear), "{clear} in {out}");
+    }
+    let v = &o.decision.rules[0].values;
+    assert_eq!(v["device"], "4111 11** **** 1111");
+    assert_eq!(v["merchant"], "m 5500-00**-****-0004");
+    assert_eq!(v["attrs.recipient"], "400000******0002");
+    assert_eq!(v["attrs.ref"], "550000******0004");
+    assert_eq!(v["mcc"], "400000******0002");
+    assert_eq!(v["id"], "t-1");
+}
+
 #[test]
 fn swap_during_concurrent_decisions_loses_nothing() {
     let e = Arc::new(engine());

@@ -614,6 +614,46 @@ fn unused_lists_and_windows_are_warned_about() {
     );
 }
 
+/// Rule ids and version labels go into every decision, header and metric label: one
+/// holding a card number is refused. Error output masks card numbers in the lines and
+/// values it quotes.
+#[test]
+fn card_numbers_stay_out_of_ids_labels_and_errors() {
+    let e = compile_err(&rule("amount > 1").replace("id = \"r\"", "id = \"vip_4111111111111111\""));
+    assert!(codes(&e).contains(&"bad-name"), "{}", e.render());
+    let bad_version = vec![SourceFile {
+        name: "r/a.toml".into(),
+        text: format!(
+            "{}{}",
+            HEADER.replace("version = \"t1\"", "version = \"4111-1111-1111-1111\""),
+            rule("amount > 1")
+        ),
+    }];
+    let e = compile(bad_version, &no_lists, &EngineConfig::default()).unwrap_err();
+    assert!(codes(&e).contains(&"bad-version"), "{}", e.render());
+    // A typo next to a card literal, an inline list of cards in a TOML error, a bad int
+    // list line: nothing of the numbers in clear.
+    for body in [
+        rule("card == '4111 1111 1111 1111' and amuont > 5"),
+        "[lists]\nstolen = [\"4111111111111111\", 5500000000000004]\n".to_string(),
+    ] {
+        let text = compile_err(&body).render();
+        for clear in [
+            "4111 1111 1111 1111",
+            "4111111111111111",
+            "5500000000000004",
+        ] {
+            assert!(!text.contains(clear), "{clear} in:\n{text}");
+        }
+    }
+    let int_list = |_: &str| Ok("4111111111111111x\n".to_string());
+    let body = "[lists]\nl = { file = \"l.txt\", type = \"int\" }\n";
+    let e = compile(files(body), &int_list, &EngineConfig::default()).unwrap_err();
+    let text = e.render();
+    assert!(codes(&e).contains(&"bad-list"), "{text}");
+    assert!(!text.contains("4111111111111111"), "{text}");
+}
+
 const W: &str = "{ agg = \"count\", by = \"card\", over = \"1h\" }";
 
 #[test]
