@@ -17,7 +17,8 @@
 //!   cannot flag the first three, so per transaction a perfect rule set stays below 100 %).
 //!   Fraud transactions carry the same background signals as normal ones (an address
 //!   mismatch holds ~2 % of either), so a 45-transaction spike is often "caught" by chance:
-//!   the report also counts the instances one of the pattern's own rules fired on
+//!   the report also counts the instances flagged with one of the pattern's own rules among
+//!   those that fired
 //!   ([`Pattern::target_rules`]), and shows the share of normal traffic flagged. Instances
 //!   the run cut short (transactions still to come when it ended) are left out.
 //! - A request or stream decision that does not come in time is recorded in the latency
@@ -80,7 +81,8 @@ pub struct LoadOptions {
 pub type PatternTally = HashMap<Pattern, (u64, u64)>;
 
 /// Per injected pattern: instances with an answered transaction, those with a transaction
-/// held or rejected, and those on which one of the pattern's own rules fired.
+/// held or rejected, and those with a transaction held or rejected with one of the
+/// pattern's own rules among those that fired.
 pub type InstanceTally = HashMap<Pattern, (u64, u64, u64)>;
 
 #[derive(Debug, Clone)]
@@ -235,8 +237,8 @@ struct TallyInner {
     hist: Histogram<u64>,
     actions: [u64; 3],
     patterns: PatternTally,
-    /// Per injected instance: whether any of its transactions was flagged, and whether
-    /// one of the pattern's own rules fired on any.
+    /// Per injected instance: whether any of its transactions was flagged, and whether one
+    /// was flagged with one of the pattern's own rules among those that fired.
     instances: HashMap<(Pattern, u64), (bool, bool)>,
     normal: u64,
     false_positives: u64,
@@ -277,7 +279,9 @@ impl Tally {
                         let e = t.patterns.entry(p).or_insert((0, 0));
                         e.0 += 1;
                         e.1 += u64::from(flagged);
-                        let by_rule = fired_any(body, p.target_rules());
+                        // Caught by its rule: flagged, with one of the pattern's rules among
+                        // those that fired (several only add a score below the hold mark).
+                        let by_rule = flagged && fired_any(body, p.target_rules());
                         let i = t.instances.entry((p, instance)).or_default();
                         i.0 |= flagged;
                         i.1 |= by_rule;
@@ -736,10 +740,14 @@ mod tests {
         t.answer(by_rule, ms, Some((Pattern::CardTesting, 1)));
         t.answer(approve, ms, Some((Pattern::CardTesting, 2)));
         t.answer(by_other, ms, Some((Pattern::CardTesting, 3)));
+        // A fourth: its rule fired but only scored, and the transaction was approved.
+        let scored = br#"{"id":"a","action":"approve","rules":[{"id":"card_testing"}]}"#;
+        t.answer(scored, ms, Some((Pattern::CardTesting, 4)));
         t.answer(hold, ms, None);
         t.answer(approve, ms, None);
         let inner = t.inner.lock().unwrap();
-        assert_eq!(inner.patterns[&Pattern::CardTesting], (6, 2));
+        assert_eq!(inner.patterns[&Pattern::CardTesting], (7, 2));
+        assert_eq!(inner.instances[&(Pattern::CardTesting, 4)], (false, false));
         assert_eq!(inner.instances[&(Pattern::CardTesting, 1)], (true, true));
         assert_eq!(inner.instances[&(Pattern::CardTesting, 2)], (false, false));
         assert_eq!(inner.instances[&(Pattern::CardTesting, 3)], (true, false));

@@ -276,8 +276,9 @@ impl Snapshots {
         }
     }
 
-    /// Writes one snapshot (blocking); logs and counts the outcome.
-    fn write(&self, engine: &Engine, counters: &Counters) {
+    /// Writes one snapshot (blocking); logs and counts the outcome, and says whether it
+    /// was written.
+    fn write(&self, engine: &Engine, counters: &Counters) -> bool {
         let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         let started = Instant::now();
         let at_cut = || Cursor {
@@ -295,10 +296,12 @@ impl Snapshots {
                     txn_next_seq = cursor.txn_next_seq,
                     "snapshot written"
                 );
+                true
             }
             Err(e) => {
                 counters.snapshot_failed();
                 tracing::error!(error = %e, "snapshot failed; decisions continue");
+                false
             }
         }
     }
@@ -520,6 +523,18 @@ impl Running {
             duration("reload_debounce", &opts.file.service.reload_debounce)?,
             stop_rx.clone(),
         )?;
+        // The rules were loaded before the watcher existed, perhaps a snapshot restore
+        // ago: an edit in between had nobody to see it. One look now that the watcher
+        // runs, before any transaction (a JetStream replay) is decided; the version is a
+        // hash of the files, so if nothing changed, nothing is swapped.
+        self::reload(
+            &opts.rules_dir,
+            &opts.engine,
+            &engine,
+            &counters,
+            "change during startup",
+        )
+        .await;
         let client =
             transport::connect(&opts.file.nats, &opts.nats_url, "check", counters.clone()).await?;
         let stream =
@@ -695,6 +710,7 @@ impl Running {
             .map(|p| self.counters.queued_now(*p))
             .sum();
         if undecided > 0 {
+            clean = false;
             tracing::error!(
                 undecided,
                 "transactions taken in and not decided: with JetStream they come again, \
@@ -712,12 +728,14 @@ impl Running {
             snaps.refresh_ack_floor().await;
             let (engine, counters) = (self.engine.clone(), self.counters.clone());
             let write = tokio::task::spawn_blocking(move || snaps.write(&engine, &counters));
-            if tokio::time::timeout(shutdown_budget::SNAPSHOT, write)
-                .await
-                .is_err()
-            {
-                clean = false;
-                tracing::error!("the final snapshot did not finish in time");
+            match tokio::time::timeout(shutdown_budget::SNAPSHOT, write).await {
+                Ok(Ok(true)) => {}
+                // Failed: logged by the write.
+                Ok(_) => clean = false,
+                Err(_) => {
+                    clean = false;
+                    tracing::error!("the final snapshot did not finish in time");
+                }
             }
         }
         let flushed_by = budget(shutdown_budget::FLUSH);
@@ -765,7 +783,7 @@ async fn intake(
     let mut draining = false;
     let mut batches: Vec<Batch> = (0..shards.len()).map(|_| Vec::new()).collect();
     loop {
-        let msgs = tokio::select! {
+        let (msgs, emptied) = tokio::select! {
             msg = sub.next() => {
                 let Some(first) = msg else { break };
                 with_buffered(first, &mut sub)
@@ -788,21 +806,28 @@ async fn intake(
                 batches[shard_of(&job.txn.card, shards.len())].push(job);
             }
         }
+        if emptied {
+            // Everything the connection received is taken or dropped: the NATS pending
+            // gauge starts again from here.
+            counters.subscription_empty(path, wire.in_messages(path));
+        }
         dispatch(&mut batches, &shards, path, &counters).await;
     }
 }
 
-/// `first` and what the stream already holds (taken without waiting), up to a batch.
-fn with_buffered<S: futures::Stream + Unpin>(first: S::Item, s: &mut S) -> Vec<S::Item> {
+/// `first` and what the stream already holds (taken without waiting), up to a batch; and
+/// whether the stream then held nothing more.
+fn with_buffered<S: futures::Stream + Unpin>(first: S::Item, s: &mut S) -> (Vec<S::Item>, bool) {
     use futures::FutureExt;
     let mut msgs = vec![first];
     while msgs.len() < MAX_BATCH {
         match s.next().now_or_never() {
             Some(Some(m)) => msgs.push(m),
-            _ => break,
+            Some(None) => break,
+            None => return (msgs, true),
         }
     }
-    msgs
+    (msgs, false)
 }
 
 /// Hands each worker its batch.
@@ -903,7 +928,7 @@ async fn intake_jetstream(
                 // otherwise back only after ack_wait), then make it again.
                 use futures::FutureExt;
                 match messages.next().now_or_never() {
-                    Some(Some(first)) => with_buffered(first, &mut messages),
+                    Some(Some(first)) => with_buffered(first, &mut messages).0,
                     _ => {
                         tracing::warn!(
                             error = last_error.as_deref().unwrap_or("none"),
@@ -924,7 +949,7 @@ async fn intake_jetstream(
                             );
                             continue 'pull;
                         };
-                        with_buffered(first, &mut messages)
+                        with_buffered(first, &mut messages).0
                     }
                     _ = stop.changed() => break 'pull,
                 }
@@ -1444,7 +1469,13 @@ async fn sweeper(
         // With JetStream the stream connection carries more than transactions (see
         // `Counters::nats`): only the request connection is counted.
         let core = tracker.is_none();
-        counters.nats(wire.connected(), wire.in_messages(core), core);
+        counters.nats(
+            wire.connected(),
+            [
+                Some(wire.in_messages(IntakePath::Check)),
+                core.then(|| wire.in_messages(IntakePath::Stream)),
+            ],
+        );
         let ev = &pass.evicted;
         counters.state(&engine.stats_with_heap(&pass.heap), ev);
         tracing::debug!(
@@ -1486,7 +1517,10 @@ async fn snapshotter(
             _ = tick.tick() => {
                 snaps.refresh_ack_floor().await;
                 let (s, e, c) = (snaps.clone(), engine.clone(), counters.clone());
-                let _ = tokio::task::spawn_blocking(move || s.write(&e, &c)).await;
+                let _ = tokio::task::spawn_blocking(move || {
+                    s.write(&e, &c);
+                })
+                .await;
             }
             _ = stop.changed() => break,
         }
@@ -1538,11 +1572,6 @@ fn reload_task(
     let task = tokio::spawn(async move {
         #[cfg(unix)]
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        // The rules were loaded before the watcher and this handler existed, perhaps a
-        // snapshot restore ago: an edit or a SIGHUP in between had nobody to see it. One
-        // look now; the version is a hash of the files, so if nothing changed, nothing is
-        // swapped.
-        reload(&dir, &cfg, &engine, &counters, "change during startup").await;
         let mut pending: Option<tokio::time::Instant> = None;
         loop {
             #[cfg(unix)]

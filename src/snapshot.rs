@@ -183,9 +183,13 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fraudgate-snapmode-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("state.snap");
-        // An older file with wider permissions is replaced, not reused.
-        std::fs::write(&path, b"old").unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        // An older file and a stale temp file of this pid, both with wider permissions:
+        // neither's permissions carry over, whatever the umask.
+        let stale = dir.join(format!(".state.snap.tmp-{}", std::process::id()));
+        for f in [&path, &stale] {
+            std::fs::write(f, b"old").unwrap();
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
         let written = save(&engine, &path, 1_000, Cursor::default);
         let mode = std::fs::metadata(&path).map(|m| m.permissions().mode() & 0o777);
         let _ = std::fs::remove_dir_all(&dir);

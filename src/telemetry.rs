@@ -411,6 +411,11 @@ pub struct Counters {
     is_connected: std::sync::atomic::AtomicBool,
     dir_valid: std::sync::atomic::AtomicBool,
     slow_consumer: Both,
+    /// Per path: slow-consumer drops reported on its connection, and messages its
+    /// connection counted that were neither taken nor reported dropped, as found the last
+    /// time its subscription was empty (drops whose report the client lost).
+    dropped: [AtomicU64; 2],
+    unseen: [AtomicU64; 2],
     no_reply: AtomicU64,
     evicted_keys: Counter,
     evicted_ids: Counter,
@@ -543,6 +548,8 @@ impl Counters {
             is_connected: std::sync::atomic::AtomicBool::new(false),
             dir_valid: std::sync::atomic::AtomicBool::new(true),
             slow_consumer: Both::new(counter!(NATS_SLOW_CONSUMER)),
+            dropped: Default::default(),
+            unseen: Default::default(),
             no_reply: AtomicU64::new(0),
             evicted_keys,
             evicted_ids,
@@ -646,7 +653,11 @@ impl Counters {
         self.is_connected.store(up, Relaxed);
         metrics::gauge!(names::NATS_CONNECTED).set(if up { 1.0 } else { 0.0 });
     }
-    pub fn slow_consumer(&self) {
+    /// A message dropped by a full subscription of NATS connection `role`.
+    pub fn slow_consumer(&self, role: &str) {
+        if let Some(p) = Path::ALL.into_iter().find(|p| p.as_str() == role) {
+            self.dropped[p.idx()].fetch_add(1, Relaxed);
+        }
         self.slow_consumer.inc();
     }
     pub fn no_reply(&self) {
@@ -666,24 +677,39 @@ impl Counters {
         metrics::gauge!(names::RULES_DIR_VALID).set(if ok { 1.0 } else { 0.0 });
     }
 
-    /// NATS state, read from the client (events can be missed): connected, and messages
-    /// received by the client but not yet taken by the intake.
-    /// The connection state, and the messages the client holds that intake has not taken:
-    /// `in_messages` received on the subscriptions counted, less those taken and those
-    /// dropped as a slow consumer. `stream_counted`: whether `in_messages` includes the
-    /// stream connection (core NATS). With JetStream it must not: that connection also
-    /// receives pull statuses, heartbeats, API replies and the start's replay, which no
-    /// intake takes, and the gauge grew without end.
-    pub fn nats(&self, connected: bool, in_messages: u64, stream_counted: bool) {
+    /// The connection state (read from the client: events can be missed), and the
+    /// messages the client holds that intake has not taken: per path, what its connection
+    /// received (`in_messages`, by path), less what was taken, reported dropped, or found
+    /// missing when its subscription was last empty. `None` for a connection not counted:
+    /// with JetStream the stream connection also receives pull statuses, heartbeats, API
+    /// replies and the start's replay, which no intake takes, and the gauge grew without end.
+    pub fn nats(&self, connected: bool, in_messages: [Option<u64>; 2]) {
         self.set_connected(connected);
-        metrics::gauge!(names::NATS_PENDING).set(self.pending(in_messages, stream_counted) as f64);
+        metrics::gauge!(names::NATS_PENDING).set(self.pending(in_messages) as f64);
     }
 
-    fn pending(&self, in_messages: u64, stream_counted: bool) -> u64 {
-        let taken = self.received[0].get() + stream_counted as u64 * self.received[1].get();
-        in_messages
-            .saturating_sub(taken)
-            .saturating_sub(self.slow_consumer.get())
+    fn pending(&self, in_messages: [Option<u64>; 2]) -> u64 {
+        Path::ALL
+            .into_iter()
+            .filter_map(|p| {
+                let i = p.idx();
+                let gone = self.received[i].get()
+                    + self.dropped[i].load(Relaxed)
+                    + self.unseen[i].load(Relaxed);
+                in_messages[i].map(|n| n.saturating_sub(gone))
+            })
+            .sum()
+    }
+
+    /// Path `p`'s subscription held nothing after intake took what it had, when its
+    /// connection had received `in_messages`: whatever of those was neither taken nor
+    /// reported dropped is not waiting either (the client reports drops through a small
+    /// queue and loses reports in a burst, which left the gauge high for good). Messages
+    /// that arrived since are briefly missed, until the next empty subscription.
+    pub fn subscription_empty(&self, p: Path, in_messages: u64) {
+        let i = p.idx();
+        let explained = self.received[i].get() + self.dropped[i].load(Relaxed);
+        self.unseen[i].store(in_messages.saturating_sub(explained), Relaxed);
     }
 
     /// Transactions handed to (positive) or taken by (negative) the workers.
@@ -880,7 +906,8 @@ impl Counters {
     }
 
     /// Adds to the slow-consumer count (for events that report several drops).
-    pub fn slow_consumer_n(&self, n: u64) {
+    pub fn slow_consumer_n(&self, p: Path, n: u64) {
+        self.dropped[p.idx()].fetch_add(n, Relaxed);
         self.slow_consumer.add(n);
     }
 }
@@ -986,8 +1013,14 @@ mod tests {
         let without =
             set("[[rule]]\nid = \"r\"\ndescription = \"d\"\nwhen = \"amount > 3\"\nscore = 1\n");
         let c = metrics::with_local_recorder(&recorder, Counters::new);
+        // From the load on, before any sweep's figures.
+        metrics::with_local_recorder(&recorder, || c.rules_loaded(&with_window, 1.0));
+        let text = handle.render();
+        assert!(
+            text.contains("fraudgate_state_capped_keys_total{group=\"device\"} 0"),
+            "{text}"
+        );
         metrics::with_local_recorder(&recorder, || {
-            c.rules_loaded(&with_window, 1.0);
             let stats = StateStats {
                 groups: vec![("device".into(), 7, 700)],
                 ..Default::default()
@@ -995,10 +1028,6 @@ mod tests {
             c.state(&stats, &Default::default());
         });
         let text = handle.render();
-        assert!(
-            text.contains("fraudgate_state_capped_keys_total{group=\"device\"} 0"),
-            "{text}"
-        );
         assert!(
             text.contains("fraudgate_state_keys{group=\"device\"} 7"),
             "{text}"
@@ -1024,13 +1053,34 @@ mod tests {
         for _ in 0..5 {
             c.received(Path::Stream);
         }
-        c.slow_consumer_n(2);
+        c.slow_consumer_n(Path::Stream, 2);
         // Core NATS: both connections' messages, both paths' intake.
-        assert_eq!(c.pending(20, true), 10);
-        // JetStream: the request connection only; what the stream intake took is not
-        // subtracted from it.
-        assert_eq!(c.pending(20, false), 15);
-        assert_eq!(c.pending(4, true), 0, "never below zero");
+        assert_eq!(c.pending([Some(6), Some(14)]), 3 + 7);
+        // JetStream: the request connection only.
+        assert_eq!(c.pending([Some(6), None]), 3);
+        assert_eq!(c.pending([Some(1), Some(1)]), 0, "never below zero");
+    }
+
+    /// Drops the client never reported (its event queue was full) left the gauge high for
+    /// good; an empty subscription now resets what counts as waiting.
+    #[test]
+    fn an_empty_subscription_clears_drops_nobody_reported() {
+        let c = Counters::new();
+        for _ in 0..10 {
+            c.received(Path::Stream);
+        }
+        c.slow_consumer_n(Path::Stream, 5);
+        // 10 000 received, 10 taken, 5 drops reported: the rest were dropped unreported.
+        assert_eq!(c.pending([Some(0), Some(10_000)]), 9_985);
+        c.subscription_empty(Path::Stream, 10_000);
+        assert_eq!(c.pending([Some(0), Some(10_000)]), 0);
+        // New traffic counts again: 30 more received, 20 taken.
+        for _ in 0..20 {
+            c.received(Path::Stream);
+        }
+        assert_eq!(c.pending([Some(0), Some(10_030)]), 10);
+        // The other path is not touched.
+        assert_eq!(c.pending([Some(4), Some(10_030)]), 4 + 10);
     }
 
     #[test]

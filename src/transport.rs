@@ -203,7 +203,7 @@ pub async fn connect(
                     tracing::warn!(connection = %role, "NATS disconnected; reconnecting");
                 }
                 Event::SlowConsumer(sid) => {
-                    c.slow_consumer();
+                    c.slow_consumer(&role);
                     // One event per dropped message: log at most once a second.
                     let mut last = last_slow_log.lock().unwrap_or_else(|e| e.into_inner());
                     if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
@@ -439,15 +439,15 @@ impl Wire {
             && self.stream.connection_state() == State::Connected
     }
 
-    /// Messages received from the server on the request connection, and with
-    /// `with_stream` on the stream connection too.
-    pub fn in_messages(&self, with_stream: bool) -> u64 {
+    /// Messages received from the server on the connection of `path` (requests: the
+    /// request connection; the stream: the stream connection).
+    pub fn in_messages(&self, path: crate::telemetry::Path) -> u64 {
         use std::sync::atomic::Ordering::Relaxed;
-        let stream = match with_stream {
-            true => self.stream.statistics().in_messages.load(Relaxed),
-            false => 0,
+        let conn = match path {
+            crate::telemetry::Path::Check => &self.client,
+            crate::telemetry::Path::Stream => &self.stream,
         };
-        self.client.statistics().in_messages.load(Relaxed) + stream
+        conn.statistics().in_messages.load(Relaxed)
     }
 }
 

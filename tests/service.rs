@@ -399,8 +399,25 @@ async fn a_sighup_during_startup_does_not_kill_the_engine() {
         .success());
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Let the rule load go on (opening a FIFO for writing waits for its reader; a killed
-    // reader leaves none, so this is done off the runtime and not waited for then).
-    let writer = std::thread::spawn(move || std::fs::write(&fifo, "x\n"));
+    // reader leaves none, so this is done off the runtime and not waited for then). For
+    // every read: the start reads the directory again once its watcher runs. A write that
+    // meets a reader closing (a broken pipe) is tried again. The thread ends waiting for a
+    // reader that never comes, or when the FIFO is gone, and is left to the test process.
+    let (wrote, first_write) = std::sync::mpsc::channel();
+    std::thread::spawn(move || loop {
+        use std::io::Write;
+        let opened = std::fs::OpenOptions::new().write(true).open(&fifo);
+        let Ok(mut f) = opened else { break };
+        let w = f.write_all(b"x\n");
+        drop(f);
+        if let Err(e) = &w {
+            if e.kind() != std::io::ErrorKind::BrokenPipe {
+                break;
+            }
+            continue;
+        }
+        let _ = wrote.send(w);
+    });
     let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
         .await
         .expect("exits within 20 s")
@@ -412,7 +429,7 @@ async fn a_sighup_during_startup_does_not_kill_the_engine() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(out.status.code(), Some(2));
-    writer.join().unwrap().unwrap();
+    first_write.recv().unwrap().unwrap();
 }
 
 /// `ask --timeout` longer than the NATS client's default request timeout (10 s) waits that
@@ -1045,7 +1062,8 @@ async fn shutdown_finishes_even_when_nats_is_gone() {
         .await
         .expect("exits within the shutdown deadline")
         .unwrap();
-    assert!(status.success(), "{status}");
+    // Within its deadlines, and not clean (nothing could be flushed): exit 1.
+    assert_eq!(status.code(), Some(1), "{status}");
     assert!(engine.log_text().contains("stopped"));
 }
 
@@ -1276,7 +1294,9 @@ async fn an_unwritable_snapshot_path_is_counted_and_decisions_continue() {
         .await;
         assert_eq!(d["action"], "approve", "{d}");
     }
-    let engine = stop(engine).await;
+    // The final snapshot failed too: not a clean shutdown, exit 1.
+    let (engine, _, status) = stop_status(engine).await;
+    assert_eq!(status.code(), Some(1), "{}", engine.log_text());
     let stopped = engine.stopped_line();
     assert!(stopped["fields"]["snapshots_failed"].as_u64().unwrap() >= 2);
     assert_eq!(stopped["fields"]["snapshots_ok"].as_u64(), Some(0));
