@@ -65,7 +65,7 @@ impl Default for EngineConfig {
 }
 
 /// The `[engine]` table as written in the config file.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EngineSection {
     pub timezone: Option<String>,

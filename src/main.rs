@@ -155,11 +155,26 @@ fn engine_config(file: &FileConfig) -> anyhow::Result<EngineConfig> {
 /// estimate of a distinct count past 128 values). A production config whose key variable
 /// is not set here (an analyst's machine) still works: the key is a throwaway one then.
 fn offline_engine_config(file: &FileConfig) -> anyhow::Result<EngineConfig> {
+    const THROWAWAY: &str = "fraudgate-offline-throwaway";
     let var = file.engine.hash_key_env.as_deref();
-    file.engine
+    // The key changes no answer offline (but distinct counts past 128 values): a key too
+    // short for `run` is replaced, with a note, rather than stop a check or a backtest.
+    let short = |v: &str| v.len() < fraudgate::config::MIN_KEY_BYTES;
+    let mut section = file.engine.clone();
+    if section.hash_key_env.is_none() && section.hash_key.as_deref().is_some_and(short) {
+        eprintln!(
+            "note: [engine] hash_key is too short for `run`; this command uses a throwaway key"
+        );
+        section.hash_key = Some(THROWAWAY.into());
+    }
+    section
         .resolve(|k| {
             let value = std::env::var(k).ok().filter(|v| !v.is_empty());
-            value.or_else(|| (Some(k) == var).then(|| "fraudgate-offline-throwaway".into()))
+            if value.as_deref().is_some_and(short) {
+                eprintln!("note: {k} is too short for `run`; this command uses a throwaway key");
+                return Some(THROWAWAY.into());
+            }
+            value.or_else(|| (Some(k) == var).then(|| THROWAWAY.into()))
         })
         .context("invalid [engine] table")
 }

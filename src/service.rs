@@ -799,17 +799,18 @@ async fn intake(
                 continue;
             }
         };
+        if emptied {
+            // Everything the connection had received is in this batch, taken before, or
+            // dropped: the NATS pending gauge starts again from here. Read now, not after
+            // the batch is taken (what arrives meanwhile is waiting).
+            counters.subscription_empty(path, wire.in_messages(path), msgs.len() as u64);
+        }
         let received_ms = now_ms();
         let received_at = Instant::now();
         for msg in msgs {
             if let Some(job) = take(msg, path, &wire, &counters, received_ms, received_at).await {
                 batches[shard_of(&job.txn.card, shards.len())].push(job);
             }
-        }
-        if emptied {
-            // Everything the connection received is taken or dropped: the NATS pending
-            // gauge starts again from here.
-            counters.subscription_empty(path, wire.in_messages(path));
         }
         dispatch(&mut batches, &shards, path, &counters).await;
     }

@@ -701,14 +701,14 @@ impl Counters {
             .sum()
     }
 
-    /// Path `p`'s subscription held nothing after intake took what it had, when its
-    /// connection had received `in_messages`: whatever of those was neither taken nor
-    /// reported dropped is not waiting either (the client reports drops through a small
-    /// queue and loses reports in a burst, which left the gauge high for good). Messages
-    /// that arrived since are briefly missed, until the next empty subscription.
-    pub fn subscription_empty(&self, p: Path, in_messages: u64) {
+    /// Path `p`'s subscription held nothing after intake took a batch of `taking`
+    /// messages (not counted as received yet), when its connection had received
+    /// `in_messages`: whatever of those was neither taken nor reported dropped is not
+    /// waiting either (the client reports drops through a small queue and loses reports in
+    /// a burst, which left the gauge high for good).
+    pub fn subscription_empty(&self, p: Path, in_messages: u64, taking: u64) {
         let i = p.idx();
-        let explained = self.received[i].get() + self.dropped[i].load(Relaxed);
+        let explained = self.received[i].get() + taking + self.dropped[i].load(Relaxed);
         self.unseen[i].store(in_messages.saturating_sub(explained), Relaxed);
     }
 
@@ -1072,9 +1072,14 @@ mod tests {
         c.slow_consumer_n(Path::Stream, 5);
         // 10 000 received, 10 taken, 5 drops reported: the rest were dropped unreported.
         assert_eq!(c.pending([Some(0), Some(10_000)]), 9_985);
-        c.subscription_empty(Path::Stream, 10_000);
+        // Found empty with a batch of 5 still to take: those are not written off.
+        c.subscription_empty(Path::Stream, 10_000, 5);
+        assert_eq!(c.pending([Some(0), Some(10_000)]), 5);
+        for _ in 0..5 {
+            c.received(Path::Stream);
+        }
         assert_eq!(c.pending([Some(0), Some(10_000)]), 0);
-        // New traffic counts again: 30 more received, 20 taken.
+        // New traffic counts again: 30 more received, 20 of them taken.
         for _ in 0..20 {
             c.received(Path::Stream);
         }

@@ -286,8 +286,13 @@ impl Wire<'_> {
         // every decision, header and log line (the id is echoed everywhere, by design):
         // refused, without echoing the id.
         let digits = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
+        // Only a card number (all digits once grouped ones are read): a token's digits,
+        // picked out from between its letters, are no card number.
         let card_digits = digits(&card);
-        if card_digits.len() >= 13 && digits(&id).contains(&card_digits) {
+        if card_digits.len() == card.len()
+            && card_digits.len() >= 13
+            && digits(&id).contains(&card_digits)
+        {
             return Err(DecodeError::new(
                 ErrorCode::WrongType,
                 "field `id` must not hold the card number",
@@ -492,18 +497,139 @@ fn parse_attr(raw: &str) -> Option<AttrValue> {
 /// digits, so that it is the same card for the windows and lists as when sent without
 /// separators. Anything else (a token, digits only) is kept as sent.
 fn normalize_card(card: Cow<'_, str>) -> Cow<'_, str> {
-    let digits = card.bytes().filter(u8::is_ascii_digit).count();
-    let grouped = card
-        .bytes()
-        .all(|b| b.is_ascii_digit() || b == b' ' || b == b'-')
-        && digits != card.len()
-        && card.as_bytes().first().is_some_and(u8::is_ascii_digit)
-        && card.as_bytes().last().is_some_and(u8::is_ascii_digit);
-    if grouped && (13..=19).contains(&digits) {
-        Cow::Owned(card.chars().filter(char::is_ascii_digit).collect())
-    } else {
-        card
+    match grouped_card_digits(&card) {
+        Some(digits) => Cow::Owned(digits),
+        None => card,
     }
+}
+
+/// The digits of `s` when it is a card number written in groups joined by single spaces
+/// or dashes ([`card_shaped`] once joined); `None` for anything else, digits only included.
+/// List entries written so match the card as the engine reads it (see `normalize_card`).
+pub fn grouped_card_digits(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let grouped = b.first().is_some_and(u8::is_ascii_digit)
+        && b.last().is_some_and(u8::is_ascii_digit)
+        && b.iter().any(|c| !c.is_ascii_digit())
+        && b.iter()
+            .all(|c| c.is_ascii_digit() || *c == b' ' || *c == b'-')
+        && !b
+            .windows(2)
+            .any(|w| !w[0].is_ascii_digit() && !w[1].is_ascii_digit());
+    let digits: String = s.chars().filter(char::is_ascii_digit).collect();
+    (grouped && card_shaped(&digits)).then_some(digits)
+}
+
+/// Whether `digits` (ASCII digits only) passes the Luhn check every card number passes.
+pub fn luhn_valid(digits: &str) -> bool {
+    let mut sum = 0;
+    for (i, b) in digits.bytes().rev().enumerate() {
+        let mut d = u32::from(b - b'0');
+        if i % 2 == 1 {
+            d *= 2;
+            if d > 9 {
+                d -= 9;
+            }
+        }
+        sum += d;
+    }
+    sum % 10 == 0
+}
+
+/// Whether `digits` (ASCII digits only) is shaped like the number of a card of the major
+/// networks: 13 to 19 digits, an issuer prefix of Visa (4), Mastercard (51-55,
+/// 2221-2720), American Express and Diners (34, 36-38, 30), JCB (35), Discover and
+/// UnionPay (6), and the Luhn check. Digit runs that are not (timestamps, merchant
+/// numbers, fractions, amounts) are not card numbers to [`mask_card_numbers`].
+pub fn card_shaped(digits: &str) -> bool {
+    let n = digits.len();
+    let prefix = |k: usize| {
+        digits
+            .get(..k)
+            .and_then(|p| p.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let issuer = match digits.as_bytes().first() {
+        Some(b'4') | Some(b'6') => true,
+        Some(b'5') => (51..=55).contains(&prefix(2)),
+        Some(b'3') => matches!(prefix(2), 30 | 34..=38),
+        Some(b'2') => (2221..=2720).contains(&prefix(4)),
+        _ => false,
+    };
+    (13..=19).contains(&n) && issuer && luhn_valid(digits)
+}
+
+/// `text` with every card number masked (first 6 and last 4 digits kept, separators kept):
+/// a run of digits, unbroken or in groups joined by single spaces, dashes or underscores,
+/// that is [`card_shaped`] — or a part of such a run, group by group, that is (two card
+/// numbers in a row). Precise where [`redact_pans`] is thorough: for text shown in
+/// decisions (values the switch sent, analysts' descriptions and conditions), where a
+/// merchant number, a timestamp or a threshold must stay readable.
+pub fn mask_card_numbers(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let (mut i, mut copied) = (0, 0);
+    while i < b.len() {
+        if !b[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        // The run's groups: byte ranges of digits, joined by single separators.
+        let mut groups: Vec<(usize, usize)> = Vec::new();
+        loop {
+            let start = i;
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+            groups.push((start, i));
+            if i + 1 < b.len() && matches!(b[i], b' ' | b'-' | b'_') && b[i + 1].is_ascii_digit() {
+                i += 1;
+                continue;
+            }
+            break;
+        }
+        // Left to right, the first span of whole groups that is a card number is masked,
+        // then the search goes on after it.
+        let mut g = 0;
+        while g < groups.len() {
+            let mut digits = String::new();
+            let mut found = None;
+            for (h, &(s0, e0)) in groups.iter().enumerate().skip(g) {
+                digits.push_str(&text[s0..e0]);
+                if digits.len() > 19 {
+                    break;
+                }
+                if card_shaped(&digits) {
+                    found = Some(h);
+                    break;
+                }
+            }
+            let Some(h) = found else {
+                g += 1;
+                continue;
+            };
+            let (start, end) = (groups[g].0, groups[h].1);
+            out.push_str(&text[copied..start]);
+            let n = digits.len();
+            let mut seen = 0;
+            for &c in &b[start..end] {
+                if c.is_ascii_digit() {
+                    seen += 1;
+                    out.push(if seen <= 6 || seen > n - 4 {
+                        c as char
+                    } else {
+                        '*'
+                    });
+                } else {
+                    out.push(c as char);
+                }
+            }
+            copied = end;
+            g = h + 1;
+        }
+    }
+    out.push_str(&text[copied..]);
+    out
 }
 
 /// `text` with every card number in it masked: a run of 13 to 19 digits, or digit groups
@@ -614,6 +740,44 @@ mod tests {
             let t = Transaction::from_json(json.as_bytes()).unwrap();
             assert_eq!(t.card, read, "{sent}");
         }
+    }
+
+    /// The precise masker leaves what is not a card number readable: merchant numbers,
+    /// IMEI-like device numbers without a card prefix, timestamps, fractions, MCC lists.
+    #[test]
+    fn card_numbers_are_told_from_other_long_numbers() {
+        assert!(luhn_valid("4111111111111111") && !luhn_valid("4111111111111112"));
+        for (text, masked) in [
+            ("4111 1111 1111 1111", "4111 11** **** 1111"),
+            ("ref 5500-0000-0000-0004.", "ref 5500-00**-****-0004."),
+            ("378282246310005", "378282*****0005"),
+            // Two in a row, grouped: each masked.
+            (
+                "4111 1111 1111 1111 4000 0000 0000 0002",
+                "4111 11** **** 1111 4000 00** **** 0002",
+            ),
+        ] {
+            assert_eq!(mask_card_numbers(text), masked, "{text}");
+        }
+        for keep in [
+            "000000123456789",
+            "1732615200000",
+            "0.8734567890123456",
+            "52.520006599999995",
+            "High-risk MCCs 5967 7995 5816 4829",
+            "4111111111111112",
+            "20261126-143000",
+            "00004111111111111111",
+        ] {
+            assert_eq!(mask_card_numbers(keep), keep);
+        }
+    }
+
+    /// A token's digits are no card number: an id built from the token is accepted.
+    #[test]
+    fn an_id_built_from_a_token_is_accepted() {
+        let json = br#"{"id":"tok_3f2b9c1e-4a5d-4e6f-8a7b-9c0d1e2f3a4b:000123","card":"tok_3f2b9c1e-4a5d-4e6f-8a7b-9c0d1e2f3a4b","amount":"1"}"#;
+        assert!(Transaction::from_json(json).is_ok());
     }
 
     /// An id holding the transaction's own card number is refused, and the error does not

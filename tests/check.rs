@@ -98,6 +98,17 @@ fn check_works_with_a_production_config_whose_key_variable_is_not_set() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // A key too short for `run` does not stop `check` either: a note, and a throwaway.
+    let out = fraudgate()
+        .args(["check", "rules", "--config"])
+        .arg(&cfg)
+        .env("FRAUDGATE_TEST_KEY_NOT_SET_ANYWHERE", "short")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("too short for `run`"), "{stderr}");
+    assert!(!stderr.contains("short\n"), "the key echoed: {stderr}");
 }
 
 #[test]

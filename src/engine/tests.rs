@@ -516,6 +516,67 @@ score = 1
     assert_eq!(v["attrs.ref"], "550000******0004");
     assert_eq!(v["mcc"], "400000******0002");
     assert_eq!(v["id"], "t-1");
+    // The transaction's own card padded to 20 digits (no card number by shape) is masked
+    // too; other long numbers that are no card numbers stay readable.
+    let json =
+        br#"{"id":"t-2","card":"4111111111111111","amount":"1","device":"00004111111111111111",
+        "merchant":"000000123456789","mcc":5411,
+        "attrs":{"recipient":"x","ref":0.8734567890123456}}"#;
+    let o = e.decide(&Transaction::from_json(json).unwrap(), T0);
+    let v = &o.decision.rules[0].values;
+    assert_eq!(v["device"], "0000411111******1111");
+    assert_eq!(v["merchant"], "000000123456789");
+    assert_eq!(v["attrs.ref"], "0.8734567890123456");
+    assert_eq!(v["mcc"], 5411);
+}
+
+/// A card number written in groups in a list file or an inline list matches the card as
+/// the engine reads it (its digits), and a card sent in groups is the same card.
+#[test]
+fn grouped_card_numbers_in_lists_match() {
+    let text = r#"
+[ruleset]
+version = "test"
+hold_at = 50
+reject_at = 100
+[lists]
+blocked = { file = "blocked.txt" }
+vip = ["4000 0000 0000 0002"]
+[[rule]]
+id = "blocked"
+description = "blocked"
+when = "card in blocked"
+action = "block"
+[[rule]]
+id = "vip"
+description = "vip"
+when = "card in vip"
+action = "allow"
+"#;
+    let cfg = EngineConfig::default();
+    let rs = compile(
+        vec![SourceFile {
+            name: "t/r.toml".into(),
+            text: text.into(),
+        }],
+        &|_| Ok("4111-1111-1111-1111\n".to_string()),
+        &cfg,
+    )
+    .unwrap_or_else(|e| panic!("{}", e.render()));
+    let e = Engine::new(rs, cfg);
+    for (i, (card, by)) in [
+        ("4111111111111111", "block:blocked"),
+        ("4111 1111 1111 1111", "block:blocked"),
+        ("4000000000000002", "allow:vip"),
+        ("4000-0000-0000-0002", "allow:vip"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let json = format!(r#"{{"id":"g-{i}","card":"{card}","amount":"5"}}"#);
+        let o = e.decide(&Transaction::from_json(json.as_bytes()).unwrap(), T0);
+        assert_eq!(o.decision.decided_by, by, "{card}");
+    }
 }
 
 #[test]

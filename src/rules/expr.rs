@@ -217,6 +217,11 @@ pub const INLINE_PLAIN_MAX: usize = 16;
 impl StrSet {
     /// An inline list from a rule file.
     pub fn inline(key: &HashKey, items: &[String]) -> StrSet {
+        // A card number written in groups also matches as its digits, the form the engine
+        // reads a card in.
+        let items: Vec<String> = (items.iter())
+            .flat_map(|x| std::iter::once(x.clone()).chain(crate::txn::grouped_card_digits(x)))
+            .collect();
         let mut s = StrSet {
             hashes: items.iter().map(|x| key.hash_str(x)).collect(),
             until: HashMap::default(),
@@ -316,10 +321,20 @@ impl Reader {
     /// The value as a decision shows it. Values sent by the switch (every field but the
     /// card, which is always masked, and attributes) go through the card-number masker:
     /// a card number sent in the wrong field (a device, a recipient card attribute) must
-    /// not come back in the decision.
+    /// not come back in the decision, nor the transaction's own card anywhere (padded to
+    /// 20 digits, say).
     pub fn read(&self, c: &Ctx<'_>) -> serde_json::Value {
-        use crate::txn::redact_pans;
         use serde_json::Value;
+        let card = c.txn.card.as_str();
+        let own = card.len() >= 13 && card.bytes().all(|b| b.is_ascii_digit());
+        let redact_pans = |text: &str| {
+            let t = crate::txn::mask_card_numbers(text);
+            if own && t.contains(card) {
+                t.replace(card, &crate::txn::mask_card(card))
+            } else {
+                t
+            }
+        };
         let dec = |d: Option<Decimal>| d.map_or(Value::Null, |d| Value::String(d.to_string()));
         let s = |s: Option<&str>| s.map_or(Value::Null, |s| Value::String(redact_pans(s)));
         match *self {
@@ -331,12 +346,12 @@ impl Reader {
                 Field::Device => s(c.txn.device.as_deref()),
                 Field::Merchant => s(c.txn.merchant.as_deref()),
                 Field::Region => s(c.txn.region.as_deref()),
-                // A number of 13 digits or more is no merchant category: shown masked.
+                // A card number sent as the merchant category: shown masked (a string).
                 Field::Mcc => c.txn.mcc.map_or(Value::Null, |m| {
-                    if m.unsigned_abs() >= 1_000_000_000_000 {
-                        Value::String(redact_pans(&m.to_string()))
-                    } else {
-                        Value::from(m)
+                    let text = m.to_string();
+                    match redact_pans(&text) {
+                        masked if masked != text => Value::String(masked),
+                        _ => Value::from(m),
                     }
                 }),
                 Field::LocalHour => Value::from(c.local_hour),

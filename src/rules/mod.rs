@@ -969,8 +969,8 @@ impl Loader<'_> {
                     id: id.into(),
                     // Both go into decisions: a card number an analyst wrote in them is
                     // shown masked.
-                    description: crate::txn::redact_pans(&rd.description),
-                    reason: crate::txn::redact_pans(
+                    description: crate::txn::mask_card_numbers(&rd.description),
+                    reason: crate::txn::mask_card_numbers(
                         rd.reason.as_deref().unwrap_or(&rd.description),
                     )
                     .into(),
@@ -1219,6 +1219,11 @@ impl Loader<'_> {
                         }
                     } else {
                         strs.insert(self.key.hash_str(entry), until);
+                        // A card number written in groups also matches as its digits, the
+                        // form the engine reads a card in.
+                        if let Some(digits) = crate::txn::grouped_card_digits(entry) {
+                            strs.insert(self.key.hash_str(&digits), until);
+                        }
                     }
                 }
                 if int {
@@ -1528,7 +1533,7 @@ fn condition_text(src: &str) -> String {
             c => put(&mut out, &mut gap, c),
         }
     }
-    crate::txn::redact_pans(&out)
+    crate::txn::mask_card_numbers(&out)
 }
 
 /// `<entry> until <date>` on a list-file line: (entry, date), at the last word `until`
@@ -1608,9 +1613,10 @@ fn valid_name(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// Whether `s` holds a card number (as [`crate::txn::redact_pans`] finds them).
+/// Whether `s` holds a card number (as [`crate::txn::mask_card_numbers`] finds them: a
+/// card's length, issuer prefix and check digit, so that a timestamp in a label is not one).
 fn looks_like_card(s: &str) -> bool {
-    crate::txn::redact_pans(s) != s
+    crate::txn::mask_card_numbers(s) != s
 }
 
 fn valid_rule_id(s: &str) -> bool {

@@ -631,6 +631,17 @@ fn card_numbers_stay_out_of_ids_labels_and_errors() {
     }];
     let e = compile(bad_version, &no_lists, &EngineConfig::default()).unwrap_err();
     assert!(codes(&e).contains(&"bad-version"), "{}", e.render());
+    // A timestamp is no card number (issuer prefix, check digit): accepted.
+    let stamped = vec![SourceFile {
+        name: "r/a.toml".into(),
+        text: format!(
+            "{}{}",
+            HEADER.replace("version = \"t1\"", "version = \"20261126-143000\""),
+            rule("amount > 1").replace("id = \"r\"", "id = \"ato-20261126-143000\"")
+        ),
+    }];
+    compile(stamped, &no_lists, &EngineConfig::default())
+        .unwrap_or_else(|e| panic!("{}", e.render()));
     // A typo next to a card literal, an inline list of cards in a TOML error, a bad int
     // list line: nothing of the numbers in clear.
     for body in [
