@@ -285,13 +285,18 @@ impl Wire<'_> {
         // An id holding the transaction's own card number would carry it in clear into
         // every decision, header and log line (the id is echoed everywhere, by design):
         // refused, without echoing the id.
-        let digits = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
         // Only a card number (all digits once grouped ones are read): a token's digits,
-        // picked out from between its letters, are no card number.
-        let card_digits = digits(&card);
-        if card_digits.len() == card.len()
-            && card_digits.len() >= 13
-            && digits(&id).contains(&card_digits)
+        // picked out from between its letters, are no card number. No allocation unless
+        // the id has as many digits as the card (this runs for every transaction).
+        let is_digit = |b: &u8| b.is_ascii_digit();
+        if card.len() >= 13
+            && card.bytes().all(|b| b.is_ascii_digit())
+            && id.bytes().filter(is_digit).count() >= card.len()
+            && id
+                .chars()
+                .filter(char::is_ascii_digit)
+                .collect::<String>()
+                .contains(&*card)
         {
             return Err(DecodeError::new(
                 ErrorCode::WrongType,
@@ -516,8 +521,12 @@ pub fn grouped_card_digits(s: &str) -> Option<String> {
         && !b
             .windows(2)
             .any(|w| !w[0].is_ascii_digit() && !w[1].is_ascii_digit());
+    if !grouped {
+        // Every card sent as digits (or a token) leaves here, without an allocation.
+        return None;
+    }
     let digits: String = s.chars().filter(char::is_ascii_digit).collect();
-    (grouped && card_shaped(&digits)).then_some(digits)
+    card_shaped(&digits).then_some(digits)
 }
 
 /// Whether `digits` (ASCII digits only) passes the Luhn check every card number passes.
