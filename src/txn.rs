@@ -529,6 +529,24 @@ pub fn grouped_card_digits(s: &str) -> Option<String> {
     card_shaped(&digits).then_some(digits)
 }
 
+/// Appends `run` (ASCII digits and separators, `n` digits in all) with every digit but the
+/// first 6 and the last 4 as `*`, separators kept.
+fn push_masked(out: &mut String, run: &[u8], n: usize) {
+    let mut seen = 0;
+    for &c in run {
+        if c.is_ascii_digit() {
+            seen += 1;
+            out.push(if seen <= 6 || seen > n - 4 {
+                c as char
+            } else {
+                '*'
+            });
+        } else {
+            out.push(c as char);
+        }
+    }
+}
+
 /// Whether `digits` (ASCII digits only) passes the Luhn check every card number passes.
 pub fn luhn_valid(digits: &str) -> bool {
     let mut sum = 0;
@@ -577,26 +595,8 @@ pub fn card_shaped(digits: &str) -> bool {
 pub fn mask_card_numbers(text: &str) -> String {
     let b = text.as_bytes();
     let mut out = String::with_capacity(text.len());
-    let (mut i, mut copied) = (0, 0);
-    while i < b.len() {
-        if !b[i].is_ascii_digit() {
-            i += 1;
-            continue;
-        }
-        // The run's groups: byte ranges of digits, joined by single separators.
-        let mut groups: Vec<(usize, usize)> = Vec::new();
-        loop {
-            let start = i;
-            while i < b.len() && b[i].is_ascii_digit() {
-                i += 1;
-            }
-            groups.push((start, i));
-            if i + 1 < b.len() && matches!(b[i], b' ' | b'-' | b'_') && b[i + 1].is_ascii_digit() {
-                i += 1;
-                continue;
-            }
-            break;
-        }
+    let mut copied = 0;
+    for groups in digit_runs(b) {
         // Left to right, the first span of whole groups that is a card number is masked,
         // then the search goes on after it.
         let mut g = 0;
@@ -619,20 +619,7 @@ pub fn mask_card_numbers(text: &str) -> String {
             };
             let (start, end) = (groups[g].0, groups[h].1);
             out.push_str(&text[copied..start]);
-            let n = digits.len();
-            let mut seen = 0;
-            for &c in &b[start..end] {
-                if c.is_ascii_digit() {
-                    seen += 1;
-                    out.push(if seen <= 6 || seen > n - 4 {
-                        c as char
-                    } else {
-                        '*'
-                    });
-                } else {
-                    out.push(c as char);
-                }
-            }
+            push_masked(&mut out, &b[start..end], digits.len());
             copied = end;
             g = h + 1;
         }
@@ -644,58 +631,58 @@ pub fn mask_card_numbers(text: &str) -> String {
 /// `text` with every card number in it masked: a run of 13 to 19 digits, or digit groups
 /// joined by single spaces, dashes or underscores (`4111 1111 1111 1111`) with 13 digits or
 /// more in all (two such numbers in a row make one run, masked as one). The first 6 and
-/// last 4 digits stay, as [`mask_card`] keeps them, and so do the separators. For text that
-/// may hold input values: a panic's message, a fired rule's values, a diagnostic's line.
-/// An unbroken run of 20 digits or more is not a card number and stays.
+/// last 4 digits stay, as [`mask_card`] keeps them, and so do the separators. Thorough, for
+/// text only people read that may hold input values: a panic's message, a load error's
+/// lines and messages. An unbroken run of 20 digits or more is not a card number and stays.
 pub fn redact_pans(text: &str) -> String {
     let b = text.as_bytes();
     let mut out = String::with_capacity(text.len());
-    let (mut i, mut copied) = (0, 0);
-    while i < b.len() {
-        if !b[i].is_ascii_digit() {
-            i += 1;
-            continue;
-        }
-        let start = i;
-        let (mut digits, mut separated) = (0usize, false);
-        loop {
-            while i < b.len() && b[i].is_ascii_digit() {
-                i += 1;
-                digits += 1;
-            }
-            // One separator with a digit after it continues the number.
-            if i + 1 < b.len() && matches!(b[i], b' ' | b'-' | b'_') && b[i + 1].is_ascii_digit() {
-                i += 1;
-                separated = true;
-                continue;
-            }
-            break;
-        }
-        let card = if separated {
+    let mut copied = 0;
+    for groups in digit_runs(b) {
+        let digits: usize = groups.iter().map(|(s0, e0)| e0 - s0).sum();
+        let card = if groups.len() > 1 {
             digits >= 13
         } else {
             (13..=19).contains(&digits)
         };
         if card {
+            let (start, end) = (groups[0].0, groups[groups.len() - 1].1);
             out.push_str(&text[copied..start]);
-            let mut seen = 0;
-            for &c in &b[start..i] {
-                if c.is_ascii_digit() {
-                    seen += 1;
-                    out.push(if seen <= 6 || seen > digits - 4 {
-                        c as char
-                    } else {
-                        '*'
-                    });
-                } else {
-                    out.push(c as char);
-                }
-            }
-            copied = i;
+            push_masked(&mut out, &b[start..end], digits);
+            copied = end;
         }
     }
     out.push_str(&text[copied..]);
     out
+}
+
+/// The runs of digits in `b`, each as its groups (byte ranges of digits) joined by single
+/// spaces, dashes or underscores, in order.
+fn digit_runs(b: &[u8]) -> Vec<Vec<(usize, usize)>> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if !b[i].is_ascii_digit() {
+            i += 1;
+            continue;
+        }
+        let mut groups = Vec::new();
+        loop {
+            let start = i;
+            while i < b.len() && b[i].is_ascii_digit() {
+                i += 1;
+            }
+            groups.push((start, i));
+            // One separator with a digit after it continues the number.
+            if i + 1 < b.len() && matches!(b[i], b' ' | b'-' | b'_') && b[i + 1].is_ascii_digit() {
+                i += 1;
+                continue;
+            }
+            break;
+        }
+        runs.push(groups);
+    }
+    runs
 }
 
 /// Masks a card number as first 6 + last 4 (`411111******1111`). Short values (tokens of

@@ -715,15 +715,14 @@ async fn sigterm_under_load_decides_every_accepted_transaction() {
     assert_eq!(in_windows, received, "transactions in the final snapshot");
 }
 
-/// A stream load whose decisions never come (no engine here) ends, and counts each one
-/// as lost. Lost decisions used to keep their closed-loop slots, so the run waited forever
-/// once `concurrency` of them were missing.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_load_without_decisions_ends_and_counts_them_lost() {
+/// A closed-loop stream load of 12 generated transactions (4 in flight).
+async fn stream_load(
+    url: &str,
+    timeout: Duration,
+) -> Result<fraudgate::loadrun::LoadReport, fraudgate::loadrun::LoadError> {
     use fraudgate::loadrun::{LoadMode, LoadOptions, LoadPath};
-    let nats = nats().await;
-    let run = fraudgate::loadrun::run(
-        client(&nats.url()).await,
+    fraudgate::loadrun::run(
+        client(url).await,
         LoadOptions {
             path: LoadPath::Stream,
             mode: LoadMode::Closed(4),
@@ -732,12 +731,23 @@ async fn a_stream_load_without_decisions_ends_and_counts_them_lost() {
                 seed: 5,
                 ..Default::default()
             },
-            timeout: Duration::from_millis(300),
+            timeout,
             subjects: Default::default(),
             progress: false,
             events_end_ms: None,
         },
-    );
+    )
+    .await
+}
+
+/// A stream load whose decisions never come (no engine here) ends, and counts each one
+/// as lost. Lost decisions used to keep their closed-loop slots, so the run waited forever
+/// once `concurrency` of them were missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_load_without_decisions_ends_and_counts_them_lost() {
+    let nats = nats().await;
+    let url = nats.url();
+    let run = stream_load(&url, Duration::from_millis(300));
     let report = tokio::time::timeout(Duration::from_secs(20), run)
         .await
         .expect("the run ends")
@@ -753,7 +763,6 @@ async fn a_stream_load_without_decisions_ends_and_counts_them_lost() {
 /// The refusing "engine" here is a plain responder.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_load_counts_refused_transactions_as_errors_at_once() {
-    use fraudgate::loadrun::{LoadMode, LoadOptions, LoadPath};
     let nats = nats().await;
     let refuser = client(&nats.url()).await;
     let mut txns = refuser.subscribe("fraud.txn").await.unwrap();
@@ -770,24 +779,9 @@ async fn a_stream_load_counts_refused_transactions_as_errors_at_once() {
         }
     });
     let started = std::time::Instant::now();
-    let report = fraudgate::loadrun::run(
-        client(&nats.url()).await,
-        LoadOptions {
-            path: LoadPath::Stream,
-            mode: LoadMode::Closed(4),
-            count: 12,
-            gen: fraudgate::loadgen::GenConfig {
-                seed: 5,
-                ..Default::default()
-            },
-            timeout: Duration::from_secs(30),
-            subjects: Default::default(),
-            progress: false,
-            events_end_ms: None,
-        },
-    )
-    .await
-    .unwrap();
+    let report = stream_load(&nats.url(), Duration::from_secs(30))
+        .await
+        .unwrap();
     assert_eq!(
         (report.sent, report.answered, report.timeouts, report.errors),
         (12, 0, 0, 12)
