@@ -3,6 +3,7 @@
 code: edit here, run `python3 grafana/generate.py`, commit both). Every PromQL expression
 is checked against a real Prometheus scraping a real engine by tests/prometheus.rs."""
 import json
+import sys
 import os
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
@@ -198,8 +199,20 @@ state.panel("timeseries", "JetStream recovery and acks",
              (f'sum(rate(fraudgate_jetstream_ack_errors_total{{{I}}}[{RI}]))', "ack errors /s")], "short", w=24)
 
 here = os.path.dirname(os.path.abspath(__file__))
+# --check: write nothing, fail if a committed dashboard differs from what this script makes
+# (an edit of the JSON by hand, or of this script without running it).
+check = "--check" in sys.argv[1:]
+stale = []
 for b in (overview, rules, state):
-    with open(os.path.join(here, "dashboards", f"{b.uid}.json"), "w") as f:
-        json.dump(b.json(), f, indent=2)
-        f.write("\n")
+    path = os.path.join(here, "dashboards", f"{b.uid}.json")
+    text = json.dumps(b.json(), indent=2) + "\n"
+    if check:
+        with open(path) as f:
+            if f.read() != text:
+                stale.append(path)
+        continue
+    with open(path, "w") as f:
+        f.write(text)
     print(f"dashboards/{b.uid}.json: {len(b.panels)} panels")
+if stale:
+    sys.exit("not what grafana/generate.py makes (run it and commit the result): " + ", ".join(stale))
