@@ -316,13 +316,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let rt = runtime()?;
             let code = rt.block_on(async {
                 let mut signals = Signals::new()?;
-                let running = Running::start(RunOptions {
+                let start = Running::start(RunOptions {
                     rules_dir: rules,
                     nats_url,
                     engine,
                     file,
-                })
-                .await?;
+                });
+                // A signal during the start (a JetStream replay can take minutes) stops it
+                // there: nothing was taken in yet that a snapshot or JetStream does not
+                // keep. Synchronous parts (a snapshot restore) finish first.
+                let running = tokio::select! {
+                    r = start => r?,
+                    _ = signals.recv() => {
+                        tracing::warn!("signal during the start: stopping before taking transactions");
+                        return Ok(ExitCode::from(1));
+                    }
+                };
                 signals.recv().await;
                 // A second signal while draining means "now".
                 tokio::spawn(async move {

@@ -944,6 +944,28 @@ async fn sighup_reloads_without_waiting_for_the_watcher() {
     );
 }
 
+/// SIGTERM while the engine starts (a 2 s pause there, as a long replay makes) stops the
+/// start: exit 1, without taking transactions, not minutes later.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_during_the_start_stops_it() {
+    let nats = nats().await;
+    let engine = Engine::spawn_env(
+        &nats.url(),
+        CONFIG,
+        &[("FAILPOINTS", "rules_loaded=sleep(2000)")],
+    );
+    engine
+        .wait_log("rules loaded", Duration::from_secs(20))
+        .await;
+    let (engine, took, status) = stop_status(engine).await;
+    let log = engine.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(log.contains("stopping before taking transactions"), "{log}");
+    assert!(!log.contains("fraudgate is taking transactions"), "{log}");
+}
+
 /// Rules edited after the engine read them and before its watcher ran (here a 2 s pause
 /// there, as a large snapshot restore makes) are loaded once it is up: the watcher never
 /// saw the edit, and no other edit may come for hours.
