@@ -14,6 +14,9 @@ use crate::config::{EngineConfig, FileConfig};
 use crate::loadgen::{GenConfig, Generator, Pattern};
 use crate::service::{now_ms, RunOptions, Running, ServiceError};
 
+/// How long the demo waits for a decision; an answer later than this counts as a timeout.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum DemoError {
     #[error(
@@ -389,11 +392,9 @@ async fn generate(
             tally.lock().unwrap_or_else(|e| e.into_inner()).sent += 1;
             tokio::spawn(async move {
                 let body = Bytes::from(labeled.txn.to_json());
-                let res = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    client.request("fraud.check", body),
-                )
-                .await;
+                let res =
+                    tokio::time::timeout(REQUEST_TIMEOUT, client.request("fraud.check", body))
+                        .await;
                 let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
                 match res {
                     Ok(Ok(msg)) => {
@@ -432,7 +433,7 @@ async fn generate(
                     Err(_) => {
                         // At least the timeout: in the second's p99, not left out of it.
                         t.timeouts += 1;
-                        let _ = t.hist().record(5_000_000);
+                        let _ = t.hist().record(REQUEST_TIMEOUT.as_micros() as u64);
                     }
                 }
                 drop(permit);

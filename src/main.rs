@@ -153,7 +153,8 @@ fn engine_config(file: &FileConfig) -> anyhow::Result<EngineConfig> {
 /// The `[engine]` table for `check` and `replay`, which work offline: they compare only
 /// hashes made in the same run, so any entity hash key gives the same answers (up to the
 /// estimate of a distinct count past 128 values). A production config whose key variable
-/// is not set here (an analyst's machine) still works: the key is a throwaway one then.
+/// is not set here (an analyst's machine), or whose key is too short for `run`, still
+/// works: the key is a throwaway one then.
 fn offline_engine_config(file: &FileConfig) -> anyhow::Result<EngineConfig> {
     const THROWAWAY: &str = "fraudgate-offline-throwaway";
     let var = file.engine.hash_key_env.as_deref();

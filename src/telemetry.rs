@@ -301,7 +301,7 @@ fn describe() {
     );
     describe_gauge!(
         NATS_CONNECTED,
-        "1 while connected to NATS, 0 while disconnected."
+        "1 while every NATS connection of the engine is up, 0 while one is down."
     );
     describe_counter!(
         NATS_RECONNECTS,

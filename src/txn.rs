@@ -26,7 +26,8 @@ pub struct Transaction {
     pub id: String,
     /// Event time in epoch milliseconds; `None` means "use the receive time".
     pub ts_ms: Option<i64>,
-    /// PAN or token. Never logged or echoed in full: see [`mask_card`].
+    /// PAN or token; a PAN sent in digit groups is held as its digits. Never logged or
+    /// echoed in full: see [`mask_card`].
     pub card: String,
     pub amount: Decimal,
     pub currency: Option<String>,
@@ -600,19 +601,17 @@ pub fn card_shaped(digits: &str) -> bool {
 /// thorough: for text shown in decisions (values the switch sent, analysts' descriptions
 /// and conditions), where merchant numbers and most timestamps, fractions and thresholds
 /// must stay readable.
-pub fn mask_card_numbers(text: &str) -> String {
+pub fn mask_card_numbers(text: &str) -> Cow<'_, str> {
+    // Most values (`m-42`, a region, a device name) cannot hold a card number: no scan, no
+    // allocation.
+    if text.bytes().filter(u8::is_ascii_digit).count() < 13 {
+        return Cow::Borrowed(text);
+    }
     let b = text.as_bytes();
     let mut out = String::with_capacity(text.len());
     let mut copied = 0;
     for groups in digit_runs(b) {
-        let has_card = (0..groups.len()).any(|g| {
-            let mut digits = String::new();
-            groups[g..].iter().any(|&(s0, e0)| {
-                digits.push_str(&text[s0..e0]);
-                digits.len() <= 19 && card_like(&digits)
-            })
-        });
-        if has_card {
+        if holds_card(text, &groups, card_like) {
             let (start, end) = (groups[0].0, groups[groups.len() - 1].1);
             let n = groups.iter().map(|(s0, e0)| e0 - s0).sum();
             out.push_str(&text[copied..start]);
@@ -621,7 +620,27 @@ pub fn mask_card_numbers(text: &str) -> String {
         }
     }
     out.push_str(&text[copied..]);
-    out
+    Cow::Owned(out)
+}
+
+/// Whether a span of whole groups of one digit run of `text` is a card number by `test`.
+fn holds_card(text: &str, groups: &[(usize, usize)], test: fn(&str) -> bool) -> bool {
+    (0..groups.len()).any(|g| {
+        let mut digits = String::new();
+        groups[g..].iter().any(|&(s0, e0)| {
+            digits.push_str(&text[s0..e0]);
+            digits.len() <= 19 && test(&digits)
+        })
+    })
+}
+
+/// Whether `text` holds a major network's card number ([`card_shaped`]), unbroken or in
+/// groups: for refusing names (rule ids, version labels) that go into every decision,
+/// without refusing a timestamp that happens to pass the Luhn check.
+pub fn holds_card_number(text: &str) -> bool {
+    digit_runs(text.as_bytes())
+        .iter()
+        .any(|groups| holds_card(text, groups, card_shaped))
 }
 
 /// `text` with every card number in it masked: a run of 13 to 19 digits, or digit groups
@@ -767,8 +786,10 @@ mod tests {
         ] {
             assert_eq!(mask_card_numbers(keep), keep);
         }
-        // Names: only a major network's card number by prefix is one.
-        assert!(card_shaped("4111111111111111") && !card_shaped("20261126143000"));
+        // Names: only a major network's card number by prefix is one, not a timestamp that
+        // passes the Luhn check.
+        assert!(card_like("20261126143001") && !holds_card_number("20261126-143001"));
+        assert!(holds_card_number("vip 4111 1111 1111 1111"));
     }
 
     /// A token's digits are no card number: an id built from the token is accepted.

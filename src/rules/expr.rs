@@ -265,7 +265,7 @@ impl StrSet {
         }
     }
 
-    /// Adds the digits form of a list-file entry written in groups ([`StrSet::aliases`]);
+    /// Adds the digits form of an entry written in groups ([`StrSet::aliases`]);
     /// twice, the longer reach wins, as in [`StrSet::insert`].
     pub fn alias(&mut self, h: KeyHash, until: Option<i64>) {
         let e = self.aliases.entry(h).or_insert(until);
@@ -338,38 +338,43 @@ pub enum Reader {
 }
 
 impl Reader {
-    /// The value as a decision shows it. Values sent by the switch (every field but the
-    /// card, which is always masked, and attributes) go through the card-number masker:
-    /// a card number sent in the wrong field (a device, a recipient card attribute) must
-    /// not come back in the decision, nor the transaction's own card anywhere (padded to
-    /// 20 digits, say).
+    /// The value as a decision shows it. Values sent by the switch (fields and attributes)
+    /// go through the card-number masker: a card number sent in the wrong field (a device,
+    /// a recipient card attribute) must not come back in the decision, nor the
+    /// transaction's own card anywhere (padded to 20 digits, say). The card is always
+    /// masked; the id is shown as it is, as in the decision's own `id` (one holding its
+    /// transaction's card is refused at decode).
     pub fn read(&self, c: &Ctx<'_>) -> serde_json::Value {
         use serde_json::Value;
         let card = c.txn.card.as_str();
         let own = card.len() >= 13 && card.bytes().all(|b| b.is_ascii_digit());
-        let redact_pans = |text: &str| {
+        let shown = |text: &str| -> String {
             let t = crate::txn::mask_card_numbers(text);
             if own && t.contains(card) {
                 t.replace(card, &crate::txn::mask_card(card))
             } else {
-                t
+                t.into_owned()
             }
         };
         let dec = |d: Option<Decimal>| d.map_or(Value::Null, |d| Value::String(d.to_string()));
-        let s = |s: Option<&str>| s.map_or(Value::Null, |s| Value::String(redact_pans(s)));
+        let s = |s: Option<&str>| s.map_or(Value::Null, |s| Value::String(shown(s)));
         match *self {
             Reader::Field(f) => match f {
-                Field::Id => Value::String(redact_pans(&c.txn.id)),
+                Field::Id => Value::String(c.txn.id.clone()),
                 Field::Card => Value::String(c.txn.masked_card()),
                 Field::Amount => dec(Some(c.txn.amount)),
-                Field::Currency => Value::String(redact_pans(c.currency)),
+                Field::Currency => Value::String(shown(c.currency)),
                 Field::Device => s(c.txn.device.as_deref()),
                 Field::Merchant => s(c.txn.merchant.as_deref()),
                 Field::Region => s(c.txn.region.as_deref()),
-                // A card number sent as the merchant category: shown masked (a string).
+                // A merchant category of fewer than 13 digits is no card number; one that
+                // is, is shown masked (a string).
                 Field::Mcc => c.txn.mcc.map_or(Value::Null, |m| {
+                    if m.unsigned_abs() < 1_000_000_000_000 {
+                        return Value::from(m);
+                    }
                     let text = m.to_string();
-                    match redact_pans(&text) {
+                    match shown(&text) {
                         masked if masked != text => Value::String(masked),
                         _ => Value::from(m),
                     }
@@ -379,8 +384,8 @@ impl Reader {
             },
             Reader::Attr(i) => match c.attrs[i] {
                 None => Value::Null,
-                Some(AttrValue::Str(v)) => Value::String(redact_pans(v)),
-                Some(AttrValue::Num(d)) => Value::String(redact_pans(&d.to_string())),
+                Some(AttrValue::Str(v)) => Value::String(shown(v)),
+                Some(AttrValue::Num(d)) => Value::String(shown(&d.to_string())),
                 Some(AttrValue::Bool(b)) => Value::Bool(*b),
             },
             Reader::IntFeature(i) => c.ints[i].map_or(Value::Null, Value::from),

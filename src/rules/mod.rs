@@ -404,10 +404,9 @@ struct Loader<'a> {
     needs_local_time: bool,
     cfg: &'a EngineConfig,
     key: HashKey,
+    /// Every file as read. Diagnostics quote them: a `LoadError` masks card numbers in
+    /// its copy (see `compile`).
     files: Vec<SourceFile>,
-    /// The original text of files kept in `files` with card numbers masked (string list
-    /// files, which diagnostics may quote): the rules version hashes the original.
-    originals: BTreeMap<usize, String>,
     diags: Vec<Diagnostic>,
     /// Lists and windows some expression reads (for the unused-name warnings).
     read_names: std::collections::BTreeSet<String>,
@@ -481,7 +480,6 @@ pub fn compile(
         cfg,
         key: cfg.hash_key,
         files,
-        originals: BTreeMap::new(),
         diags: Vec::new(),
         read_names: Default::default(),
     };
@@ -969,7 +967,7 @@ impl Loader<'_> {
                     id: id.into(),
                     // Both go into decisions: a card number an analyst wrote in them is
                     // shown masked.
-                    description: crate::txn::mask_card_numbers(&rd.description),
+                    description: crate::txn::mask_card_numbers(&rd.description).into_owned(),
                     reason: crate::txn::mask_card_numbers(
                         rd.reason.as_deref().unwrap_or(&rd.description),
                     )
@@ -1016,7 +1014,7 @@ impl Loader<'_> {
                 }
             })
             .collect();
-        let content_hash = content_hash(&self.files, &self.originals);
+        let content_hash = content_hash(&self.files);
         Some(RuleSet {
             version: format!("{label}+{}", &content_hash[..12]),
             label,
@@ -1140,19 +1138,9 @@ impl Loader<'_> {
                     }
                 };
                 let li = self.files.len();
-                // A diagnostic quotes its line: list files may hold card numbers (an int
-                // list as well), so the copy kept for diagnostics has them masked (same
-                // length, so spans still fit); the rules version hashes the original.
-                let shown = {
-                    let masked = crate::txn::redact_pans(&text);
-                    if masked != text {
-                        self.originals.insert(li, text.clone());
-                    }
-                    masked
-                };
                 self.files.push(SourceFile {
                     name: path,
-                    text: shown,
+                    text: text.clone(),
                 });
                 let mut strs = StrSet::default();
                 let mut nums = Vec::new();
@@ -1187,10 +1175,7 @@ impl Loader<'_> {
                                     "`until` needs an entry before it and a date after it"
                                         .to_string()
                                 } else {
-                                    format!(
-                                        "`{}` is not a date or time",
-                                        crate::txn::redact_pans(date)
-                                    )
+                                    format!("`{date}` is not a date or time")
                                 };
                                 self.err(
                                     "bad-list",
@@ -1533,7 +1518,7 @@ fn condition_text(src: &str) -> String {
             c => put(&mut out, &mut gap, c),
         }
     }
-    crate::txn::mask_card_numbers(&out)
+    crate::txn::mask_card_numbers(&out).into_owned()
 }
 
 /// `<entry> until <date>` on a list-file line: (entry, date), at the last word `until`
@@ -1613,10 +1598,10 @@ fn valid_name(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
-/// Whether `s` holds a card number (as [`crate::txn::mask_card_numbers`] finds them: a
-/// card's length, issuer prefix and check digit, so that a timestamp in a label is not one).
+/// Whether `s` holds a major network's card number (a card's length, issuer prefix and
+/// check digit, so that a timestamp in a label is not one).
 fn looks_like_card(s: &str) -> bool {
-    crate::txn::mask_card_numbers(s) != s
+    crate::txn::holds_card_number(s)
 }
 
 fn valid_rule_id(s: &str) -> bool {
@@ -1628,19 +1613,17 @@ fn valid_rule_id(s: &str) -> bool {
 
 /// Hex SipHash-128 over every file's content and its path relative to the rule directory,
 /// so the same rules give the same version wherever the directory lives.
-fn content_hash(files: &[SourceFile], originals: &BTreeMap<usize, String>) -> String {
+fn content_hash(files: &[SourceFile]) -> String {
     let root = Path::new(&files[0].name)
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let mut sorted: Vec<(String, &str)> = files
         .iter()
-        .enumerate()
-        .map(|(i, f)| {
+        .map(|f| {
             let p = Path::new(&f.name);
             let rel = p.strip_prefix(&root).unwrap_or(p);
-            let text = originals.get(&i).map_or(f.text.as_str(), String::as_str);
-            (rel.to_string_lossy().replace('\\', "/"), text)
+            (rel.to_string_lossy().replace('\\', "/"), f.text.as_str())
         })
         .collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
