@@ -390,6 +390,10 @@ fn shard_of(card: &str, n: usize) -> usize {
 impl Running {
     /// Loads the rules, connects, subscribes and starts the workers.
     pub async fn start(opts: RunOptions) -> Result<Running, ServiceError> {
+        // The watcher first: an edit while the rules are read, or anywhere in the start
+        // (a snapshot restore can take minutes), is then seen. Its error waits for the
+        // rules' own (a missing directory is said better by the rule loader).
+        let watching = watch_rules(&opts.rules_dir);
         let rs = crate::rules::load_dir(&opts.rules_dir, &opts.engine).map_err(|e| {
             ServiceError::Rules {
                 dir: opts.rules_dir.display().to_string(),
@@ -515,26 +519,34 @@ impl Running {
                 "[service] stall_after must be between 500ms and 60s".into(),
             ));
         }
-        let (watcher, reload) = reload_task(
+        let (watcher, mut changes) = watching?;
+        let debounce = duration("reload_debounce", &opts.file.service.reload_debounce)?;
+        // The rules changed since they were read (the start may have taken minutes):
+        // reloaded now, before any transaction (a JetStream replay) is decided. Without a
+        // change, nothing is read again.
+        let mut changed = false;
+        while changes.try_recv().is_ok() {
+            changed = true;
+        }
+        if changed {
+            self::reload(
+                &opts.rules_dir,
+                &opts.engine,
+                &engine,
+                &counters,
+                "change during startup",
+            )
+            .await;
+        }
+        let reload = reload_task(
+            changes,
             opts.rules_dir.clone(),
             opts.engine.clone(),
             engine.clone(),
             counters.clone(),
-            duration("reload_debounce", &opts.file.service.reload_debounce)?,
+            debounce,
             stop_rx.clone(),
-        )?;
-        // The rules were loaded before the watcher existed, perhaps a snapshot restore
-        // ago: an edit in between had nobody to see it. One look now that the watcher
-        // runs, before any transaction (a JetStream replay) is decided; the version is a
-        // hash of the files, so if nothing changed, nothing is swapped.
-        self::reload(
-            &opts.rules_dir,
-            &opts.engine,
-            &engine,
-            &counters,
-            "change during startup",
-        )
-        .await;
+        );
         let client =
             transport::connect(&opts.file.nats, &opts.nats_url, "check", counters.clone()).await?;
         let stream =
@@ -1539,18 +1551,13 @@ async fn queue_monitor(counters: Arc<Counters>, mut stop: watch::Receiver<bool>)
     }
 }
 
-/// Watches the rule directory (recursively: list files live in subdirectories) and
-/// SIGHUP; reloads after `debounce` of quiet.
-fn reload_task(
-    dir: PathBuf,
-    cfg: EngineConfig,
-    engine: Arc<Engine>,
-    counters: Arc<Counters>,
-    debounce: Duration,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(notify::RecommendedWatcher, JoinHandle<()>), ServiceError> {
+/// Watches the rule directory (recursively: list files live in subdirectories): one
+/// message per change. Started before the rules are first read, so that no edit is missed.
+fn watch_rules(
+    dir: &Path,
+) -> Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>), ServiceError> {
     use notify::{EventKind, RecursiveMode, Watcher};
-    let (tx, mut rx) = mpsc::unbounded_channel::<()>();
+    let (tx, rx) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res {
             // Editors save by writing a temp file and renaming it over the original:
@@ -1565,12 +1572,26 @@ fn reload_task(
         source,
     })?;
     watcher
-        .watch(&dir, RecursiveMode::Recursive)
+        .watch(dir, RecursiveMode::Recursive)
         .map_err(|source| ServiceError::Watch {
             dir: dir.display().to_string(),
             source,
         })?;
-    let task = tokio::spawn(async move {
+    Ok((watcher, rx))
+}
+
+/// Reloads on the watcher's changes (`rx`, from [`watch_rules`]) after `debounce` of quiet,
+/// and at once on SIGHUP.
+fn reload_task(
+    mut rx: mpsc::UnboundedReceiver<()>,
+    dir: PathBuf,
+    cfg: EngineConfig,
+    engine: Arc<Engine>,
+    counters: Arc<Counters>,
+    debounce: Duration,
+    mut stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
         #[cfg(unix)]
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut pending: Option<tokio::time::Instant> = None;
@@ -1606,8 +1627,7 @@ fn reload_task(
             pending = None;
             reload(&dir, &cfg, &engine, &counters, cause).await;
         }
-    });
-    Ok((watcher, task))
+    })
 }
 
 /// Compiles the directory and swaps it in, or logs every error and keeps the old rules.

@@ -400,7 +400,8 @@ async fn a_sighup_during_startup_does_not_kill_the_engine() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Let the rule load go on (opening a FIFO for writing waits for its reader; a killed
     // reader leaves none, so this is done off the runtime and not waited for then). For
-    // every read: the start reads the directory again once its watcher runs. A write that
+    // every read: the write itself is a change the watcher sees, which the start loads
+    // again (reading the FIFO once more). A write that
     // meets a reader closing (a broken pipe) is tried again. The thread ends waiting for a
     // reader that never comes, or when the FIFO is gone, and is left to the test process.
     let (wrote, first_write) = std::sync::mpsc::channel();
