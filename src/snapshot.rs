@@ -1,16 +1,33 @@
-//! Snapshot files: a magic header, a format version, then the [`StateSnapshot`] encoded
-//! with bincode. Written to a temporary file in the same directory, fsynced, then renamed
-//! over the target (and the directory fsynced), so a crash leaves the old snapshot or the
-//! new one, never half of one.
+//! Snapshot files: a magic header, a file format version, the [`StateSnapshot`] encoded
+//! with bincode, then a 64-bit checksum of that body. Written to a temporary file in the
+//! same directory, fsynced, then renamed over the target (and the directory fsynced), so a
+//! crash leaves the old snapshot or the new one, never half of one.
+//!
+//! Reading checks the checksum before decoding anything, so a file damaged after it was
+//! written (a bad disk, a botched copy) is refused as corrupt instead of restoring wrong
+//! counts; and decoding is bounded by the body's size, so no length field, however
+//! damaged, makes it allocate more than the file could hold (bincode allocates a string's
+//! bytes before reading them, and an absurd length aborted the process before the
+//! operator's `on_bad` choice could apply).
 
 use std::io::{Read, Write};
 use std::path::Path;
 
-use crate::engine::{
-    Cursor, EncodedSnapshot, Engine, Restored, SnapshotError, StateSnapshot, SNAPSHOT_FORMAT,
-};
+use crate::engine::{Cursor, EncodedSnapshot, Engine, Restored, SnapshotError, StateSnapshot};
 
 const MAGIC: &[u8; 8] = b"FGSNAP\0\0";
+
+/// Version of the file layout. 3: header, body, checksum of the body. 2 (read, for files
+/// of the build before): header and body, no checksum. The body's own types are versioned
+/// by [`crate::engine::SNAPSHOT_FORMAT`], inside it.
+pub const FILE_FORMAT: u32 = 3;
+const FILE_FORMAT_UNCHECKED: u32 = 2;
+
+/// The checksum of a body: SipHash-1-3 under fixed keys (not a secret: it detects damage,
+/// not tampering; the file is the owner's alone).
+fn checksum() -> siphasher::sip::SipHasher13 {
+    siphasher::sip::SipHasher13::new_with_keys(0x4647_534e_4150_2d63, 0x6865_636b_7375_6d33)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotFileError {
@@ -50,9 +67,12 @@ pub fn save(
 
 /// Reads the snapshot at `path` into `engine`. `Ok(None)` when there is no file yet.
 pub fn load(engine: &Engine, path: &Path) -> Result<Option<Restored>, SnapshotFileError> {
-    if !path.exists() {
+    // A file that cannot be looked at (a directory without search permission) is an
+    // error, not "no snapshot": starting empty would lose every count it holds.
+    if !path.try_exists().map_err(io(path))? {
         return Ok(None);
     }
+    remove_stale_temps(path);
     let snap = read(path)?;
     engine
         .restore(snap)
@@ -76,13 +96,7 @@ pub fn write(path: &Path, snap: &EncodedSnapshot) -> Result<u64, SnapshotFileErr
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
+    let tmp = temp_path(dir, path, std::process::id());
     let result = (|| {
         // Owner-only: the file holds the retry table's decisions (masked cards, merchants,
         // amounts) and every key's history. A stale temp file of a crashed writer with this
@@ -93,20 +107,24 @@ pub fn write(path: &Path, snap: &EncodedSnapshot) -> Result<u64, SnapshotFileErr
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
         let f = open.open(&tmp)?;
-        let mut w = Counting {
-            inner: std::io::BufWriter::with_capacity(1 << 20, f),
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
+        out.write_all(MAGIC)?;
+        out.write_all(&FILE_FORMAT.to_le_bytes())?;
+        let mut w = Summing {
+            inner: out,
             bytes: 0,
+            sum: checksum(),
         };
-        w.write_all(MAGIC)?;
-        w.write_all(&SNAPSHOT_FORMAT.to_le_bytes())?;
         snap.encode_body(&mut w).map_err(std::io::Error::other)?;
-        let bytes = w.bytes;
-        let f = w.inner.into_inner().map_err(|e| e.into_error())?;
+        let (mut out, sum) = (w.inner, w.sum);
+        out.write_all(&std::hash::Hasher::finish(&sum).to_le_bytes())?;
+        let bytes = 12 + w.bytes + 8;
+        let f = out.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
+        // The rename is durable only once the directory is: a failure here is a failed
+        // snapshot (the next one tries again), not a success that a power cut undoes.
+        std::fs::File::open(dir)?.sync_all()?;
         Ok::<u64, std::io::Error>(bytes)
     })();
     if result.is_err() {
@@ -115,15 +133,71 @@ pub fn write(path: &Path, snap: &EncodedSnapshot) -> Result<u64, SnapshotFileErr
     result.map_err(io(path))
 }
 
-/// A writer that counts what went through it.
-struct Counting<W> {
-    inner: W,
-    bytes: u64,
+/// The temporary file [`write`] uses for `path` in this process.
+fn temp_path(dir: &Path, path: &Path, pid: u32) -> std::path::PathBuf {
+    dir.join(format!(
+        ".{}.tmp-{pid}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+    ))
 }
 
-impl<W: Write> Write for Counting<W> {
+/// Removes temporary files that writers killed mid-write left beside `path` (each is as big
+/// as a snapshot, and a restarted engine has another pid, so they were never reused). Only
+/// files of processes that no longer exist: another live engine's write is left alone.
+/// Linux only (`/proc`); best effort.
+fn remove_stale_temps(path: &Path) {
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let file = e.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => tracing::info!(
+                    file = %e.path().display(),
+                    "removed the temporary file of a snapshot write that did not finish"
+                ),
+                Err(err) => tracing::warn!(
+                    file = %e.path().display(),
+                    error = %err,
+                    "could not remove the temporary file of an unfinished snapshot write"
+                ),
+            }
+        }
+    }
+}
+
+/// A writer that counts and checksums what went through it.
+struct Summing<W> {
+    inner: W,
+    bytes: u64,
+    sum: siphasher::sip::SipHasher13,
+}
+
+impl<W: Write> Write for Summing<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let n = self.inner.write(buf)?;
+        std::hash::Hasher::write(&mut self.sum, &buf[..n]);
         self.bytes += n as u64;
         Ok(n)
     }
@@ -143,22 +217,35 @@ pub fn read(path: &Path) -> Result<StateSnapshot, SnapshotFileError> {
         });
     }
     let found = u32::from_le_bytes([head[8], head[9], head[10], head[11]]);
-    if found != SNAPSHOT_FORMAT {
+    if found != FILE_FORMAT && found != FILE_FORMAT_UNCHECKED {
         return Err(SnapshotFileError::Format {
             path: path.display().to_string(),
             found,
-            expected: SNAPSHOT_FORMAT,
+            expected: FILE_FORMAT,
         });
     }
+    let corrupt = |message: String| SnapshotFileError::Corrupt {
+        path: path.display().to_string(),
+        message,
+    };
     let mut body = Vec::new();
     f.read_to_end(&mut body).map_err(io(path))?;
-    let (snap, used): (StateSnapshot, usize) =
-        bincode::serde::decode_from_slice(&body, bincode::config::standard()).map_err(|e| {
-            SnapshotFileError::Corrupt {
-                path: path.display().to_string(),
-                message: e.to_string(),
-            }
-        })?;
+    if found == FILE_FORMAT {
+        let Some(at) = body.len().checked_sub(8) else {
+            return Err(corrupt("too short to hold its checksum".into()));
+        };
+        let stored = u64::from_le_bytes(body[at..].try_into().expect("8 bytes"));
+        body.truncate(at);
+        let mut sum = checksum();
+        std::hash::Hasher::write(&mut sum, &body);
+        if std::hash::Hasher::finish(&sum) != stored {
+            return Err(corrupt(
+                "its checksum does not match: the file was damaged or changed after it was written"
+                    .into(),
+            ));
+        }
+    }
+    let (snap, used) = decode_bounded(&body).map_err(|e| corrupt(e.to_string()))?;
     if used != body.len() {
         return Err(SnapshotFileError::Corrupt {
             path: path.display().to_string(),
@@ -168,9 +255,181 @@ pub fn read(path: &Path) -> Result<StateSnapshot, SnapshotFileError> {
     Ok(snap)
 }
 
+/// Decodes a body with bincode's byte limit set to a power of four at or above the body's
+/// length. bincode charges the limit with every string's and byte buffer's length before
+/// it allocates them, and a snapshot's strings are part of its body, so a sound file stays
+/// within the limit and a damaged length is an error instead of an allocation of up to
+/// 2^64 bytes. (The limit is a const parameter: one decoder per arm.)
+fn decode_bounded(body: &[u8]) -> Result<(StateSnapshot, usize), bincode::error::DecodeError> {
+    macro_rules! arms {
+        ($($bits:literal)*) => {
+            $(
+                if body.len() <= 1usize << $bits {
+                    return bincode::serde::decode_from_slice(
+                        body,
+                        bincode::config::standard().with_limit::<{ 1usize << $bits }>(),
+                    );
+                }
+            )*
+        };
+    }
+    arms!(16 18 20 22 24 26 28 30 32 34 36 38 40);
+    Err(bincode::error::DecodeError::LimitExceeded)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::txn::Transaction;
+    use rust_decimal::Decimal;
+
+    fn shipped_engine() -> Engine {
+        let cfg = crate::config::EngineConfig::default();
+        let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+        Engine::new(crate::rules::load_dir(&rules, &cfg).unwrap(), cfg)
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("fraudgate-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// An engine with a few cards' windows and retry-table entries, saved to `path`.
+    fn saved(path: &Path) -> Engine {
+        let engine = shipped_engine();
+        for i in 0..20 {
+            let mut t = Transaction::new(
+                format!("t{i}"),
+                format!("41111111111111{:02}", i % 5),
+                Decimal::new(100 + i, 0),
+            );
+            t.merchant = Some(format!("m{}", i % 3));
+            t.ts_ms = Some(1_795_687_200_000 + i * 1_000);
+            engine.decide(&t, 1_795_687_200_000 + i * 1_000);
+        }
+        save(&engine, path, 1_795_687_300_000, Cursor::default).unwrap();
+        engine
+    }
+
+    fn with_checksum(body: &[u8]) -> Vec<u8> {
+        let mut file = Vec::from(&MAGIC[..]);
+        file.extend(FILE_FORMAT.to_le_bytes());
+        file.extend(body);
+        let mut sum = checksum();
+        std::hash::Hasher::write(&mut sum, body);
+        file.extend(std::hash::Hasher::finish(&sum).to_le_bytes());
+        file
+    }
+
+    /// A length field damaged into an absurd size (with a checksum that matches, as if the
+    /// damage happened before it was computed) is a corrupt snapshot: bincode used to
+    /// allocate the string before reading it, and the process aborted before `on_bad`.
+    #[test]
+    fn an_absurd_length_is_corrupt_not_an_abort() {
+        let dir = temp_dir("snaplen");
+        let path = dir.join("state.snap");
+        fn put<T: serde::Serialize>(body: &mut Vec<u8>, v: T) {
+            body.extend(bincode::serde::encode_to_vec(v, bincode::config::standard()).unwrap());
+        }
+        let mut body = Vec::new();
+        put(&mut body, crate::engine::SNAPSHOT_FORMAT);
+        put(&mut body, 7u64); // key fingerprint
+        put(&mut body, 1_000i64); // resolution
+        put(&mut body, 1_795_687_300_000i64); // taken at
+        put(&mut body, Cursor::default());
+        put(&mut body, 1u64); // one group, whose signature's length is 2^62 bytes
+        body.push(0xfd);
+        body.extend((1u64 << 62).to_le_bytes());
+        body.extend(b"card");
+        std::fs::write(&path, with_checksum(&body)).unwrap();
+        let err = read(&path).unwrap_err();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(matches!(err, SnapshotFileError::Corrupt { .. }), "{err}");
+    }
+
+    /// One byte changed anywhere in a saved snapshot: refused as corrupt, with the reason,
+    /// instead of restoring whatever the damaged bytes decode to.
+    #[test]
+    fn a_damaged_byte_is_caught_by_the_checksum() {
+        let dir = temp_dir("snapsum");
+        let path = dir.join("state.snap");
+        saved(&path);
+        let good = std::fs::read(&path).unwrap();
+        assert!(read(&path).is_ok());
+        // Byte by byte through the body, in steps (every one would take too long).
+        let mut caught = 0;
+        for at in (12..good.len()).step_by(good.len() / 40 + 1) {
+            let mut bad = good.clone();
+            bad[at] ^= 0x10;
+            std::fs::write(&path, &bad).unwrap();
+            match read(&path) {
+                Err(SnapshotFileError::Corrupt { message, .. }) => {
+                    assert!(message.contains("checksum"), "{message}");
+                    caught += 1;
+                }
+                other => panic!("byte {at} changed: {other:?}"),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(caught >= 20, "{caught}");
+    }
+
+    /// A snapshot written by the build before (file format 2: no checksum) is still read,
+    /// so an upgrade keeps the windows.
+    #[test]
+    fn a_file_without_a_checksum_is_still_read() {
+        let dir = temp_dir("snapold");
+        let path = dir.join("state.snap");
+        let engine = saved(&path);
+        let snap = engine.snapshot(1_795_687_300_000, Cursor::default);
+        let mut old = Vec::from(&MAGIC[..]);
+        old.extend(FILE_FORMAT_UNCHECKED.to_le_bytes());
+        snap.encode_body(&mut old).unwrap();
+        std::fs::write(&path, &old).unwrap();
+        let back = read(&path);
+        let restored = shipped_engine().restore(back.unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
+        let r = restored.unwrap();
+        assert_eq!(r.ids, 20);
+        assert!(r.keys > 0);
+    }
+
+    /// Loading removes the temporary files of writers that died mid-write, and only theirs.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn loading_removes_temp_files_of_dead_writers() {
+        let dir = temp_dir("snaptmp");
+        let path = dir.join("state.snap");
+        saved(&path);
+        let dead = temp_path(&dir, &path, 4_000_000_000);
+        let live = temp_path(&dir, &path, 1);
+        let other = dir.join(".other.snap.tmp-4000000000");
+        for f in [&dead, &live, &other] {
+            std::fs::write(f, b"partial").unwrap();
+        }
+        let loaded = load(&shipped_engine(), &path);
+        let left = [&dead, &live, &other].map(|f| f.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(loaded.unwrap().is_some());
+        assert_eq!(left, [false, true, true]);
+    }
+
+    /// A snapshot path that cannot be looked at is an error at start, not "no snapshot
+    /// yet" (which would start empty, and every later write would fail).
+    #[test]
+    fn a_path_that_cannot_be_looked_at_is_an_error() {
+        let dir = temp_dir("snapdir");
+        let file = dir.join("a-file");
+        std::fs::write(&file, b"x").unwrap();
+        let loaded = load(&shipped_engine(), &file.join("state.snap"));
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            matches!(loaded, Err(SnapshotFileError::Io { .. })),
+            "{loaded:?}"
+        );
+    }
 
     /// The snapshot is readable by its owner only, whatever the umask.
     #[cfg(unix)]
