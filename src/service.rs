@@ -238,8 +238,6 @@ pub struct Running {
     intake: Vec<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
-    /// Keeps the file watcher alive.
-    _watcher: Option<notify::RecommendedWatcher>,
     snapshots: Option<Snapshots>,
     watchdog: Watchdog,
 }
@@ -540,6 +538,7 @@ impl Running {
         }
         let reload = reload_task(
             changes,
+            watcher,
             opts.rules_dir.clone(),
             opts.engine.clone(),
             engine.clone(),
@@ -669,7 +668,6 @@ impl Running {
             intake,
             workers,
             background,
-            _watcher: Some(watcher),
             snapshots,
             watchdog,
         })
@@ -1553,37 +1551,149 @@ async fn queue_monitor(counters: Arc<Counters>, mut stop: watch::Receiver<bool>)
 
 /// Watches the rule directory (recursively: list files live in subdirectories): one
 /// message per change. Started before the rules are first read, so that no edit is missed.
-fn watch_rules(
-    dir: &Path,
-) -> Result<(notify::RecommendedWatcher, mpsc::UnboundedReceiver<()>), ServiceError> {
-    use notify::{EventKind, RecursiveMode, Watcher};
-    let (tx, rx) = mpsc::unbounded_channel::<()>();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if let Ok(ev) = res {
-            // Editors save by writing a temp file and renaming it over the original:
-            // creations, modifications, renames and removals all count.
-            if !matches!(ev.kind, EventKind::Access(_)) {
-                let _ = tx.send(());
+///
+/// inotify watches the directory's inode, not its path: a directory replaced under the same
+/// path (`mv rules.new rules`, `rm -rf rules && cp -r ...`, a release symlink switched to
+/// another directory) would never be heard from again, and every later edit (a freeze
+/// written to a list file) would wait for a SIGHUP. So [`RulesWatch::follow`], called every
+/// second by the reload task, compares what the path leads to now with what is watched,
+/// and watches the new directory when they differ.
+struct RulesWatch {
+    dir: PathBuf,
+    tx: mpsc::UnboundedSender<()>,
+    watcher: notify::RecommendedWatcher,
+    /// What `dir` led to when it was watched (real path, device, inode).
+    identity: Option<DirIdentity>,
+}
+
+type DirIdentity = (PathBuf, u64, u64);
+
+/// What `dir` leads to now (symlinks followed), or `None` while it does not exist.
+fn dir_identity(dir: &Path) -> Option<DirIdentity> {
+    let real = std::fs::canonicalize(dir).ok()?;
+    let meta = std::fs::metadata(&real).ok()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        Some((real, meta.dev(), meta.ino()))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = meta;
+        Some((real, 0, 0))
+    }
+}
+
+/// Files that are not the rules and change often: editors' swap, backup and lock files
+/// (vim writes its swap file every few seconds while a file is open) and a git checkout's
+/// own directory. A change that touches nothing else reloads nothing.
+fn not_rules(dir: &Path, path: &Path) -> bool {
+    let rel = path.strip_prefix(dir).unwrap_or(path);
+    if rel.components().any(|c| c.as_os_str() == ".git") {
+        return true;
+    }
+    let name = rel
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    name.ends_with('~')
+        || [".swp", ".swx", ".swo"].iter().any(|x| name.ends_with(x))
+        || name.starts_with(".#")
+        || (name.starts_with('#') && name.ends_with('#'))
+        || name == "4913" // vim's test of whether it may write in the directory
+}
+
+impl RulesWatch {
+    fn new(dir: &Path, tx: mpsc::UnboundedSender<()>) -> Result<RulesWatch, ServiceError> {
+        // What the path leads to is read before the watch starts: a replacement in between
+        // then shows at the first `follow`.
+        let identity = dir_identity(dir);
+        let watcher = Self::watcher(dir, tx.clone())?;
+        Ok(RulesWatch {
+            dir: dir.to_path_buf(),
+            tx,
+            watcher,
+            identity,
+        })
+    }
+
+    fn watcher(
+        dir: &Path,
+        tx: mpsc::UnboundedSender<()>,
+    ) -> Result<notify::RecommendedWatcher, ServiceError> {
+        use notify::{EventKind, RecursiveMode, Watcher};
+        let root = dir.to_path_buf();
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if let Ok(ev) = res {
+                // Editors save by writing a temp file and renaming it over the
+                // original: creations, modifications, renames and removals all count,
+                // unless every path of the event is an editor's or git's own file (an
+                // event without a path, a rescan, counts).
+                let only_noise =
+                    !ev.paths.is_empty() && ev.paths.iter().all(|p| not_rules(&root, p));
+                if !matches!(ev.kind, EventKind::Access(_)) && !only_noise {
+                    let _ = tx.send(());
+                }
             }
-        }
-    })
-    .map_err(|source| ServiceError::Watch {
-        dir: dir.display().to_string(),
-        source,
-    })?;
-    watcher
-        .watch(dir, RecursiveMode::Recursive)
+        })
         .map_err(|source| ServiceError::Watch {
             dir: dir.display().to_string(),
             source,
         })?;
-    Ok((watcher, rx))
+        watcher
+            .watch(dir, RecursiveMode::Recursive)
+            .map_err(|source| ServiceError::Watch {
+                dir: dir.display().to_string(),
+                source,
+            })?;
+        Ok(watcher)
+    }
+
+    /// Watches what the path leads to now, if that is another directory than the one
+    /// watched; true when it did (the caller reloads). A path that leads nowhere for the
+    /// moment (between `rm -rf` and `cp -r`) keeps the old watch until it does.
+    fn follow(&mut self) -> bool {
+        let Some(now) = dir_identity(&self.dir) else {
+            return false;
+        };
+        if self.identity.as_ref() == Some(&now) {
+            return false;
+        }
+        match Self::watcher(&self.dir, self.tx.clone()) {
+            Ok(w) => {
+                tracing::info!(
+                    dir = %self.dir.display(),
+                    now = %now.0.display(),
+                    "the rules directory was replaced: watching the new one"
+                );
+                self.watcher = w;
+                self.identity = Some(now);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not watch the replaced rules directory; trying again");
+                false
+            }
+        }
+    }
 }
 
-/// Reloads on the watcher's changes (`rx`, from [`watch_rules`]) after `debounce` of quiet,
-/// and at once on SIGHUP.
+fn watch_rules(dir: &Path) -> Result<(RulesWatch, mpsc::UnboundedReceiver<()>), ServiceError> {
+    let (tx, rx) = mpsc::unbounded_channel::<()>();
+    Ok((RulesWatch::new(dir, tx)?, rx))
+}
+
+/// How long a run of changes may put a reload off, in debounce periods: a file that keeps
+/// changing (a feed appending to a list every 200 ms) must not hold every reload back.
+const MAX_DEFER_DEBOUNCES: u32 = 10;
+
+/// Reloads on the watcher's changes (`rx`, from [`watch_rules`]) after `debounce` of quiet
+/// (at most [`MAX_DEFER_DEBOUNCES`] debounces after the first change of a run), when the
+/// directory is replaced (after the same quiet), and at once on SIGHUP.
+#[allow(clippy::too_many_arguments)]
 fn reload_task(
     mut rx: mpsc::UnboundedReceiver<()>,
+    mut watch: RulesWatch,
     dir: PathBuf,
     cfg: EngineConfig,
     engine: Arc<Engine>,
@@ -1595,6 +1705,10 @@ fn reload_task(
         #[cfg(unix)]
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         let mut pending: Option<tokio::time::Instant> = None;
+        let mut first: Option<tokio::time::Instant> = None;
+        let mut replaced = false;
+        let mut look = tokio::time::interval(Duration::from_secs(1));
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
             #[cfg(unix)]
             let sighup = async {
@@ -1607,24 +1721,39 @@ fn reload_task(
             };
             #[cfg(not(unix))]
             let sighup = std::future::pending::<()>();
-            // Debounce: a change arms a deadline; more changes push it back; SIGHUP
-            // reloads at once whatever is pending.
+            // Debounce: a change arms a deadline; more changes push it back, up to a cap
+            // from the first; SIGHUP reloads at once whatever is pending.
             let quiet = async {
                 match pending {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending::<()>().await,
                 }
             };
+            let mut changed = |pending: &mut Option<tokio::time::Instant>| {
+                let now = tokio::time::Instant::now();
+                let first = *first.get_or_insert(now);
+                *pending = Some((now + debounce).min(first + debounce * MAX_DEFER_DEBOUNCES));
+            };
             let cause = tokio::select! {
                 Some(()) = rx.recv() => {
-                    pending = Some(tokio::time::Instant::now() + debounce);
+                    changed(&mut pending);
                     continue;
                 }
-                _ = quiet => "file change",
+                _ = look.tick() => {
+                    // A directory copied into place may still be filling: reload after
+                    // the same quiet as for any change.
+                    if watch.follow() {
+                        replaced = true;
+                        changed(&mut pending);
+                    }
+                    continue;
+                }
+                _ = quiet => if std::mem::take(&mut replaced) { "rules directory replaced" } else { "file change" },
                 _ = sighup => "SIGHUP",
                 _ = stop.changed() => break,
             };
             pending = None;
+            first = None;
             reload(&dir, &cfg, &engine, &counters, cause).await;
         }
     })
@@ -1899,5 +2028,164 @@ mod tests {
             shard_of("4111111111111111", n),
             shard_of("4111111111111111", n)
         );
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("fraudgate-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap().flatten() {
+            let target = to.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                copy_dir(&e.path(), &target);
+            } else {
+                std::fs::copy(e.path(), &target).unwrap();
+            }
+        }
+    }
+
+    async fn heard(rx: &mut mpsc::UnboundedReceiver<()>, within: Duration) -> bool {
+        let got = tokio::time::timeout(within, rx.recv()).await.is_ok();
+        // The rest of the same change's events.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        while rx.try_recv().is_ok() {}
+        got
+    }
+
+    /// A rules directory moved away and another moved into its place: the old watch
+    /// hears nothing of the new one, `follow` sees the replacement once, and edits of the
+    /// new directory are heard from then on.
+    #[tokio::test]
+    async fn a_rules_directory_moved_into_place_is_watched() {
+        let base = temp_dir("rewatch-mv");
+        let dir = base.join("rules");
+        std::fs::create_dir_all(dir.join("lists")).unwrap();
+        std::fs::write(dir.join("a.toml"), "").unwrap();
+        let (mut w, mut rx) = watch_rules(&dir).unwrap();
+        std::fs::write(dir.join("a.toml"), "# 1").unwrap();
+        assert!(heard(&mut rx, Duration::from_secs(5)).await);
+        assert!(!w.follow(), "nothing replaced yet");
+        std::fs::rename(&dir, base.join("rules.old")).unwrap();
+        let new = base.join("rules.new");
+        std::fs::create_dir_all(new.join("lists")).unwrap();
+        std::fs::write(new.join("a.toml"), "").unwrap();
+        std::fs::rename(&new, &dir).unwrap();
+        heard(&mut rx, Duration::from_millis(300)).await;
+        std::fs::write(dir.join("lists/l.txt"), "x\n").unwrap();
+        let before = heard(&mut rx, Duration::from_millis(500)).await;
+        assert!(w.follow(), "the replacement is seen");
+        assert!(!w.follow(), "and only once");
+        std::fs::write(dir.join("lists/l.txt"), "y\n").unwrap();
+        let after = heard(&mut rx, Duration::from_secs(5)).await;
+        let _ = std::fs::remove_dir_all(&base);
+        assert!(!before, "the old watch heard the new directory");
+        assert!(after, "an edit of the new directory was not heard");
+    }
+
+    /// A release symlink switched to another directory (no event at all reaches the old
+    /// watch): `follow` watches the new target, and the old one is no longer heard.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_switched_release_symlink_is_followed() {
+        let base = temp_dir("rewatch-ln");
+        let (r1, r2) = (base.join("r1"), base.join("r2"));
+        for r in [&r1, &r2] {
+            std::fs::create_dir_all(r).unwrap();
+            std::fs::write(r.join("a.toml"), "").unwrap();
+        }
+        let current = base.join("current");
+        std::os::unix::fs::symlink(&r1, &current).unwrap();
+        let (mut w, mut rx) = watch_rules(&current).unwrap();
+        let flip = base.join("current.tmp");
+        std::os::unix::fs::symlink(&r2, &flip).unwrap();
+        std::fs::rename(&flip, &current).unwrap();
+        std::fs::write(r2.join("a.toml"), "# 2").unwrap();
+        let before = heard(&mut rx, Duration::from_millis(500)).await;
+        let followed = w.follow();
+        std::fs::write(r2.join("a.toml"), "# 3").unwrap();
+        let after = heard(&mut rx, Duration::from_secs(5)).await;
+        std::fs::write(r1.join("a.toml"), "# old").unwrap();
+        let old = heard(&mut rx, Duration::from_millis(500)).await;
+        let _ = std::fs::remove_dir_all(&base);
+        assert!(
+            !before && followed && after && !old,
+            "{before} {followed} {after} {old}"
+        );
+    }
+
+    #[test]
+    fn editor_and_git_files_are_not_rules() {
+        let d = Path::new("/etc/fraudgate/rules");
+        for p in [
+            "lists/.blocked_cards.txt.swp",
+            ".limits.toml.swx",
+            "limits.toml~",
+            ".#limits.toml",
+            "#limits.toml#",
+            "4913",
+            ".git/FETCH_HEAD",
+            ".git/objects/ab/cdef",
+        ] {
+            assert!(not_rules(d, &d.join(p)), "{p}");
+        }
+        for p in [
+            "limits.toml",
+            "lists/blocked_cards.txt",
+            "..data",
+            "..2026_11_27_10_00_00.123/limits.toml",
+            "",
+        ] {
+            assert!(!not_rules(d, &d.join(p)), "{p}");
+        }
+    }
+
+    /// Changes every 100 ms for longer than any debounce: the reload comes after at most
+    /// MAX_DEFER_DEBOUNCES debounces (3 s here), not when the changes stop (they never
+    /// would, for a feed appending to a list file).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_that_keeps_changing_does_not_hold_reloads_back() {
+        let base = temp_dir("reload-cap");
+        let dir = base.join("rules");
+        copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"), &dir);
+        let cfg = EngineConfig::default();
+        let engine = Arc::new(Engine::new(
+            crate::rules::load_dir(&dir, &cfg).unwrap(),
+            cfg.clone(),
+        ));
+        let v0 = engine.rules().version.clone();
+        let head = dir.join("00-ruleset.toml");
+        let text = std::fs::read_to_string(&head).unwrap();
+        let bumped = text.replacen("version = \"", "version = \"9", 1);
+        assert_ne!(text, bumped);
+        std::fs::write(&head, bumped).unwrap();
+        let (watch, _) = watch_rules(&dir).unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = reload_task(
+            rx,
+            watch,
+            dir.clone(),
+            cfg,
+            engine.clone(),
+            Arc::new(Counters::new()),
+            Duration::from_millis(300),
+            stop_rx,
+        );
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(6) && engine.rules().version == v0 {
+            let _ = tx.send(());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let took = start.elapsed();
+        let _ = stop_tx.send(true);
+        let _ = task.await;
+        let _ = std::fs::remove_dir_all(&base);
+        assert_ne!(engine.rules().version, v0, "no reload in {took:?}");
+        assert!(took >= Duration::from_millis(2_500), "{took:?}");
     }
 }
