@@ -371,7 +371,9 @@ impl std::fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
-/// Reads a rule directory (every `*.toml`, sorted by name, not recursive) and compiles it.
+/// Reads a rule directory (every `*.toml` but hidden ones, sorted by name, not recursive)
+/// and compiles it. Hidden files (`.draft.toml`, macOS's `._limits.toml`) are not rules,
+/// as a shell's `*.toml` would not match them.
 pub fn load_dir(dir: &Path, cfg: &EngineConfig) -> Result<RuleSet, LoadError> {
     let fail = |msg: String| LoadError {
         files: Vec::new(),
@@ -381,7 +383,13 @@ pub fn load_dir(dir: &Path, cfg: &EngineConfig) -> Result<RuleSet, LoadError> {
         .map_err(|e| fail(format!("cannot read rule directory {}: {e}", dir.display())))?;
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "toml")
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+                && p.is_file()
+        })
         .collect();
     paths.sort();
     let mut files = Vec::new();

@@ -7,7 +7,6 @@
 //! (non-associative); `+ -`; `* / %`; unary `-`.
 
 use std::ops::Range;
-use std::str::FromStr;
 
 use rust_decimal::Decimal;
 
@@ -200,9 +199,16 @@ fn lex(src: &str) -> Result<Vec<(Tok, Span)>, SyntaxError> {
                     ));
                 }
                 let text: String = src[start..i].chars().filter(|&c| c != '_').collect();
-                let d = Decimal::from_str_exact(&text)
-                    .or_else(|_| Decimal::from_str(&text))
-                    .map_err(|_| err(start..i, "number out of range", "too large"))?;
+                // Exactly as written or not at all: a number with more digits than a
+                // decimal holds (28 after the point) would be rounded without a word, and
+                // `amount > 0.00000000000000000000000000001` would mean `amount > 0`.
+                let d = Decimal::from_str_exact(&text).map_err(|_| {
+                    err(
+                        start..i,
+                        "number out of range",
+                        "too large or too precise (at most 28 significant digits)",
+                    )
+                })?;
                 out.push((Tok::Num(d, int), start..i));
                 continue;
             }
@@ -367,13 +373,12 @@ pub fn canonical(src: &str) -> Option<String> {
 /// Parses one expression.
 pub fn parse(src: &str) -> Result<Expr, SyntaxError> {
     let toks = lex(src)?;
-    if toks.len() > MAX_TOKENS {
+    // The lexer's end-of-input token is not one the analyst wrote.
+    let written = toks.len().saturating_sub(1);
+    if written > MAX_TOKENS {
         return Err(err(
             0..src.len(),
-            format!(
-                "expression too long ({} tokens, at most {MAX_TOKENS})",
-                toks.len()
-            ),
+            format!("expression too long ({written} tokens, at most {MAX_TOKENS})"),
             "split it into several rules or windows",
         ));
     }
@@ -694,6 +699,23 @@ mod tests {
         assert!(parse(&deep).unwrap_err().message.contains("deeply"));
         let long = vec!["amount > 0"; 400].join(" and ");
         assert!(parse(&long).unwrap_err().message.contains("too long"));
+        // The limits are as documented (docs/rules.md section 7): 1,000 tokens written.
+        let at_limit = "not a".to_string() + &" or a".repeat(499);
+        assert!(parse(&at_limit).is_ok());
+        let e = parse(&(at_limit + " or a")).unwrap_err();
+        assert!(
+            e.message.contains("(1002 tokens, at most 1000)"),
+            "{}",
+            e.message
+        );
+        // 64 deep: the documented example is 6 deep.
+        let nested = |k: usize| "a and (".repeat(k) + "a" + &")".repeat(k);
+        assert!(parse(&nested(31)).is_ok());
+        assert!(parse(&nested(32)).unwrap_err().message.contains("deeply"));
+        // A number is exactly as written or refused, never rounded.
+        let e = parse("amount > 0.00000000000000000000000000001").unwrap_err();
+        assert!(e.label.contains("28 significant digits"), "{e:?}");
+        assert!(parse("amount > 0.0000000000000000000000000001").is_ok());
         let e = parse("amount ≥ 1000").unwrap_err();
         assert_eq!(e.span, 7..10);
         assert_eq!(e.label, "use `>=`");

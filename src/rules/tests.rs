@@ -125,6 +125,11 @@ fn evaluates_expressions() {
         ("true and not false", Tri::True),
         ("'a' == 'a'", Tri::True),
         ("'a' in ['b']", Tri::False),
+        // `[]` is empty for either kind of value.
+        ("mcc in []", Tri::False),
+        ("merchant not in []", Tri::True),
+        ("merchant in []", Tri::False),
+        ("region not in []", Tri::Unknown),
     ];
     for (when, want) in cases {
         let rs = compile_ok(&rule(when));
@@ -289,6 +294,26 @@ action = "block"
     };
     let rs3 = compile(files(body), &with_bom, &EngineConfig::default()).unwrap();
     assert_eq!(eval(&rs3, &txn()), Tri::True);
+}
+
+/// Hidden `.toml` files are not read: a draft beside the rules (here repeating a rule id,
+/// which would fail the whole load) or macOS's `._limits.toml` (not UTF-8).
+#[test]
+fn hidden_toml_files_are_not_rules() {
+    let dir = std::env::temp_dir().join(format!("fraudgate-hidden-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("a.toml"),
+        format!("{HEADER}{}", rule("amount > 1")),
+    )
+    .unwrap();
+    std::fs::write(dir.join(".draft.toml"), rule("amount > 2")).unwrap();
+    std::fs::write(dir.join("._a.toml"), [0u8, 5, 22, 7, 0xff, 0xfe]).unwrap();
+    let loaded = load_dir(&dir, &EngineConfig::default());
+    let _ = std::fs::remove_dir_all(&dir);
+    let rs = loaded.unwrap_or_else(|e| panic!("{}", e.render()));
+    assert_eq!(rs.rules.len(), 1);
 }
 
 #[test]
