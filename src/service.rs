@@ -1015,17 +1015,28 @@ async fn intake_jetstream(
 
 /// Applies one replayed message to the windows (its decision is kept in the dedupe table,
 /// published to no one); invalid ones were answered the first time and are skipped.
+/// What a recovery replay did: transactions re-applied (new to the snapshot), and those
+/// read again that the snapshot already held (found in its retry table).
+#[derive(Debug, Default, Clone, Copy)]
+struct Replay {
+    applied: u64,
+    already: u64,
+}
+
 fn replay_into<'a>(
     wire: &'a Wire,
     engine: &'a Engine,
-    n: &'a mut u64,
+    n: &'a mut Replay,
 ) -> impl FnMut(transport::Replayed) + 'a {
     move |r| {
         if let Ok(txn) = wire.decode(&r.payload) {
-            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 engine.decide(&txn, r.stored_ms)
             }));
-            *n += 1;
+            match out {
+                Ok(o) if o.duplicate => n.already += 1,
+                _ => n.applied += 1,
+            }
         }
     }
 }
@@ -1083,7 +1094,7 @@ async fn recover(
     let started = Instant::now();
     // Requests first: they were answered live, so their decisions are settled; then the
     // transaction stream up to what the consumer delivered.
-    let mut checks = 0u64;
+    let mut checks = Replay::default();
     if let Some(capture) = setup.capture.as_ref().filter(|_| !empty) {
         let from = match restored {
             None => Some(ReplayFrom::First),
@@ -1106,9 +1117,25 @@ async fn recover(
             ),
         }
     }
-    let mut txns = 0u64;
-    let from = restored.and_then(|c| c.txn_next_seq);
+    let mut txns = Replay::default();
     let first = setup.txn_first.max(1);
+    // A stream's sequence numbers never go back while it exists (a purge keeps them): a
+    // position past its end means the stream was deleted and made again since the
+    // snapshot (its messages numbered from 1 again). A consumer made at that position
+    // would skip every message the new stream holds, never deciding them; they are all
+    // after the snapshot, so they are taken from the first.
+    let from = match restored.and_then(|c| c.txn_next_seq) {
+        Some(seq) if seq > setup.txn_last.saturating_add(1) => {
+            tracing::warn!(
+                stream = %cfg.stream,
+                snapshot_next_seq = seq,
+                stream_last_seq = setup.txn_last,
+                "the snapshot's position is past the end of the transaction stream: the stream was made again since; its messages are taken from its first"
+            );
+            Some(first)
+        }
+        other => other,
+    };
     let consumer = match setup.consumer.clone() {
         Some(c) => {
             let start = match (restored, from) {
@@ -1145,15 +1172,27 @@ async fn recover(
         }
         None => {
             let c = wire.durable_consumer(&setup.txn_stream, cfg, from).await?;
-            lock(tracker).next = from.unwrap_or(first);
+            // As above: messages from `from` on come now, some of them decided before the
+            // cut (their ids are in the restored retry table); until they have come, ids
+            // are kept by the stream's time from the first of them, not evicted by the
+            // wall clock after a downtime longer than the horizon.
+            let pin = match from {
+                Some(seq) => Wire::stored_ms_of(&setup.txn_stream, seq).await,
+                None => None,
+            };
+            let mut t = lock(tracker);
+            t.next = from.unwrap_or(first);
+            t.pin = pin.map(|ms| (ms, Instant::now() + t.hold));
+            drop(t);
             c
         }
     };
-    counters.replayed(IntakePath::Check, checks);
-    counters.replayed(IntakePath::Stream, txns);
+    counters.replayed(IntakePath::Check, checks.applied);
+    counters.replayed(IntakePath::Stream, txns.applied);
     tracing::info!(
-        requests = checks,
-        transactions = txns,
+        requests = checks.applied,
+        transactions = txns.applied,
+        already_in_snapshot = checks.already + txns.already,
         from_seq = from,
         delivered_seq = setup.delivered,
         took_ms = started.elapsed().as_millis() as u64,

@@ -193,7 +193,7 @@ fn describe() {
     describe_counter!(
         REPLAYED,
         Unit::Count,
-        "Transactions re-applied to the windows from JetStream at start (after the snapshot's cut), not decided or published again, by path."
+        "Transactions re-applied to the windows from JetStream at start (after the snapshot's cut; those the snapshot already held are not counted), not decided or published again, by path."
     );
     describe_counter!(
         ACK_ERRORS,

@@ -467,6 +467,8 @@ pub struct JetStreamIntake {
     /// a consumer the engine creates gets.
     pub redelivery_after: Option<Duration>,
     pub txn_first: u64,
+    /// Last sequence of the transaction stream now (0: it never held a message).
+    pub txn_last: u64,
     /// Last sequence of the capture stream now: the request replay ends there.
     pub capture_last: u64,
 }
@@ -602,12 +604,13 @@ impl Wire {
             capture_last = info.state.last_sequence;
             capture = Some(c);
         }
-        let txn_first = txn_stream
+        let txn_state = txn_stream
             .info()
             .await
             .map_err(|e| js_err(format!("stream {}", cfg.stream))(e.to_string()))?
             .state
-            .first_sequence;
+            .clone();
+        let (txn_first, txn_last) = (txn_state.first_sequence, txn_state.last_sequence);
         let (consumer, delivered, ack_floor, redelivery_after) = match txn_stream
             .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&cfg.consumer)
             .await
@@ -649,6 +652,7 @@ impl Wire {
             ack_floor,
             redelivery_after,
             txn_first,
+            txn_last,
             capture_last,
         })
     }

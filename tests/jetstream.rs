@@ -558,6 +558,49 @@ async fn a_deleted_consumer_is_made_again_where_the_engine_stands() {
     drop(engine);
 }
 
+/// The transaction stream deleted and made again while the engine was down (to change its
+/// storage, say; its consumer goes with it): the snapshot's position (past message 3 of the
+/// old stream) is past the new stream's end. The messages the new stream holds were never
+/// decided: they are, instead of being skipped by a consumer made at the old position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_made_again_while_down_is_taken_from_its_first_message() {
+    let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
+    let dir = Scratch::new("js-remade");
+    let config = js_config("fraudgate", &dir.0.join("s.snap"), "60s");
+    let engine = Engine::start_with(&nats.url(), &config).await;
+    let c = client(&nats.url()).await;
+    let js = jetstream::new(c.clone());
+    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    c.flush().await.unwrap();
+    let ts = fraudgate::service::now_ms();
+    for i in 0..3 {
+        let id = format!("old-{i}");
+        js_publish(&js, &id, txn_at(&id, "4111111111119011", "10", ts + i)).await;
+        assert_eq!(decision_id(&mut decisions, &engine).await, id);
+    }
+    drained(&js, "fraudgate").await;
+    let engine = stop(engine).await;
+    drop(engine);
+    js.delete_stream("FRAUD_TXN").await.unwrap();
+    txn_stream(&js).await;
+    for i in 0..2 {
+        let id = format!("new-{i}");
+        js_publish(&js, &id, txn_at(&id, "4111111111119012", "10", ts + 10 + i)).await;
+    }
+    let engine = Engine::start_with(&nats.url(), &config).await;
+    let mut got = vec![
+        decision_id(&mut decisions, &engine).await,
+        decision_id(&mut decisions, &engine).await,
+    ];
+    got.sort();
+    assert_eq!(got, ["new-0", "new-1"]);
+    assert!(engine
+        .log_text()
+        .contains("past the end of the transaction stream"));
+    drained(&js, "fraudgate").await;
+    drop(engine);
+}
+
 /// A durable consumer the operator set up with smaller pull limits than the engine's
 /// defaults (`max_batch` 10, `max_expires` 2 s): the server refuses a pull request over
 /// them, so the engine must ask within them, or it never gets a message.
