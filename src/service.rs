@@ -1599,7 +1599,7 @@ async fn queue_monitor(counters: Arc<Counters>, mut stop: watch::Receiver<bool>)
 /// and watches the new directory when they differ.
 struct RulesWatch {
     dir: PathBuf,
-    tx: mpsc::UnboundedSender<()>,
+    tx: mpsc::UnboundedSender<Change>,
     watcher: notify::RecommendedWatcher,
     /// What `dir` led to when it was watched (real path, device, inode).
     identity: Option<DirIdentity>,
@@ -1643,7 +1643,7 @@ fn not_rules(dir: &Path, path: &Path) -> bool {
 }
 
 impl RulesWatch {
-    fn new(dir: &Path, tx: mpsc::UnboundedSender<()>) -> Result<RulesWatch, ServiceError> {
+    fn new(dir: &Path, tx: mpsc::UnboundedSender<Change>) -> Result<RulesWatch, ServiceError> {
         // What the path leads to is read before the watch starts: a replacement in between
         // then shows at the first `follow`.
         let identity = dir_identity(dir);
@@ -1658,20 +1658,39 @@ impl RulesWatch {
 
     fn watcher(
         dir: &Path,
-        tx: mpsc::UnboundedSender<()>,
+        tx: mpsc::UnboundedSender<Change>,
     ) -> Result<notify::RecommendedWatcher, ServiceError> {
+        use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
         use notify::{EventKind, RecursiveMode, Watcher};
         let root = dir.to_path_buf();
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if let Ok(ev) = res {
-                // Editors save by writing a temp file and renaming it over the
-                // original: creations, modifications, renames and removals all count,
-                // unless every path of the event is an editor's or git's own file (an
-                // event without a path, a rescan, counts).
-                let only_noise =
-                    !ev.paths.is_empty() && ev.paths.iter().all(|p| not_rules(&root, p));
-                if !matches!(ev.kind, EventKind::Access(_)) && !only_noise {
-                    let _ = tx.send(());
+            let Ok(ev) = res else { return };
+            // Editors save by writing a temp file and renaming it over the original:
+            // creations, modifications, renames and removals all count, unless every
+            // path of the event is an editor's or git's own file (an event without a
+            // path, a rescan, counts).
+            let paths: Vec<&PathBuf> = ev.paths.iter().filter(|p| !not_rules(&root, p)).collect();
+            if !ev.paths.is_empty() && paths.is_empty() {
+                return;
+            }
+            let each = |f: fn(PathBuf) -> Change| {
+                for p in &paths {
+                    let _ = tx.send(f((*p).clone()));
+                }
+            };
+            match ev.kind {
+                // A file written to is complete when its writer closes it.
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => each(Change::Done),
+                EventKind::Access(_) => {}
+                EventKind::Create(CreateKind::File) | EventKind::Modify(ModifyKind::Data(_)) => {
+                    each(Change::Writing)
+                }
+                // Gone from under its name: nothing to wait for there.
+                EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
+                    each(Change::Done)
+                }
+                _ => {
+                    let _ = tx.send(Change::Touched);
                 }
             }
         })
@@ -1717,8 +1736,19 @@ impl RulesWatch {
     }
 }
 
-fn watch_rules(dir: &Path) -> Result<(RulesWatch, mpsc::UnboundedReceiver<()>), ServiceError> {
-    let (tx, rx) = mpsc::unbounded_channel::<()>();
+/// What the watcher saw.
+#[derive(Debug)]
+enum Change {
+    /// Something in the rules directory changed.
+    Touched,
+    /// A file was made or written to, and its writer may still be at it.
+    Writing(PathBuf),
+    /// A file written to was closed, or went away from under its name.
+    Done(PathBuf),
+}
+
+fn watch_rules(dir: &Path) -> Result<(RulesWatch, mpsc::UnboundedReceiver<Change>), ServiceError> {
+    let (tx, rx) = mpsc::unbounded_channel::<Change>();
     Ok((RulesWatch::new(dir, tx)?, rx))
 }
 
@@ -1726,12 +1756,21 @@ fn watch_rules(dir: &Path) -> Result<(RulesWatch, mpsc::UnboundedReceiver<()>), 
 /// changing (a feed appending to a list every 200 ms) must not hold every reload back.
 const MAX_DEFER_DEBOUNCES: u32 = 10;
 
+/// How long a reload waits for files that are being written (made or written to, and not
+/// closed yet): a list exported slowly into place (`export > lists/blocked_cards.txt`) is
+/// empty or half there until its writer closes it, and such a set often compiles (an empty
+/// list, a rule file missing its windows): loaded, it is the half-loaded rule set the
+/// reload must never activate, and the key groups it drops lose their history. A writer
+/// that keeps a file open longer than this does not hold reloads back for good.
+const MAX_WRITE_WAIT: Duration = Duration::from_secs(30);
+
 /// Reloads on the watcher's changes (`rx`, from [`watch_rules`]) after `debounce` of quiet
-/// (at most [`MAX_DEFER_DEBOUNCES`] debounces after the first change of a run), when the
-/// directory is replaced (after the same quiet), and at once on SIGHUP.
+/// (at most [`MAX_DEFER_DEBOUNCES`] debounces after the first change of a run) once no file
+/// is being written (at most [`MAX_WRITE_WAIT`]), when the directory is replaced (after the
+/// same quiet), and at once on SIGHUP.
 #[allow(clippy::too_many_arguments)]
 fn reload_task(
-    mut rx: mpsc::UnboundedReceiver<()>,
+    mut rx: mpsc::UnboundedReceiver<Change>,
     mut watch: RulesWatch,
     dir: PathBuf,
     cfg: EngineConfig,
@@ -1746,6 +1785,9 @@ fn reload_task(
         let mut pending: Option<tokio::time::Instant> = None;
         let mut first: Option<tokio::time::Instant> = None;
         let mut replaced = false;
+        // Files being written, since when.
+        let mut writing: std::collections::HashMap<PathBuf, tokio::time::Instant> =
+            Default::default();
         let mut look = tokio::time::interval(Duration::from_secs(1));
         look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
@@ -1774,7 +1816,16 @@ fn reload_task(
                 *pending = Some((now + debounce).min(first + debounce * MAX_DEFER_DEBOUNCES));
             };
             let cause = tokio::select! {
-                Some(()) = rx.recv() => {
+                Some(change) = rx.recv() => {
+                    match change {
+                        Change::Writing(p) => {
+                            writing.entry(p).or_insert_with(tokio::time::Instant::now);
+                        }
+                        Change::Done(p) => {
+                            writing.remove(&p);
+                        }
+                        Change::Touched => {}
+                    }
                     changed(&mut pending);
                     continue;
                 }
@@ -1787,7 +1838,23 @@ fn reload_task(
                     }
                     continue;
                 }
-                _ = quiet => if std::mem::take(&mut replaced) { "rules directory replaced" } else { "file change" },
+                _ = quiet => {
+                    if let Some(since) = writing.values().min().copied() {
+                        if since.elapsed() < MAX_WRITE_WAIT {
+                            // Look again after another quiet period (a close also wakes it).
+                            pending = Some(tokio::time::Instant::now() + debounce);
+                            continue;
+                        }
+                        let files: Vec<String> =
+                            writing.keys().map(|p| p.display().to_string()).collect();
+                        tracing::warn!(
+                            files = %files.join(", "),
+                            "rule files still being written after {MAX_WRITE_WAIT:?}: reloading anyway"
+                        );
+                        writing.clear();
+                    }
+                    if std::mem::take(&mut replaced) { "rules directory replaced" } else { "file change" }
+                }
                 _ = sighup => "SIGHUP",
                 _ = stop.changed() => break,
             };
@@ -2088,7 +2155,7 @@ mod tests {
         }
     }
 
-    async fn heard(rx: &mut mpsc::UnboundedReceiver<()>, within: Duration) -> bool {
+    async fn heard(rx: &mut mpsc::UnboundedReceiver<Change>, within: Duration) -> bool {
         let got = tokio::time::timeout(within, rx.recv()).await.is_ok();
         // The rest of the same change's events.
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -2217,7 +2284,7 @@ mod tests {
         );
         let start = std::time::Instant::now();
         while start.elapsed() < Duration::from_secs(6) && engine.rules().version == v0 {
-            let _ = tx.send(());
+            let _ = tx.send(Change::Touched);
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let took = start.elapsed();
@@ -2226,5 +2293,54 @@ mod tests {
         let _ = std::fs::remove_dir_all(&base);
         assert_ne!(engine.rules().version, v0, "no reload in {took:?}");
         assert!(took >= Duration::from_millis(2_500), "{took:?}");
+    }
+
+    /// A list file written slowly (emptied, half written, its writer pausing for longer
+    /// than the debounce): nothing is loaded while it is open, then the whole list is. The
+    /// half-written list (one of two cards) compiles, and was loaded before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_being_written_is_loaded_once_it_is_closed() {
+        use std::io::Write;
+        let base = temp_dir("reload-open");
+        let dir = base.join("rules");
+        copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"), &dir);
+        let cfg = EngineConfig::default();
+        let engine = Arc::new(Engine::new(
+            crate::rules::load_dir(&dir, &cfg).unwrap(),
+            cfg.clone(),
+        ));
+        let v0 = engine.rules().version.clone();
+        let (watch, rx) = watch_rules(&dir).unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = reload_task(
+            rx,
+            watch,
+            dir.clone(),
+            cfg,
+            engine.clone(),
+            Arc::new(Counters::new()),
+            Duration::from_millis(200),
+            stop_rx,
+        );
+        let mut f = std::fs::File::create(dir.join("lists/blocked_cards.txt")).unwrap();
+        f.write_all(b"4111111111111111\n").unwrap();
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let during = engine.rules().version.clone();
+        f.write_all(b"5500000000000004\n").unwrap();
+        drop(f);
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(5) && engine.rules().version == v0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = stop_tx.send(true);
+        let _ = task.await;
+        let _ = std::fs::remove_dir_all(&base);
+        assert_eq!(during, v0, "a half-written list was loaded");
+        assert_ne!(
+            engine.rules().version,
+            v0,
+            "the written list was not loaded"
+        );
+        assert_eq!(engine.rules().lists["blocked_cards"], 2);
     }
 }
