@@ -13,6 +13,7 @@
 //! subscriptions, finish every queued transaction, flush and exit.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1013,8 +1014,6 @@ async fn intake_jetstream(
     }
 }
 
-/// Applies one replayed message to the windows (its decision is kept in the dedupe table,
-/// published to no one); invalid ones were answered the first time and are skipped.
 /// What a recovery replay did: transactions re-applied (new to the snapshot), and those
 /// read again that the snapshot already held (found in its retry table).
 #[derive(Debug, Default, Clone, Copy)]
@@ -1023,6 +1022,8 @@ struct Replay {
     already: u64,
 }
 
+/// Applies one replayed message to the windows (its decision is kept in the dedupe table,
+/// published to no one); invalid ones were answered the first time and are skipped.
 fn replay_into<'a>(
     wire: &'a Wire,
     engine: &'a Engine,
@@ -1033,9 +1034,11 @@ fn replay_into<'a>(
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 engine.decide(&txn, r.stored_ms)
             }));
+            // A decision that failed (its panic is logged) re-applied nothing.
             match out {
                 Ok(o) if o.duplicate => n.already += 1,
-                _ => n.applied += 1,
+                Ok(_) => n.applied += 1,
+                Err(_) => {}
             }
         }
     }
@@ -1176,8 +1179,9 @@ async fn recover(
             // cut (their ids are in the restored retry table); until they have come, ids
             // are kept by the stream's time from the first of them, not evicted by the
             // wall clock after a downtime longer than the horizon.
+            // (The first message still stored, when `from` has expired or was purged.)
             let pin = match from {
-                Some(seq) => Wire::stored_ms_of(&setup.txn_stream, seq).await,
+                Some(seq) => Wire::stored_ms_of(&setup.txn_stream, seq.max(first)).await,
                 None => None,
             };
             let mut t = lock(tracker);
@@ -1603,6 +1607,10 @@ struct RulesWatch {
     watcher: notify::RecommendedWatcher,
     /// What `dir` led to when it was watched (real path, device, inode).
     identity: Option<DirIdentity>,
+    /// Set by the watcher when the watched directory itself was removed or moved: then it
+    /// is watched again even if the directory now at the path has the same identity (a
+    /// file system may give a new directory the inode just freed by `rm -rf`).
+    root_gone: Arc<AtomicBool>,
 }
 
 type DirIdentity = (PathBuf, u64, u64);
@@ -1647,24 +1655,35 @@ impl RulesWatch {
         // What the path leads to is read before the watch starts: a replacement in between
         // then shows at the first `follow`.
         let identity = dir_identity(dir);
-        let watcher = Self::watcher(dir, tx.clone())?;
+        let root_gone = Arc::new(AtomicBool::new(false));
+        let watcher = Self::watcher(dir, tx.clone(), root_gone.clone())?;
         Ok(RulesWatch {
             dir: dir.to_path_buf(),
             tx,
             watcher,
             identity,
+            root_gone,
         })
     }
 
     fn watcher(
         dir: &Path,
         tx: mpsc::UnboundedSender<Change>,
+        root_gone: Arc<AtomicBool>,
     ) -> Result<notify::RecommendedWatcher, ServiceError> {
         use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
         use notify::{EventKind, RecursiveMode, Watcher};
-        let root = dir.to_path_buf();
+        // Event paths are absolute (notify makes a relative watch path absolute).
+        let root = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
         let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             let Ok(ev) = res else { return };
+            if matches!(
+                ev.kind,
+                EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(_))
+            ) && ev.paths.contains(&root)
+            {
+                root_gone.store(true, Ordering::Relaxed);
+            }
             // Editors save by writing a temp file and renaming it over the original:
             // creations, modifications, renames and removals all count, unless every
             // path of the event is an editor's or git's own file (an event without a
@@ -1714,10 +1733,11 @@ impl RulesWatch {
         let Some(now) = dir_identity(&self.dir) else {
             return false;
         };
-        if self.identity.as_ref() == Some(&now) {
+        let gone = self.root_gone.swap(false, Ordering::Relaxed);
+        if !gone && self.identity.as_ref() == Some(&now) {
             return false;
         }
-        match Self::watcher(&self.dir, self.tx.clone()) {
+        match Self::watcher(&self.dir, self.tx.clone(), self.root_gone.clone()) {
             Ok(w) => {
                 tracing::info!(
                     dir = %self.dir.display(),
@@ -1729,6 +1749,7 @@ impl RulesWatch {
                 true
             }
             Err(e) => {
+                self.root_gone.store(gone, Ordering::Relaxed);
                 tracing::warn!(error = %e, "could not watch the replaced rules directory; trying again");
                 false
             }
@@ -1860,6 +1881,7 @@ fn reload_task(
             };
             pending = None;
             first = None;
+            replaced = false;
             reload(&dir, &cfg, &engine, &counters, cause).await;
         }
     })
@@ -2190,6 +2212,28 @@ mod tests {
         let after = heard(&mut rx, Duration::from_secs(5)).await;
         let _ = std::fs::remove_dir_all(&base);
         assert!(!before, "the old watch heard the new directory");
+        assert!(after, "an edit of the new directory was not heard");
+    }
+
+    /// `rm -rf rules` and a new directory made at the same path (the file system may give
+    /// it the inode just freed, so path, device and inode can all match): the watch of the
+    /// removed directory is gone, so the new one is watched whatever its identity.
+    #[tokio::test]
+    async fn a_rules_directory_removed_and_made_again_is_watched() {
+        let base = temp_dir("rewatch-rm");
+        let dir = base.join("rules");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.toml"), "").unwrap();
+        let (mut w, mut rx) = watch_rules(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        heard(&mut rx, Duration::from_millis(300)).await;
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("a.toml"), "# new").unwrap();
+        heard(&mut rx, Duration::from_millis(300)).await;
+        assert!(w.follow(), "the directory made again is not watched");
+        std::fs::write(dir.join("a.toml"), "# edited").unwrap();
+        let after = heard(&mut rx, Duration::from_secs(5)).await;
+        let _ = std::fs::remove_dir_all(&base);
         assert!(after, "an edit of the new directory was not heard");
     }
 

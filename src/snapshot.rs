@@ -5,10 +5,10 @@
 //!
 //! Reading checks the checksum before decoding anything, so a file damaged after it was
 //! written (a bad disk, a botched copy) is refused as corrupt instead of restoring wrong
-//! counts; and decoding is bounded by the body's size, so no length field, however
-//! damaged, makes it allocate more than the file could hold (bincode allocates a string's
-//! bytes before reading them, and an absurd length aborted the process before the
-//! operator's `on_bad` choice could apply).
+//! counts; and decoding runs under bincode's byte limit, sized to the body (see
+//! [`decode_bounded`]), so a damaged length field is an error, not an allocation of up to
+//! 2^64 bytes (bincode allocates a string's bytes before reading them, and an absurd length
+//! aborted the process before the operator's `on_bad` choice could apply).
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -69,10 +69,11 @@ pub fn save(
 pub fn load(engine: &Engine, path: &Path) -> Result<Option<Restored>, SnapshotFileError> {
     // A file that cannot be looked at (a directory without search permission) is an
     // error, not "no snapshot": starting empty would lose every count it holds.
+    // Also when there is no snapshot yet: a writer killed during the first write.
+    remove_stale_temps(path);
     if !path.try_exists().map_err(io(path))? {
         return Ok(None);
     }
-    remove_stale_temps(path);
     let snap = read(path)?;
     engine
         .restore(snap)
@@ -124,13 +125,34 @@ pub fn write(path: &Path, snap: &EncodedSnapshot) -> Result<u64, SnapshotFileErr
         std::fs::rename(&tmp, path)?;
         // The rename is durable only once the directory is: a failure here is a failed
         // snapshot (the next one tries again), not a success that a power cut undoes.
-        std::fs::File::open(dir)?.sync_all()?;
+        #[cfg(unix)]
+        sync_dir(dir)?;
         Ok::<u64, std::io::Error>(bytes)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result.map_err(io(path))
+}
+
+/// fsyncs a directory. File systems that cannot sync a directory (some FUSE, network and
+/// virtual file systems answer EINVAL or ENOTSUP) are not an error, as in PostgreSQL's
+/// `fsync_fname`: there, the rename is as durable as it can be made.
+#[cfg(unix)]
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    let d = std::fs::File::open(dir)?;
+    match d.sync_all() {
+        // EINVAL and ENOTSUP / EOPNOTSUPP.
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
+            ) =>
+        {
+            Ok(())
+        }
+        other => other,
+    }
 }
 
 /// The temporary file [`write`] uses for `path` in this process.
@@ -255,26 +277,49 @@ pub fn read(path: &Path) -> Result<StateSnapshot, SnapshotFileError> {
     Ok(snap)
 }
 
-/// Decodes a body with bincode's byte limit set to a power of four at or above the body's
-/// length. bincode charges the limit with every string's and byte buffer's length before
-/// it allocates them, and a snapshot's strings are part of its body, so a sound file stays
-/// within the limit and a damaged length is an error instead of an allocation of up to
-/// 2^64 bytes. (The limit is a const parameter: one decoder per arm.)
+/// The most bincode charges its byte limit per byte it reads: it charges every value with
+/// its size in memory, and a `u128` stored as a one-byte varint is charged 16 bytes
+/// (strings are charged their length, one per byte).
+const MAX_CHARGE_PER_BYTE: usize = 16;
+
+/// The byte limit for a body of `len` bytes, as a power of two: the smallest even power at
+/// or above the most a sound body of that length can be charged
+/// (`len x MAX_CHARGE_PER_BYTE`), so at most 4 times that. `None`: beyond any snapshot.
+fn limit_bits(len: usize) -> Option<u32> {
+    let need = len.checked_mul(MAX_CHARGE_PER_BYTE)?.max(1);
+    let bits = need.next_power_of_two().trailing_zeros().max(16);
+    let bits = bits + (bits & 1);
+    (bits <= MAX_LIMIT_BITS).then_some(bits)
+}
+
+#[cfg(target_pointer_width = "64")]
+const MAX_LIMIT_BITS: u32 = 46;
+#[cfg(not(target_pointer_width = "64"))]
+const MAX_LIMIT_BITS: u32 = 30;
+
+/// Decodes a body with bincode's byte limit set by [`limit_bits`]. bincode allocates a
+/// string's bytes before reading them, and charges its length to the limit first: with the
+/// limit, a damaged length is an error instead of an allocation of up to 2^64 bytes (which
+/// aborted the process). A sound body is never refused: it is charged at most
+/// `MAX_CHARGE_PER_BYTE` per byte. (The limit is a const parameter: one decoder per arm.)
 fn decode_bounded(body: &[u8]) -> Result<(StateSnapshot, usize), bincode::error::DecodeError> {
     macro_rules! arms {
         ($($bits:literal)*) => {
-            $(
-                if body.len() <= 1usize << $bits {
-                    return bincode::serde::decode_from_slice(
+            match limit_bits(body.len()) {
+                $(
+                    Some($bits) => bincode::serde::decode_from_slice(
                         body,
                         bincode::config::standard().with_limit::<{ 1usize << $bits }>(),
-                    );
-                }
-            )*
+                    ),
+                )*
+                _ => Err(bincode::error::DecodeError::LimitExceeded),
+            }
         };
     }
-    arms!(16 18 20 22 24 26 28 30 32 34 36 38 40);
-    Err(bincode::error::DecodeError::LimitExceeded)
+    #[cfg(target_pointer_width = "64")]
+    return arms!(16 18 20 22 24 26 28 30 32 34 36 38 40 42 44 46);
+    #[cfg(not(target_pointer_width = "64"))]
+    return arms!(16 18 20 22 24 26 28 30);
 }
 
 #[cfg(test)]
@@ -349,6 +394,46 @@ mod tests {
         assert!(matches!(err, SnapshotFileError::Corrupt { .. }), "{err}");
     }
 
+    /// The limit covers the most a sound body can be charged, and not much more.
+    #[test]
+    fn the_decode_limit_covers_every_sound_body() {
+        for len in [0, 1, 100, 4_095, 4_096, 4_097, 1 << 20, 40_000_000, 3 << 30] {
+            let limit = 1usize << limit_bits(len).unwrap();
+            assert!(limit >= len * MAX_CHARGE_PER_BYTE, "{len}");
+            assert!(
+                limit <= (len * MAX_CHARGE_PER_BYTE * 4).max(1 << 16),
+                "{len}"
+            );
+        }
+        assert_eq!(limit_bits(usize::MAX), None);
+    }
+
+    /// A snapshot of thousands of keys (window rows of small numbers, charged 8 bytes each
+    /// for the one byte they take) reads back whole.
+    #[test]
+    fn a_snapshot_of_many_small_values_reads_back() {
+        let dir = temp_dir("snapmany");
+        let path = dir.join("state.snap");
+        let engine = shipped_engine();
+        for i in 0..5_000i64 {
+            let mut t = Transaction::new(
+                format!("m{i}"),
+                format!("4111111111{:06}", i % 2_000),
+                Decimal::new(1 + i % 7, 0),
+            );
+            t.merchant = Some(format!("m{}", i % 50));
+            t.device = Some(format!("d{}", i % 300));
+            t.ts_ms = Some(1_795_687_200_000 + i * 700);
+            engine.decide(&t, 1_795_687_200_000 + i * 700);
+        }
+        save(&engine, &path, 1_795_690_800_000, Cursor::default).unwrap();
+        let back = read(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        let snap = back.unwrap();
+        assert_eq!(snap.dedupe.len(), 5_000);
+        assert!(snap.groups.iter().map(|g| g.keys.len()).sum::<usize>() > 2_000);
+    }
+
     /// One byte changed anywhere in a saved snapshot: refused as corrupt, with the reason,
     /// instead of restoring whatever the damaged bytes decode to.
     #[test]
@@ -411,13 +496,21 @@ mod tests {
         }
         let loaded = load(&shipped_engine(), &path);
         let left = [&dead, &live, &other].map(|f| f.exists());
+        // And when the first write was the one killed: no snapshot yet.
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(&dead, b"partial").unwrap();
+        let first = load(&shipped_engine(), &path);
+        let left_first = dead.exists();
         let _ = std::fs::remove_dir_all(&dir);
         assert!(loaded.unwrap().is_some());
         assert_eq!(left, [false, true, true]);
+        assert!(first.unwrap().is_none());
+        assert!(!left_first, "the temp file of a first write killed stayed");
     }
 
     /// A snapshot path that cannot be looked at is an error at start, not "no snapshot
     /// yet" (which would start empty, and every later write would fail).
+    #[cfg(unix)]
     #[test]
     fn a_path_that_cannot_be_looked_at_is_an_error() {
         let dir = temp_dir("snapdir");

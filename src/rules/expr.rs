@@ -1021,13 +1021,18 @@ impl<'s> ExprCompiler<'s> {
             // `[]` holds no value of either kind, and is compiled as a number list: with a
             // string on the left it is the empty string list (`region not in []` is as
             // valid as `mcc not in []`).
-            (V::Str(s), V::NumList(set)) if set.values.is_empty() => self.membership(
-                negate,
-                V::Str(s),
-                V::StrList(Arc::new(StrSet::inline(&self.key, &[]))),
-                a,
-                b,
-            ),
+            (V::Str(s), V::NumList(set))
+                if set.values.is_empty()
+                    && matches!(&b.kind, ExprKind::List(items) if items.is_empty()) =>
+            {
+                self.membership(
+                    negate,
+                    V::Str(s),
+                    V::StrList(Arc::new(StrSet::inline(&self.key, &[]))),
+                    a,
+                    b,
+                )
+            }
             (va, vb) => {
                 let (ta, tb) = (Self::ty(&va).unwrap(), Self::ty(&vb).unwrap());
                 if !matches!(tb, Ty::StrList | Ty::NumList) {

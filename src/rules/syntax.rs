@@ -206,7 +206,7 @@ fn lex(src: &str) -> Result<Vec<(Tok, Span)>, SyntaxError> {
                     err(
                         start..i,
                         "number out of range",
-                        "too large or too precise (at most 28 significant digits)",
+                        "too large or too precise (at most 28 digits after the point)",
                     )
                 })?;
                 out.push((Tok::Num(d, int), start..i));
@@ -714,7 +714,7 @@ mod tests {
         assert!(parse(&nested(32)).unwrap_err().message.contains("deeply"));
         // A number is exactly as written or refused, never rounded.
         let e = parse("amount > 0.00000000000000000000000000001").unwrap_err();
-        assert!(e.label.contains("28 significant digits"), "{e:?}");
+        assert!(e.label.contains("28 digits after the point"), "{e:?}");
         assert!(parse("amount > 0.0000000000000000000000000001").is_ok());
         let e = parse("amount ≥ 1000").unwrap_err();
         assert_eq!(e.span, 7..10);

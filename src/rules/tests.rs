@@ -298,6 +298,23 @@ action = "block"
 
 /// Hidden `.toml` files are not read: a draft beside the rules (here repeating a rule id,
 /// which would fail the whole load) or macOS's `._limits.toml` (not UTF-8).
+/// Only the literal `[]` is empty for strings too: a number list file that happens to be
+/// empty stays a number list, so a string looked up in it is refused now, not at the
+/// reload that gives the file its first entry.
+#[test]
+fn an_empty_number_list_file_is_still_a_number_list() {
+    let body = format!(
+        "[lists]\ncodes = {{ file = \"codes.txt\", type = \"int\" }}\n{}",
+        rule("merchant in codes")
+    );
+    let read = |_: &str| -> std::io::Result<String> { Ok("# none yet\n".into()) };
+    let e = match compile(files(&body), &read, &EngineConfig::default()) {
+        Ok(_) => panic!("a string looked up in a number list compiled"),
+        Err(e) => e,
+    };
+    assert!(e.render().contains("list of numbers"), "{}", e.render());
+}
+
 #[test]
 fn hidden_toml_files_are_not_rules() {
     let dir = std::env::temp_dir().join(format!("fraudgate-hidden-{}", std::process::id()));
