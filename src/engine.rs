@@ -50,6 +50,17 @@ pub struct GroupStore {
 }
 
 impl GroupStore {
+    /// This store as a dropped group kept for a later swap (same state, shared).
+    fn retire(&self) -> Self {
+        GroupStore {
+            signature: self.signature.clone(),
+            layout: self.layout.clone(),
+            slots: self.slots.clone(),
+            map: self.map.clone(),
+            inserts: AtomicU32::new(0),
+        }
+    }
+
     fn new(g: &crate::rules::Group, map: Arc<StateMap>) -> Self {
         GroupStore {
             signature: g.signature.clone(),
@@ -113,8 +124,12 @@ pub struct Swapped {
     pub migrated_keys: usize,
     /// New groups (empty).
     pub added: usize,
-    /// Groups no window reads any more (their state is dropped).
+    /// Groups no window reads any more (their state is kept until the next swap, in case
+    /// it brings them back, then freed).
     pub dropped: usize,
+    /// Groups the swap before dropped and this one brought back, with their state (also
+    /// counted as kept or migrated).
+    pub revived: usize,
 }
 
 /// Shards per map: many more than cores, so two deciding threads rarely meet.
@@ -378,6 +393,10 @@ pub struct Engine {
     /// Held for a whole snapshot, a rule swap, a restore, a sweep and a cap eviction: the
     /// operations that rewrite or remove many keys never overlap a snapshot's copy.
     snapshotting: Mutex<()>,
+    /// Key groups the last rule swap dropped, with their state, until the next swap: a
+    /// set that drops a group only for a moment (a deploy in two steps, a rule file
+    /// caught half copied) gets its history back when the group returns.
+    retired: Mutex<Vec<GroupStore>>,
 }
 
 impl Engine {
@@ -398,6 +417,7 @@ impl Engine {
             capped: Mutex::new(BTreeMap::new()),
             capture: ArcSwapOption::empty(),
             snapshotting: Mutex::new(()),
+            retired: Mutex::new(Vec::new()),
         }
     }
 
@@ -414,15 +434,24 @@ impl Engine {
         // A snapshot's copy runs against one set of stores: swap after it.
         let _no_snapshot = self.snapshotting.lock().unwrap_or_else(|e| e.into_inner());
         let old = self.active.load_full();
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
         let mut report = Swapped {
             version: rules.version.clone(),
             ..Default::default()
         };
-        // Plan: per new group, the old store it continues (if any) and whether its slots
-        // changed.
+        // Plan: per new group, the old store it continues (if any: one of the active set,
+        // or one the swap before dropped) and whether its slots changed.
         let mut plans = Vec::new();
         for g in &rules.groups {
-            let prev = old.stores.iter().find(|s| s.signature == g.signature);
+            let prev = old
+                .stores
+                .iter()
+                .find(|s| s.signature == g.signature)
+                .or_else(|| {
+                    let back = retired.iter().find(|s| s.signature == g.signature);
+                    report.revived += back.is_some() as usize;
+                    back
+                });
             let sigs = slot_sigs(g);
             match prev {
                 None => {
@@ -440,11 +469,15 @@ impl Engine {
                 }
             }
         }
-        report.dropped = old
+        // What this swap drops is kept until the next one; what the last one dropped and
+        // this one did not bring back is freed (when the old set's last decision ends).
+        let dropped: Vec<GroupStore> = old
             .stores
             .iter()
             .filter(|s| !rules.groups.iter().any(|g| g.signature == s.signature))
-            .count();
+            .map(GroupStore::retire)
+            .collect();
+        report.dropped = dropped.len();
         let next = Active {
             stores: rules
                 .groups
@@ -476,6 +509,7 @@ impl Engine {
         } else {
             self.active.store(Arc::new(next));
         }
+        *retired = dropped;
         report
     }
 

@@ -1945,6 +1945,7 @@ pub async fn reload(
                         migrated_keys = sw.migrated_keys,
                         new_groups = sw.added,
                         dropped_groups = sw.dropped,
+                        revived_groups = sw.revived,
                         lists = %lists,
                         "rules reloaded: {summary}"
                     );

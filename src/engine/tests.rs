@@ -472,6 +472,47 @@ score = 1
     assert_eq!(o.decision.rules[0].values["card_txn_1m"], 5);
 }
 
+/// A reload that drops a key group for a moment (here the device group: a rule file that
+/// was caught half copied) and the next one that brings it back: the group's history is
+/// back too, instead of starting empty (for up to its window, 24 h with the shipped rules).
+/// A group dropped for two reloads in a row is gone.
+#[test]
+fn a_group_dropped_for_one_reload_comes_back_with_its_history() {
+    let e = engine();
+    for i in 0..3 {
+        let mut t = tx(&format!("r{i}"), &format!("c-back-{i}"), 10, T0 + i * 1000);
+        t.device = Some("dev-back".into());
+        e.decide(&t, T0);
+    }
+    let without_device = RULES.replace(
+        "device_cards_1h = { agg = \"distinct\", of = \"card\", by = \"device\", over = \"1h\" }\n",
+        "",
+    );
+    let without_device = without_device.replace("device_cards_1h >= 3", "card_txn_1m >= 99");
+    assert_ne!(without_device, RULES);
+    let report = e.swap_rules(rules_from(&without_device, e.config()));
+    assert_eq!((report.dropped, report.revived), (1, 0), "{report:?}");
+    let report = e.swap_rules(rules_from(RULES, e.config()));
+    assert_eq!(
+        (report.added, report.revived, report.kept),
+        (0, 1, 2),
+        "{report:?}"
+    );
+    // The device has seen three cards: a fourth makes the rule fire.
+    let mut t = tx("r3", "c-back-3", 10, T0 + 3000);
+    t.device = Some("dev-back".into());
+    let o = e.decide(&t, T0);
+    assert_eq!(o.decision.action, crate::Action::Reject, "{:?}", o.decision);
+    // Dropped for two reloads in a row: freed, and it starts empty when it returns.
+    e.swap_rules(rules_from(&without_device, e.config()));
+    e.swap_rules(rules_from(&without_device.replace("99", "98"), e.config()));
+    let report = e.swap_rules(rules_from(RULES, e.config()));
+    assert_eq!((report.added, report.revived), (1, 0), "{report:?}");
+    let mut t = tx("r4", "c-back-4", 10, T0 + 4000);
+    t.device = Some("dev-back".into());
+    assert_ne!(e.decide(&t, T0).decision.action, crate::Action::Reject);
+}
+
 /// A card number sent in another field (a device, a recipient card attribute, an mcc, the
 /// id) is masked in the values a fired rule reports, grouped or not; a description holding
 /// one is masked in the decision.
