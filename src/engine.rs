@@ -517,6 +517,18 @@ impl Engine {
         &self.cfg
     }
 
+    /// Keeps a decided id in the retry table for a horizon from `seen_ms`, if that is
+    /// later than when it was last seen. For requests a restart's replay re-applies: they
+    /// are decided at the time they were captured, but the switch that got no answer may
+    /// retry only once the engine is back, a horizon or more after the capture, and its
+    /// retry must find the id rather than be counted again.
+    pub fn keep_id(&self, id: &str, seen_ms: i64) {
+        let h = self.cfg.hash_key.hash_str(id);
+        if let Some(mut e) = self.dedupe.get_mut(&h) {
+            e.at_ms = e.at_ms.max(seen_ms);
+        }
+    }
+
     /// Decides one transaction. `now_ms` is the receive time (epoch ms): the event time
     /// when the transaction has no `ts`, and the clock of the dedupe horizon.
     pub fn decide(&self, txn: &Transaction, now_ms: i64) -> Outcome {

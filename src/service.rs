@@ -1024,16 +1024,23 @@ struct Replay {
 
 /// Applies one replayed message to the windows (its decision is kept in the dedupe table,
 /// published to no one); invalid ones were answered the first time and are skipped.
+///
+/// `keep`: for requests: each replayed id is kept in the retry table for a horizon from the
+/// time it is replayed ([`Engine::keep_id`]), as the switch may retry it only now.
 fn replay_into<'a>(
     wire: &'a Wire,
     engine: &'a Engine,
     n: &'a mut Replay,
+    keep: bool,
 ) -> impl FnMut(transport::Replayed) + 'a {
     move |r| {
         if let Ok(txn) = wire.decode(&r.payload) {
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 engine.decide(&txn, r.stored_ms)
             }));
+            if keep && out.is_ok() {
+                engine.keep_id(&txn.id, now_ms());
+            }
             // A decision that failed (its panic is logged) re-applied nothing.
             match out {
                 Ok(o) if o.duplicate => n.already += 1,
@@ -1111,7 +1118,7 @@ async fn recover(
                     from,
                     setup.capture_last,
                     idle,
-                    replay_into(wire, engine, &mut checks),
+                    replay_into(wire, engine, &mut checks, true),
                 )
                 .await?;
             }
@@ -1156,7 +1163,7 @@ async fn recover(
                     ReplayFrom::Seq(start),
                     setup.delivered,
                     idle,
-                    replay_into(wire, engine, &mut txns),
+                    replay_into(wire, engine, &mut txns, false),
                 )
                 .await?;
             }

@@ -260,6 +260,47 @@ async fn a_captured_request_gets_exactly_one_reply() {
     drop(engine);
 }
 
+/// A request captured while the engine was down, and the switch's retry of it only once
+/// the engine is back, longer than the retry horizon after the capture: the restart's
+/// replay re-applies the request, and the retry finds its id and is not counted again
+/// (the replayed id used to carry its capture time, and was already past the horizon).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_captured_while_down_and_retried_later_counts_once() {
+    let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
+    let dir = Scratch::new("js-retry-late");
+    let snap = dir.0.join("s.snap");
+    let config = js_config("fraudgate", &snap, "60s")
+        .replace("[service]\n", "[service]\nsweep_interval = \"100ms\"\n")
+        + &daytime_engine_table()
+        + "dedupe_horizon = \"3s\"\n";
+    let engine = Engine::start_with(&nats.url(), &config).await;
+    let engine = stop(engine).await;
+    drop(engine);
+    let c = client(&nats.url()).await;
+    let card = "4111111111119021";
+    let ts = fraudgate::service::now_ms() - 1_000;
+    let body = String::from_utf8(txn_at("late-1", card, "10", ts).to_vec()).unwrap();
+    // Nobody answers: the request is only captured.
+    c.publish_with_reply("fraud.check", c.new_inbox(), Bytes::from(body.clone()))
+        .await
+        .unwrap();
+    c.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let engine = Engine::start_with(&nats.url(), &config).await;
+    // Sweeps every 100 ms meanwhile: the id must survive them.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let d = check(&c, &body).await;
+    assert_eq!(d["id"], "late-1", "{d}");
+    let engine = stop(engine).await;
+    let log = engine.log_text();
+    let counted: i64 = windows_in(&snap, fraudgate::service::now_ms())
+        .iter()
+        .filter(|(w, _, _)| w == "card_txn_1h")
+        .map(|(_, _, v)| v.parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(counted, 1, "the request was counted {counted} times\n{log}");
+}
+
 /// Stream transactions published while nats-server is killed and restarted (on the same
 /// port and store). Returns (sent, ids decided, the engine's final counts).
 async fn load_across_a_nats_restart(
