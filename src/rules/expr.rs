@@ -422,6 +422,51 @@ pub struct ExprCompiler<'s> {
     /// Lists the expression reads (their contents never appear in `reads`).
     pub lists_read: Vec<String>,
     pub key: HashKey,
+    /// Comparisons whose answer is known before any transaction (`local_hour >= 24`):
+    /// where, and what to say. Warnings, not errors.
+    pub lints: Vec<(Span, String)>,
+}
+
+/// Bounds the compiler knows for a number (for the never-true / always-true warnings), and
+/// how to say them (empty for a constant).
+fn bounds(v: &V) -> Option<(Decimal, Decimal, &'static str)> {
+    Some(match v {
+        V::Int(I::Const(k)) => (Decimal::from(*k), Decimal::from(*k), ""),
+        V::Int(I::Hour) => (Decimal::ZERO, Decimal::from(23), "local_hour is 0 to 23"),
+        V::Int(I::Weekday) => (Decimal::ONE, Decimal::from(7), "local_weekday is 1 to 7"),
+        // Int features are counts and distinct counts.
+        V::Int(I::Feature(_)) => (
+            Decimal::ZERO,
+            Decimal::MAX,
+            "a count or distinct count is never negative",
+        ),
+        V::Dec(D::Const(k)) => (*k, *k, ""),
+        V::Dec(D::Amount) => (Decimal::ZERO, Decimal::MAX, "amount is never negative"),
+        _ => return None,
+    })
+}
+
+/// Whether `x cmp y` holds for every pair (`Some(true)`), for none (`Some(false)`), or
+/// depends on the values, with `x` in `a` and `y` in `b` (inclusive bounds).
+fn known(cmp: Cmp, a: (Decimal, Decimal), b: (Decimal, Decimal)) -> Option<bool> {
+    let ((a1, a2), (b1, b2)) = (a, b);
+    let disjoint = a2 < b1 || b2 < a1;
+    let single = a1 == a2 && b1 == b2 && a1 == b1;
+    let (always, never) = match cmp {
+        Cmp::Lt => (a2 < b1, a1 >= b2),
+        Cmp::Le => (a2 <= b1, a1 > b2),
+        Cmp::Gt => (a1 > b2, a2 <= b1),
+        Cmp::Ge => (a1 >= b2, a2 < b1),
+        Cmp::Eq => (single, disjoint),
+        Cmp::Ne => (disjoint, single),
+    };
+    if always {
+        Some(true)
+    } else if never {
+        Some(false)
+    } else {
+        None
+    }
 }
 
 /// Intermediate typed value.
@@ -920,6 +965,33 @@ impl<'s> ExprCompiler<'s> {
     #[allow(clippy::too_many_arguments)]
     fn comparison(&mut self, cmp: Cmp, op: BinOp, va: V, vb: V, ta: Ty, tb: Ty, span: &Span) -> V {
         let ordering = !matches!(cmp, Cmp::Eq | Cmp::Ne);
+        if let (Some((a1, a2, wa)), Some((b1, b2, wb))) = (bounds(&va), bounds(&vb)) {
+            if let Some(answer) = known(cmp, (a1, a2), (b1, b2)) {
+                let why = [wa, wb]
+                    .into_iter()
+                    .filter(|w| !w.is_empty())
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let (code, said) = match answer {
+                    // A value that is missing makes a comparison unknown, not true.
+                    true => ("always-true", "is true whenever its value is known"),
+                    false => ("never-true", "is never true"),
+                };
+                let why = if why.is_empty() {
+                    "it compares constants".to_string()
+                } else {
+                    why
+                };
+                let sp = self.span(span);
+                self.lints.push((
+                    sp,
+                    format!(
+                        "warning[{code}]: this `{}` comparison {said}: {why}",
+                        op.symbol()
+                    ),
+                ));
+            }
+        }
         match (va, vb) {
             (V::Int(x), V::Int(y)) => V::Bool(cmp_int(cmp, x, y)),
             (V::Int(x), V::Dec(y)) => V::Bool(cmp_dec(cmp, x.into_dec(), y)),

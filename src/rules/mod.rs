@@ -418,6 +418,8 @@ struct Loader<'a> {
     diags: Vec<Diagnostic>,
     /// Lists and windows some expression reads (for the unused-name warnings).
     read_names: std::collections::BTreeSet<String>,
+    /// Comparisons known before any transaction: file, span in it, the warning.
+    lints: Vec<(usize, std::ops::Range<usize>, String)>,
 }
 
 /// File offset of every byte position `0..=value.len()` of a TOML string value, so that
@@ -490,6 +492,7 @@ pub fn compile(
         files,
         diags: Vec::new(),
         read_names: Default::default(),
+        lints: Vec::new(),
     };
     if l.files.is_empty() {
         l.diags.push(Diagnostic::global(
@@ -999,7 +1002,16 @@ impl Loader<'_> {
         if !self.diags.is_empty() {
             return None;
         }
-        let warnings = declared
+        let lints = self.lints.iter().map(|(fi, span, msg)| {
+            let f = &self.files[*fi];
+            let (line, col) = diag::line_col(&f.text, span.start);
+            // "warning[code]: at: rest", like the others.
+            match msg.split_once(": ") {
+                Some((code, rest)) => format!("{code}: {}:{line}:{col}: {rest}", f.name),
+                None => msg.clone(),
+            }
+        });
+        let mut warnings: Vec<String> = declared
             .iter()
             .filter(|(_, name, _, _)| !self.read_names.contains(name))
             .map(|(kind, name, fi, span)| {
@@ -1022,6 +1034,7 @@ impl Loader<'_> {
                 }
             })
             .collect();
+        warnings.extend(lints);
         let content_hash = content_hash(&self.files);
         Some(RuleSet {
             version: format!("{label}+{}", &content_hash[..12]),
@@ -1074,8 +1087,12 @@ impl Loader<'_> {
             reads: Vec::new(),
             lists_read: Vec::new(),
             key: self.key,
+            lints: Vec::new(),
         };
         let f = c.condition(&ast);
+        for (span, msg) in std::mem::take(&mut c.lints) {
+            self.lints.push((fi, map(span), msg));
+        }
         self.read_names.extend(c.lists_read);
         self.read_names
             .extend(c.reads.iter().map(|(name, _)| name.clone()));

@@ -298,6 +298,57 @@ action = "block"
 
 /// Hidden `.toml` files are not read: a draft beside the rules (here repeating a rule id,
 /// which would fail the whole load) or macOS's `._limits.toml` (not UTF-8).
+/// Comparisons whose answer is known before any transaction are warned about (a rule that
+/// can never fire, or a condition part that is always true), with the position and without
+/// the source text; comparisons that depend on the transaction are not.
+#[test]
+fn comparisons_known_before_any_transaction_are_warned() {
+    let warned = |body: &str| -> Vec<String> {
+        compile_ok(body)
+            .warnings
+            .into_iter()
+            .filter(|w| w.contains("never-true") || w.contains("always-true"))
+            .collect()
+    };
+    let windows = "[windows]\nc = { agg = \"count\", by = \"card\", over = \"1h\" }\n";
+    for (when, code) in [
+        ("local_hour >= 24", "never-true"),
+        ("local_hour > 23.5", "never-true"),
+        ("24 <= local_hour", "never-true"),
+        ("local_weekday == 0", "never-true"),
+        ("amount < 0", "never-true"),
+        ("1 > 2", "never-true"),
+        ("c < 0", "never-true"),
+        ("local_hour >= 0", "always-true"),
+        ("amount >= 0", "always-true"),
+        ("local_weekday != 9", "always-true"),
+        ("c > -1", "always-true"),
+        ("1 == 1", "always-true"),
+    ] {
+        let w = warned(&format!("{windows}{}", rule(&format!("{when} and c >= 1"))));
+        assert_eq!(w.len(), 1, "{when}: {w:?}");
+        assert!(
+            w[0].starts_with(&format!("warning[{code}]: r/a.toml:")),
+            "{when}: {}",
+            w[0]
+        );
+        assert!(!w[0].contains(when), "the source text is quoted: {}", w[0]);
+    }
+    for when in [
+        "local_hour >= 6",
+        "local_hour < 24 and local_hour > 22",
+        "amount > 100",
+        "mcc == 5411",
+        "c >= 0.5",
+        "local_weekday >= 7",
+    ] {
+        let w = warned(&format!("{windows}{}", rule(&format!("{when} and c >= 1"))));
+        // `local_hour < 24` is always true; nothing else here is known.
+        let want = usize::from(when.contains("< 24"));
+        assert_eq!(w.len(), want, "{when}: {w:?}");
+    }
+}
+
 /// Only the literal `[]` is empty for strings too: a number list file that happens to be
 /// empty stays a number list, so a string looked up in it is refused now, not at the
 /// reload that gives the file its first entry.
