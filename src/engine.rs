@@ -7,7 +7,8 @@
 //! Rules are swapped atomically with [`Engine::swap_rules`]: a decision reads the active
 //! rule set once ([`ArcSwap`]) and finishes on it. Window state survives a swap: groups
 //! (entity keys) and slots (aggregate + value + filter) are matched by signature, new ones
-//! start empty, removed ones are dropped. When a kept group's slots change, its keys are
+//! start empty, removed groups are kept until the next swap (which takes one back with its
+//! state if it returns) or until the service frees them. When a kept group's slots change, its keys are
 //! rewritten to the new layout while decisions wait on the swap barrier, so no update is
 //! lost or applied to the wrong layout. A snapshot's cut takes the same barrier, for as long
 //! as the decisions in flight take; nothing else holds it for longer than one decision.
@@ -515,6 +516,14 @@ impl Engine {
 
     pub fn config(&self) -> &EngineConfig {
         &self.cfg
+    }
+
+    /// Frees the state of the key groups the last rule swap dropped (kept until then in
+    /// case the next swap brings them back); how many there were. The service calls it a
+    /// while after a reload that dropped groups.
+    pub fn free_retired(&self) -> usize {
+        let retired = std::mem::take(&mut *self.retired.lock().unwrap_or_else(|e| e.into_inner()));
+        retired.len()
     }
 
     /// Keeps a decided id in the retry table for a horizon from `seen_ms`, if that is

@@ -524,10 +524,21 @@ impl Running {
         // reloaded now, before any transaction (a JetStream replay) is decided. Without a
         // change, nothing is read again.
         let mut changed = false;
-        while changes.try_recv().is_ok() {
+        let mut writing = Writing::default();
+        while let Ok(c) = changes.try_recv() {
             changed = true;
+            writing.note(&c);
         }
         if changed {
+            // Files still being written: loaded once closed, as a reload would (at most
+            // MAX_WRITE_WAIT), so the replay does not run on a half-written set.
+            let deadline = tokio::time::Instant::now() + MAX_WRITE_WAIT;
+            while writing.settling() {
+                match tokio::time::timeout_at(deadline, changes.recv()).await {
+                    Ok(Some(c)) => writing.note(&c),
+                    _ => break,
+                }
+            }
             self::reload(
                 &opts.rules_dir,
                 &opts.engine,
@@ -1038,7 +1049,9 @@ fn replay_into<'a>(
             let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 engine.decide(&txn, r.stored_ms)
             }));
-            if keep && out.is_ok() {
+            // Only ids new to the snapshot: one the snapshot held was answered before the
+            // crash, and keeps the horizon of its last sighting.
+            if keep && matches!(&out, Ok(o) if !o.duplicate) {
                 engine.keep_id(&txn.id, now_ms());
             }
             // A decision that failed (its panic is logged) re-applied nothing.
@@ -1708,9 +1721,20 @@ impl RulesWatch {
                 // A file written to is complete when its writer closes it.
                 EventKind::Access(AccessKind::Close(AccessMode::Write)) => each(Change::Done),
                 EventKind::Access(_) => {}
-                EventKind::Create(CreateKind::File) | EventKind::Modify(ModifyKind::Data(_)) => {
-                    each(Change::Writing)
+                // Only inotify (Linux) reports closes: elsewhere a write is a plain change.
+                // A link made (`ln -s`, `ln`, a checkout) is never closed after writing:
+                // only a new regular file of one name is waited for.
+                #[cfg(any(target_os = "linux", target_os = "android"))]
+                EventKind::Create(CreateKind::File) => {
+                    for p in &paths {
+                        let _ = tx.send(match new_regular_file(p) {
+                            true => Change::Writing((*p).clone()),
+                            false => Change::Touched,
+                        });
+                    }
                 }
+                #[cfg(any(target_os = "linux", target_os = "android"))]
+                EventKind::Modify(ModifyKind::Data(_)) => each(Change::Writing),
                 // Gone from under its name: nothing to wait for there.
                 EventKind::Remove(_) | EventKind::Modify(ModifyKind::Name(RenameMode::From)) => {
                     each(Change::Done)
@@ -1775,6 +1799,55 @@ enum Change {
     Done(PathBuf),
 }
 
+/// Whether `p` is a regular file with one name (not a symlink, not a hard link): a file
+/// whose writer will close it.
+#[cfg(any(target_os = "linux", target_os = "android"))]
+fn new_regular_file(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_file() && m.nlink() == 1)
+}
+
+/// Files being written (made or written to, and not closed yet), since when.
+#[derive(Default)]
+struct Writing(std::collections::HashMap<PathBuf, tokio::time::Instant>);
+
+impl Writing {
+    fn note(&mut self, change: &Change) {
+        match change {
+            Change::Writing(p) => {
+                self.0
+                    .entry(p.clone())
+                    .or_insert_with(tokio::time::Instant::now);
+            }
+            Change::Done(p) => {
+                self.0.remove(p);
+            }
+            Change::Touched => {}
+        }
+    }
+
+    /// Whether a file is still being written, after giving up (with a warning) on each
+    /// one written for longer than [`MAX_WRITE_WAIT`]: one writer that keeps its file open
+    /// neither holds reloads back nor lets another file be loaded half written.
+    fn settling(&mut self) -> bool {
+        let mut expired = Vec::new();
+        self.0.retain(|p, since| {
+            let keep = since.elapsed() < MAX_WRITE_WAIT;
+            if !keep {
+                expired.push(p.display().to_string());
+            }
+            keep
+        });
+        if !expired.is_empty() {
+            tracing::warn!(
+                files = %expired.join(", "),
+                "rule files still being written after {MAX_WRITE_WAIT:?}: loaded as they are"
+            );
+        }
+        !self.0.is_empty()
+    }
+}
+
 fn watch_rules(dir: &Path) -> Result<(RulesWatch, mpsc::UnboundedReceiver<Change>), ServiceError> {
     let (tx, rx) = mpsc::unbounded_channel::<Change>();
     Ok((RulesWatch::new(dir, tx)?, rx))
@@ -1791,6 +1864,10 @@ const MAX_DEFER_DEBOUNCES: u32 = 10;
 /// reload must never activate, and the key groups it drops lose their history. A writer
 /// that keeps a file open longer than this does not hold reloads back for good.
 const MAX_WRITE_WAIT: Duration = Duration::from_secs(30);
+
+/// How long the state of key groups a reload dropped is kept for a reload that brings them
+/// back (a deploy in two steps, a file caught half copied), before it is freed.
+const RETIRED_GRACE: Duration = Duration::from_secs(300);
 
 /// Reloads on the watcher's changes (`rx`, from [`watch_rules`]) after `debounce` of quiet
 /// (at most [`MAX_DEFER_DEBOUNCES`] debounces after the first change of a run) once no file
@@ -1813,9 +1890,10 @@ fn reload_task(
         let mut pending: Option<tokio::time::Instant> = None;
         let mut first: Option<tokio::time::Instant> = None;
         let mut replaced = false;
-        // Files being written, since when.
-        let mut writing: std::collections::HashMap<PathBuf, tokio::time::Instant> =
-            Default::default();
+        let mut writing = Writing::default();
+        // When to free the key groups the last reload dropped (kept meanwhile in case the
+        // next reload brings them back: see `Engine::swap_rules`).
+        let mut free_retired: Option<tokio::time::Instant> = None;
         let mut look = tokio::time::interval(Duration::from_secs(1));
         look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         loop {
@@ -1845,16 +1923,24 @@ fn reload_task(
             };
             let cause = tokio::select! {
                 Some(change) = rx.recv() => {
-                    match change {
-                        Change::Writing(p) => {
-                            writing.entry(p).or_insert_with(tokio::time::Instant::now);
-                        }
-                        Change::Done(p) => {
-                            writing.remove(&p);
-                        }
-                        Change::Touched => {}
-                    }
+                    writing.note(&change);
                     changed(&mut pending);
+                    continue;
+                }
+                _ = async {
+                    match free_retired {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending::<()>().await,
+                    }
+                } => {
+                    free_retired = None;
+                    let e = engine.clone();
+                    // A big table takes a while to free: off the runtime.
+                    if let Ok(n) = tokio::task::spawn_blocking(move || e.free_retired()).await {
+                        if n > 0 {
+                            tracing::info!(groups = n, "freed the state of the key groups the rules dropped");
+                        }
+                    }
                     continue;
                 }
                 _ = look.tick() => {
@@ -1867,19 +1953,10 @@ fn reload_task(
                     continue;
                 }
                 _ = quiet => {
-                    if let Some(since) = writing.values().min().copied() {
-                        if since.elapsed() < MAX_WRITE_WAIT {
-                            // Look again after another quiet period (a close also wakes it).
-                            pending = Some(tokio::time::Instant::now() + debounce);
-                            continue;
-                        }
-                        let files: Vec<String> =
-                            writing.keys().map(|p| p.display().to_string()).collect();
-                        tracing::warn!(
-                            files = %files.join(", "),
-                            "rule files still being written after {MAX_WRITE_WAIT:?}: reloading anyway"
-                        );
-                        writing.clear();
+                    if writing.settling() {
+                        // Look again after another quiet period (a close also wakes it).
+                        pending = Some(tokio::time::Instant::now() + debounce);
+                        continue;
                     }
                     if std::mem::take(&mut replaced) { "rules directory replaced" } else { "file change" }
                 }
@@ -1889,7 +1966,9 @@ fn reload_task(
             pending = None;
             first = None;
             replaced = false;
-            reload(&dir, &cfg, &engine, &counters, cause).await;
+            if reload(&dir, &cfg, &engine, &counters, cause).await > 0 {
+                free_retired = Some(tokio::time::Instant::now() + RETIRED_GRACE);
+            }
         }
     })
 }
@@ -1901,14 +1980,15 @@ pub async fn reload(
     engine: &Arc<Engine>,
     counters: &Counters,
     cause: &str,
-) {
+) -> usize {
+    let mut retired = 0;
     let (d, c) = (dir.to_path_buf(), cfg.clone());
     let loaded = match tokio::task::spawn_blocking(move || crate::rules::load_dir(&d, &c)).await {
         Ok(r) => r,
         Err(e) => {
             counters.reload(false);
             tracing::error!(error = %e, "rule reload task failed");
-            return;
+            return 0;
         }
     };
     let current = engine.rules().version.clone();
@@ -1935,6 +2015,7 @@ pub async fn reload(
             };
             match tokio::task::spawn_blocking(swap).await {
                 Ok((sw, changes)) => {
+                    retired = sw.dropped;
                     let lists = if changes.is_empty() {
                         "unchanged".to_string()
                     } else {
@@ -1975,6 +2056,7 @@ pub async fn reload(
             );
         }
     }
+    retired
 }
 
 #[cfg(test)]
@@ -2394,5 +2476,65 @@ mod tests {
             "the written list was not loaded"
         );
         assert_eq!(engine.rules().lists["blocked_cards"], 2);
+    }
+
+    /// Each file being written is given up on by itself after MAX_WRITE_WAIT: a writer that
+    /// keeps one file open neither holds reloads back for good nor lets another file,
+    /// written later, be loaded before it is closed.
+    #[tokio::test(start_paused = true)]
+    async fn files_being_written_are_given_up_on_one_by_one() {
+        let mut w = Writing::default();
+        w.note(&Change::Writing(PathBuf::from("feed.txt")));
+        tokio::time::advance(Duration::from_secs(25)).await;
+        w.note(&Change::Writing(PathBuf::from("export.txt")));
+        w.note(&Change::Touched);
+        assert!(w.settling());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        // feed.txt is past the wait, export.txt is not.
+        assert!(
+            w.settling(),
+            "the later file was given up on with the first"
+        );
+        assert_eq!(w.0.len(), 1);
+        w.note(&Change::Done(PathBuf::from("export.txt")));
+        assert!(!w.settling());
+    }
+
+    /// What the watcher reports for a file made and held open (being written, then done at
+    /// its close) and for a symlink made (a change, never waited for: no writer closes it).
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn a_file_held_open_is_being_written_and_a_symlink_is_not() {
+        use std::io::Write;
+        let base = temp_dir("writing");
+        let dir = base.join("rules");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (_w, mut rx) = watch_rules(&dir).unwrap();
+        let drain = |rx: &mut mpsc::UnboundedReceiver<Change>| {
+            let mut got = Vec::new();
+            while let Ok(c) = rx.try_recv() {
+                got.push(c);
+            }
+            got
+        };
+        let mut f = std::fs::File::create(dir.join("a.toml")).unwrap();
+        f.write_all(b"# half").unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let open = drain(&mut rx);
+        drop(f);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let closed = drain(&mut rx);
+        std::os::unix::fs::symlink(dir.join("a.toml"), dir.join("b.toml")).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let linked = drain(&mut rx);
+        let _ = std::fs::remove_dir_all(&base);
+        let mut w = Writing::default();
+        open.iter().for_each(|c| w.note(c));
+        assert!(w.settling(), "{open:?}");
+        closed.iter().for_each(|c| w.note(c));
+        assert!(!w.settling(), "{closed:?}");
+        assert!(!linked.is_empty());
+        linked.iter().for_each(|c| w.note(c));
+        assert!(!w.settling(), "a symlink is waited for: {linked:?}");
     }
 }

@@ -503,6 +503,12 @@ fn a_group_dropped_for_one_reload_comes_back_with_its_history() {
     t.device = Some("dev-back".into());
     let o = e.decide(&t, T0);
     assert_eq!(o.decision.action, crate::Action::Reject, "{:?}", o.decision);
+    // Dropped, then freed by the service before any reload brings it back: empty.
+    e.swap_rules(rules_from(&without_device, e.config()));
+    assert_eq!(e.free_retired(), 1);
+    assert_eq!(e.free_retired(), 0);
+    let report = e.swap_rules(rules_from(RULES, e.config()));
+    assert_eq!((report.added, report.revived), (1, 0), "{report:?}");
     // Dropped for two reloads in a row: freed, and it starts empty when it returns.
     e.swap_rules(rules_from(&without_device, e.config()));
     e.swap_rules(rules_from(&without_device.replace("99", "98"), e.config()));

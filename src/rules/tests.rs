@@ -296,8 +296,6 @@ action = "block"
     assert_eq!(eval(&rs3, &txn()), Tri::True);
 }
 
-/// Hidden `.toml` files are not read: a draft beside the rules (here repeating a rule id,
-/// which would fail the whole load) or macOS's `._limits.toml` (not UTF-8).
 /// Comparisons whose answer is known before any transaction are warned about (a rule that
 /// can never fire, or a condition part that is always true), with the position and without
 /// the source text; comparisons that depend on the transaction are not.
@@ -366,6 +364,8 @@ fn an_empty_number_list_file_is_still_a_number_list() {
     assert!(e.render().contains("list of numbers"), "{}", e.render());
 }
 
+/// Hidden `.toml` files are not read: a draft beside the rules (here repeating a rule id,
+/// which would fail the whole load) or macOS's `._limits.toml` (not UTF-8).
 #[test]
 fn hidden_toml_files_are_not_rules() {
     let dir = std::env::temp_dir().join(format!("fraudgate-hidden-{}", std::process::id()));
