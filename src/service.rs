@@ -527,15 +527,15 @@ impl Running {
         let mut writing = Writing::default();
         while let Ok(c) = changes.try_recv() {
             changed = true;
-            writing.note(&c);
+            writing.note(&c, tokio::time::Instant::now());
         }
         if changed {
             // Files still being written: loaded once closed, as a reload would (at most
             // MAX_WRITE_WAIT), so the replay does not run on a half-written set.
             let deadline = tokio::time::Instant::now() + MAX_WRITE_WAIT;
-            while writing.settling() {
+            while writing.settling(tokio::time::Instant::now()) {
                 match tokio::time::timeout_at(deadline, changes.recv()).await {
-                    Ok(Some(c)) => writing.note(&c),
+                    Ok(Some(c)) => writing.note(&c, tokio::time::Instant::now()),
                     _ => break,
                 }
             }
@@ -1812,12 +1812,11 @@ fn new_regular_file(p: &Path) -> bool {
 struct Writing(std::collections::HashMap<PathBuf, tokio::time::Instant>);
 
 impl Writing {
-    fn note(&mut self, change: &Change) {
+    /// Takes in what the watcher saw at `now`.
+    fn note(&mut self, change: &Change, now: tokio::time::Instant) {
         match change {
             Change::Writing(p) => {
-                self.0
-                    .entry(p.clone())
-                    .or_insert_with(tokio::time::Instant::now);
+                self.0.entry(p.clone()).or_insert(now);
             }
             Change::Done(p) => {
                 self.0.remove(p);
@@ -1829,10 +1828,10 @@ impl Writing {
     /// Whether a file is still being written, after giving up (with a warning) on each
     /// one written for longer than [`MAX_WRITE_WAIT`]: one writer that keeps its file open
     /// neither holds reloads back nor lets another file be loaded half written.
-    fn settling(&mut self) -> bool {
+    fn settling(&mut self, now: tokio::time::Instant) -> bool {
         let mut expired = Vec::new();
         self.0.retain(|p, since| {
-            let keep = since.elapsed() < MAX_WRITE_WAIT;
+            let keep = now.saturating_duration_since(*since) < MAX_WRITE_WAIT;
             if !keep {
                 expired.push(p.display().to_string());
             }
@@ -1923,7 +1922,7 @@ fn reload_task(
             };
             let cause = tokio::select! {
                 Some(change) = rx.recv() => {
-                    writing.note(&change);
+                    writing.note(&change, tokio::time::Instant::now());
                     changed(&mut pending);
                     continue;
                 }
@@ -1953,7 +1952,7 @@ fn reload_task(
                     continue;
                 }
                 _ = quiet => {
-                    if writing.settling() {
+                    if writing.settling(tokio::time::Instant::now()) {
                         // Look again after another quiet period (a close also wakes it).
                         pending = Some(tokio::time::Instant::now() + debounce);
                         continue;
@@ -2481,23 +2480,23 @@ mod tests {
     /// Each file being written is given up on by itself after MAX_WRITE_WAIT: a writer that
     /// keeps one file open neither holds reloads back for good nor lets another file,
     /// written later, be loaded before it is closed.
-    #[tokio::test(start_paused = true)]
-    async fn files_being_written_are_given_up_on_one_by_one() {
+    #[test]
+    fn files_being_written_are_given_up_on_one_by_one() {
+        let t0 = tokio::time::Instant::now();
+        let s = Duration::from_secs;
         let mut w = Writing::default();
-        w.note(&Change::Writing(PathBuf::from("feed.txt")));
-        tokio::time::advance(Duration::from_secs(25)).await;
-        w.note(&Change::Writing(PathBuf::from("export.txt")));
-        w.note(&Change::Touched);
-        assert!(w.settling());
-        tokio::time::advance(Duration::from_secs(10)).await;
+        w.note(&Change::Writing(PathBuf::from("feed.txt")), t0);
+        w.note(&Change::Writing(PathBuf::from("export.txt")), t0 + s(25));
+        w.note(&Change::Touched, t0 + s(25));
+        assert!(w.settling(t0 + s(25)));
         // feed.txt is past the wait, export.txt is not.
         assert!(
-            w.settling(),
+            w.settling(t0 + s(35)),
             "the later file was given up on with the first"
         );
         assert_eq!(w.0.len(), 1);
-        w.note(&Change::Done(PathBuf::from("export.txt")));
-        assert!(!w.settling());
+        w.note(&Change::Done(PathBuf::from("export.txt")), t0 + s(36));
+        assert!(!w.settling(t0 + s(36)));
     }
 
     /// What the watcher reports for a file made and held open (being written, then done at
@@ -2528,13 +2527,14 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let linked = drain(&mut rx);
         let _ = std::fs::remove_dir_all(&base);
+        let now = tokio::time::Instant::now();
         let mut w = Writing::default();
-        open.iter().for_each(|c| w.note(c));
-        assert!(w.settling(), "{open:?}");
-        closed.iter().for_each(|c| w.note(c));
-        assert!(!w.settling(), "{closed:?}");
+        open.iter().for_each(|c| w.note(c, now));
+        assert!(w.settling(now), "{open:?}");
+        closed.iter().for_each(|c| w.note(c, now));
+        assert!(!w.settling(now), "{closed:?}");
         assert!(!linked.is_empty());
-        linked.iter().for_each(|c| w.note(c));
-        assert!(!w.settling(), "a symlink is waited for: {linked:?}");
+        linked.iter().for_each(|c| w.note(c, now));
+        assert!(!w.settling(now), "a symlink is waited for: {linked:?}");
     }
 }
