@@ -141,12 +141,18 @@ fn snapshot_under_load(engine: &Engine, cards: u64, ts: i64) {
     let (writing, bytes, write_took) = while_deciding(engine, cards, ts, "write", || {
         fraudgate::snapshot::write(&path, &snap).unwrap()
     });
+    // What a start pays to read it back (checksum, then decode), decisions idle.
+    let reading = std::time::Instant::now();
+    let back = fraudgate::snapshot::read(&path).unwrap();
+    let read_took = reading.elapsed();
+    drop(back);
     println!(
-        "  snapshot: {:.1} MiB ({:.1} B per card): copy + encode {:.2} s, write + fsync {:.2} s",
+        "  snapshot: {:.1} MiB ({:.1} B per card): copy + encode {:.2} s, write + fsync {:.2} s, read {:.2} s",
         bytes as f64 / 1048576.0,
         bytes as f64 / cards as f64,
         copy_took.as_secs_f64(),
-        write_took.as_secs_f64()
+        write_took.as_secs_f64(),
+        read_took.as_secs_f64()
     );
     describe("decide, no snapshot", &before);
     describe("decide, while copying", &copying);
