@@ -2383,12 +2383,9 @@ mod tests {
         }
     }
 
-    /// Changes every 100 ms for longer than any debounce: the reload comes after at most
-    /// MAX_DEFER_DEBOUNCES debounces (3 s here), not when the changes stop (they never
-    /// would, for a feed appending to a list file).
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_file_that_keeps_changing_does_not_hold_reloads_back() {
-        let base = temp_dir("reload-cap");
+    /// A copy of the shipped rules under `base/rules` and an engine on them.
+    fn shipped_copy(name: &str) -> (PathBuf, PathBuf, EngineConfig, Arc<Engine>) {
+        let base = temp_dir(name);
         let dir = base.join("rules");
         copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"), &dir);
         let cfg = EngineConfig::default();
@@ -2396,25 +2393,46 @@ mod tests {
             crate::rules::load_dir(&dir, &cfg).unwrap(),
             cfg.clone(),
         ));
+        (base, dir, cfg, engine)
+    }
+
+    /// The reload task on `dir`, fed by `rx`; its stop switch and handle.
+    fn spawn_reload(
+        rx: mpsc::UnboundedReceiver<Change>,
+        dir: &Path,
+        cfg: EngineConfig,
+        engine: &Arc<Engine>,
+        debounce: Duration,
+    ) -> (watch::Sender<bool>, JoinHandle<()>) {
+        let (watch, _) = watch_rules(dir).unwrap();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = reload_task(
+            rx,
+            watch,
+            dir.to_path_buf(),
+            cfg,
+            engine.clone(),
+            Arc::new(Counters::new()),
+            debounce,
+            stop_rx,
+        );
+        (stop_tx, task)
+    }
+
+    /// Changes every 100 ms for longer than any debounce: the reload comes after at most
+    /// MAX_DEFER_DEBOUNCES debounces (3 s here), not when the changes stop (they never
+    /// would, for a feed appending to a list file).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_that_keeps_changing_does_not_hold_reloads_back() {
+        let (base, dir, cfg, engine) = shipped_copy("reload-cap");
         let v0 = engine.rules().version.clone();
         let head = dir.join("00-ruleset.toml");
         let text = std::fs::read_to_string(&head).unwrap();
         let bumped = text.replacen("version = \"", "version = \"9", 1);
         assert_ne!(text, bumped);
         std::fs::write(&head, bumped).unwrap();
-        let (watch, _) = watch_rules(&dir).unwrap();
         let (tx, rx) = mpsc::unbounded_channel();
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let task = reload_task(
-            rx,
-            watch,
-            dir.clone(),
-            cfg,
-            engine.clone(),
-            Arc::new(Counters::new()),
-            Duration::from_millis(300),
-            stop_rx,
-        );
+        let (stop_tx, task) = spawn_reload(rx, &dir, cfg, &engine, Duration::from_millis(300));
         let start = std::time::Instant::now();
         while start.elapsed() < Duration::from_secs(6) && engine.rules().version == v0 {
             let _ = tx.send(Change::Touched);
@@ -2434,27 +2452,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_file_being_written_is_loaded_once_it_is_closed() {
         use std::io::Write;
-        let base = temp_dir("reload-open");
-        let dir = base.join("rules");
-        copy_dir(&Path::new(env!("CARGO_MANIFEST_DIR")).join("rules"), &dir);
-        let cfg = EngineConfig::default();
-        let engine = Arc::new(Engine::new(
-            crate::rules::load_dir(&dir, &cfg).unwrap(),
-            cfg.clone(),
-        ));
+        let (base, dir, cfg, engine) = shipped_copy("reload-open");
         let v0 = engine.rules().version.clone();
-        let (watch, rx) = watch_rules(&dir).unwrap();
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let task = reload_task(
-            rx,
-            watch,
-            dir.clone(),
-            cfg,
-            engine.clone(),
-            Arc::new(Counters::new()),
-            Duration::from_millis(200),
-            stop_rx,
-        );
+        let (_watch, rx) = watch_rules(&dir).unwrap();
+        let (stop_tx, task) = spawn_reload(rx, &dir, cfg, &engine, Duration::from_millis(200));
         let mut f = std::fs::File::create(dir.join("lists/blocked_cards.txt")).unwrap();
         f.write_all(b"4111111111111111\n").unwrap();
         tokio::time::sleep(Duration::from_millis(1_500)).await;

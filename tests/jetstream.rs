@@ -537,6 +537,23 @@ async fn decision_id(d: &mut async_nats::Subscriber, engine: &Engine) -> String 
     v["id"].as_str().unwrap().to_string()
 }
 
+/// Publishes three transactions of `card` (ids `prefix-0..2`) and waits for each one's
+/// decision, in turn.
+async fn publish_decided(
+    js: &jetstream::Context,
+    decisions: &mut async_nats::Subscriber,
+    engine: &Engine,
+    prefix: &str,
+    card: &str,
+    ts: i64,
+) {
+    for i in 0..3 {
+        let id = format!("{prefix}-{i}");
+        js_publish(js, &id, txn_at(&id, card, "10", ts + i)).await;
+        assert_eq!(decision_id(decisions, engine).await, id);
+    }
+}
+
 /// The durable consumer deleted while the engine runs (by hand, or a tool re-applying the
 /// stream's configuration): the engine makes it again where it stands and goes on
 /// deciding, and what it had already decided is not delivered and decided again.
@@ -554,11 +571,7 @@ async fn a_deleted_consumer_is_made_again_where_the_engine_stands() {
     let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
     c.flush().await.unwrap();
     let ts = fraudgate::service::now_ms();
-    for i in 0..3 {
-        let id = format!("del-{i}");
-        js_publish(&js, &id, txn_at(&id, "4111111111119003", "10", ts + i)).await;
-        assert_eq!(decision_id(&mut decisions, &engine).await, id);
-    }
+    publish_decided(&js, &mut decisions, &engine, "del", "4111111111119003", ts).await;
     drained(&js, "fraudgate").await;
     let stream = js.get_stream("FRAUD_TXN").await.unwrap();
     // The server can fail a delete while it writes the consumer's state (a 500,
@@ -614,11 +627,7 @@ async fn a_stream_made_again_while_down_is_taken_from_its_first_message() {
     let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
     c.flush().await.unwrap();
     let ts = fraudgate::service::now_ms();
-    for i in 0..3 {
-        let id = format!("old-{i}");
-        js_publish(&js, &id, txn_at(&id, "4111111111119011", "10", ts + i)).await;
-        assert_eq!(decision_id(&mut decisions, &engine).await, id);
-    }
+    publish_decided(&js, &mut decisions, &engine, "old", "4111111111119011", ts).await;
     drained(&js, "fraudgate").await;
     let engine = stop(engine).await;
     drop(engine);
