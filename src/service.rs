@@ -1691,7 +1691,7 @@ impl RulesWatch {
         tx: mpsc::UnboundedSender<Change>,
         root_gone: Arc<AtomicBool>,
     ) -> Result<notify::RecommendedWatcher, ServiceError> {
-        use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind, RenameMode};
+        use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
         use notify::{EventKind, RecursiveMode, Watcher};
         // Event paths are absolute (notify makes a relative watch path absolute).
         let root = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
@@ -1725,7 +1725,7 @@ impl RulesWatch {
                 // A link made (`ln -s`, `ln`, a checkout) is never closed after writing:
                 // only a new regular file of one name is waited for.
                 #[cfg(any(target_os = "linux", target_os = "android"))]
-                EventKind::Create(CreateKind::File) => {
+                EventKind::Create(notify::event::CreateKind::File) => {
                     for p in &paths {
                         let _ = tx.send(match new_regular_file(p) {
                             true => Change::Writing((*p).clone()),
