@@ -423,8 +423,8 @@ pub struct ExprCompiler<'s> {
     pub lists_read: Vec<String>,
     pub key: HashKey,
     /// Comparisons whose answer is known before any transaction (`local_hour >= 24`):
-    /// where, and what to say. Warnings, not errors.
-    pub lints: Vec<(Span, String)>,
+    /// where, the warning code, and what to say. Warnings, not errors.
+    pub lints: Vec<(Span, &'static str, String)>,
 }
 
 /// Bounds the compiler knows for a number (for the never-true / always-true warnings), and
@@ -985,10 +985,8 @@ impl<'s> ExprCompiler<'s> {
                 let sp = self.span(span);
                 self.lints.push((
                     sp,
-                    format!(
-                        "warning[{code}]: this `{}` comparison {said}: {why}",
-                        op.symbol()
-                    ),
+                    code,
+                    format!("this `{}` comparison {said}: {why}", op.symbol()),
                 ));
             }
         }

@@ -419,7 +419,7 @@ struct Loader<'a> {
     /// Lists and windows some expression reads (for the unused-name warnings).
     read_names: std::collections::BTreeSet<String>,
     /// Comparisons known before any transaction: file, span in it, the warning.
-    lints: Vec<(usize, std::ops::Range<usize>, String)>,
+    lints: Vec<(usize, std::ops::Range<usize>, &'static str, String)>,
 }
 
 /// File offset of every byte position `0..=value.len()` of a TOML string value, so that
@@ -1002,14 +1002,10 @@ impl Loader<'_> {
         if !self.diags.is_empty() {
             return None;
         }
-        let lints = self.lints.iter().map(|(fi, span, msg)| {
+        let lints = self.lints.iter().map(|(fi, span, code, msg)| {
             let f = &self.files[*fi];
             let (line, col) = diag::line_col(&f.text, span.start);
-            // "warning[code]: at: rest", like the others.
-            match msg.split_once(": ") {
-                Some((code, rest)) => format!("{code}: {}:{line}:{col}: {rest}", f.name),
-                None => msg.clone(),
-            }
+            format!("warning[{code}]: {}:{line}:{col}: {msg}", f.name)
         });
         let mut warnings: Vec<String> = declared
             .iter()
@@ -1090,8 +1086,8 @@ impl Loader<'_> {
             lints: Vec::new(),
         };
         let f = c.condition(&ast);
-        for (span, msg) in std::mem::take(&mut c.lints) {
-            self.lints.push((fi, map(span), msg));
+        for (span, code, msg) in std::mem::take(&mut c.lints) {
+            self.lints.push((fi, map(span), code, msg));
         }
         self.read_names.extend(c.lists_read);
         self.read_names
