@@ -180,7 +180,10 @@ pub struct StateStats {
 }
 
 /// Version of the snapshot format; any change to the snapshot types bumps it.
-pub const SNAPSHOT_FORMAT: u32 = 2;
+pub const SNAPSHOT_FORMAT: u32 = 3;
+/// The format before the cursor named its transaction stream ([`CursorV2`]): still read
+/// (by [`crate::snapshot::read`]), so an upgrade keeps the windows.
+pub const SNAPSHOT_FORMAT_V2: u32 = 2;
 
 /// Where the inputs stood when a snapshot's cut was taken: replaying from here (skipping
 /// ids in the snapshot's retry table) rebuilds exactly what came after it.
@@ -191,6 +194,18 @@ pub struct Cursor {
     pub txn_next_seq: Option<u64>,
     /// Request capture: requests stored at or after this time (epoch ms) may be missing
     /// from the snapshot; earlier ones are in it.
+    pub check_from_ms: Option<i64>,
+    /// JetStream intake: when the transaction stream was created (epoch ns, as the server
+    /// reports it). `txn_next_seq` is a position in that stream: a stream deleted and made
+    /// again numbers its messages from 1 again, and one created at another time is not the
+    /// stream the position is in. `None`: unknown (no JetStream, or a format 2 snapshot).
+    pub txn_stream_created_ns: Option<i64>,
+}
+
+/// The cursor of format 2 snapshots ([`SNAPSHOT_FORMAT_V2`]): no stream identity.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CursorV2 {
+    pub txn_next_seq: Option<u64>,
     pub check_from_ms: Option<i64>,
 }
 
@@ -210,19 +225,44 @@ impl Capture {
     }
 }
 
-/// All window state and the retry table (see [`Engine::snapshot`]).
+/// All window state and the retry table (see [`Engine::snapshot`]). `C` is the cursor's
+/// type: [`CursorV2`] only to read a format 2 snapshot (see [`StateSnapshot::upgrade`]).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct StateSnapshot {
+pub struct StateSnapshot<C = Cursor> {
     pub format: u32,
     /// Identifies the entity hash key: state hashed under another key is meaningless.
     pub key_fingerprint: u64,
     pub resolution_ms: i64,
     pub taken_at_ms: i64,
     /// Last applied stream sequence, when the intake knows it (JetStream).
-    pub cursor: Cursor,
+    pub cursor: C,
     pub groups: Vec<GroupSnapshot>,
     /// Retry table: id hash, last-seen time, the decision as JSON.
     pub dedupe: Vec<(KeyHash, i64, String)>,
+}
+
+impl StateSnapshot<CursorV2> {
+    /// A format 2 snapshot as this format's: the same state, a cursor that does not know
+    /// its stream. (Nothing else changed between the two formats.)
+    pub fn upgrade(self) -> StateSnapshot {
+        let c = self.cursor;
+        StateSnapshot {
+            format: match self.format {
+                SNAPSHOT_FORMAT_V2 => SNAPSHOT_FORMAT,
+                other => other,
+            },
+            key_fingerprint: self.key_fingerprint,
+            resolution_ms: self.resolution_ms,
+            taken_at_ms: self.taken_at_ms,
+            cursor: Cursor {
+                txn_next_seq: c.txn_next_seq,
+                check_from_ms: c.check_from_ms,
+                txn_stream_created_ns: None,
+            },
+            groups: self.groups,
+            dedupe: self.dedupe,
+        }
+    }
 }
 
 /// Uninstalls a snapshot's capture when dropped.

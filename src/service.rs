@@ -94,6 +94,9 @@ struct InFlight {
     /// it back after `ack_wait`): `2 x ack_wait`. Within it the clock keeps the message's
     /// id for the retry horizon (longer than `ack_wait`) of wall time since it was taken.
     hold: Duration,
+    /// When the transaction stream these sequences are in was created (epoch ns), as read
+    /// at the start: a snapshot's cursor names it.
+    stream_created_ns: Option<i64>,
 }
 
 impl InFlight {
@@ -283,6 +286,10 @@ impl Snapshots {
         let at_cut = || Cursor {
             txn_next_seq: self.tracker.as_ref().map(|t| lock(t).low()),
             check_from_ms: self.capture_margin_ms.map(|m| now_ms() - m),
+            txn_stream_created_ns: self
+                .tracker
+                .as_ref()
+                .and_then(|t| lock(t).stream_created_ns),
         };
         match crate::snapshot::save(engine, &self.path, now_ms(), at_cut) {
             Ok((bytes, cursor)) => {
@@ -1142,22 +1149,32 @@ async fn recover(
     }
     let mut txns = Replay::default();
     let first = setup.txn_first.max(1);
-    // A stream's sequence numbers never go back while it exists (a purge keeps them): a
-    // position past its end means the stream was deleted and made again since the
-    // snapshot (its messages numbered from 1 again). A consumer made at that position
-    // would skip every message the new stream holds, never deciding them; they are all
-    // after the snapshot, so they are taken from the first.
-    let from = match restored.and_then(|c| c.txn_next_seq) {
-        Some(seq) if seq > setup.txn_last.saturating_add(1) => {
-            tracing::warn!(
-                stream = %cfg.stream,
-                snapshot_next_seq = seq,
-                stream_last_seq = setup.txn_last,
-                "the snapshot's position is past the end of the transaction stream: the stream was made again since; its messages are taken from its first"
-            );
-            Some(first)
+    lock(tracker).stream_created_ns = Some(setup.txn_created_ns);
+    // The snapshot's position is in the stream it names. A stream deleted and made again
+    // since (to change its storage, say) numbers its messages from 1 again: a consumer
+    // made at the old position would skip the messages the new stream holds below it,
+    // never deciding them. They are all after the snapshot, so they are taken from the
+    // first. Its creation time tells; a snapshot of format 2 does not name its stream,
+    // and then only a position past the stream's end tells (its sequence numbers never
+    // go back while it exists, a purge keeps them).
+    let from = match restored.map(|c| (c.txn_next_seq, c.txn_stream_created_ns)) {
+        Some((Some(seq), created)) => {
+            let other = created.is_some_and(|c| c != setup.txn_created_ns);
+            if other || seq > setup.txn_last.saturating_add(1) {
+                tracing::warn!(
+                    stream = %cfg.stream,
+                    snapshot_next_seq = seq,
+                    stream_last_seq = setup.txn_last,
+                    snapshot_stream_created_ns = created,
+                    stream_created_ns = setup.txn_created_ns,
+                    "the transaction stream was made again since the snapshot (another creation time, or the snapshot's position past its end); its messages are taken from its first"
+                );
+                Some(first)
+            } else {
+                Some(seq)
+            }
         }
-        other => other,
+        _ => None,
     };
     let consumer = match setup.consumer.clone() {
         Some(c) => {

@@ -13,7 +13,10 @@
 use std::io::{Read, Write};
 use std::path::Path;
 
-use crate::engine::{Cursor, EncodedSnapshot, Engine, Restored, SnapshotError, StateSnapshot};
+use crate::engine::{
+    Cursor, CursorV2, EncodedSnapshot, Engine, Restored, SnapshotError, StateSnapshot,
+    SNAPSHOT_FORMAT_V2,
+};
 
 const MAGIC: &[u8; 8] = b"FGSNAP\0\0";
 
@@ -272,7 +275,15 @@ pub fn read(path: &Path) -> Result<StateSnapshot, SnapshotFileError> {
             ));
         }
     }
-    let (snap, used) = decode_bounded(&body).map_err(|e| corrupt(e.to_string()))?;
+    // The body's format comes first (a varint: one byte below 251). Format 2 differs
+    // from this one in its cursor only.
+    let decoded = match body.first() {
+        Some(&f) if u32::from(f) == SNAPSHOT_FORMAT_V2 => {
+            decode_bounded::<StateSnapshot<CursorV2>>(&body).map(|(s, n)| (s.upgrade(), n))
+        }
+        _ => decode_bounded::<StateSnapshot>(&body),
+    };
+    let (snap, used) = decoded.map_err(|e| corrupt(e.to_string()))?;
     if used != body.len() {
         return Err(SnapshotFileError::Corrupt {
             path: path.display().to_string(),
@@ -307,7 +318,9 @@ const MAX_LIMIT_BITS: u32 = 30;
 /// limit, a damaged length is an error instead of an allocation of up to 2^64 bytes (which
 /// aborted the process). A sound body is never refused: it is charged at most
 /// `MAX_CHARGE_PER_BYTE` per byte. (The limit is a const parameter: one decoder per arm.)
-fn decode_bounded(body: &[u8]) -> Result<(StateSnapshot, usize), bincode::error::DecodeError> {
+fn decode_bounded<T: serde::de::DeserializeOwned>(
+    body: &[u8],
+) -> Result<(T, usize), bincode::error::DecodeError> {
     macro_rules! arms {
         ($($bits:literal)*) => {
             match limit_bits(body.len()) {
@@ -482,6 +495,52 @@ mod tests {
         let restored = shipped_engine().restore(back.unwrap());
         let _ = std::fs::remove_dir_all(&dir);
         let r = restored.unwrap();
+        assert_eq!(r.ids, 20);
+        assert!(r.keys > 0);
+    }
+
+    /// A body of format 2 (its cursor without the stream's creation time) is still read:
+    /// the same state and positions, a stream identity that is unknown.
+    #[test]
+    fn a_format_2_body_is_still_read() {
+        let dir = temp_dir("snapv2");
+        let path = dir.join("state.snap");
+        let engine = saved(&path);
+        let now = engine
+            .snapshot(1_795_687_300_000, || Cursor {
+                txn_next_seq: Some(42),
+                check_from_ms: Some(7),
+                txn_stream_created_ns: Some(99),
+            })
+            .decode()
+            .unwrap();
+        let old = StateSnapshot {
+            format: SNAPSHOT_FORMAT_V2,
+            key_fingerprint: now.key_fingerprint,
+            resolution_ms: now.resolution_ms,
+            taken_at_ms: now.taken_at_ms,
+            cursor: CursorV2 {
+                txn_next_seq: Some(42),
+                check_from_ms: Some(7),
+            },
+            groups: now.groups,
+            dedupe: now.dedupe,
+        };
+        let body = bincode::serde::encode_to_vec(&old, bincode::config::standard()).unwrap();
+        std::fs::write(&path, with_checksum(&body)).unwrap();
+        let back = read(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        let back = back.unwrap();
+        assert_eq!(back.format, crate::engine::SNAPSHOT_FORMAT);
+        assert_eq!(
+            back.cursor,
+            Cursor {
+                txn_next_seq: Some(42),
+                check_from_ms: Some(7),
+                txn_stream_created_ns: None,
+            }
+        );
+        let r = shipped_engine().restore(back).unwrap();
         assert_eq!(r.ids, 20);
         assert!(r.keys > 0);
     }

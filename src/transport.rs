@@ -469,6 +469,10 @@ pub struct JetStreamIntake {
     pub txn_first: u64,
     /// Last sequence of the transaction stream now (0: it never held a message).
     pub txn_last: u64,
+    /// When the transaction stream was created (epoch ns): which stream its sequence
+    /// numbers belong to. It survives server restarts; a stream deleted and made again
+    /// under the same name has another.
+    pub txn_created_ns: i64,
     /// Last sequence of the capture stream now: the request replay ends there.
     pub capture_last: u64,
 }
@@ -604,12 +608,12 @@ impl Wire {
             capture_last = info.state.last_sequence;
             capture = Some(c);
         }
-        let txn_state = txn_stream
+        let txn_info = txn_stream
             .info()
             .await
-            .map_err(|e| js_err(format!("stream {}", cfg.stream))(e.to_string()))?
-            .state
-            .clone();
+            .map_err(|e| js_err(format!("stream {}", cfg.stream))(e.to_string()))?;
+        let txn_created_ns = txn_info.created.unix_timestamp_nanos() as i64;
+        let txn_state = txn_info.state.clone();
         let (txn_first, txn_last) = (txn_state.first_sequence, txn_state.last_sequence);
         let (consumer, delivered, ack_floor, redelivery_after) = match txn_stream
             .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&cfg.consumer)
@@ -653,6 +657,7 @@ impl Wire {
             redelivery_after,
             txn_first,
             txn_last,
+            txn_created_ns,
             capture_last,
         })
     }

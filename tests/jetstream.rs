@@ -618,6 +618,18 @@ async fn a_deleted_consumer_is_made_again_where_the_engine_stands() {
 /// decided: they are, instead of being skipped by a consumer made at the old position.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_made_again_while_down_is_taken_from_its_first_message() {
+    stream_made_again_while_down(2).await;
+}
+
+/// The same with a new stream that already holds more messages than the snapshot's
+/// position: only the stream's creation time (in the snapshot's cursor) tells it from the
+/// old one. A consumer made at the old position skipped new-0 to new-2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_made_again_and_grown_past_the_position_is_taken_from_its_first() {
+    stream_made_again_while_down(6).await;
+}
+
+async fn stream_made_again_while_down(new_messages: i64) {
     let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
     let dir = Scratch::new("js-remade");
     let config = js_config("fraudgate", &dir.0.join("s.snap"), "60s");
@@ -633,20 +645,23 @@ async fn a_stream_made_again_while_down_is_taken_from_its_first_message() {
     drop(engine);
     js.delete_stream("FRAUD_TXN").await.unwrap();
     txn_stream(&js).await;
-    for i in 0..2 {
+    let mut want = Vec::new();
+    for i in 0..new_messages {
         let id = format!("new-{i}");
         js_publish(&js, &id, txn_at(&id, "4111111111119012", "10", ts + 10 + i)).await;
+        want.push(id);
     }
     let engine = Engine::start_with(&nats.url(), &config).await;
-    let mut got = vec![
-        decision_id(&mut decisions, &engine).await,
-        decision_id(&mut decisions, &engine).await,
-    ];
+    let mut got = Vec::new();
+    for _ in 0..new_messages {
+        got.push(decision_id(&mut decisions, &engine).await);
+    }
     got.sort();
-    assert_eq!(got, ["new-0", "new-1"]);
+    want.sort();
+    assert_eq!(got, want);
     assert!(engine
         .log_text()
-        .contains("past the end of the transaction stream"));
+        .contains("the transaction stream was made again since the snapshot"));
     drained(&js, "fraudgate").await;
     drop(engine);
 }

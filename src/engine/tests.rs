@@ -703,6 +703,7 @@ fn snapshot_restores_windows_and_retries() {
     let cursor = Cursor {
         txn_next_seq: Some(40),
         check_from_ms: Some(T0),
+        txn_stream_created_ns: Some(1_795_000_000_000_000_000),
     };
     let snap = first.snapshot(T0 + 40_000, || cursor);
     // The pieces encoded under the locks make exactly the encoding of the whole snapshot.
@@ -746,7 +747,7 @@ fn snapshot_restores_windows_and_retries() {
         Err(crate::snapshot::SnapshotFileError::NotASnapshot { .. })
     ));
     let mut truncated = Vec::from(&b"FGSNAP\0\0"[..]);
-    truncated.extend(crate::engine::SNAPSHOT_FORMAT.to_le_bytes());
+    truncated.extend(crate::snapshot::FILE_FORMAT.to_le_bytes());
     truncated.extend([1, 2, 3]);
     std::fs::write(&path, truncated).unwrap();
     assert!(matches!(
@@ -928,6 +929,7 @@ fn snapshot_is_a_point_in_time_cut_under_concurrent_decisions() {
             snaps.push(live.snapshot(T0, || Cursor {
                 txn_next_seq: Some(d.load(Ordering::SeqCst)),
                 check_from_ms: None,
+                txn_stream_created_ns: None,
             }));
             taken.fetch_add(1, Ordering::SeqCst);
         }
