@@ -128,6 +128,20 @@ impl InFlight {
             }
         }
     }
+    /// The stream was deleted and made again under the same name (another creation
+    /// time): its sequence numbers start over, so what was taken of the old one says
+    /// nothing about it. A consumer made again starts at its first message, and a
+    /// snapshot's cursor names the new stream from here on. (A message of the old stream
+    /// still being decided could meet a new message of the same sequence in `pending`; by
+    /// the time a deleted stream has been made again and its consumer found missing, the
+    /// workers have long finished the old one's.)
+    fn stream_made_again(&mut self, created_ns: i64, first: u64) -> u64 {
+        self.pending.clear();
+        self.next = first;
+        self.ack_floor = None;
+        self.stream_created_ns = Some(created_ns);
+        first
+    }
     /// Where a consumer made again must start: the oldest message taken and not yet
     /// decided, or the next one after all taken. (Not the ack floor, which may be old:
     /// what comes again from below this was decided, and if its id had left the retry
@@ -927,8 +941,25 @@ async fn intake_jetstream(
         if gone {
             // Deleted while we ran (by hand, say): made again where this engine stands,
             // at the oldest transaction taken and not yet decided (or the next one). What
-            // comes again that was decided is answered from the retry table.
-            let start = lock(&tracker).resume_at();
+            // comes again that was decided is answered from the retry table. Unless the
+            // stream itself was deleted and made again (its consumer goes with it): then
+            // from the new stream's first message, which no position of the old one says
+            // anything about.
+            let identity = Wire::stream_identity(&txn_stream).await;
+            let start = {
+                let mut t = lock(&tracker);
+                match identity {
+                    Some((created, first)) if t.stream_created_ns.is_some_and(|c| c != created) => {
+                        tracing::warn!(
+                            stream = %cfg.stream,
+                            from_seq = first,
+                            "the transaction stream was made again while the engine ran; its messages are taken from its first"
+                        );
+                        t.stream_made_again(created, first)
+                    }
+                    _ => t.resume_at(),
+                }
+            };
             match wire.durable_consumer(&txn_stream, &cfg, Some(start)).await {
                 Ok(_) => tracing::warn!(
                     consumer = %cfg.consumer,
@@ -2078,6 +2109,30 @@ pub async fn reload(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream made again starts the position over at its first message, whatever was
+    /// taken of the old one, and the cursor names the new stream.
+    #[test]
+    fn in_flight_starts_over_in_a_stream_made_again() {
+        let t0 = Instant::now();
+        let mut f = InFlight {
+            next: 40,
+            hold: Duration::from_secs(60),
+            stream_created_ns: Some(1),
+            ..Default::default()
+        };
+        f.taken_at(40, 1_000, t0);
+        f.taken_at(41, 1_000, t0);
+        f.floor_read(Some(39));
+        assert_eq!(f.stream_made_again(2, 1), 1);
+        assert_eq!((f.low(), f.resume_at()), (1, 1));
+        assert_eq!(f.stream_created_ns, Some(2));
+        f.decided(40); // an old message finished late: nothing of the new stream moves
+        f.taken_at(1, 2_000, t0);
+        assert_eq!(f.low(), 1);
+        f.decided(1);
+        assert_eq!(f.low(), 2);
+    }
 
     #[test]
     fn in_flight_cursor_and_eviction_clock() {

@@ -710,6 +710,19 @@ impl Wire {
         Some(epoch_ms(m.time))
     }
 
+    /// Which stream `stream` names now, and where it starts: its creation time (epoch ns)
+    /// and its first sequence (at least 1). `None` when it cannot be read.
+    pub async fn stream_identity(
+        stream: &async_nats::jetstream::stream::Stream,
+    ) -> Option<(i64, u64)> {
+        let mut s = stream.clone();
+        let i = s.info().await.ok()?;
+        Some((
+            i.created.unix_timestamp_nanos() as i64,
+            i.state.first_sequence.max(1),
+        ))
+    }
+
     /// The consumer's ack floor now: every message up to it is acknowledged.
     pub async fn ack_floor(
         consumer: &mut async_nats::jetstream::consumer::PullConsumer,

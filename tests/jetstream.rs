@@ -666,6 +666,55 @@ async fn stream_made_again_while_down(new_messages: i64) {
     drop(engine);
 }
 
+/// The transaction stream deleted and made again while the engine runs, the new stream
+/// already holding more messages than the engine had taken of the old one: they are all
+/// decided (a consumer made again at the engine's old position skipped new-0 to new-2),
+/// and the snapshot written at the stop names the new stream, so the next start replays
+/// nothing and does not take the new stream for another one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_made_again_while_running_is_taken_from_its_first_message() {
+    let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
+    let dir = Scratch::new("js-remade-live");
+    let config = js_config("fraudgate", &dir.0.join("s.snap"), "60s");
+    let engine = Engine::start_with(&nats.url(), &config).await;
+    let c = client(&nats.url()).await;
+    let js = jetstream::new(c.clone());
+    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    c.flush().await.unwrap();
+    let ts = fraudgate::service::now_ms();
+    publish_decided(&js, &mut decisions, &engine, "live", "4111111111119013", ts).await;
+    drained(&js, "fraudgate").await;
+    js.delete_stream("FRAUD_TXN").await.unwrap();
+    txn_stream(&js).await;
+    let mut want = Vec::new();
+    for i in 0..6 {
+        let id = format!("fresh-{i}");
+        js_publish(&js, &id, txn_at(&id, "4111111111119014", "10", ts + 10 + i)).await;
+        want.push(id);
+    }
+    let mut got = Vec::new();
+    for _ in 0..want.len() {
+        got.push(decision_id(&mut decisions, &engine).await);
+    }
+    got.sort();
+    assert_eq!(got, want, "{}", engine.log_text());
+    assert!(engine
+        .log_text()
+        .contains("the transaction stream was made again while the engine ran"));
+    drained(&js, "fraudgate").await;
+    let engine = stop(engine).await;
+    drop(engine);
+    let engine = Engine::start_with(&nats.url(), &config).await;
+    let again = tokio::time::timeout(Duration::from_secs(1), decisions.next()).await;
+    assert!(again.is_err(), "a decision again: {again:?}");
+    assert!(
+        !engine.log_text().contains("made again since the snapshot"),
+        "{}",
+        engine.log_text()
+    );
+    drop(engine);
+}
+
 /// A durable consumer the operator set up with smaller pull limits than the engine's
 /// defaults (`max_batch` 10, `max_expires` 2 s): the server refuses a pull request over
 /// them, so the engine must ask within them, or it never gets a message.
