@@ -469,6 +469,103 @@ fn known(cmp: Cmp, a: (Decimal, Decimal), b: (Decimal, Decimal)) -> Option<bool>
     }
 }
 
+/// The parts of an `and` chain (`a and b and c`: all three).
+fn conjuncts<'e>(e: &'e Expr, out: &mut Vec<&'e Expr>) {
+    match &e.kind {
+        ExprKind::Binary(BinOp::And, a, b) => {
+            conjuncts(a, out);
+            conjuncts(b, out);
+        }
+        _ => out.push(e),
+    }
+}
+
+/// A comparison of a name with a number (`amount > 100`, `5 <= c`, `x == -1`): the name,
+/// the comparison with the name on the left, and the number.
+fn name_vs_number(e: &Expr) -> Option<(&str, Cmp, Decimal)> {
+    fn number(e: &Expr) -> Option<Decimal> {
+        match &e.kind {
+            ExprKind::Num(k, _) => Some(*k),
+            ExprKind::Unary(UnOp::Neg, x) => number(x).map(|k| -k),
+            _ => None,
+        }
+    }
+    let ExprKind::Binary(op, a, b) = &e.kind else {
+        return None;
+    };
+    let cmp = match op {
+        BinOp::Eq => Cmp::Eq,
+        BinOp::Ne => Cmp::Ne,
+        BinOp::Lt => Cmp::Lt,
+        BinOp::Le => Cmp::Le,
+        BinOp::Gt => Cmp::Gt,
+        BinOp::Ge => Cmp::Ge,
+        _ => return None,
+    };
+    match (&a.kind, &b.kind) {
+        (ExprKind::Ident(n), _) => Some((n.as_str(), cmp, number(b)?)),
+        (_, ExprKind::Ident(n)) => {
+            let flipped = match cmp {
+                Cmp::Lt => Cmp::Gt,
+                Cmp::Le => Cmp::Ge,
+                Cmp::Gt => Cmp::Lt,
+                Cmp::Ge => Cmp::Le,
+                same => same,
+            };
+            Some((n.as_str(), flipped, number(a)?))
+        }
+        _ => None,
+    }
+}
+
+/// The first name whose comparisons with numbers among `parts` no value satisfies.
+fn contradicted<'e>(parts: &[&'e Expr]) -> Option<&'e str> {
+    // Per name: the greatest lower and the least upper bound (value, inclusive), and the
+    // values it must not be.
+    type Bound = Option<(Decimal, bool)>;
+    let mut seen: Vec<(&str, Bound, Bound, Vec<Decimal>)> = Vec::new();
+    for (name, cmp, k) in parts.iter().filter_map(|e| name_vs_number(e)) {
+        let i = match seen.iter().position(|s| s.0 == name) {
+            Some(i) => i,
+            None => {
+                seen.push((name, None, None, Vec::new()));
+                seen.len() - 1
+            }
+        };
+        let (_, lo, hi, not) = &mut seen[i];
+        let raise = |lo: &mut Bound, b: (Decimal, bool)| {
+            if lo.is_none_or(|l| b.0 > l.0 || (b.0 == l.0 && !b.1)) {
+                *lo = Some(b);
+            }
+        };
+        let lower = |hi: &mut Bound, b: (Decimal, bool)| {
+            if hi.is_none_or(|h| b.0 < h.0 || (b.0 == h.0 && !b.1)) {
+                *hi = Some(b);
+            }
+        };
+        match cmp {
+            Cmp::Gt => raise(lo, (k, false)),
+            Cmp::Ge => raise(lo, (k, true)),
+            Cmp::Lt => lower(hi, (k, false)),
+            Cmp::Le => lower(hi, (k, true)),
+            Cmp::Eq => {
+                raise(lo, (k, true));
+                lower(hi, (k, true));
+            }
+            Cmp::Ne => not.push(k),
+        }
+    }
+    seen.into_iter().find_map(|(name, lo, hi, not)| {
+        let empty = match (lo, hi) {
+            (Some((l, li)), Some((h, hi))) => {
+                l > h || (l == h && !(li && hi)) || (l == h && not.contains(&l))
+            }
+            _ => false,
+        };
+        empty.then_some(name)
+    })
+}
+
 /// Intermediate typed value.
 enum V {
     Bool(BoolFn),
@@ -904,12 +1001,21 @@ impl<'s> ExprCompiler<'s> {
     }
 
     fn binary(&mut self, op: BinOp, a: &Expr, b: &Expr, span: &Span) -> V {
+        let lints_before = self.lints.len();
         let va = self.compile(a);
         let vb = self.compile(b);
         if matches!(va, V::Err) || matches!(vb, V::Err) {
             return V::Err;
         }
         let (ta, tb) = (Self::ty(&va).unwrap(), Self::ty(&vb).unwrap());
+        // A part already never true says it for the whole `and` (and an inner `and`'s
+        // contradiction was reported where that `and` was compiled).
+        let inner_never = self.lints[lints_before..]
+            .iter()
+            .any(|l| l.1 == "never-true");
+        if op == BinOp::And && !inner_never {
+            self.lint_contradiction(a, b, span);
+        }
         match op {
             BinOp::And | BinOp::Or => match (va, vb) {
                 (V::Bool(f), V::Bool(g)) => V::Bool(if op == BinOp::And {
@@ -960,6 +1066,26 @@ impl<'s> ExprCompiler<'s> {
                 self.arith(op, va, vb, ta, tb, a, b)
             }
         }
+    }
+
+    /// Warns (`never-true`) when the comparisons of one name with constants in an `and`
+    /// chain leave it no value (`amount > 100 and amount < 50`). Each part may be true
+    /// alone, so the comparison warnings say nothing.
+    fn lint_contradiction(&mut self, a: &Expr, b: &Expr, span: &Span) {
+        let mut parts = Vec::new();
+        conjuncts(a, &mut parts);
+        conjuncts(b, &mut parts);
+        let Some(name) = contradicted(&parts) else {
+            return;
+        };
+        let sp = self.span(span);
+        self.lints.push((
+            sp,
+            "never-true",
+            format!(
+                "this `and` is never true: its comparisons of `{name}` with constants leave it no value"
+            ),
+        ));
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -347,6 +347,76 @@ fn comparisons_known_before_any_transaction_are_warned() {
     }
 }
 
+/// An `and` whose comparisons of one name with constants leave it no value is warned about
+/// once, at the `and` that brings them together; satisfiable ranges are not, nor an `and`
+/// with a part that is never true alone (that part is warned about).
+#[test]
+fn contradictory_ranges_in_an_and_are_warned() {
+    let warned = |when: &str| -> Vec<String> {
+        let windows = "[windows]\nc = { agg = \"count\", by = \"card\", over = \"1h\" }\n";
+        compile_ok(&format!("{windows}{}", rule(when)))
+            .warnings
+            .into_iter()
+            .filter(|w| w.contains("never-true") || w.contains("always-true"))
+            .collect()
+    };
+    for when in [
+        "amount > 100 and amount < 50",
+        "amount >= 100 and amount < 100",
+        "amount > 100 and amount <= 100",
+        "amount == 5 and amount != 5",
+        "amount == 5 and amount == 6",
+        "c >= 3 and mcc == 5411 and 2 > c",
+        "amount > 10 and (mcc == 5411 and amount < 5)",
+        "local_hour > 3 and local_hour < 2 and c >= 1",
+    ] {
+        let w = warned(when);
+        assert_eq!(w.len(), 1, "{when}: {w:?}");
+        assert!(
+            w[0].starts_with("warning[never-true]: r/a.toml:"),
+            "{when}: {}",
+            w[0]
+        );
+        assert!(
+            w[0].contains("this `and` is never true"),
+            "{when}: {}",
+            w[0]
+        );
+    }
+    for when in [
+        "amount > 50 and amount < 100",
+        "amount >= 100 and amount <= 100",
+        "amount == 5 and amount != 6",
+        "amount > 100 or amount < 50",
+        "amount > 100 and c < 50",
+        "local_hour >= 22 and local_hour <= 22",
+        "not (amount > 100) and amount > 200",
+    ] {
+        assert_eq!(warned(when), Vec::<String>::new(), "{when}");
+    }
+    for when in ["amount < 0 and amount > 5", "amount > 5 and amount < 0"] {
+        let w = warned(when);
+        assert_eq!(w.len(), 1, "{when}: {w:?}");
+        assert!(
+            w[0].contains("amount is never negative"),
+            "{when}: {}",
+            w[0]
+        );
+    }
+    for when in [
+        "(amount > 100 and amount < 50) and c >= 1",
+        "c >= 1 and (amount > 100 and amount < 50)",
+    ] {
+        let w = warned(when);
+        assert_eq!(w.len(), 1, "{when}: {w:?}");
+        assert!(
+            w[0].contains("this `and` is never true"),
+            "{when}: {}",
+            w[0]
+        );
+    }
+}
+
 /// Only the literal `[]` is empty for strings too: a number list file that happens to be
 /// empty stays a number list, so a string looked up in it is refused now, not at the
 /// reload that gives the file its first entry.
