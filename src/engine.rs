@@ -665,8 +665,9 @@ impl Engine {
                 // Fault injection for tests (feature `failpoints`, compiled out otherwise):
                 // a bug in the middle of a decision, the windows updated and the id's retry
                 // table shard locked.
+                // (The message holds the id, input text: the panic hooks must mask it.)
                 fail::fail_point!("decide", txn.id.starts_with("failpoint-"), |_| {
-                    panic!("failpoint: decide")
+                    panic!("failpoint: decide {}", txn.id)
                 });
                 if let Some(c) = capture.as_deref() {
                     // Under this id's dedupe shard lock, like the snapshot's read of it.

@@ -217,6 +217,7 @@ fn main() -> ExitCode {
     // Test builds only (feature `failpoints`): fail points from FAILPOINTS.
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
+    mask_panics();
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -227,26 +228,42 @@ fn main() -> ExitCode {
     }
 }
 
-/// Panics go to the log as one structured line, with their location and a message whose
-/// card numbers are masked (the default hook prints the message as it is to stderr, and a
-/// message may hold an input value).
+/// A panic's location and its message with card numbers masked (the default hook prints
+/// the message as it is, and a message may hold an input value).
+fn panic_text(info: &std::panic::PanicHookInfo) -> (String, String) {
+    let message = info
+        .payload()
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| info.payload().downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    let location = info
+        .location()
+        .map(|l| format!("{}:{}", l.file(), l.line()))
+        .unwrap_or_default();
+    (location, fraudgate::txn::redact_pans(&message))
+}
+
+/// Every command: a panic is printed to stderr with its card numbers masked.
+fn mask_panics() {
+    std::panic::set_hook(Box::new(|info| {
+        let (location, message) = panic_text(info);
+        let thread = std::thread::current();
+        eprintln!(
+            "panic in thread {} at {location}: {message}",
+            thread.name().unwrap_or("?")
+        );
+    }));
+}
+
+/// `run`: panics go to the log as one structured line, masked the same way.
 fn log_panics() {
     std::panic::set_hook(Box::new(|info| {
-        let message = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_default();
-        let location = info
-            .location()
-            .map(|l| format!("{}:{}", l.file(), l.line()))
-            .unwrap_or_default();
+        let (location, message) = panic_text(info);
         tracing::error!(
             location,
             thread = std::thread::current().name().unwrap_or("?"),
-            "panic: {}",
-            fraudgate::txn::redact_pans(&message)
+            "panic: {message}",
         );
     }));
 }

@@ -180,3 +180,29 @@ fn list_entries_that_end_are_reported() {
         "one line per list with ends: {stdout}"
     );
 }
+
+/// A panic outside `run` (here `replay`, deciding a transaction whose id is a card number,
+/// with a fail point that panics with the id in its message) is printed with the card
+/// number masked: the default hook printed the message as it was.
+#[cfg(feature = "failpoints")]
+#[test]
+fn a_panic_in_replay_is_printed_masked() {
+    let dir = common::Scratch::new("replay-panic");
+    let file = dir.0.join("traffic.jsonl");
+    std::fs::write(
+        &file,
+        r#"{"id":"failpoint-4111111111111111","card":"4111111111110003","amount":"5"}"#,
+    )
+    .unwrap();
+    let out = fraudgate()
+        .args(["replay", "--rules", "rules"])
+        .arg(&file)
+        // `return` runs the fail point's own panic, which names the id.
+        .env("FAILPOINTS", "decide=return")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("failpoint: decide failpoint-411111"), "{err}");
+    assert!(!err.contains("4111111111111111"), "{err}");
+}
