@@ -658,14 +658,18 @@ fn replay(
         match Transaction::from_json(line.as_bytes()) {
             Ok(t) => {
                 // Recorded traffic: the event time is also the receive time, so the
-                // dedupe horizon applies as it did live.
-                let now = t
-                    .ts_ms
-                    .or(clock)
-                    .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+                // dedupe horizon applies as it did live. Except a time ahead of the wall
+                // clock (by more than `max_future_skew`), which no recorded transaction can
+                // have: taken as the clock moved it (year 9999 made the next sweep drop
+                // every key and id, so the rest of the file was decided without history);
+                // the engine then treats it as live intake does a time too far ahead.
+                let wall = chrono::Utc::now().timestamp_millis();
+                let skew = engine.config().max_future_skew.as_millis() as i64;
+                let ts = t.ts_ms.filter(|&ts| ts <= wall.saturating_add(skew));
+                let now = ts.or(clock).unwrap_or(wall);
                 // Only recorded times move the clock (a line without `ts` before any with
                 // one must not set it to today, which would stop every later sweep).
-                if let Some(ts) = t.ts_ms {
+                if let Some(ts) = ts {
                     clock = Some(clock.map_or(ts, |c| c.max(ts)));
                 }
                 let o = engine.decide(&t, now);

@@ -181,6 +181,47 @@ fn list_entries_that_end_are_reported() {
     );
 }
 
+/// A line with an event time far in the future (a typo, a broken exporter) does not move
+/// the replay's clock: it made the next sweep drop every key, and the daily limit below
+/// was no longer reached.
+#[test]
+fn replay_ignores_an_event_time_in_the_future_for_its_clock() {
+    let dir = common::Scratch::new("replay-future");
+    let file = dir.0.join("traffic.jsonl");
+    std::fs::write(
+        &file,
+        concat!(
+            r#"{"id":"f1","ts":"2025-01-01T10:00:00Z","card":"4111111111110011","amount":"10000.50"}"#,
+            "\n",
+            r#"{"id":"f2","ts":"9999-01-01T00:00:00Z","card":"4111111111110012","amount":"5"}"#,
+            "\n",
+            r#"{"id":"f3","ts":"2025-01-01T10:05:00Z","card":"4111111111110011","amount":"10000"}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let out = fraudgate()
+        .args(["replay", "--rules", "rules"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(
+        lines[2]["decided_by"], "reject:daily_card_limit",
+        "{}",
+        lines[2]
+    );
+}
+
 /// A panic outside `run` (here `replay`, deciding a transaction whose id is a card number,
 /// with a fail point that panics with the id in its message) is printed with the card
 /// number masked: the default hook printed the message as it was.
