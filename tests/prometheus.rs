@@ -47,6 +47,30 @@ async fn query(port: u16, expr: &str) -> serde_json::Value {
     v
 }
 
+/// The selectors of fraudgate's series in a PromQL expression: each metric name with its
+/// label matchers, if any (`fraudgate_x{a="b"}`).
+fn fraudgate_selectors(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("fraudgate_") {
+        let tail = &rest[at..];
+        let name_len = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let mut sel = tail[..name_len].to_string();
+        let after = &tail[name_len..];
+        let mut used = name_len;
+        if after.starts_with('{') {
+            let close = after.find('}').expect("a selector's matchers end") + 1;
+            sel.push_str(&after[..close]);
+            used += close;
+        }
+        out.push(sel);
+        rest = &tail[used..];
+    }
+    out
+}
+
 /// Grafana variables replaced by what Grafana would send.
 fn grafana_to_promql(expr: &str) -> String {
     expr.replace("$__rate_interval", "1m")
@@ -198,10 +222,16 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
                 let expr = grafana_to_promql(target["expr"].as_str().unwrap());
                 let v = query(prom_port, &expr).await;
                 checked += 1;
-                let ok = v["status"] == "success"
-                    && v["data"]["result"]
-                        .as_array()
-                        .is_some_and(|r| !r.is_empty());
+                let result = v["data"]["result"].as_array();
+                // A quantile over buckets that never moved is NaN: the panel would draw
+                // nothing. At least one of its series must hold a number.
+                let finite = |r: &Vec<serde_json::Value>| {
+                    !expr.contains("histogram_quantile")
+                        || r.iter()
+                            .any(|s| s["value"][1].as_str().is_some_and(|x| x != "NaN"))
+                };
+                let ok =
+                    v["status"] == "success" && result.is_some_and(|r| !r.is_empty() && finite(r));
                 if !ok {
                     failures.push(format!(
                         "{} / {}: {expr}\n  -> {v}",
@@ -235,9 +265,31 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         .count();
     assert!(in_file >= 12, "{in_file} alerts in grafana/alerts.yml");
     assert_eq!(loaded.len(), in_file, "{rules}");
+    // ... and every series it selects exists in what the engine exports (an alert on a
+    // misspelt name or label evaluates fine, to nothing, and never fires).
+    let mut selectors = 0;
     for r in loaded {
         assert_ne!(r["health"], "err", "{r}");
+        for sel in fraudgate_selectors(r["query"].as_str().unwrap()) {
+            selectors += 1;
+            let v = query(prom_port, &format!("count({sel})")).await;
+            if !v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+            {
+                failures.push(format!("alert {}: {sel} selects nothing", r["name"]));
+            }
+        }
     }
+    assert!(
+        selectors >= in_file,
+        "only {selectors} selectors in the alerts"
+    );
+    assert!(
+        failures.is_empty(),
+        "alert selectors:\n{}",
+        failures.join("\n")
+    );
     // The failed reload is visible to the alert expression.
     let v = query(
         prom_port,
