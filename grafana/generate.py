@@ -143,7 +143,7 @@ rules.panel("bargauge", "Shadow rule hits (range)",
             "How often each shadow rule would have fired over the dashboard's time range: the candidates to activate.",
             [(f'sum by (rule) (increase(fraudgate_rule_hits_total{{{I},mode="shadow"}}[$__range]))', "{{rule}}")], "short")
 rules.panel("bargauge", "Top rules by reject share",
-            "For the rules that reject or block, their hits as a share of all rejected decisions (a decision can be rejected by several rules).",
+            "For the rules that reject or block, their hits as a share of all rejected decisions (a decision can be rejected by several rules). Retries answered from the retry table count among the rejected decisions but not as rule hits, so the shares read low while the switch retries.",
             [(f'topk(10, sum by (rule) (rate(fraudgate_rule_hits_total{{{I},mode="active",action=~"reject|block"}}[{RI}]))'
               f' / scalar(sum(rate(fraudgate_decisions_total{{{I},action="reject"}}[{RI}]))))', "{{rule}}")], "percentunit")
 rules.panel("timeseries", "Rule reloads",

@@ -273,10 +273,10 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         for sel in fraudgate_selectors(r["query"].as_str().unwrap()) {
             selectors += 1;
             let v = query(prom_port, &format!("count({sel})")).await;
-            if !v["data"]["result"]
+            let selected = v["data"]["result"]
                 .as_array()
-                .is_some_and(|r| !r.is_empty())
-            {
+                .is_some_and(|r| !r.is_empty());
+            if !selected {
                 failures.push(format!("alert {}: {sel} selects nothing", r["name"]));
             }
         }
