@@ -39,20 +39,32 @@ pub struct Transaction {
     pub attrs: Vec<(String, AttrValue)>,
 }
 
+/// Card masked, and card numbers in the other values the switch sent masked too (a
+/// card number in the wrong field): safe for a log line.
 impl std::fmt::Debug for Transaction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let masked = |v: &dyn std::fmt::Debug| Redacted(redact_pans(&format!("{v:?}")));
         f.debug_struct("Transaction")
-            .field("id", &self.id)
+            .field("id", &masked(&self.id))
             .field("ts_ms", &self.ts_ms)
             .field("card", &self.masked_card())
             .field("amount", &self.amount)
-            .field("currency", &self.currency)
-            .field("device", &self.device)
-            .field("merchant", &self.merchant)
-            .field("region", &self.region)
+            .field("currency", &masked(&self.currency))
+            .field("device", &masked(&self.device))
+            .field("merchant", &masked(&self.merchant))
+            .field("region", &masked(&self.region))
             .field("mcc", &self.mcc)
-            .field("attrs", &self.attrs)
+            .field("attrs", &masked(&self.attrs))
             .finish()
+    }
+}
+
+/// Text already formatted (and masked), shown as it is.
+struct Redacted(String);
+
+impl std::fmt::Debug for Redacted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -502,11 +514,18 @@ fn parse_attr(raw: &str) -> Option<AttrValue> {
 /// A card number written in groups (`4111 1111 1111 1111`, `4111-1111-1111-1111`) as its
 /// digits, so that it is the same card for the windows and lists as when sent without
 /// separators. Anything else (a token, digits only) is kept as sent.
+/// Spaces around the value are dropped first: ` 4111111111111111` is that card too (kept
+/// as sent, it hashed differently, so a blocked card sent with a stray space passed the
+/// block list, and the check of the id against the card was skipped).
 fn normalize_card(card: Cow<'_, str>) -> Cow<'_, str> {
-    match grouped_card_digits(&card) {
-        Some(digits) => Cow::Owned(digits),
-        None => card,
+    let trimmed = card.trim_matches(|c: char| c.is_ascii_whitespace());
+    if let Some(digits) = grouped_card_digits(trimmed) {
+        return Cow::Owned(digits);
     }
+    if trimmed.len() == card.len() {
+        return card;
+    }
+    Cow::Owned(trimmed.to_string())
 }
 
 /// The digits of `s` when it is a card number written in groups joined by single spaces
@@ -573,8 +592,8 @@ pub fn card_like(digits: &str) -> bool {
 }
 
 /// Whether `digits` is [`card_like`] with the issuer prefix of a major network: Visa (4),
-/// Mastercard (51-55, 2221-2720), American Express and Diners (34, 36-38, 30), JCB (35),
-/// Discover and UnionPay (6). Strict enough to refuse names with it (rule ids, version
+/// Mastercard (51-55, 2221-2720), Maestro (50, 56-58), Mir (2200-2204), American Express
+/// and Diners (34, 36-38, 30), JCB (35), Discover and UnionPay (6, 81-82). Strict enough to refuse names with it (rule ids, version
 /// labels) without refusing a timestamp such as 20261126-143000.
 pub fn card_shaped(digits: &str) -> bool {
     let n = digits.len();
@@ -586,9 +605,13 @@ pub fn card_shaped(digits: &str) -> bool {
     };
     let issuer = match digits.as_bytes().first() {
         Some(b'4') | Some(b'6') => true,
-        Some(b'5') => (51..=55).contains(&prefix(2)),
+        // Mastercard 51-55; Maestro 50, 56-58.
+        Some(b'5') => (50..=58).contains(&prefix(2)),
         Some(b'3') => matches!(prefix(2), 30 | 34..=38),
-        Some(b'2') => (2221..=2720).contains(&prefix(4)),
+        // Mastercard 2221-2720; Mir 2200-2204.
+        Some(b'2') => (2221..=2720).contains(&prefix(4)) || (2200..=2204).contains(&prefix(4)),
+        // UnionPay 81-82.
+        Some(b'8') => matches!(prefix(2), 81 | 82),
         _ => false,
     };
     (13..=19).contains(&n) && issuer && card_like(digits)
@@ -700,6 +723,34 @@ fn digit_runs(b: &[u8]) -> Vec<Vec<(usize, usize)>> {
     runs
 }
 
+/// `text` with its digits masked but the first 6 and the last 4, when its digits, read
+/// without what is between them, hold `card` (ASCII digits): the transaction's own card
+/// number in any form (`4111.1111.1111.1111`, padded with zeros, followed by the expiry
+/// date). `None` when they do not.
+pub fn mask_own_card(text: &str, card: &str) -> Option<String> {
+    let digits: String = text.chars().filter(char::is_ascii_digit).collect();
+    if card.is_empty() || !digits.contains(card) {
+        return None;
+    }
+    let n = digits.len();
+    let mut seen = 0;
+    Some(
+        text.chars()
+            .map(|c| {
+                if !c.is_ascii_digit() {
+                    return c;
+                }
+                seen += 1;
+                if seen <= 6 || seen > n - 4 {
+                    c
+                } else {
+                    '*'
+                }
+            })
+            .collect(),
+    )
+}
+
 /// Masks a card number as first 6 + last 4 (`411111******1111`). Short values (tokens of
 /// fewer than 13 characters) show at most their last 4 characters, and never more than
 /// half of them.
@@ -745,7 +796,9 @@ mod tests {
             ("4111111111111111", "4111111111111111"),
             ("tok-ab12-3456", "tok-ab12-3456"),
             ("1234 5678", "1234 5678"),
-            (" 4111 1111 1111 1111", " 4111 1111 1111 1111"),
+            (" 4111 1111 1111 1111", "4111111111111111"),
+            (" 4111111111111111  ", "4111111111111111"),
+            (" tok-ab12 ", "tok-ab12"),
         ] {
             let json = format!(r#"{{"id":"t1","card":"{sent}","amount":"1"}}"#);
             let t = Transaction::from_json(json.as_bytes()).unwrap();
@@ -776,6 +829,14 @@ mod tests {
             ("8171999927660000", "817199******0000"),
         ] {
             assert_eq!(mask_card_numbers(text), masked, "{text}");
+        }
+        // ... and names holding them are refused like those of the major networks.
+        for name in [
+            "blk_2200000000000004",
+            "r-5018000000000009",
+            "8171999927660000",
+        ] {
+            assert!(holds_card_number(name), "{name}");
         }
         for keep in [
             "000000123456789",
@@ -814,6 +875,10 @@ mod tests {
             assert!(e.id.is_none(), "{id}");
             assert!(!e.message.contains("4111"), "{id}: {}", e.message);
         }
+        // A stray space around the card does not get the id past the check.
+        let json = r#"{"id":"4111111111111111","card":" 4111111111111111","amount":"1"}"#;
+        let e = Transaction::from_json(json.as_bytes()).unwrap_err();
+        assert_eq!(e.code, ErrorCode::WrongType);
         let ok = r#"{"id":"t-4000000000000002","card":"4111111111111111","amount":"1"}"#;
         assert!(Transaction::from_json(ok.as_bytes()).is_ok());
     }
@@ -1088,6 +1153,44 @@ mod tests {
         assert_eq!(mask_card("abc"), "**c");
         assert_eq!(mask_card("a"), "*");
         assert_eq!(mask_card(""), "");
+    }
+
+    /// The transaction's own card in a value, in any form, is masked.
+    #[test]
+    fn the_own_card_is_masked_in_any_form() {
+        let card = "4111111111111111";
+        for (text, masked) in [
+            ("4111.1111.1111.1111", "4111.11**.****.1111"),
+            ("00004111111111111111", "000041**********1111"),
+            ("41111111111111111228", "411111**********1228"),
+            (
+                "card 4111/1111/1111/1111 exp 12/28",
+                "card 4111/11**/****/**** exp 12/28",
+            ),
+        ] {
+            assert_eq!(mask_own_card(text, card).as_deref(), Some(masked), "{text}");
+        }
+        assert_eq!(mask_own_card("4111 1111 1111 1112", card), None);
+        assert_eq!(mask_own_card("m-42", card), None);
+    }
+
+    /// A debug print of a transaction (what a log line would show) holds no card number.
+    #[test]
+    fn a_transaction_debug_print_holds_no_card_number() {
+        let t = Transaction::from_json(
+            br#"{"id":"t1","card":"4111111111111111","amount":"1","device":"4000000000000002",
+                "attrs":{"recipient":"5500 0000 0000 0004"}}"#,
+        )
+        .unwrap();
+        let d = format!("{t:?}");
+        for full in [
+            "4111111111111111",
+            "4000000000000002",
+            "5500 0000 0000 0004",
+        ] {
+            assert!(!d.contains(full), "{d}");
+        }
+        assert!(d.contains("411111******1111"), "{d}");
     }
 
     #[test]

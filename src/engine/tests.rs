@@ -568,10 +568,12 @@ score = 1
     let json =
         br#"{"id":"t-2","card":"4111111111111111","amount":"1","device":"00004111111111111111",
         "merchant":"000000123456789","mcc":5411,
-        "attrs":{"recipient":"x","ref":0.8734567890123456}}"#;
+        "attrs":{"recipient":"4111.1111.1111.1111","ref":0.8734567890123456}}"#;
     let o = e.decide(&Transaction::from_json(json).unwrap(), T0);
     let v = &o.decision.rules[0].values;
-    assert_eq!(v["device"], "0000411111******1111");
+    assert_eq!(v["device"], "000041**********1111");
+    // Grouped by dots (no separator the text masker joins groups by).
+    assert_eq!(v["attrs.recipient"], "4111.11**.****.1111");
     assert_eq!(v["merchant"], "000000123456789");
     assert_eq!(v["attrs.ref"], "0.8734567890123456");
     assert_eq!(v["mcc"], 5411);

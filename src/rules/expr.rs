@@ -350,10 +350,10 @@ impl Reader {
         let own = card.len() >= 13 && card.bytes().all(|b| b.is_ascii_digit());
         let shown = |text: &str| -> String {
             let t = crate::txn::mask_card_numbers(text);
-            if own && t.contains(card) {
-                t.replace(card, &crate::txn::mask_card(card))
-            } else {
-                t.into_owned()
+            // The own card in any form: grouped by dots, padded, with the expiry after it.
+            match own.then(|| crate::txn::mask_own_card(&t, card)).flatten() {
+                Some(masked) => masked,
+                None => t.into_owned(),
             }
         };
         let dec = |d: Option<Decimal>| d.map_or(Value::Null, |d| Value::String(d.to_string()));
