@@ -1415,10 +1415,14 @@ impl Loader<'_> {
         let mut filter_sig = String::new();
         if let Some(src) = &w.filter {
             // (A filter that does not lex gets a diagnostic below and no slot.)
-            filter_sig = format!(
-                " where {}",
-                syntax::canonical(src.get_ref()).unwrap_or_default()
-            );
+            let canonical = syntax::canonical(src.get_ref()).unwrap_or_default();
+            // Slot signatures are written into every snapshot file: a filter holding a
+            // card number (`card != "4111..."`) is signed by its keyed hash instead, so
+            // the number is not on disk in clear.
+            filter_sig = match crate::txn::mask_card_numbers(&canonical) == canonical {
+                true => format!(" where {canonical}"),
+                false => format!(" where #{:032x}", self.key.hash_str(&canonical)),
+            };
             if let Some((f, _)) = self.expr(fi, src, filter_scope) {
                 filter = Some(f);
             }
