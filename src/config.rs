@@ -96,6 +96,8 @@ pub enum ConfigError {
     Currency(String),
     #[error("hash_key_env names `{0}`, which is not set")]
     MissingEnv(String),
+    #[error("set either hash_key or hash_key_env, not both")]
+    BothKeys,
     #[error("the entity hash key is empty: a key nobody has to guess is no secret")]
     EmptyKey,
     #[error("the entity hash key is {0} bytes; use at least {MIN_KEY_BYTES} (e.g. `openssl rand -hex 16`): with a snapshot file, a guessable key gives the card numbers back")]
@@ -155,6 +157,9 @@ impl EngineSection {
             c.reserve_keys = c.reserve_keys.min(cap);
         }
         c.reserve_ids = self.reserve_ids.unwrap_or(0) as usize;
+        if self.hash_key.is_some() && self.hash_key_env.is_some() {
+            return Err(ConfigError::BothKeys);
+        }
         if let Some(var) = &self.hash_key_env {
             let secret = env(var).ok_or_else(|| ConfigError::MissingEnv(var.clone()))?;
             check_key(&secret)?;
@@ -291,6 +296,53 @@ mod tests {
             bad.resolve(|_| None),
             Err(ConfigError::TimeZone(_))
         ));
+        let both: EngineSection =
+            toml::from_str("hash_key = \"0123456789abcdef\"\nhash_key_env = \"FG_KEY\"").unwrap();
+        assert_eq!(
+            both.resolve(|_| Some("s3cret-of-16-bytes".into()))
+                .unwrap_err(),
+            ConfigError::BothKeys
+        );
+    }
+
+    /// What `run` refuses of the file before it starts anything, with the setting named.
+    #[test]
+    fn settings_that_cannot_work_are_refused() {
+        let check = |text: &str| FileConfig::parse(text).unwrap().validate();
+        assert_eq!(check(""), Ok(()));
+        for (text, says) in [
+            ("[subjects]\ntxn = \"fraud.*\"", "[subjects] txn"),
+            ("[subjects]\ntxn = \"fraud.>\"", "[subjects] txn"),
+            ("[subjects]\ncheck = \"fraud..check\"", "[subjects] check"),
+            ("[subjects]\ninvalid = \"\"", "[subjects] invalid"),
+            (
+                "[subjects]\ntxn = \"fraud.check\"",
+                "check and txn are the same",
+            ),
+            (
+                "[subjects]\ninvalid = \"fraud.decision.hold\"",
+                "invalid = \"fraud.decision.hold\"",
+            ),
+            ("[subjects]\nqueue_group = \"\"", "queue_group"),
+            ("[service]\nqueue_depth = 0", "queue_depth"),
+            ("[service]\nsweep_interval = \"0s\"", "sweep_interval"),
+            ("[service]\nsweep_interval = \"10m\"", "sweep_interval"),
+            ("[service]\nstall_after = \"100ms\"", "stall_after"),
+            ("[service]\nreload_debounce = \"soon\"", "reload_debounce"),
+            ("[snapshot]\ninterval = \"0s\"", "[snapshot] interval"),
+            ("[nats]\nsubscription_capacity = 0", "subscription_capacity"),
+            ("[nats]\nconnect_timeout = \"5\"", "connect_timeout"),
+            ("[limits]\nmax_payload = 0", "max_payload"),
+            ("[jetstream]\nenabled = true\nack_wait = \"x\"", "ack_wait"),
+        ] {
+            let e = check(text).unwrap_err();
+            assert!(e.contains(says), "{text}: {e}");
+        }
+        // Other plain names are fine.
+        assert_eq!(
+            check("[subjects]\ncheck = \"pay.risk.check\"\ntxn = \"pay.risk.txn\"\ndecision_prefix = \"pay.risk.out\"\ninvalid = \"pay.risk.bad\""),
+            Ok(())
+        );
     }
 }
 
@@ -414,6 +466,94 @@ impl FileConfig {
     /// Parses a config file's text.
     pub fn parse(text: &str) -> Result<FileConfig, toml::de::Error> {
         toml::from_str(text)
+    }
+
+    /// Every check of the settings outside `[engine]` that needs no server: `run` makes
+    /// them before anything else (a typo found after a restore of minutes, in a crash
+    /// loop, cost that every time), and `check --config` makes them too.
+    pub fn validate(&self) -> Result<(), String> {
+        let dur = |field: &str, v: &str| parse_duration(v).map_err(|e| format!("{field}: {e}"));
+        let svc = &self.service;
+        let sweep = dur("[service] sweep_interval", &svc.sweep_interval)?;
+        // The sweep also refreshes the gauges, which the exporter drops after 10 minutes
+        // without an update.
+        if sweep.is_zero() || sweep > Duration::from_secs(300) {
+            return Err("[service] sweep_interval must be more than 0s and at most 5m".into());
+        }
+        let stall = dur("[service] stall_after", &svc.stall_after)?;
+        // At least five heartbeats: the runtime's heartbeat ticks every 100 ms, and a tick
+        // comes a little late as a rule.
+        if !(Duration::from_millis(500)..=Duration::from_secs(60)).contains(&stall) {
+            return Err("[service] stall_after must be between 500ms and 60s".into());
+        }
+        dur("[service] reload_debounce", &svc.reload_debounce)?;
+        if svc.queue_depth == 0 {
+            return Err("[service] queue_depth must be at least 1".into());
+        }
+        if dur("[snapshot] interval", &self.snapshot.interval)?.is_zero() {
+            return Err("[snapshot] interval must be more than 0s".into());
+        }
+        if self.jetstream.enabled {
+            dur("[jetstream] max_age", &self.jetstream.max_age)?;
+            dur(
+                "[jetstream] duplicate_window",
+                &self.jetstream.duplicate_window,
+            )?;
+            dur("[jetstream] ack_wait", &self.jetstream.ack_wait)?;
+        }
+        dur("[nats] connect_timeout", &self.nats.connect_timeout)?;
+        if self.nats.subscription_capacity == 0 {
+            return Err("[nats] subscription_capacity must be at least 1".into());
+        }
+        if self.limits.max_payload == 0 {
+            return Err("[limits] max_payload must be at least 1 (every transaction would be refused as oversized)".into());
+        }
+        self.subjects.validate()
+    }
+}
+
+impl SubjectsSection {
+    /// Each subject a plain name (no wildcard: `fraud.*` as the intake also took the
+    /// engine's own `fraud.invalid`, and `fraud.>` its decisions, in an endless loop), and
+    /// no two of them the same or one inside another's decisions.
+    pub fn validate(&self) -> Result<(), String> {
+        let named = [
+            ("check", &self.check),
+            ("txn", &self.txn),
+            ("decision_prefix", &self.decision_prefix),
+            ("invalid", &self.invalid),
+        ];
+        for (field, subject) in named {
+            let tokens: Vec<&str> = subject.split('.').collect();
+            if tokens
+                .iter()
+                .any(|t| t.is_empty() || *t == "*" || *t == ">" || t.contains(char::is_whitespace))
+            {
+                return Err(format!(
+                    "[subjects] {field} = \"{subject}\": a subject is dot-separated names, without wildcards (`*`, `>`), empty names or spaces"
+                ));
+            }
+        }
+        if self.queue_group.is_empty() || self.queue_group.contains(char::is_whitespace) {
+            return Err("[subjects] queue_group must be a name without spaces".into());
+        }
+        let decisions = format!("{}.", self.decision_prefix);
+        for (i, (a, x)) in named.iter().enumerate() {
+            for (b, y) in &named[i + 1..] {
+                if x == y {
+                    return Err(format!(
+                        "[subjects] {a} and {b} are the same subject, `{x}`"
+                    ));
+                }
+            }
+            if *a != "decision_prefix" && x.starts_with(&decisions) {
+                return Err(format!(
+                    "[subjects] {a} = \"{x}\" is one of the decision subjects (`{}<action>`)",
+                    decisions
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -513,7 +513,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Cmd::Check { rules, config } => {
-            let cfg = offline_engine_config(&read_config(config.as_deref())?)?;
+            let file = read_config(config.as_deref())?;
+            // What `run` would refuse of the file, said here too.
+            file.validate()
+                .map_err(|e| anyhow::anyhow!("invalid config: {e}"))?;
+            let cfg = offline_engine_config(&file)?;
             match fraudgate::load_dir(&rules, &cfg) {
                 Ok(rs) => {
                     println!("ok: {}", rs.summary());

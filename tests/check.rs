@@ -32,6 +32,23 @@ fn shipped_rules_check_clean() {
     assert!(!stdout.contains("warning"), "{stdout}");
 }
 
+/// `check --config` refuses what `run` would refuse of the file (a wildcard intake
+/// subject, which would take in the engine's own output), naming the setting.
+#[test]
+fn check_refuses_a_config_that_run_would_refuse() {
+    let dir = common::Scratch::new("check-config");
+    let config = dir.0.join("fraudgate.toml");
+    std::fs::write(&config, "[subjects]\ntxn = \"fraud.>\"\n").unwrap();
+    let out = fraudgate()
+        .args(["check", "rules", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("[subjects] txn"), "{err}");
+}
+
 /// `replay` takes a line without `ts` as received at the latest event time so far, not at
 /// the wall clock, which is years away from recorded traffic: its sweep dropped the
 /// windows, and the daily limit below was missed.
