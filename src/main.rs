@@ -346,7 +346,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 // start half-way would drop those. A second signal exits at once.
                 tokio::pin!(start);
                 let mut signalled = false;
-                let running = loop {
+                let mut running = loop {
                     tokio::select! {
                         r = &mut start => break r?,
                         _ = signals.recv() => {
@@ -361,8 +361,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         }
                     }
                 };
+                // Until a signal, or until a task the engine needs has ended (it would
+                // stay up without doing its job): shut down, and exit 1 so that a
+                // supervisor restarts it.
+                let mut failed = false;
                 if !signalled {
-                    signals.recv().await;
+                    tokio::select! {
+                        _ = signals.recv() => {}
+                        task = running.failed() => {
+                            tracing::error!(task, "stopping: a task the engine needs has ended");
+                            failed = true;
+                        }
+                    }
                 }
                 // A second signal while draining means "now".
                 tokio::spawn(async move {
@@ -372,7 +382,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 });
                 // A shutdown that left a step unfinished (the log says which) exits 1, so
                 // that a supervisor sees it.
-                Ok(match running.shutdown().await.clean {
+                Ok(match running.shutdown().await.clean && !failed {
                     true => ExitCode::SUCCESS,
                     false => ExitCode::from(1),
                 })

@@ -258,6 +258,41 @@ pub struct Running {
     background: Vec<JoinHandle<()>>,
     snapshots: Option<Snapshots>,
     watchdog: Watchdog,
+    /// The first task the service needs that ended while it ran (see [`supervised`]).
+    ended: watch::Receiver<Option<&'static str>>,
+}
+
+/// Spawns a task the service needs for as long as it runs (an intake, a worker, the sweep,
+/// the rule reload, the snapshots). If it ends before the stop, by a panic or otherwise
+/// (a subscription the client closed), it is logged and said on `ended`: the engine no
+/// longer does its whole job (without its check intake it answers no request, yet looks
+/// up), so the binary shuts it down and exits non-zero for its supervisor to restart it.
+/// A panic is passed on to the task's handle, so the shutdown sees it.
+fn supervised<F>(
+    name: &'static str,
+    task: F,
+    ended: &watch::Sender<Option<&'static str>>,
+    stop: &watch::Receiver<bool>,
+) -> JoinHandle<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    use futures::FutureExt;
+    let (ended, stop) = (ended.clone(), stop.clone());
+    tokio::spawn(async move {
+        let result = std::panic::AssertUnwindSafe(task).catch_unwind().await;
+        if !*stop.borrow() {
+            tracing::error!(
+                task = name,
+                panicked = result.is_err(),
+                "a task the engine needs ended while it runs: shutting down"
+            );
+            ended.send_if_modified(|first| first.is_none() && first.replace(name).is_none());
+        }
+        if let Err(panic) = result {
+            std::panic::resume_unwind(panic);
+        }
+    })
 }
 
 /// Where and how the window state is saved. The lock keeps the periodic and the final
@@ -557,15 +592,21 @@ impl Running {
             )
             .await;
         }
-        let reload = reload_task(
-            changes,
-            watcher,
-            opts.rules_dir.clone(),
-            opts.engine.clone(),
-            engine.clone(),
-            counters.clone(),
-            debounce,
-            stop_rx.clone(),
+        let (ended_tx, ended) = watch::channel(None);
+        let reload = supervised(
+            "rule reload",
+            reload_task(
+                changes,
+                watcher,
+                opts.rules_dir.clone(),
+                opts.engine.clone(),
+                engine.clone(),
+                counters.clone(),
+                debounce,
+                stop_rx.clone(),
+            ),
+            &ended_tx,
+            &stop_rx,
         );
         let client =
             transport::connect(&opts.file.nats, &opts.nats_url, "check", counters.clone()).await?;
@@ -607,66 +648,96 @@ impl Running {
                 check: ctx,
                 stream: stx,
             });
-            workers.push(tokio::spawn(worker(
-                crx,
-                srx,
-                engine.clone(),
-                wire.clone(),
-                counters.clone(),
-                tracker.clone(),
-                (beats.clone(), k),
-            )));
+            workers.push(supervised(
+                "worker",
+                worker(
+                    crx,
+                    srx,
+                    engine.clone(),
+                    wire.clone(),
+                    counters.clone(),
+                    tracker.clone(),
+                    (beats.clone(), k),
+                ),
+                &ended_tx,
+                &stop_rx,
+            ));
         }
         let shards = Arc::new(shards);
         let stream_intake = match durable.zip(tracker.clone()) {
-            Some(((consumer, txn_stream), t)) => tokio::spawn(intake_jetstream(
-                consumer,
-                (txn_stream, js_cfg.clone()),
-                wire.clone(),
-                shards.clone(),
-                counters.clone(),
-                t,
-                stop_rx.clone(),
-            )),
-            None => tokio::spawn(intake(
-                wire.subscribe_txn().await?,
-                IntakePath::Stream,
-                wire.clone(),
-                shards.clone(),
-                counters.clone(),
-                stop_rx.clone(),
-            )),
+            Some(((consumer, txn_stream), t)) => supervised(
+                "stream intake",
+                intake_jetstream(
+                    consumer,
+                    (txn_stream, js_cfg.clone()),
+                    wire.clone(),
+                    shards.clone(),
+                    counters.clone(),
+                    t,
+                    stop_rx.clone(),
+                ),
+                &ended_tx,
+                &stop_rx,
+            ),
+            None => supervised(
+                "stream intake",
+                intake(
+                    wire.subscribe_txn().await?,
+                    IntakePath::Stream,
+                    wire.clone(),
+                    shards.clone(),
+                    counters.clone(),
+                    stop_rx.clone(),
+                ),
+                &ended_tx,
+                &stop_rx,
+            ),
         };
         // The subscriptions exist on the server once the client has sent them.
         wire.flush(Duration::from_secs(5)).await;
         let intake = vec![
-            tokio::spawn(intake(
-                check_sub,
-                IntakePath::Check,
-                wire.clone(),
-                shards,
-                counters.clone(),
-                stop_rx.clone(),
-            )),
+            supervised(
+                "check intake",
+                intake(
+                    check_sub,
+                    IntakePath::Check,
+                    wire.clone(),
+                    shards,
+                    counters.clone(),
+                    stop_rx.clone(),
+                ),
+                &ended_tx,
+                &stop_rx,
+            ),
             stream_intake,
         ];
-        let sweep = tokio::spawn(sweeper(
-            engine.clone(),
-            wire.clone(),
-            counters.clone(),
-            tracker.clone(),
-            sweep_every,
-            stop_rx.clone(),
-        ));
+        let sweep = supervised(
+            "sweep",
+            sweeper(
+                engine.clone(),
+                wire.clone(),
+                counters.clone(),
+                tracker.clone(),
+                sweep_every,
+                stop_rx.clone(),
+            ),
+            &ended_tx,
+            &stop_rx,
+        );
         let mut background = vec![reload, sweep];
         if let Some(snaps) = &snapshots {
-            background.push(tokio::spawn(snapshotter(
-                snaps.clone(),
-                engine.clone(),
-                counters.clone(),
-                snap_every,
-                stop_rx.clone(),
-            )));
+            background.push(supervised(
+                "snapshots",
+                snapshotter(
+                    snaps.clone(),
+                    engine.clone(),
+                    counters.clone(),
+                    snap_every,
+                    stop_rx.clone(),
+                ),
+                &ended_tx,
+                &stop_rx,
+            ));
         }
         background.push(tokio::spawn(queue_monitor(counters.clone(), stop_rx)));
         // Ticks until aborted at shutdown, after the watchdog has stopped watching it.
@@ -691,6 +762,7 @@ impl Running {
             background,
             snapshots,
             watchdog,
+            ended,
         })
     }
 
@@ -700,6 +772,19 @@ impl Running {
 
     pub fn counters(&self) -> &Arc<Counters> {
         &self.counters
+    }
+
+    /// Resolves when a task the service needs has ended while it runs (see
+    /// [`supervised`]), with the task's name: shut down, and exit non-zero.
+    pub async fn failed(&mut self) -> &'static str {
+        loop {
+            if let Some(name) = *self.ended.borrow_and_update() {
+                return name;
+            }
+            if self.ended.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
     }
 
     /// Where `/metrics` is served, when the exporter runs.
@@ -719,22 +804,34 @@ impl Running {
         let mut clean = true;
         let drained_by = budget(shutdown_budget::DRAIN);
         for mut t in self.intake {
-            if tokio::time::timeout_at(drained_by, &mut t).await.is_err() {
-                clean = false;
-                tracing::error!("intake did not drain in time (is NATS reachable?)");
-                t.abort();
-                // Gone for sure (its queue senders dropped) before the workers are timed.
-                let _ = t.await;
+            match tokio::time::timeout_at(drained_by, &mut t).await {
+                Ok(Ok(())) => {}
+                // A panic (logged by the hook, and as the task ended).
+                Ok(Err(_)) => clean = false,
+                Err(_) => {
+                    clean = false;
+                    tracing::error!("intake did not drain in time (is NATS reachable?)");
+                    t.abort();
+                    // Gone for sure (its queue senders dropped) before the workers are timed.
+                    let _ = t.await;
+                }
             }
         }
         // The intake tasks held the only senders: the workers finish their queues and stop.
         let finished_by = drained_by.max(TokioInstant::now()) + shutdown_budget::WORKER_GRACE;
         for mut t in self.workers {
-            if tokio::time::timeout_at(finished_by, &mut t).await.is_err() {
-                clean = false;
-                tracing::error!("a worker did not finish in time (publishing to NATS?)");
-                t.abort();
+            match tokio::time::timeout_at(finished_by, &mut t).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => clean = false,
+                Err(_) => {
+                    clean = false;
+                    tracing::error!("a worker did not finish in time (publishing to NATS?)");
+                    t.abort();
+                }
             }
+        }
+        if self.ended.borrow().is_some() {
+            clean = false;
         }
         let undecided: i64 = [IntakePath::Check, IntakePath::Stream]
             .iter()
@@ -813,6 +910,12 @@ async fn intake(
 ) {
     let mut draining = false;
     let mut batches: Vec<Batch> = (0..shards.len()).map(|_| Vec::new()).collect();
+    // Fault injection for tests (feature `failpoints`): the check intake ends at once,
+    // as if the client had closed its subscription.
+    #[cfg(feature = "failpoints")]
+    if path == IntakePath::Check {
+        fail::fail_point!("check_intake_ends", |_| {});
+    }
     loop {
         let (msgs, emptied) = tokio::select! {
             msg = sub.next() => {
@@ -1909,7 +2012,7 @@ const RETIRED_GRACE: Duration = Duration::from_secs(300);
 /// is being written (at most [`MAX_WRITE_WAIT`]), when the directory is replaced (after the
 /// same quiet), and at once on SIGHUP.
 #[allow(clippy::too_many_arguments)]
-fn reload_task(
+async fn reload_task(
     mut rx: mpsc::UnboundedReceiver<Change>,
     mut watch: RulesWatch,
     dir: PathBuf,
@@ -1918,94 +2021,92 @@ fn reload_task(
     counters: Arc<Counters>,
     debounce: Duration,
     mut stop: watch::Receiver<bool>,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
+) {
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut pending: Option<tokio::time::Instant> = None;
+    let mut first: Option<tokio::time::Instant> = None;
+    let mut replaced = false;
+    let mut writing = Writing::default();
+    // When to free the key groups the last reload dropped (kept meanwhile in case the
+    // next reload brings them back: see `Engine::swap_rules`).
+    let mut free_retired: Option<tokio::time::Instant> = None;
+    let mut look = tokio::time::interval(Duration::from_secs(1));
+    look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
         #[cfg(unix)]
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-        let mut pending: Option<tokio::time::Instant> = None;
-        let mut first: Option<tokio::time::Instant> = None;
-        let mut replaced = false;
-        let mut writing = Writing::default();
-        // When to free the key groups the last reload dropped (kept meanwhile in case the
-        // next reload brings them back: see `Engine::swap_rules`).
-        let mut free_retired: Option<tokio::time::Instant> = None;
-        let mut look = tokio::time::interval(Duration::from_secs(1));
-        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        loop {
-            #[cfg(unix)]
-            let sighup = async {
-                match hup.as_mut() {
-                    Some(h) => {
-                        h.recv().await;
-                    }
-                    None => std::future::pending::<()>().await,
+        let sighup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
                 }
-            };
-            #[cfg(not(unix))]
-            let sighup = std::future::pending::<()>();
-            // Debounce: a change arms a deadline; more changes push it back, up to a cap
-            // from the first; SIGHUP reloads at once whatever is pending.
-            let quiet = async {
-                match pending {
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let sighup = std::future::pending::<()>();
+        // Debounce: a change arms a deadline; more changes push it back, up to a cap
+        // from the first; SIGHUP reloads at once whatever is pending.
+        let quiet = async {
+            match pending {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let mut changed = |pending: &mut Option<tokio::time::Instant>| {
+            let now = tokio::time::Instant::now();
+            let first = *first.get_or_insert(now);
+            *pending = Some((now + debounce).min(first + debounce * MAX_DEFER_DEBOUNCES));
+        };
+        let cause = tokio::select! {
+            Some(change) = rx.recv() => {
+                writing.note(&change, tokio::time::Instant::now());
+                changed(&mut pending);
+                continue;
+            }
+            _ = async {
+                match free_retired {
                     Some(at) => tokio::time::sleep_until(at).await,
                     None => std::future::pending::<()>().await,
                 }
-            };
-            let mut changed = |pending: &mut Option<tokio::time::Instant>| {
-                let now = tokio::time::Instant::now();
-                let first = *first.get_or_insert(now);
-                *pending = Some((now + debounce).min(first + debounce * MAX_DEFER_DEBOUNCES));
-            };
-            let cause = tokio::select! {
-                Some(change) = rx.recv() => {
-                    writing.note(&change, tokio::time::Instant::now());
-                    changed(&mut pending);
-                    continue;
-                }
-                _ = async {
-                    match free_retired {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending::<()>().await,
+            } => {
+                free_retired = None;
+                let e = engine.clone();
+                // A big table takes a while to free: off the runtime.
+                if let Ok(n) = tokio::task::spawn_blocking(move || e.free_retired()).await {
+                    if n > 0 {
+                        tracing::info!(groups = n, "freed the state of the key groups the rules dropped");
                     }
-                } => {
-                    free_retired = None;
-                    let e = engine.clone();
-                    // A big table takes a while to free: off the runtime.
-                    if let Ok(n) = tokio::task::spawn_blocking(move || e.free_retired()).await {
-                        if n > 0 {
-                            tracing::info!(groups = n, "freed the state of the key groups the rules dropped");
-                        }
-                    }
-                    continue;
                 }
-                _ = look.tick() => {
-                    // A directory copied into place may still be filling: reload after
-                    // the same quiet as for any change.
-                    if watch.follow() {
-                        replaced = true;
-                        changed(&mut pending);
-                    }
-                    continue;
-                }
-                _ = quiet => {
-                    if writing.settling(tokio::time::Instant::now()) {
-                        // Look again after another quiet period (a close also wakes it).
-                        pending = Some(tokio::time::Instant::now() + debounce);
-                        continue;
-                    }
-                    if std::mem::take(&mut replaced) { "rules directory replaced" } else { "file change" }
-                }
-                _ = sighup => "SIGHUP",
-                _ = stop.changed() => break,
-            };
-            pending = None;
-            first = None;
-            replaced = false;
-            if reload(&dir, &cfg, &engine, &counters, cause).await > 0 {
-                free_retired = Some(tokio::time::Instant::now() + RETIRED_GRACE);
+                continue;
             }
+            _ = look.tick() => {
+                // A directory copied into place may still be filling: reload after
+                // the same quiet as for any change.
+                if watch.follow() {
+                    replaced = true;
+                    changed(&mut pending);
+                }
+                continue;
+            }
+            _ = quiet => {
+                if writing.settling(tokio::time::Instant::now()) {
+                    // Look again after another quiet period (a close also wakes it).
+                    pending = Some(tokio::time::Instant::now() + debounce);
+                    continue;
+                }
+                if std::mem::take(&mut replaced) { "rules directory replaced" } else { "file change" }
+            }
+            _ = sighup => "SIGHUP",
+            _ = stop.changed() => break,
+        };
+        pending = None;
+        first = None;
+        replaced = false;
+        if reload(&dir, &cfg, &engine, &counters, cause).await > 0 {
+            free_retired = Some(tokio::time::Instant::now() + RETIRED_GRACE);
         }
-    })
+    }
 }
 
 /// Compiles the directory and swaps it in, or logs every error and keeps the old rules.
@@ -2466,7 +2567,7 @@ mod tests {
     ) -> (watch::Sender<bool>, JoinHandle<()>) {
         let (watch, _) = watch_rules(dir).unwrap();
         let (stop_tx, stop_rx) = watch::channel(false);
-        let task = reload_task(
+        let task = tokio::spawn(reload_task(
             rx,
             watch,
             dir.to_path_buf(),
@@ -2475,7 +2576,7 @@ mod tests {
             Arc::new(Counters::new()),
             debounce,
             stop_rx,
-        );
+        ));
         (stop_tx, task)
     }
 

@@ -454,6 +454,31 @@ async fn ask_waits_as_long_as_its_timeout_says() {
     assert_eq!(d["id"], "failpoint-slow");
 }
 
+/// The check intake ends while the engine runs (a fail point: as if the client had closed
+/// its subscription): the engine no longer answers requests, so it shuts down and exits 1
+/// for its supervisor to restart it, instead of staying up and idle.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_whose_intake_ended_exits_non_zero() {
+    let nats = nats().await;
+    let mut engine = Engine::spawn_env(
+        &nats.url(),
+        CONFIG,
+        &[("FAILPOINTS", "check_intake_ends=return")],
+    );
+    let status = tokio::time::timeout(Duration::from_secs(30), engine.child.wait())
+        .await
+        .expect("the engine exits")
+        .unwrap();
+    let log = engine.log_text();
+    assert_eq!(status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("a task the engine needs ended while it runs"),
+        "{log}"
+    );
+    assert!(log.contains("check intake"), "{log}");
+}
+
 /// `fraudgate ask` of `body` with `args`, which must succeed: the decision.
 async fn ask_ok(url: &str, args: &[&str], body: &str) -> serde_json::Value {
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
