@@ -58,7 +58,7 @@ enum Cmd {
         #[arg(long, default_value = "rules")]
         rules: PathBuf,
         /// Transactions per second.
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
         rate: u32,
         /// Stop after this long (e.g. `30s`) instead of waiting for Ctrl-C.
         #[arg(long)]
@@ -78,10 +78,10 @@ enum Cmd {
         path: String,
         /// Open loop: transactions per second on schedule (latency from the scheduled
         /// time). Without it the load is closed-loop with --concurrency in flight.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "concurrency")]
         rate: Option<f64>,
-        #[arg(long, default_value_t = 64)]
-        concurrency: usize,
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+        concurrency: u64,
         /// How many transactions; default: 10 s worth at --rate, else 100,000.
         #[arg(long)]
         count: Option<usize>,
@@ -480,12 +480,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mode = match rate {
                 Some(r) if r > 0.0 => LoadMode::Open(r),
                 Some(_) => anyhow::bail!("--rate must be positive"),
-                None => LoadMode::Closed(concurrency.max(1)),
+                None => LoadMode::Closed(concurrency as usize),
             };
             let count = count.unwrap_or(match rate {
-                Some(r) => (r * 10.0) as usize,
+                Some(r) => ((r * 10.0) as usize).max(1),
                 None => 100_000,
             });
+            if count == 0 {
+                anyhow::bail!("--count must be at least 1");
+            }
+            if !(0.0..=1.0).contains(&fraud_rate) {
+                anyhow::bail!("--fraud-rate is a share of transactions, from 0 to 1");
+            }
             let timeout = parse_duration(&timeout).map_err(anyhow::Error::msg)?;
             let url = nats_url.unwrap_or_else(|| file.nats.url.clone());
             runtime()?.block_on(async {
@@ -643,10 +649,16 @@ fn replay(
     summary: bool,
     quiet: bool,
 ) -> anyhow::Result<ExitCode> {
-    let rs = fraudgate::load_dir(rules, &cfg).map_err(|e| {
-        eprint!("{}", e.render());
-        anyhow::anyhow!("rules in {} do not compile", rules.display())
-    })?;
+    // Rules that do not compile exit 1, as with `check` (2 is for usage, the config and
+    // files that cannot be read).
+    let rs = match fraudgate::load_dir(rules, &cfg) {
+        Ok(rs) => rs,
+        Err(e) => {
+            eprint!("{}", e.render());
+            eprintln!("error: rules in {} do not compile", rules.display());
+            return Ok(ExitCode::from(1));
+        }
+    };
     let engine = Engine::new(rs, cfg);
     let reader: Box<dyn BufRead> = match input {
         None => Box::new(std::io::stdin().lock()),

@@ -323,7 +323,12 @@ impl Wire {
     }
 
     /// Sends a decision (`json`: its JSON, from [`crate::Outcome`]) where it belongs.
-    /// Errors are returned for counting; the client buffers publishes while disconnected.
+    /// Errors are returned for counting. Publishes made while disconnected wait in the
+    /// client and go out after the reconnect; those already written into the broken
+    /// connection's buffer are gone with it (async-nats drops it), though they returned
+    /// `Ok`. A JetStream message's ack follows its decision on the same connection, so it
+    /// is lost with it and the message comes again (answered from the retry table); a core
+    /// `fraud.txn` decision is lost.
     ///
     /// A reply is the bare JSON: it goes to one requester, whose body already holds the
     /// id, action and rules version. Headers cost 5-10 % of request-reply throughput (a

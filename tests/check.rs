@@ -32,6 +32,32 @@ fn shipped_rules_check_clean() {
     assert!(!stdout.contains("warning"), "{stdout}");
 }
 
+/// The README's configuration example is a file `run` accepts (every key known, every
+/// value valid): `check --config` says so.
+#[test]
+fn the_readme_config_example_is_valid() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let start = readme
+        .find("```toml\n")
+        .expect("a toml block in the README")
+        + 8;
+    let end = start + readme[start..].find("```").unwrap();
+    let dir = common::Scratch::new("readme-config");
+    let config = dir.0.join("fraudgate.toml");
+    std::fs::write(&config, &readme[start..end]).unwrap();
+    let out = fraudgate()
+        .args(["check", "rules", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `check --config` refuses what `run` would refuse of the file (a wildcard intake
 /// subject, which would take in the engine's own output), naming the setting.
 #[test]

@@ -104,18 +104,17 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         ),
     )
     .unwrap();
-    let mut prom = tokio::process::Command::new(prometheus)
-        .arg(format!("--config.file={}", cfg.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.0.join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(dir.0.join("prometheus.log")).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut prom = spawned(
+        tokio::process::Command::new(prometheus)
+            .arg(format!("--config.file={}", cfg.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.0.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.0.join("prometheus.log")).unwrap()),
+    );
 
     // Prometheus is up and scraping the engine before anything happens, so every counter
     // has a sample before its first increase.

@@ -381,15 +381,14 @@ async fn a_sighup_during_startup_does_not_kill_the_engine() {
         .unwrap()
         .success());
     let port = fraudgate::demo::free_port().unwrap();
-    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
-        .args(["run", "--nats-url", &format!("nats://127.0.0.1:{port}")])
-        .arg("--rules")
-        .arg(&rules)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let child = spawned(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+            .args(["run", "--nats-url", &format!("nats://127.0.0.1:{port}")])
+            .arg("--rules")
+            .arg(&rules)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+    );
     tokio::time::sleep(Duration::from_millis(800)).await;
     let pid = child.id().unwrap().to_string();
     assert!(std::process::Command::new("kill")
@@ -851,14 +850,13 @@ async fn demo_runs_and_stops_cleanly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demos_nats_server_does_not_outlive_a_killed_demo() {
     use tokio::io::AsyncBufReadExt;
-    let mut demo = tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
-        .args(["demo", "--duration", "60s", "--rate", "100"])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut demo = spawned(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+            .args(["demo", "--duration", "60s", "--rate", "100"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null()),
+    );
     let mut lines = tokio::io::BufReader::new(demo.stdout.take().unwrap()).lines();
     let port: u16 = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(l) = lines.next_line().await.unwrap() {
@@ -1039,15 +1037,13 @@ async fn rules_edited_during_startup_are_loaded_once_it_is_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nats_auth_from_the_environment() {
     let port = fraudgate::demo::free_port().unwrap();
-    let mut server =
+    let mut server = spawned(
         tokio::process::Command::new(fraudgate::demo::find_on_path("nats-server").unwrap())
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .args(["--user", "fraudgate", "--pass", "s3cret-pw"])
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+            .stderr(std::process::Stdio::null()),
+    );
     let url = format!("nats://127.0.0.1:{port}");
     wait_listening(port).await;
     let auth =
@@ -1180,7 +1176,7 @@ async fn nats_over_tls_with_a_private_ca() {
     let dir = Scratch::new("tls");
     test_certs(&dir.0);
     let port = fraudgate::demo::free_port().unwrap();
-    let mut server =
+    let mut server = spawned(
         tokio::process::Command::new(fraudgate::demo::find_on_path("nats-server").unwrap())
             .args(["-a", "127.0.0.1", "-p", &port.to_string(), "--tls"])
             .arg("--tlscert")
@@ -1188,10 +1184,8 @@ async fn nats_over_tls_with_a_private_ca() {
             .arg("--tlskey")
             .arg(dir.0.join("server.key"))
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+            .stderr(std::process::Stdio::null()),
+    );
     wait_listening(port).await;
     let url = format!("nats://127.0.0.1:{port}");
     let ca = dir.0.join("ca.pem");

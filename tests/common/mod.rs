@@ -91,6 +91,14 @@ pub fn daytime_engine_table() -> String {
     format!("\n[engine]\ntimezone = \"{zone}\"\nhash_key = \"{TEST_HASH_KEY}\"\n")
 }
 
+/// Spawns `cmd`, killed when the test ends: dropped (`kill_on_drop`), or, should the test
+/// process be killed (a timeout, ctrl-C), by the kernel (`die_with_parent`), so no engine,
+/// nats-server or Prometheus outlives the run.
+pub fn spawned(cmd: &mut Command) -> Child {
+    fraudgate::demo::die_with_parent(cmd);
+    cmd.kill_on_drop(true).spawn().unwrap()
+}
+
 impl Engine {
     pub async fn start(url: &str) -> Engine {
         Self::start_with(url, CONFIG).await
@@ -119,18 +127,17 @@ impl Engine {
         }
         std::fs::write(&cfg, config).unwrap();
         let log = dir.0.join("engine.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_fraudgate"))
-            .args(["run", "--nats-url", url, "--rules"])
-            .arg(&rules)
-            .arg("--config")
-            .arg(&cfg)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
+        let child = spawned(
+            Command::new(env!("CARGO_BIN_EXE_fraudgate"))
+                .args(["run", "--nats-url", url, "--rules"])
+                .arg(&rules)
+                .arg("--config")
+                .arg(&cfg)
+                .envs(env.iter().copied())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap()),
+        );
         Engine {
             child,
             dir,
