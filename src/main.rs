@@ -260,11 +260,15 @@ fn mask_panics() {
 fn log_panics() {
     std::panic::set_hook(Box::new(|info| {
         let (location, message) = panic_text(info);
-        tracing::error!(
-            location,
-            thread = std::thread::current().name().unwrap_or("?"),
-            "panic: {message}",
-        );
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("?");
+        // A log filter that leaves errors of this crate out (`[log] level = "off"`, a
+        // RUST_LOG naming other modules) must not hide a panic.
+        if tracing::enabled!(tracing::Level::ERROR) {
+            tracing::error!(location, thread, "panic: {message}");
+        } else {
+            eprintln!("panic in thread {thread} at {location}: {message}");
+        }
     }));
 }
 
@@ -685,13 +689,13 @@ fn replay(
             Ok(t) => {
                 // Recorded traffic: the event time is also the receive time, so the
                 // dedupe horizon applies as it did live. Except a time ahead of the wall
-                // clock (by more than `max_future_skew`), which no recorded transaction can
-                // have: taken as the clock moved it (year 9999 made the next sweep drop
+                // clock (by more than a day), which no recorded transaction can have: taken as the clock moved it (year 9999 made the next sweep drop
                 // every key and id, so the rest of the file was decided without history);
                 // the engine then treats it as live intake does a time too far ahead.
+                // (A day's margin, not `max_future_skew`: the analyst's clock is not the
+                // recording machine's.)
                 let wall = chrono::Utc::now().timestamp_millis();
-                let skew = engine.config().max_future_skew.as_millis() as i64;
-                let ts = t.ts_ms.filter(|&ts| ts <= wall.saturating_add(skew));
+                let ts = t.ts_ms.filter(|&ts| ts <= wall.saturating_add(86_400_000));
                 let now = ts.or(clock).unwrap_or(wall);
                 // Only recorded times move the clock (a line without `ts` before any with
                 // one must not set it to today, which would stop every later sweep).

@@ -281,7 +281,9 @@ where
     let (ended, stop) = (ended.clone(), stop.clone());
     tokio::spawn(async move {
         let result = std::panic::AssertUnwindSafe(task).catch_unwind().await;
-        if !*stop.borrow() {
+        // A closed stop channel is a stop too: a start that failed half-way dropped it, and
+        // its own error says what went wrong.
+        if !*stop.borrow() && stop.has_changed().is_ok() {
             tracing::error!(
                 task = name,
                 panicked = result.is_err(),
@@ -332,13 +334,21 @@ impl Snapshots {
     fn write(&self, engine: &Engine, counters: &Counters) -> bool {
         let _one = self.writing.lock().unwrap_or_else(|e| e.into_inner());
         let started = Instant::now();
-        let at_cut = || Cursor {
-            txn_next_seq: self.tracker.as_ref().map(|t| lock(t).low()),
-            check_from_ms: self.capture_margin_ms.map(|m| now_ms() - m),
-            txn_stream_created_ns: self
-                .tracker
-                .as_ref()
-                .and_then(|t| lock(t).stream_created_ns),
+        let at_cut = || {
+            // Position and stream read together: a stream made again between two reads
+            // would pair one stream's position with the other's name.
+            let (txn_next_seq, txn_stream_created_ns) = match &self.tracker {
+                Some(t) => {
+                    let t = lock(t);
+                    (Some(t.low()), t.stream_created_ns)
+                }
+                None => (None, None),
+            };
+            Cursor {
+                txn_next_seq,
+                check_from_ms: self.capture_margin_ms.map(|m| now_ms() - m),
+                txn_stream_created_ns,
+            }
         };
         match crate::snapshot::save(engine, &self.path, now_ms(), at_cut) {
             Ok((bytes, cursor)) => {
