@@ -311,17 +311,28 @@ mod tests {
         let check = |text: &str| FileConfig::parse(text).unwrap().validate();
         assert_eq!(check(""), Ok(()));
         for (text, says) in [
-            ("[subjects]\ntxn = \"fraud.*\"", "[subjects] txn"),
-            ("[subjects]\ntxn = \"fraud.>\"", "[subjects] txn"),
-            ("[subjects]\ncheck = \"fraud..check\"", "[subjects] check"),
-            ("[subjects]\ninvalid = \"\"", "[subjects] invalid"),
             (
-                "[subjects]\ntxn = \"fraud.check\"",
-                "check and txn are the same",
+                "[subjects]\ntxn = \"fraud.*\"",
+                "takes in what the engine publishes on `fraud.invalid`",
+            ),
+            ("[subjects]\ntxn = \"fraud.>\"", "[subjects] txn"),
+            (
+                "[subjects]\ntxn = \"fraud.decision.*\"",
+                "fraud.decision.approve",
+            ),
+            ("[subjects]\ncheck = \"fraud..check\"", "[subjects] check"),
+            ("[subjects]\ncheck = \"fraud.>.x\"", "[subjects] check"),
+            ("[subjects]\ncheck = \"fraud.ch*\"", "[subjects] check"),
+            ("[subjects]\ninvalid = \"\"", "[subjects] invalid"),
+            ("[subjects]\ninvalid = \"fraud.bad.*\"", "without wildcards"),
+            ("[subjects]\ntxn = \"fraud.check\"", "overlap"),
+            (
+                "[subjects]\ntxn = \"fraud.txn.>\"\ncheck = \"fraud.txn.check\"",
+                "overlap",
             ),
             (
                 "[subjects]\ninvalid = \"fraud.decision.hold\"",
-                "invalid = \"fraud.decision.hold\"",
+                "among the decision subjects",
             ),
             ("[subjects]\nqueue_group = \"\"", "queue_group"),
             ("[service]\nqueue_depth = 0", "queue_depth"),
@@ -338,6 +349,9 @@ mod tests {
             let e = check(text).unwrap_err();
             assert!(e.contains(says), "{text}: {e}");
         }
+        // Wildcards in what the engine takes in, apart from what it publishes, are fine.
+        assert_eq!(check("[subjects]\ntxn = \"fraud.txn.>\""), Ok(()));
+        assert_eq!(check("[subjects]\ncheck = \"fraud.check.*\""), Ok(()));
         // Other plain names are fine.
         assert_eq!(
             check("[subjects]\ncheck = \"pay.risk.check\"\ntxn = \"pay.risk.txn\"\ndecision_prefix = \"pay.risk.out\"\ninvalid = \"pay.risk.bad\""),
@@ -513,48 +527,89 @@ impl FileConfig {
 }
 
 impl SubjectsSection {
-    /// Each subject a plain name (no wildcard: `fraud.*` as the intake also took the
-    /// engine's own `fraud.invalid`, and `fraud.>` its decisions, in an endless loop), and
-    /// no two of them the same or one inside another's decisions.
+    /// Subjects the engine subscribes to (`check`, `txn`) may hold wildcards; those it
+    /// publishes on (`invalid`, the decisions) may not. No subject it takes in may match
+    /// one it publishes on, or the other one it takes in: `txn = "fraud.*"` also took the
+    /// engine's own `fraud.invalid` back in, and `fraud.>` its decisions, in an endless
+    /// loop.
     pub fn validate(&self) -> Result<(), String> {
         let named = [
-            ("check", &self.check),
-            ("txn", &self.txn),
-            ("decision_prefix", &self.decision_prefix),
-            ("invalid", &self.invalid),
+            ("check", &self.check, true),
+            ("txn", &self.txn, true),
+            ("decision_prefix", &self.decision_prefix, false),
+            ("invalid", &self.invalid, false),
         ];
-        for (field, subject) in named {
+        for (field, subject, wild) in named {
             let tokens: Vec<&str> = subject.split('.').collect();
-            if tokens
-                .iter()
-                .any(|t| t.is_empty() || *t == "*" || *t == ">" || t.contains(char::is_whitespace))
-            {
+            let last = tokens.len() - 1;
+            let bad = tokens.iter().enumerate().any(|(i, t)| {
+                let wildcard = *t == "*" || (*t == ">" && i == last);
+                t.is_empty()
+                    || t.contains(char::is_whitespace)
+                    || (t.contains(['*', '>']) && !(wild && wildcard))
+            });
+            if bad {
                 return Err(format!(
-                    "[subjects] {field} = \"{subject}\": a subject is dot-separated names, without wildcards (`*`, `>`), empty names or spaces"
+                    "[subjects] {field} = \"{subject}\": a subject is dot-separated names without spaces{}",
+                    match wild {
+                        true => " (`*` for one name, `>` for the rest at the end)",
+                        false => ", and without wildcards: the engine publishes on it",
+                    }
                 ));
             }
         }
         if self.queue_group.is_empty() || self.queue_group.contains(char::is_whitespace) {
             return Err("[subjects] queue_group must be a name without spaces".into());
         }
-        let decisions = format!("{}.", self.decision_prefix);
-        for (i, (a, x)) in named.iter().enumerate() {
-            for (b, y) in &named[i + 1..] {
-                if x == y {
+        let prefix = &self.decision_prefix;
+        if self.invalid == *prefix || self.invalid.starts_with(&format!("{prefix}.")) {
+            return Err(format!(
+                "[subjects] invalid = \"{}\" is among the decision subjects (`{prefix}.<action>`)",
+                self.invalid
+            ));
+        }
+        // What the engine publishes, against what it takes in.
+        let published = [
+            ("invalid", self.invalid.clone()),
+            ("decision_prefix", format!("{prefix}.approve")),
+            ("decision_prefix", format!("{prefix}.hold")),
+            ("decision_prefix", format!("{prefix}.reject")),
+        ];
+        for (a, pattern) in [("check", &self.check), ("txn", &self.txn)] {
+            for (b, subject) in &published {
+                if subject_matches(pattern, subject) {
                     return Err(format!(
-                        "[subjects] {a} and {b} are the same subject, `{x}`"
+                        "[subjects] {a} = \"{pattern}\" takes in what the engine publishes on `{subject}` ({b})"
                     ));
                 }
             }
-            if *a != "decision_prefix" && x.starts_with(&decisions) {
-                return Err(format!(
-                    "[subjects] {a} = \"{x}\" is one of the decision subjects (`{}<action>`)",
-                    decisions
-                ));
-            }
+        }
+        // A wildcard taken as a name: one message on both would be decided twice.
+        let as_name = |p: &str| p.replace(['*', '>'], "x");
+        if subject_matches(&self.check, &as_name(&self.txn))
+            || subject_matches(&self.txn, &as_name(&self.check))
+        {
+            return Err(format!(
+                "[subjects] check = \"{}\" and txn = \"{}\" overlap: a message on both would be decided twice",
+                self.check, self.txn
+            ));
         }
         Ok(())
     }
+}
+
+/// Whether the NATS subject `pattern` (`*` one name, `>` the rest) matches `subject`.
+fn subject_matches(pattern: &str, subject: &str) -> bool {
+    let mut s = subject.split('.');
+    for p in pattern.split('.') {
+        match (p, s.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (p, Some(t)) if p == t => {}
+            _ => return false,
+        }
+    }
+    s.next().is_none()
 }
 
 /// How to reach NATS. Secrets can come from the environment (`*_env` keys name the
