@@ -97,6 +97,9 @@ struct InFlight {
     /// When the transaction stream these sequences are in was created (epoch ns), as read
     /// at the start: a snapshot's cursor names it.
     stream_created_ns: Option<i64>,
+    /// The stream was made again under a consumer this engine did not make: the
+    /// sequences taken are of two streams, and snapshots go without a position.
+    position_unknown: bool,
 }
 
 impl InFlight {
@@ -131,12 +134,12 @@ impl InFlight {
     /// The stream was deleted and made again under the same name (another creation
     /// time): its sequence numbers start over, so what was taken of the old one says
     /// nothing about it. A consumer made again starts at its first message, and a
-    /// snapshot's cursor names the new stream from here on. (A message of the old stream
-    /// still being decided could meet a new message of the same sequence in `pending`; by
-    /// the time a deleted stream has been made again and its consumer found missing, the
-    /// workers have long finished the old one's.)
+    /// snapshot's cursor names the new stream from here on. (The intake waits for the old
+    /// stream's messages still queued before it makes the consumer: one of them decided
+    /// later could meet a new message of the same sequence in `pending`.)
     fn stream_made_again(&mut self, created_ns: i64, first: u64) -> u64 {
         self.pending.clear();
+        self.position_unknown = false;
         self.next = first;
         self.ack_floor = None;
         self.stream_created_ns = Some(created_ns);
@@ -308,14 +311,34 @@ struct Snapshots {
     /// Requests are captured: replay them from the cut minus this (the dedupe horizon:
     /// any request decided before the cut within it is in the retry table and skipped).
     capture_margin_ms: Option<i64>,
-    /// JetStream intake: its consumer, to read the ack floor before each snapshot.
+    /// JetStream intake: its consumer, to read the ack floor before each snapshot, and
+    /// the transaction stream, to see whether it is still the one the position is in.
     consumer: Option<async_nats::jetstream::consumer::PullConsumer>,
+    stream: Option<async_nats::jetstream::stream::Stream>,
 }
 
 impl Snapshots {
     /// Reads the consumer's ack floor into the tracker, before a cut. A failed read leaves
     /// no floor (see [`InFlight::floor_read`]).
     async fn refresh_ack_floor(&self) {
+        if let (Some(s), Some(t)) = (&self.stream, &self.tracker) {
+            // The stream made again (with its consumer, by a tool re-applying both) while
+            // the engine pulled on: its sequences start over, and no position this engine
+            // tracked is one in it. Snapshots then go without a position (the consumer's
+            // own state says where it stands at the next start), instead of naming the new
+            // stream with an old position (replayed from the first message: counted twice).
+            let read = tokio::time::timeout(Duration::from_secs(2), Wire::stream_identity(s));
+            if let Ok(Some((created, _))) = read.await {
+                let mut t = lock(t);
+                if t.stream_created_ns.is_some_and(|c| c != created) {
+                    tracing::warn!(
+                        "the transaction stream was made again, with its consumer, while the engine ran: snapshots go without a stream position until the next start"
+                    );
+                    t.stream_created_ns = Some(created);
+                    t.position_unknown = true;
+                }
+            }
+        }
         if let (Some(c), Some(t)) = (&self.consumer, &self.tracker) {
             let mut c = c.clone();
             let read = tokio::time::timeout(Duration::from_secs(2), Wire::ack_floor(&mut c));
@@ -340,7 +363,7 @@ impl Snapshots {
             let (txn_next_seq, txn_stream_created_ns) = match &self.tracker {
                 Some(t) => {
                     let t = lock(t);
-                    (Some(t.low()), t.stream_created_ns)
+                    ((!t.position_unknown).then(|| t.low()), t.stream_created_ns)
                 }
                 None => (None, None),
             };
@@ -561,6 +584,7 @@ impl Running {
                     tracker: tracker.clone(),
                     capture_margin_ms,
                     consumer: None,
+                    stream: None,
                 })
             }
             None => None,
@@ -639,6 +663,7 @@ impl Running {
         };
         if let Some(s) = snapshots.as_mut() {
             s.consumer = durable.as_ref().map(|d| d.0.clone());
+            s.stream = durable.as_ref().map(|d| d.1.clone());
         }
         let svc = &opts.file.service;
         let n = if svc.workers > 0 {
@@ -1047,6 +1072,21 @@ async fn intake_jetstream(
             // from the new stream's first message, which no position of the old one says
             // anything about.
             let identity = Wire::stream_identity(&txn_stream).await;
+            let remade = identity.is_some_and(|(created, _)| {
+                lock(&tracker)
+                    .stream_created_ns
+                    .is_some_and(|c| c != created)
+            });
+            if remade {
+                // The old stream's messages still queued are decided first (their acks go
+                // nowhere: no consumer yet): a new message of the same sequence taken
+                // meanwhile would share their entry in the tracker, and an old ack could
+                // acknowledge it.
+                let until = Instant::now() + Duration::from_secs(10);
+                while !lock(&tracker).pending.is_empty() && Instant::now() < until {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
             let start = {
                 let mut t = lock(&tracker);
                 match identity {

@@ -715,6 +715,69 @@ async fn a_stream_made_again_while_running_is_taken_from_its_first_message() {
     drop(engine);
 }
 
+/// The transaction stream and its consumer both made again while the engine runs (a tool
+/// re-applying their configuration): the engine pulls on from the new consumer, and its
+/// snapshots stop naming a position (none it tracked is one in the new stream), so the
+/// next start replays nothing. Before, the cursor named the new stream with the old
+/// engine's position: the start replayed the new stream from its first message, and ids
+/// older than the retry horizon were counted twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_and_consumer_made_again_while_running_leave_no_position() {
+    let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
+    let dir = Scratch::new("js-remade-both");
+    let config = js_config("fraudgate", &dir.0.join("s.snap"), "1s");
+    let engine = Engine::start_with(&nats.url(), &config).await;
+    let c = client(&nats.url()).await;
+    let js = jetstream::new(c.clone());
+    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    c.flush().await.unwrap();
+    let ts = fraudgate::service::now_ms();
+    publish_decided(&js, &mut decisions, &engine, "both", "4111111111119015", ts).await;
+    drained(&js, "fraudgate").await;
+    js.delete_stream("FRAUD_TXN").await.unwrap();
+    let stream = txn_stream(&js).await;
+    stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("fraudgate".into()),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(2),
+            filter_subject: "fraud.txn".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut want = Vec::new();
+    for i in 0..5 {
+        let id = format!("both-new-{i}");
+        js_publish(&js, &id, txn_at(&id, "4111111111119016", "10", ts + 10 + i)).await;
+        want.push(id);
+    }
+    let mut got = Vec::new();
+    for _ in 0..want.len() {
+        got.push(decision_id(&mut decisions, &engine).await);
+    }
+    got.sort();
+    assert_eq!(got, want);
+    drained(&js, "fraudgate").await;
+    engine
+        .wait_log("made again, with its consumer", Duration::from_secs(10))
+        .await;
+    let engine = stop(engine).await;
+    drop(engine);
+    let engine = Engine::start_with(&nats.url(), &config).await;
+    let log = engine.log_text();
+    let recovery = log
+        .lines()
+        .find(|l| l.contains("JetStream recovery"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        recovery.contains(r#""transactions":0"#) && recovery.contains(r#""already_in_snapshot":0"#),
+        "{recovery}"
+    );
+    assert!(!log.contains("made again since the snapshot"), "{log}");
+    drop(engine);
+}
+
 /// A durable consumer the operator set up with smaller pull limits than the engine's
 /// defaults (`max_batch` 10, `max_expires` 2 s): the server refuses a pull request over
 /// them, so the engine must ask within them, or it never gets a message.
