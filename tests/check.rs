@@ -75,25 +75,12 @@ fn check_refuses_a_config_that_run_would_refuse() {
     assert!(err.contains("[subjects] txn"), "{err}");
 }
 
-/// `replay` takes a line without `ts` as received at the latest event time so far, not at
-/// the wall clock, which is years away from recorded traffic: its sweep dropped the
-/// windows, and the daily limit below was missed.
-#[test]
-fn replay_takes_a_line_without_ts_at_the_recorded_time() {
-    let dir = common::Scratch::new("replay-no-ts");
+/// The decisions `replay` (shipped rules) prints for `traffic`, which it must take without
+/// an error.
+fn replay_decisions(name: &str, traffic: &str) -> Vec<serde_json::Value> {
+    let dir = common::Scratch::new(name);
     let file = dir.0.join("traffic.jsonl");
-    std::fs::write(
-        &file,
-        concat!(
-            r#"{"id":"r1","ts":"2025-01-01T10:00:00Z","card":"4111111111110001","amount":"10000.50"}"#,
-            "\n",
-            r#"{"id":"r2","card":"4111111111110002","amount":"5"}"#,
-            "\n",
-            r#"{"id":"r3","ts":"2025-01-01T10:05:00Z","card":"4111111111110001","amount":"10000"}"#,
-            "\n",
-        ),
-    )
-    .unwrap();
+    std::fs::write(&file, traffic).unwrap();
     let out = fraudgate()
         .args(["replay", "--rules", "rules"])
         .arg(&file)
@@ -104,10 +91,28 @@ fn replay_takes_a_line_without_ts_at_the_recorded_time() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+    String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+        .collect()
+}
+
+/// `replay` takes a line without `ts` as received at the latest event time so far, not at
+/// the wall clock, which is years away from recorded traffic: its sweep dropped the
+/// windows, and the daily limit below was missed.
+#[test]
+fn replay_takes_a_line_without_ts_at_the_recorded_time() {
+    let lines = replay_decisions(
+        "replay-no-ts",
+        concat!(
+            r#"{"id":"r1","ts":"2025-01-01T10:00:00Z","card":"4111111111110001","amount":"10000.50"}"#,
+            "\n",
+            r#"{"id":"r2","card":"4111111111110002","amount":"5"}"#,
+            "\n",
+            r#"{"id":"r3","ts":"2025-01-01T10:05:00Z","card":"4111111111110001","amount":"10000"}"#,
+            "\n",
+        ),
+    );
     assert_eq!(lines.len(), 3);
     // Placed at the time of the line before it.
     assert_eq!(lines[1]["ts"], lines[0]["ts"], "{}", lines[1]);
@@ -229,10 +234,8 @@ fn list_entries_that_end_are_reported() {
 /// was no longer reached.
 #[test]
 fn replay_ignores_an_event_time_in_the_future_for_its_clock() {
-    let dir = common::Scratch::new("replay-future");
-    let file = dir.0.join("traffic.jsonl");
-    std::fs::write(
-        &file,
+    let lines = replay_decisions(
+        "replay-future",
         concat!(
             r#"{"id":"f1","ts":"2025-01-01T10:00:00Z","card":"4111111111110011","amount":"10000.50"}"#,
             "\n",
@@ -241,22 +244,7 @@ fn replay_ignores_an_event_time_in_the_future_for_its_clock() {
             r#"{"id":"f3","ts":"2025-01-01T10:05:00Z","card":"4111111111110011","amount":"10000"}"#,
             "\n",
         ),
-    )
-    .unwrap();
-    let out = fraudgate()
-        .args(["replay", "--rules", "rules"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
     );
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(lines.len(), 3);
     assert_eq!(
         lines[2]["decided_by"], "reject:daily_card_limit",

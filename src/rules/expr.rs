@@ -493,15 +493,7 @@ fn name_vs_number(e: &Expr) -> Option<(&str, Cmp, Decimal)> {
     let ExprKind::Binary(op, a, b) = &e.kind else {
         return None;
     };
-    let cmp = match op {
-        BinOp::Eq => Cmp::Eq,
-        BinOp::Ne => Cmp::Ne,
-        BinOp::Lt => Cmp::Lt,
-        BinOp::Le => Cmp::Le,
-        BinOp::Gt => Cmp::Gt,
-        BinOp::Ge => Cmp::Ge,
-        _ => return None,
-    };
+    let cmp = Cmp::of(*op)?;
     match (&a.kind, &b.kind) {
         (ExprKind::Ident(n), _) => Some((n.as_str(), cmp, number(b)?)),
         (_, ExprKind::Ident(n)) => {
@@ -660,6 +652,19 @@ enum Cmp {
 }
 
 impl Cmp {
+    /// The comparison an operator writes, if it is one.
+    fn of(op: BinOp) -> Option<Cmp> {
+        Some(match op {
+            BinOp::Eq => Cmp::Eq,
+            BinOp::Ne => Cmp::Ne,
+            BinOp::Lt => Cmp::Lt,
+            BinOp::Le => Cmp::Le,
+            BinOp::Gt => Cmp::Gt,
+            BinOp::Ge => Cmp::Ge,
+            _ => return None,
+        })
+    }
+
     #[inline]
     fn test<T: PartialOrd>(self, a: T, b: T) -> bool {
         match self {
@@ -1052,14 +1057,7 @@ impl<'s> ExprCompiler<'s> {
             },
             BinOp::In | BinOp::NotIn => self.membership(op == BinOp::NotIn, va, vb, a, b),
             BinOp::Eq | BinOp::Ne | BinOp::Lt | BinOp::Le | BinOp::Gt | BinOp::Ge => {
-                let cmp = match op {
-                    BinOp::Eq => Cmp::Eq,
-                    BinOp::Ne => Cmp::Ne,
-                    BinOp::Lt => Cmp::Lt,
-                    BinOp::Le => Cmp::Le,
-                    BinOp::Gt => Cmp::Gt,
-                    _ => Cmp::Ge,
-                };
+                let cmp = Cmp::of(op).expect("a comparison operator");
                 self.comparison(cmp, op, va, vb, ta, tb, span)
             }
             BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div | BinOp::Rem => {
