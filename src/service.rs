@@ -327,14 +327,17 @@ impl Snapshots {
             // tracked is one in it. Snapshots then go without a position (the consumer's
             // own state says where it stands at the next start), instead of naming the new
             // stream with an old position (replayed from the first message: counted twice).
+            // The name it knows is left as it is: if the consumer went with the stream, the
+            // intake compares it with the new one when it finds the consumer gone, and
+            // starts over in the new stream (`InFlight::stream_made_again`, which also
+            // makes the position known again).
             let read = tokio::time::timeout(Duration::from_secs(2), Wire::stream_identity(s));
             if let Ok(Some((created, _))) = read.await {
                 let mut t = lock(t);
-                if t.stream_created_ns.is_some_and(|c| c != created) {
+                if t.stream_created_ns.is_some_and(|c| c != created) && !t.position_unknown {
                     tracing::warn!(
-                        "the transaction stream was made again, with its consumer, while the engine ran: snapshots go without a stream position until the next start"
+                        "the transaction stream was made again while the engine ran: snapshots go without a stream position until the engine starts over in it or restarts"
                     );
-                    t.stream_created_ns = Some(created);
                     t.position_unknown = true;
                 }
             }
