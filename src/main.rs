@@ -249,11 +249,12 @@ fn mask_panics() {
     std::panic::set_hook(Box::new(|info| {
         let (location, message) = panic_text(info);
         let thread = std::thread::current();
-        eprintln!(
-            "panic in thread {} at {location}: {message}",
-            thread.name().unwrap_or("?")
-        );
+        eprint_panic(thread.name().unwrap_or("?"), &location, &message);
     }));
+}
+
+fn eprint_panic(thread: &str, location: &str, message: &str) {
+    eprintln!("panic in thread {thread} at {location}: {message}");
 }
 
 /// `run`: panics go to the log as one structured line, masked the same way.
@@ -267,7 +268,7 @@ fn log_panics() {
         if tracing::enabled!(tracing::Level::ERROR) {
             tracing::error!(location, thread, "panic: {message}");
         } else {
-            eprintln!("panic in thread {thread} at {location}: {message}");
+            eprint_panic(thread, &location, &message);
         }
     }));
 }

@@ -496,16 +496,7 @@ fn name_vs_number(e: &Expr) -> Option<(&str, Cmp, Decimal)> {
     let cmp = Cmp::of(*op)?;
     match (&a.kind, &b.kind) {
         (ExprKind::Ident(n), _) => Some((n.as_str(), cmp, number(b)?)),
-        (_, ExprKind::Ident(n)) => {
-            let flipped = match cmp {
-                Cmp::Lt => Cmp::Gt,
-                Cmp::Le => Cmp::Ge,
-                Cmp::Gt => Cmp::Lt,
-                Cmp::Ge => Cmp::Le,
-                same => same,
-            };
-            Some((n.as_str(), flipped, number(a)?))
-        }
+        (_, ExprKind::Ident(n)) => Some((n.as_str(), cmp.flip(), number(a)?)),
         _ => None,
     }
 }
