@@ -28,7 +28,7 @@ use smallvec::SmallVec;
 
 use crate::config::EngineConfig;
 use crate::decision::{combine, Decision, FiredRule};
-use crate::keyhash::{KeyHash, PreHashed, StateKey};
+use crate::keyhash::{HashKey, KeyHash, PreHashed, StateKey};
 use crate::rules::expr::FieldHashes;
 use crate::rules::{Ctx, Field, KeyField, RuleSet, Tri, WindowRead};
 use crate::txn::{AttrValue, Transaction};
@@ -146,9 +146,69 @@ type GroupKeys = SmallVec<[Option<KeyHash>; 8]>;
 /// decision's JSON, as published.
 /// One heap block per id: the table holds every id of the dedupe horizon (at 100k/s and
 /// two minutes, 12M of them), and a sweep frees the expired ones by the million.
+///
+/// `fingerprint` is a keyed hash of the transaction's content ([`content_fingerprint`]),
+/// so that another transaction sent under the same id is told apart from a retry; 0 for a
+/// decision restored from a snapshot written before it was kept (content not compared).
+/// It costs no memory: a table slot is the 16-byte id hash and this entry, aligned to 16
+/// bytes, and the fingerprint fills what was padding.
 struct DedupeEntry {
     at_ms: i64,
+    fingerprint: u64,
     json: Box<[u8]>,
+}
+
+/// A keyed hash of what a transaction says, as decoded: the same transaction sent again
+/// (in another JSON key order, with an amount written `10.0` or `10.00`, a card in digit
+/// groups, without the default currency or with it) has the same one. The event time
+/// counts as sent (`None` when the transaction had none, whatever its receive time), and
+/// unknown top-level fields are not part of it, as they are not part of the transaction.
+/// Never 0 (which marks an entry whose content is unknown).
+fn content_fingerprint(key: &HashKey, txn: &Transaction, currency: &str) -> u64 {
+    fn opt(h: &mut crate::keyhash::KeyHasher, v: Option<&[u8]>) {
+        match v {
+            None => h.part(&[]),
+            Some(b) => {
+                h.part(&[1]);
+                h.part(b);
+            }
+        }
+    }
+    let mut h = key.hasher();
+    h.part(b"content");
+    h.part(txn.card.as_bytes());
+    h.part(&txn.amount.normalize().serialize());
+    h.part(currency.as_bytes());
+    opt(&mut h, txn.device.as_deref().map(str::as_bytes));
+    opt(&mut h, txn.merchant.as_deref().map(str::as_bytes));
+    opt(&mut h, txn.region.as_deref().map(str::as_bytes));
+    opt(
+        &mut h,
+        txn.mcc.map(i64::to_le_bytes).as_ref().map(|b| &b[..]),
+    );
+    opt(
+        &mut h,
+        txn.ts_ms.map(i64::to_le_bytes).as_ref().map(|b| &b[..]),
+    );
+    h.part(&(txn.attrs.len() as u64).to_le_bytes());
+    for (name, v) in &txn.attrs {
+        h.part(name.as_bytes());
+        match v {
+            AttrValue::Str(s) => {
+                h.part(b"s");
+                h.part(s.as_bytes());
+            }
+            AttrValue::Num(d) => {
+                h.part(b"n");
+                h.part(&d.normalize().serialize());
+            }
+            AttrValue::Bool(b) => {
+                h.part(b"b");
+                h.part(&[u8::from(*b)]);
+            }
+        }
+    }
+    (h.finish() as u64).max(1)
 }
 
 /// Result of [`Engine::decide`].
@@ -161,6 +221,11 @@ pub struct Outcome {
     /// The id was seen within the dedupe horizon (of its last sighting): this is the
     /// original decision, and nothing was counted again.
     pub duplicate: bool,
+    /// The id was seen within the dedupe horizon with other content: not a retry but
+    /// another transaction under a used id. Nothing was counted or decided, the original's
+    /// horizon is not extended, and `decision` and `json` are the original's, which this
+    /// transaction must not be answered with: it is refused (`id_reused`).
+    pub id_reused: bool,
     /// The event was older than every window of some key and added nothing there.
     pub too_late: bool,
     /// The event time was further in the future than `max_future_skew` and was replaced
@@ -180,9 +245,13 @@ pub struct StateStats {
 }
 
 /// Version of the snapshot format; any change to the snapshot types bumps it.
-pub const SNAPSHOT_FORMAT: u32 = 3;
-/// The format before the cursor named its transaction stream ([`CursorV2`]): still read
-/// (by [`crate::snapshot::read`]), so an upgrade keeps the windows.
+pub const SNAPSHOT_FORMAT: u32 = 4;
+/// The format before the retry table kept each decision's content fingerprint
+/// ([`KeptDecisionV3`]): still read (by [`crate::snapshot::read`]), so an upgrade keeps
+/// the windows and the retry table.
+pub const SNAPSHOT_FORMAT_V3: u32 = 3;
+/// The format before the cursor named its transaction stream ([`CursorV2`]), with the
+/// retry table of format 3: still read, as format 3 is.
 pub const SNAPSHOT_FORMAT_V2: u32 = 2;
 
 /// Where the inputs stood when a snapshot's cut was taken: replaying from here (skipping
@@ -209,6 +278,34 @@ pub struct CursorV2 {
     pub check_from_ms: Option<i64>,
 }
 
+impl From<CursorV2> for Cursor {
+    /// The same positions, in a stream that is unknown.
+    fn from(c: CursorV2) -> Cursor {
+        Cursor {
+            txn_next_seq: c.txn_next_seq,
+            check_from_ms: c.check_from_ms,
+            txn_stream_created_ns: None,
+        }
+    }
+}
+
+/// One decision of the retry table in a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeptDecision {
+    /// The transaction id's keyed hash.
+    pub id: KeyHash,
+    /// When the id was last seen (epoch ms): its horizon runs from here.
+    pub at_ms: i64,
+    /// The decision's JSON, as published.
+    pub json: String,
+    /// The transaction content's keyed hash (0: unknown, content not compared).
+    pub fingerprint: u64,
+}
+
+/// A retry-table decision of format 2 and 3 snapshots: id hash, last seen, JSON; no
+/// content fingerprint.
+pub type KeptDecisionV3 = (KeyHash, i64, String);
+
 /// An open point-in-time cut: the state each key had at the cut, kept by the first
 /// decision that changes the key after it, and the ids decided after it.
 struct Capture {
@@ -226,9 +323,10 @@ impl Capture {
 }
 
 /// All window state and the retry table (see [`Engine::snapshot`]). `C` is the cursor's
-/// type: [`CursorV2`] only to read a format 2 snapshot (see [`StateSnapshot::upgrade`]).
+/// type and `K` the retry table's: [`CursorV2`] and [`KeptDecisionV3`] only to read the
+/// snapshots of earlier formats (see [`StateSnapshot::upgrade`]).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct StateSnapshot<C = Cursor> {
+pub struct StateSnapshot<C = Cursor, K = KeptDecision> {
     pub format: u32,
     /// Identifies the entity hash key: state hashed under another key is meaningless.
     pub key_fingerprint: u64,
@@ -237,30 +335,35 @@ pub struct StateSnapshot<C = Cursor> {
     /// Last applied stream sequence, when the intake knows it (JetStream).
     pub cursor: C,
     pub groups: Vec<GroupSnapshot>,
-    /// Retry table: id hash, last-seen time, the decision as JSON.
-    pub dedupe: Vec<(KeyHash, i64, String)>,
+    /// Retry table.
+    pub dedupe: Vec<K>,
 }
 
-impl StateSnapshot<CursorV2> {
-    /// A format 2 snapshot as this format's: the same state, a cursor that does not know
-    /// its stream. (Nothing else changed between the two formats.)
+impl<C: Into<Cursor>> StateSnapshot<C, KeptDecisionV3> {
+    /// A format 2 or 3 snapshot as this format's: the same state; a format 2 cursor does
+    /// not know its stream, and no kept decision knows its transaction's content (a
+    /// transaction under one of those ids is taken for a retry, as those builds did).
     pub fn upgrade(self) -> StateSnapshot {
-        let c = self.cursor;
         StateSnapshot {
             format: match self.format {
-                SNAPSHOT_FORMAT_V2 => SNAPSHOT_FORMAT,
+                SNAPSHOT_FORMAT_V2 | SNAPSHOT_FORMAT_V3 => SNAPSHOT_FORMAT,
                 other => other,
             },
             key_fingerprint: self.key_fingerprint,
             resolution_ms: self.resolution_ms,
             taken_at_ms: self.taken_at_ms,
-            cursor: Cursor {
-                txn_next_seq: c.txn_next_seq,
-                check_from_ms: c.check_from_ms,
-                txn_stream_created_ns: None,
-            },
+            cursor: self.cursor.into(),
             groups: self.groups,
-            dedupe: self.dedupe,
+            dedupe: self
+                .dedupe
+                .into_iter()
+                .map(|(id, at_ms, json)| KeptDecision {
+                    id,
+                    at_ms,
+                    json,
+                    fingerprint: 0,
+                })
+                .collect(),
         }
     }
 }
@@ -597,6 +700,7 @@ impl Engine {
             .currency
             .as_deref()
             .unwrap_or(self.cfg.default_currency.as_str());
+        let fingerprint = content_fingerprint(&self.cfg.hash_key, txn, currency);
         let attrs = resolve_attrs(rs, txn);
         let (local_hour, local_weekday) = if rs.needs_local_time {
             local_time(&self.cfg, ts_ms)
@@ -632,17 +736,28 @@ impl Engine {
         let entry = self.dedupe.entry(id_hash);
         // A retry within the horizon gets the original back (parsed from its JSON: a
         // retry pays for that, a fresh decision keeps nothing but the bytes).
+        // Another transaction under the id (other content) is not a retry: answering it
+        // with the original's decision would approve it unseen.
         let original = match &entry {
             Entry::Occupied(o) if now_ms.saturating_sub(o.get().at_ms) <= horizon => {
-                let json = &o.get().json;
-                serde_json::from_slice::<Decision>(json)
+                let e = o.get();
+                let reused = e.fingerprint != 0 && e.fingerprint != fingerprint;
+                serde_json::from_slice::<Decision>(&e.json)
                     .ok()
-                    .map(|d| (d, json.to_vec()))
+                    .map(|d| (d, e.json.to_vec(), reused))
             }
             _ => None,
         };
         let out = match (original, entry) {
-            (Some((decision, json)), entry) => {
+            (Some((decision, json, true)), _) => Outcome {
+                decision,
+                json,
+                duplicate: false,
+                id_reused: true,
+                too_late: false,
+                ts_clamped: false,
+            },
+            (Some((decision, json, false)), entry) => {
                 // The horizon runs from the last time the id was seen: a retry keeps the
                 // id for another horizon. A request replay after a restart starts a horizon
                 // before the snapshot's cut, so every retry it re-applies finds its id,
@@ -655,6 +770,7 @@ impl Engine {
                     decision,
                     json,
                     duplicate: true,
+                    id_reused: false,
                     too_late: false,
                     ts_clamped: false,
                 }
@@ -677,6 +793,7 @@ impl Engine {
                 let json = decision.to_json_vec();
                 let value = DedupeEntry {
                     at_ms: now_ms,
+                    fingerprint,
                     json: json.as_slice().into(),
                 };
                 match entry {
@@ -691,6 +808,7 @@ impl Engine {
                     decision,
                     json,
                     duplicate: false,
+                    id_reused: false,
                     too_late,
                     ts_clamped,
                 }
@@ -1134,7 +1252,12 @@ impl Engine {
                 }
                 // Written by `to_json_vec` or checked at restore: always UTF-8.
                 let json = String::from_utf8_lossy(&e.json).into_owned();
-                Some((id, e.at_ms, json))
+                Some(KeptDecision {
+                    id,
+                    at_ms: e.at_ms,
+                    json,
+                    fingerprint: e.fingerprint,
+                })
             })
             .collect();
         drop(_uninstall);
@@ -1193,15 +1316,16 @@ impl Engine {
                 report.keys += 1;
             }
         }
-        for (id, at_ms, json) in snap.dedupe {
+        for k in snap.dedupe {
             // Only decisions that parse: a retry is answered by parsing them again.
-            match serde_json::from_str::<Decision>(&json) {
+            match serde_json::from_str::<Decision>(&k.json) {
                 Ok(_) => {
                     self.dedupe.insert(
-                        id,
+                        k.id,
                         DedupeEntry {
-                            at_ms,
-                            json: json.into_bytes().into_boxed_slice(),
+                            at_ms: k.at_ms,
+                            fingerprint: k.fingerprint,
+                            json: k.json.into_bytes().into_boxed_slice(),
                         },
                     );
                     report.ids += 1;

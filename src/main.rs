@@ -689,10 +689,11 @@ fn replay(
         match Transaction::from_json(line.as_bytes()) {
             Ok(t) => {
                 // Recorded traffic: the event time is also the receive time, so the
-                // dedupe horizon applies as it did live. Except a time ahead of the wall
-                // clock (by more than a day), which no recorded transaction can have: taken as the clock moved it (year 9999 made the next sweep drop
-                // every key and id, so the rest of the file was decided without history);
-                // the engine then treats it as live intake does a time too far ahead.
+                // dedupe horizon applies as it did live. Except a time more than a day
+                // ahead of the wall clock, which no recorded transaction can have: it
+                // does not move the clock (year 9999 made the next sweep drop every key
+                // and id, so the rest of the file was decided without history), and the
+                // engine treats it as live intake does a time too far ahead.
                 // (A day's margin, not `max_future_skew`: the analyst's clock is not the
                 // recording machine's.)
                 let wall = chrono::Utc::now().timestamp_millis();
@@ -704,6 +705,13 @@ fn replay(
                     clock = Some(clock.map_or(ts, |c| c.max(ts)));
                 }
                 let o = engine.decide(&t, now);
+                if o.id_reused {
+                    // Refused live too: not decided, so no decision line.
+                    bad += 1;
+                    let why = fraudgate::transport::Refusal::id_reused(&t.id);
+                    eprintln!("line {}: {} ({})", n + 1, why.message, why.code);
+                    continue;
+                }
                 decided += 1;
                 if !quiet {
                     out.write_all(&o.json)?;

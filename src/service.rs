@@ -26,7 +26,7 @@ use crate::engine::{Cursor, Engine, SweepStep};
 use crate::keyhash::HashKey;
 use crate::telemetry::{Counters, Path as IntakePath, Snapshot};
 use crate::transport::{self, Reply, TransportError, Wire};
-use crate::txn::Transaction;
+use crate::txn::{ErrorCode, Transaction};
 use crate::watchdog::{Beats, Event as StallEvent, Watchdog, WorkerBeat};
 
 #[derive(Debug, thiserror::Error)]
@@ -1233,11 +1233,13 @@ fn replay_into<'a>(
             }));
             // Only ids new to the snapshot: one the snapshot held was answered before the
             // crash, and keeps the horizon of its last sighting.
-            if keep && matches!(&out, Ok(o) if !o.duplicate) {
+            if keep && matches!(&out, Ok(o) if !o.duplicate && !o.id_reused) {
                 engine.keep_id(&txn.id, now_ms());
             }
-            // A decision that failed (its panic is logged) re-applied nothing.
+            // A decision that failed (its panic is logged) re-applied nothing, nor did a
+            // transaction refused for its reused id (refused the first time too).
             match out {
+                Ok(o) if o.id_reused => {}
                 Ok(o) if o.duplicate => n.already += 1,
                 Ok(_) => n.applied += 1,
                 Err(_) => {}
@@ -1607,6 +1609,10 @@ async fn decide_one(
             return;
         }
     };
+    if out.id_reused {
+        id_reused(wire, counters, job, path).await;
+        return;
+    }
     if out.duplicate {
         // Answered from the dedupe table: no engine time of its own, no rule hits.
         counters.duplicate();
@@ -1663,14 +1669,7 @@ async fn failed(wire: &Wire, counters: &Counters, job: &mut Job, path: IntakePat
         path = path.as_str(),
         "decision failed (a bug); answered as an internal error"
     );
-    let sent = match &job.reply {
-        Reply::Check(Some(inbox)) => {
-            let why = transport::Refusal::internal(&job.txn.id);
-            wire.reply_error(inbox.clone(), &why).await
-        }
-        Reply::Check(None) => Ok(()),
-        Reply::Stream => wire.publish_failed(&job.txn).await,
-    };
+    let sent = refuse(wire, job, &transport::Refusal::internal(&job.txn.id)).await;
     if let Err(e) = sent {
         counters.publish_error();
         tracing::error!(error = %e, id = %job.txn.id, "could not report a failed decision");
@@ -1682,6 +1681,46 @@ async fn failed(wire: &Wire, counters: &Counters, job: &mut Job, path: IntakePat
         if ack.term().await.is_err() {
             counters.ack_error();
         }
+    }
+}
+
+/// A transaction under an id the retry table holds for another transaction (other
+/// content): refused as `id_reused`, like invalid input, nothing counted in the windows.
+/// Logged with its id, since it means a switch that reuses ids (wrapped counters, two
+/// terminals with one id range), whose transactions would otherwise have been answered
+/// with another transaction's decision.
+async fn id_reused(wire: &Wire, counters: &Counters, job: &mut Job, path: IntakePath) {
+    counters.invalid(ErrorCode::IdReused);
+    tracing::warn!(
+        id = %job.txn.id,
+        path = path.as_str(),
+        "transaction id reused within the dedupe horizon with other content; refused (id_reused)"
+    );
+    let sent = refuse(wire, job, &transport::Refusal::id_reused(&job.txn.id)).await;
+    if sent.is_err() {
+        // With JetStream, not acknowledged: it comes again after `ack_wait`, is refused
+        // again, and its report is tried again.
+        counters.publish_error();
+        return;
+    }
+    if let Some((_, ack)) = job.js.take() {
+        if ack.ack().await.is_err() {
+            counters.ack_error();
+        }
+    }
+}
+
+/// Answers a decoded transaction that got no decision with an error: an error reply to
+/// a request, the re-encoded transaction on fraud.invalid for a stream one.
+async fn refuse(
+    wire: &Wire,
+    job: &Job,
+    why: &transport::Refusal<'_>,
+) -> Result<(), async_nats::PublishError> {
+    match &job.reply {
+        Reply::Check(Some(inbox)) => wire.reply_error(inbox.clone(), why).await,
+        Reply::Check(None) => Ok(()),
+        Reply::Stream => wire.publish_refused(&job.txn, why).await,
     }
 }
 

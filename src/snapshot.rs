@@ -14,8 +14,8 @@ use std::io::{Read, Write};
 use std::path::Path;
 
 use crate::engine::{
-    Cursor, CursorV2, EncodedSnapshot, Engine, Restored, SnapshotError, StateSnapshot,
-    SNAPSHOT_FORMAT_V2,
+    Cursor, CursorV2, EncodedSnapshot, Engine, KeptDecisionV3, Restored, SnapshotError,
+    StateSnapshot, SNAPSHOT_FORMAT_V2, SNAPSHOT_FORMAT_V3,
 };
 
 const MAGIC: &[u8; 8] = b"FGSNAP\0\0";
@@ -275,11 +275,16 @@ pub fn read(path: &Path) -> Result<StateSnapshot, SnapshotFileError> {
             ));
         }
     }
-    // The body's format comes first (a varint: one byte below 251). Format 2 differs
-    // from this one in its cursor only.
+    // The body's format comes first (a varint: one byte below 251). Format 3 differs
+    // from this one in its retry table only, format 2 in its cursor too.
     let decoded = match body.first() {
         Some(&f) if u32::from(f) == SNAPSHOT_FORMAT_V2 => {
-            decode_bounded::<StateSnapshot<CursorV2>>(&body).map(|(s, n)| (s.upgrade(), n))
+            decode_bounded::<StateSnapshot<CursorV2, KeptDecisionV3>>(&body)
+                .map(|(s, n)| (s.upgrade(), n))
+        }
+        Some(&f) if u32::from(f) == SNAPSHOT_FORMAT_V3 => {
+            decode_bounded::<StateSnapshot<Cursor, KeptDecisionV3>>(&body)
+                .map(|(s, n)| (s.upgrade(), n))
         }
         _ => decode_bounded::<StateSnapshot>(&body),
     };
@@ -499,13 +504,14 @@ mod tests {
         assert!(r.keys > 0);
     }
 
-    /// A body of format 2 (its cursor without the stream's creation time) is still read:
-    /// the same state and positions, a stream identity that is unknown.
-    #[test]
-    fn a_format_2_body_is_still_read() {
-        let dir = temp_dir("snapv2");
-        let path = dir.join("state.snap");
-        let engine = saved(&path);
+    /// The saved engine's state as a snapshot of an earlier format (`cursor` of that
+    /// format, the retry table without content fingerprints), written to `path`; read back.
+    fn written_as_old<C: serde::Serialize>(
+        engine: &Engine,
+        path: &Path,
+        format: u32,
+        cursor: impl FnOnce(Cursor) -> C,
+    ) -> StateSnapshot {
         let now = engine
             .snapshot(1_795_687_300_000, || Cursor {
                 txn_next_seq: Some(42),
@@ -514,24 +520,41 @@ mod tests {
             })
             .decode()
             .unwrap();
-        let old = StateSnapshot {
-            format: SNAPSHOT_FORMAT_V2,
+        assert!(now.dedupe.iter().all(|k| k.fingerprint != 0));
+        let old = StateSnapshot::<C, KeptDecisionV3> {
+            format,
             key_fingerprint: now.key_fingerprint,
             resolution_ms: now.resolution_ms,
             taken_at_ms: now.taken_at_ms,
-            cursor: CursorV2 {
-                txn_next_seq: Some(42),
-                check_from_ms: Some(7),
-            },
+            cursor: cursor(now.cursor),
             groups: now.groups,
-            dedupe: now.dedupe,
+            dedupe: now
+                .dedupe
+                .into_iter()
+                .map(|k| (k.id, k.at_ms, k.json))
+                .collect(),
         };
         let body = bincode::serde::encode_to_vec(&old, bincode::config::standard()).unwrap();
-        std::fs::write(&path, with_checksum(&body)).unwrap();
-        let back = read(&path);
-        let _ = std::fs::remove_dir_all(&dir);
-        let back = back.unwrap();
+        std::fs::write(path, with_checksum(&body)).unwrap();
+        let back = read(path).unwrap();
         assert_eq!(back.format, crate::engine::SNAPSHOT_FORMAT);
+        assert_eq!(back.dedupe.len(), 20);
+        assert!(back.dedupe.iter().all(|k| k.fingerprint == 0));
+        back
+    }
+
+    /// A body of format 2 (its cursor without the stream's creation time) is still read:
+    /// the same state and positions, a stream identity that is unknown.
+    #[test]
+    fn a_format_2_body_is_still_read() {
+        let dir = temp_dir("snapv2");
+        let path = dir.join("state.snap");
+        let engine = saved(&path);
+        let back = written_as_old(&engine, &path, SNAPSHOT_FORMAT_V2, |c| CursorV2 {
+            txn_next_seq: c.txn_next_seq,
+            check_from_ms: c.check_from_ms,
+        });
+        let _ = std::fs::remove_dir_all(&dir);
         assert_eq!(
             back.cursor,
             Cursor {
@@ -543,6 +566,36 @@ mod tests {
         let r = shipped_engine().restore(back).unwrap();
         assert_eq!(r.ids, 20);
         assert!(r.keys > 0);
+    }
+
+    /// A body of format 3 (its retry table without the transactions' content
+    /// fingerprints) is still read: the same state and cursor; a transaction under one of
+    /// its ids is taken for a retry whatever its content, as the build that wrote it did.
+    /// The ids of a snapshot of this format keep their content.
+    #[test]
+    fn a_format_3_body_is_still_read() {
+        let dir = temp_dir("snapv3");
+        let path = dir.join("state.snap");
+        let engine = saved(&path);
+        let back = written_as_old(&engine, &path, SNAPSHOT_FORMAT_V3, |c| c);
+        assert_eq!(back.cursor.txn_stream_created_ns, Some(99));
+        let old = shipped_engine();
+        let r = old.restore(back).unwrap();
+        assert_eq!(r.ids, 20);
+        assert!(r.keys > 0);
+        // `t3` was 103.00 on card ...03 at merchant m0: sent again with another amount.
+        let mut other = Transaction::new("t3", "4111111111111103", Decimal::new(999, 0));
+        other.merchant = Some("m0".into());
+        other.ts_ms = Some(1_795_687_203_000);
+        let out = old.decide(&other, 1_795_687_210_000);
+        assert!(out.duplicate && !out.id_reused);
+        save(&engine, &path, 1_795_687_300_000, Cursor::default).unwrap();
+        let current = shipped_engine();
+        let back = read(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        current.restore(back.unwrap()).unwrap();
+        let out = current.decide(&other, 1_795_687_210_000);
+        assert!(out.id_reused && !out.duplicate);
     }
 
     /// Loading removes the temporary files of writers that died mid-write, and only theirs.

@@ -395,7 +395,7 @@ struct RuleMetrics {
 pub struct Counters {
     received: [Both; 2],
     decided: [[Both; 3]; 2],
-    invalid: [Both; 7],
+    invalid: [Both; ErrorCode::ALL.len()],
     duplicates: Both,
     late_dropped: Both,
     ts_clamped: Both,
@@ -467,7 +467,7 @@ pub struct Snapshot {
     pub too_late: u64,
     pub ts_clamped: u64,
     /// Invalid inputs by error code, in [`ErrorCode::ALL`] order.
-    pub invalid: [u64; 7],
+    pub invalid: [u64; ErrorCode::ALL.len()],
     pub publish_errors: u64,
     /// Decisions that failed (a bug): [check, stream].
     pub decision_failures: [u64; 2],
@@ -865,7 +865,7 @@ impl Counters {
 
     pub fn snapshot(&self) -> Snapshot {
         let arr3 = |a: &[Both; 3]| [a[0].get(), a[1].get(), a[2].get()];
-        let mut invalid = [0; 7];
+        let mut invalid = [0; ErrorCode::ALL.len()];
         for (i, a) in self.invalid.iter().enumerate() {
             invalid[i] = a.get();
         }

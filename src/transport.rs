@@ -413,13 +413,16 @@ impl Wire {
             .await
     }
 
-    /// Forwards an asynchronous transaction the engine failed to decide to fraud.invalid:
-    /// re-encoded from what was decoded (the original bytes are not kept past decoding),
-    /// with the code `internal`.
-    pub async fn publish_failed(&self, txn: &Transaction) -> Result<(), async_nats::PublishError> {
+    /// Forwards an asynchronous transaction the engine did not decide (it failed on it, or
+    /// refused it after decoding) to fraud.invalid: re-encoded from what was decoded (the
+    /// original bytes are not kept past decoding), with `why`'s code.
+    pub async fn publish_refused(
+        &self,
+        txn: &Transaction,
+        why: &Refusal<'_>,
+    ) -> Result<(), async_nats::PublishError> {
         let payload = Bytes::from(txn.to_json());
-        self.publish_invalid(payload, &Refusal::internal(&txn.id))
-            .await
+        self.publish_invalid(payload, why).await
     }
 
     /// Pushes buffered publishes of both connections to the server.
@@ -884,6 +887,18 @@ impl<'a> Refusal<'a> {
         Refusal {
             code: INTERNAL,
             message: "the engine failed while deciding this transaction; it was not decided",
+            id: Some(id),
+        }
+    }
+
+    /// Transaction `id` came with other content than the transaction decided under that
+    /// id within the dedupe horizon: it was not decided (the original's decision is not
+    /// its answer).
+    pub fn id_reused(id: &'a str) -> Self {
+        Refusal {
+            code: ErrorCode::IdReused.as_str(),
+            message: "`id` was used within the dedupe horizon by a transaction with other \
+                      content; this one was not decided: send it under an id of its own",
             id: Some(id),
         }
     }

@@ -172,6 +172,9 @@ pub enum ErrorCode {
     NegativeAmount,
     InvalidTimestamp,
     Oversized,
+    /// The id was used within the dedupe horizon by a transaction with other content
+    /// (found by the engine, not by decoding).
+    IdReused,
 }
 
 impl ErrorCode {
@@ -184,10 +187,11 @@ impl ErrorCode {
             ErrorCode::NegativeAmount => "negative_amount",
             ErrorCode::InvalidTimestamp => "invalid_timestamp",
             ErrorCode::Oversized => "oversized",
+            ErrorCode::IdReused => "id_reused",
         }
     }
 
-    pub const ALL: [ErrorCode; 7] = [
+    pub const ALL: [ErrorCode; 8] = [
         ErrorCode::InvalidJson,
         ErrorCode::MissingField,
         ErrorCode::WrongType,
@@ -195,6 +199,7 @@ impl ErrorCode {
         ErrorCode::NegativeAmount,
         ErrorCode::InvalidTimestamp,
         ErrorCode::Oversized,
+        ErrorCode::IdReused,
     ];
 }
 

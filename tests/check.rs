@@ -123,6 +123,52 @@ fn replay_takes_a_line_without_ts_at_the_recorded_time() {
     );
 }
 
+/// `replay` refuses a line under an id decided a moment before with other content, as the
+/// engine does live (`id_reused`): no decision line, nothing counted, exit 1. The same
+/// transaction again is a retry (no error, its original decision again).
+#[test]
+fn replay_refuses_a_reused_id_as_the_engine_does() {
+    let dir = common::Scratch::new("replay-reused");
+    let file = dir.0.join("traffic.jsonl");
+    std::fs::write(
+        &file,
+        concat!(
+            r#"{"id":"r1","ts":"2025-01-01T10:00:00Z","card":"4111111111110001","amount":"10000.50"}"#,
+            "
+",
+            r#"{"id":"r1","ts":"2025-01-01T10:00:00Z","card":"4111111111110001","amount":"10000.5"}"#,
+            "
+",
+            r#"{"id":"r1","ts":"2025-01-01T10:00:30Z","card":"4111111111110001","amount":"9000"}"#,
+            "
+",
+            r#"{"id":"r2","ts":"2025-01-01T10:01:00Z","card":"4111111111110001","amount":"9999"}"#,
+            "
+",
+        ),
+    )
+    .unwrap();
+    let out = fraudgate()
+        .args(["replay", "--rules", "rules"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("line 3: ") && err.contains("(id_reused)"),
+        "{err}"
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    assert_eq!(lines[0], lines[1]);
+    // 10000.50 + 9999 stays under the daily limit of 20000: the 9000 was not counted.
+    assert_eq!(lines[2]["action"], "approve", "{}", lines[2]);
+}
+
 /// An analyst checks rules against the production config on a machine without the
 /// production secret: the hash key cannot change what `check` says, so a missing key
 /// variable is no reason to refuse.

@@ -870,6 +870,58 @@ async fn a_failed_decision_is_forwarded_once_and_not_delivered_again() {
     assert_eq!(stopped["fields"]["decision_failures"].as_u64(), Some(1));
 }
 
+/// A JetStream transaction under an id the engine decided within the retry horizon, with
+/// other content (the stream deduplicates on `Nats-Msg-Id`, which the publisher set
+/// otherwise): forwarded to fraud.invalid as `id_reused`, acknowledged, not delivered
+/// again, and the original's decision stands alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_id_is_forwarded_as_refused_and_acknowledged() {
+    let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
+    let dir = Scratch::new("js-reused");
+    let engine = Engine::start_with(
+        &nats.url(),
+        &js_config("fraudgate", &dir.0.join("s.snap"), "60s"),
+    )
+    .await;
+    let c = client(&nats.url()).await;
+    let js = jetstream::new(c.clone());
+    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    let mut invalid = c.subscribe("fraud.invalid").await.unwrap();
+    c.flush().await.unwrap();
+    let ts = fraudgate::service::now_ms();
+    let card = "4111111111119006";
+    js_publish(&js, "reused-js", txn_at("reused-js", card, "10", ts)).await;
+    assert_eq!(decision_id(&mut decisions, &engine).await, "reused-js");
+    js_publish(
+        &js,
+        "reused-js#2",
+        txn_at("reused-js", card, "7000", ts + 1),
+    )
+    .await;
+    js_publish(
+        &js,
+        "reused-js-ok",
+        txn_at("reused-js-ok", card, "10", ts + 2),
+    )
+    .await;
+    let m = tokio::time::timeout(Duration::from_secs(10), invalid.next())
+        .await
+        .expect("forwarded in time")
+        .unwrap();
+    let h = m.headers.unwrap();
+    assert_eq!(h.get("Fraudgate-Error-Code").unwrap().as_str(), "id_reused");
+    assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "reused-js");
+    assert_eq!(decision_id(&mut decisions, &engine).await, "reused-js-ok");
+    drained(&js, "fraudgate").await;
+    // Past the consumer's ack_wait (2 s): acknowledged, so not delivered and refused again.
+    let again = tokio::time::timeout(Duration::from_secs(4), invalid.next()).await;
+    assert!(again.is_err(), "forwarded again: {again:?}");
+    let engine = stop(engine).await;
+    let stopped = engine.stopped_line();
+    assert_eq!(stopped["fields"]["invalid"].as_u64(), Some(1), "{stopped}");
+    assert_eq!(stopped["fields"]["decided"].as_u64(), Some(2), "{stopped}");
+}
+
 /// A backlog stored over 10 s is worked through in a moment, and the acknowledgement of
 /// its first message is lost (a fail point). The message comes again after `ack_wait`
 /// (2 s); by then the backlog's store times are 10 s on, past the retry horizon (3 s)

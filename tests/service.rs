@@ -253,11 +253,49 @@ async fn bad_input_gets_a_coded_error_and_nothing_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_get_the_original_decision_and_count_once() {
     let nats = nats().await;
-    let _engine = Engine::start(&nats.url()).await;
+    let engine = Engine::start(&nats.url()).await;
     let c = client(&nats.url()).await;
     let first = check(&c, &txn("retry-1", "4111111111112001", "8000")).await;
     let again = check(&c, &txn("retry-1", "4111111111112001", "8000")).await;
     assert_eq!(first, again, "a retry returns the original decision");
+    // The same transaction written otherwise (amount with decimals, the card in groups)
+    // is a retry too.
+    let again = check(&c, &txn("retry-1", "4111 1111 1111 2001", "8000.00")).await;
+    assert_eq!(first, again, "a retry returns the original decision");
+
+    // Another transaction under the id (another amount) is refused, on both paths, and
+    // not counted: it must not get the original's approval unseen.
+    let m = c
+        .request(
+            "fraud.check",
+            Bytes::from(txn("retry-1", "4111111111112001", "9000")),
+        )
+        .await
+        .unwrap();
+    let h = m.headers.expect("an error reply has headers");
+    assert_eq!(h.get("Fraudgate-Error-Code").unwrap().as_str(), "id_reused");
+    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(v["id"], "retry-1", "{v}");
+    assert_eq!(v["error"]["code"], "id_reused", "{v}");
+    let mut invalid = c.subscribe("fraud.invalid").await.unwrap();
+    c.flush().await.unwrap();
+    let m = forwarded(
+        &c,
+        &mut invalid,
+        &txn("retry-1", "4111111111112001", "9500"),
+    )
+    .await;
+    let h = m.headers.unwrap();
+    assert_eq!(h.get("Fraudgate-Error-Code").unwrap().as_str(), "id_reused");
+    assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "retry-1");
+    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(v["amount"], "9500", "{v}");
+    let again = check(&c, &txn("retry-1", "4111111111112001", "8000")).await;
+    assert_eq!(
+        first, again,
+        "the original's retries still get its decision"
+    );
+
     // Counted once: 8000 + 8000 stays under the 20000 daily limit; counted twice
     // (24000) it would reject.
     let next = check(&c, &txn("retry-2", "4111111111112001", "7999")).await;
@@ -265,6 +303,18 @@ async fn retries_get_the_original_decision_and_count_once() {
     let over = check(&c, &txn("retry-3", "4111111111112001", "4002")).await;
     assert_eq!(over["decided_by"], "reject:daily_card_limit", "{over}");
     assert_eq!(over["rules"][0]["values"]["card_amount_24h"], "20001");
+
+    let engine = stop(engine).await;
+    let stopped = engine.stopped_line();
+    assert_eq!(stopped["fields"]["invalid"].as_u64(), Some(2), "{stopped}");
+    // The first, its three retries, retry-2 and retry-3.
+    assert_eq!(stopped["fields"]["decided"].as_u64(), Some(6), "{stopped}");
+    assert_eq!(
+        engine.count_log("transaction id reused"),
+        2,
+        "{}",
+        engine.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -152,6 +152,77 @@ fn retries_return_the_original_and_count_once() {
     assert!(!e.decide(&tx("r1", "c3", 1, T0), T0 + 180_001).duplicate);
 }
 
+/// Another transaction under an id the retry table holds (other content) is refused, not
+/// answered with the original's decision: a switch that reuses ids (a wrapped counter)
+/// would otherwise have its large transaction approved as the earlier small one was,
+/// unseen by the rules. Nothing is counted, the original stays the answer to its retries,
+/// and its horizon is not extended.
+#[test]
+fn another_transaction_under_a_used_id_is_refused() {
+    let cfg = EngineConfig {
+        dedupe_horizon: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let e = engine_with(cfg);
+    let mut first = tx("u1", "c5", 10, T0);
+    first.device = Some("d1".into());
+    first.attrs = vec![("channel".into(), AttrValue::Str("ecom".into()))];
+    let original = e.decide(&first, T0);
+    assert!(!original.duplicate && !original.id_reused);
+    type Change = fn(&mut Transaction);
+    let changes: [(&str, Change); 13] = [
+        ("amount", |t| t.amount = Decimal::new(5_000, 0)),
+        ("card", |t| t.card = "c6".into()),
+        ("merchant", |t| t.merchant = Some("m-other".into())),
+        ("no merchant", |t| t.merchant = None),
+        ("device", |t| t.device = Some("d2".into())),
+        ("region", |t| t.region = Some("DE".into())),
+        ("mcc", |t| t.mcc = Some(7995)),
+        ("currency", |t| t.currency = Some("USD".into())),
+        ("ts", |t| t.ts_ms = Some(T0 + 1_000)),
+        ("no ts", |t| t.ts_ms = None),
+        ("attr value", |t| {
+            t.attrs[0].1 = AttrValue::Str("pos".into())
+        }),
+        ("attr type", |t| t.attrs[0].1 = AttrValue::Bool(true)),
+        ("no attrs", |t| t.attrs.clear()),
+    ];
+    for (what, change) in &changes {
+        let mut other = first.clone();
+        change(&mut other);
+        let out = e.decide(&other, T0 + 1_000);
+        assert!(out.id_reused && !out.duplicate, "{what}");
+    }
+    // Nothing of them was counted: one transaction of 10 on c5 (the card change's c6
+    // none at all).
+    let next = e.decide(&tx("u2", "c5", 995, T0 + 2_000), T0 + 2_000);
+    assert_eq!(
+        feature(&next, "spend", "card_amount_1h"),
+        Some("1005".into())
+    );
+    let c6 = e.decide(&tx("u3", "c6", 1_001, T0 + 2_000), T0 + 2_000);
+    assert_eq!(feature(&c6, "spend", "card_amount_1h"), Some("1001".into()));
+    // The same transaction written otherwise is a retry: the amount with other decimals,
+    // the default currency spelt out.
+    let mut same = first.clone();
+    same.amount = Decimal::new(1_000, 2);
+    same.currency = Some(e.config().default_currency.clone());
+    let retry = e.decide(&same, T0 + 30_000);
+    assert!(retry.duplicate && !retry.id_reused);
+    assert_eq!(retry.json, original.json);
+    // A refusal does not extend the horizon; the retry above did, to T0 + 90 s.
+    let mut other = first.clone();
+    other.amount = Decimal::new(11, 0);
+    assert!(e.decide(&other, T0 + 80_000).id_reused);
+    let after = e.decide(&other, T0 + 90_001);
+    assert!(
+        !after.duplicate && !after.id_reused,
+        "a new id after the horizon"
+    );
+    // The fingerprint fills the padding of a table slot (a 16-byte aligned id hash).
+    assert_eq!(std::mem::size_of::<(KeyHash, DedupeEntry)>(), 48);
+}
+
 /// A retried id stays in the retry table for a horizon from its last retry, also through
 /// the sweep: a request replay after a restart (from the cut minus the horizon) finds it
 /// and does not count the retry again, however old the original is.
