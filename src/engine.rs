@@ -158,12 +158,14 @@ struct DedupeEntry {
     json: Box<[u8]>,
 }
 
-/// A keyed hash of what a transaction says, as decoded: the same transaction sent again
-/// (in another JSON key order, with an amount written `10.0` or `10.00`, a card in digit
-/// groups, without the default currency or with it) has the same one. The event time
-/// counts as sent (`None` when the transaction had none, whatever its receive time), and
-/// unknown top-level fields are not part of it, as they are not part of the transaction.
-/// Never 0 (which marks an entry whose content is unknown).
+/// A keyed hash of the payment a transaction describes, as decoded: card, amount,
+/// currency, merchant, device, region and MCC. The same transaction sent again (in
+/// another JSON key order, with an amount written `10.0` or `10.00`, a card in digit
+/// groups, without the default currency or with it) has the same one. `ts` and `attrs`
+/// are left out: a switch may stamp a retry with its send time (recorded traffic and the
+/// golden retry cases carry the receive time in `ts`) or add an attempt counter, and
+/// neither makes it another payment. Never 0 (which marks an entry whose content is
+/// unknown).
 fn content_fingerprint(key: &HashKey, txn: &Transaction, currency: &str) -> u64 {
     fn opt(h: &mut crate::keyhash::KeyHasher, v: Option<&[u8]>) {
         match v {
@@ -186,28 +188,6 @@ fn content_fingerprint(key: &HashKey, txn: &Transaction, currency: &str) -> u64 
         &mut h,
         txn.mcc.map(i64::to_le_bytes).as_ref().map(|b| &b[..]),
     );
-    opt(
-        &mut h,
-        txn.ts_ms.map(i64::to_le_bytes).as_ref().map(|b| &b[..]),
-    );
-    h.part(&(txn.attrs.len() as u64).to_le_bytes());
-    for (name, v) in &txn.attrs {
-        h.part(name.as_bytes());
-        match v {
-            AttrValue::Str(s) => {
-                h.part(b"s");
-                h.part(s.as_bytes());
-            }
-            AttrValue::Num(d) => {
-                h.part(b"n");
-                h.part(&d.normalize().serialize());
-            }
-            AttrValue::Bool(b) => {
-                h.part(b"b");
-                h.part(&[u8::from(*b)]);
-            }
-        }
-    }
     (h.finish() as u64).max(1)
 }
 
@@ -762,9 +742,14 @@ impl Engine {
                 // id for another horizon. A request replay after a restart starts a horizon
                 // before the snapshot's cut, so every retry it re-applies finds its id,
                 // however long ago the original was (else the retry was counted again).
+                // An entry restored from an old snapshot (content unknown) takes this
+                // retry's content, so later transactions under the id are compared.
                 if let Entry::Occupied(mut o) = entry {
                     let e = o.get_mut();
                     e.at_ms = e.at_ms.max(now_ms);
+                    if e.fingerprint == 0 {
+                        e.fingerprint = fingerprint;
+                    }
                 }
                 Outcome {
                     decision,

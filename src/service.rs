@@ -1691,11 +1691,17 @@ async fn failed(wire: &Wire, counters: &Counters, job: &mut Job, path: IntakePat
 /// with another transaction's decision.
 async fn id_reused(wire: &Wire, counters: &Counters, job: &mut Job, path: IntakePath) {
     counters.invalid(ErrorCode::IdReused);
-    tracing::warn!(
-        id = %job.txn.id,
-        path = path.as_str(),
-        "transaction id reused within the dedupe horizon with other content; refused (id_reused)"
-    );
+    // A switch whose counter wrapped sends them by the thousand: one line per 10 s, with
+    // how many more there were (the metric counts each).
+    static LOG: Throttle = Throttle::new();
+    if let Some(more) = LOG.pass(now_ms(), 10_000) {
+        tracing::warn!(
+            id = %job.txn.id,
+            path = path.as_str(),
+            refused_since_last_line = more,
+            "transaction id reused within the dedupe horizon with other content; refused (id_reused)"
+        );
+    }
     let sent = refuse(wire, job, &transport::Refusal::id_reused(&job.txn.id)).await;
     if sent.is_err() {
         // With JetStream, not acknowledged: it comes again after `ack_wait`, is refused
@@ -1706,6 +1712,39 @@ async fn id_reused(wire: &Wire, counters: &Counters, job: &mut Job, path: Intake
     if let Some((_, ack)) = job.js.take() {
         if ack.ack().await.is_err() {
             counters.ack_error();
+        }
+    }
+}
+
+/// Lets through at most one event per interval (a log line that could come for every
+/// message), counting the others.
+struct Throttle {
+    last_ms: std::sync::atomic::AtomicI64,
+    skipped: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    const fn new() -> Self {
+        Throttle {
+            last_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+            skipped: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(events held back since the last one let through)` when `every_ms` have
+    /// passed since then (always the first time); `None`, counted, otherwise.
+    fn pass(&self, now_ms: i64, every_ms: i64) -> Option<u64> {
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(last) >= every_ms
+            && self
+                .last_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            Some(self.skipped.swap(0, Ordering::Relaxed))
+        } else {
+            self.skipped.fetch_add(1, Ordering::Relaxed);
+            None
         }
     }
 }
@@ -2290,6 +2329,16 @@ pub async fn reload(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_through_per_interval_and_counts_the_rest() {
+        let t = Throttle::new();
+        assert_eq!(t.pass(1_000, 10_000), Some(0));
+        assert_eq!(t.pass(1_001, 10_000), None);
+        assert_eq!(t.pass(10_999, 10_000), None);
+        assert_eq!(t.pass(11_000, 10_000), Some(2));
+        assert_eq!(t.pass(30_000, 10_000), Some(0));
+    }
 
     /// A stream made again starts the position over at its first message, whatever was
     /// taken of the old one, and the cursor names the new stream.

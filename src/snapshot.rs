@@ -589,6 +589,9 @@ mod tests {
         other.ts_ms = Some(1_795_687_203_000);
         let out = old.decide(&other, 1_795_687_210_000);
         assert!(out.duplicate && !out.id_reused);
+        // That retry gave the entry its content: a third one is compared with it.
+        other.amount = Decimal::new(998, 0);
+        assert!(old.decide(&other, 1_795_687_211_000).id_reused);
         save(&engine, &path, 1_795_687_300_000, Cursor::default).unwrap();
         let current = shipped_engine();
         let back = read(&path);

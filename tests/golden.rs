@@ -6,7 +6,8 @@
 //! - `expected.jsonl`: per transaction `{"id", "action", "score", "decided_by", "rules"}`
 //!   where `rules` lists the ids of the rules that fired (shadow rules as `id (shadow)`),
 //!   optionally `"duplicate": true` for an answered retry, and optionally `"values"` of the
-//!   fired rules to check (`{"rule_id": {"name": value}}`);
+//!   fired rules to check (`{"rule_id": {"name": value}}`); a transaction refused under a
+//!   used id is `{"id", "refused": "id_reused"}`;
 //! - optionally `rules/`: the rule directory (default: the shipped `rules/`), `overlay/`:
 //!   files copied over a copy of the shipped rules (e.g. a frozen-merchant list), and
 //!   `case.toml` with an `[engine]` table.
@@ -83,6 +84,10 @@ fn run_case(dir: &Path) -> Result<(), String> {
         });
         if out.duplicate {
             proj["duplicate"] = json!(true);
+        }
+        if out.id_reused {
+            // Refused: the engine answers with an error, not with `d` (the original's).
+            proj = json!({"id": d.id, "refused": "id_reused"});
         }
         // Only the values the expected line asks for are compared.
         if let Some(want_vals) = expected.get(n).and_then(|e| e.get("values")) {

@@ -34,8 +34,9 @@ fuzz_target!(|data: &[u8]| {
         let out = engine().decide(&t, now);
         // The decision must serialize and parse, and carry the card only masked.
         let json = out.decision.to_json();
-        if out.duplicate {
-            // A retry of an id seen before: the first transaction's decision, its card.
+        if out.duplicate || out.id_reused {
+            // An id seen before (a retry, or refused as another transaction under it):
+            // the first transaction's decision, its card.
             serde_json::from_str::<serde_json::Value>(&json).unwrap();
             return;
         }
