@@ -448,7 +448,9 @@ fn retention_cutoff(newest: i64, layout: &Layout) -> i64 {
 
 /// Decimal addition that saturates instead of panicking. Decoded amounts are bounded
 /// (see `txn`), so real sums never get near the limit; this only keeps hostile input from
-/// reaching a panic.
+/// reaching a panic. (Before the limit, a sum whose mantissa no longer fits 96 bits at its
+/// scale is rounded to fewer decimals by rust_decimal: ~790,000 maximal amounts with 8
+/// decimals in one key's retention.)
 fn sat_add(a: Decimal, b: Decimal) -> Decimal {
     a.checked_add(b).unwrap_or(if b.is_sign_negative() {
         Decimal::MIN
