@@ -24,9 +24,12 @@ pub enum Distinct {
         pairs: ThinVec<(u64, i64)>,
         /// Number of different values in `pairs` (at most the bound + 1).
         values: u16,
-        /// Compact again when `pairs` reaches this length (saturating). u16 fields keep
-        /// the whole enum at 16 bytes, inline in the map entry.
-        next_compact: u16,
+        /// Compact again when `pairs` reaches this length. With `values` as a u16 the
+        /// whole enum stays at 16 bytes, inline in the map entry. (It was a u16, which
+        /// saturated at 65,535 pairs: a key of up to 128 values seen in most buckets of a
+        /// long `max_lateness` then compacted on every event. bincode encodes both as the
+        /// same varint, so snapshots read either way.)
+        next_compact: u32,
     },
     Approx(Box<SlidingHll>),
 }
@@ -167,8 +170,8 @@ impl Distinct {
                 }
                 *pairs = out;
                 *values = n;
-                *next_compact = u16::try_from(2 * pairs.len())
-                    .unwrap_or(u16::MAX)
+                *next_compact = u32::try_from(2 * pairs.len())
+                    .unwrap_or(u32::MAX)
                     .max(COMPACT_MIN);
             }
             Distinct::Approx(h) => h.maintain(cutoff, edge, force),
@@ -177,7 +180,7 @@ impl Distinct {
 }
 
 /// Smallest pair count at which an exact distinct set compacts.
-const COMPACT_MIN: u16 = 16;
+const COMPACT_MIN: u32 = 16;
 
 /// Sliding HyperLogLog: per register, the list of possible future maxima.
 ///
@@ -217,15 +220,33 @@ impl SlidingHll {
         let rho = (rest.leading_zeros().min(64 - HLL_P) + 1) as u8;
         let list = &mut self.regs[reg];
         // Redundant: another entry at the same bucket, or later but not past the edge,
-        // with rank >= rho.
+        // with rank >= rho. Only entries from this bucket on can cover it, and this entry
+        // can only cover ones at or before its bucket: an event in order (past the edge)
+        // only the one at its own bucket. So neither check walks the lateness span,
+        // which holds an entry per bucket (thousands with a long `max_lateness`).
         let covers =
             |(t, r): (i64, u8), (t2, r2): (i64, u8)| r >= r2 && t >= t2 && (t == t2 || t <= edge);
-        if list.iter().any(|&e| covers(e, (bucket, rho))) {
+        let pos = list.partition_point(|&(b, _)| b < bucket);
+        let tail = &list[pos..];
+        let tail = if bucket > edge {
+            &tail[..tail.partition_point(|&(b, _)| b == bucket)]
+        } else {
+            tail
+        };
+        if tail.iter().any(|&e| covers(e, (bucket, rho))) {
             return;
         }
-        list.retain(|&e| !covers((bucket, rho), e));
-        let pos = list.partition_point(|&(b, _)| b < bucket);
-        list.insert(pos, (bucket, rho));
+        let end = pos + list[pos..].partition_point(|&(b, _)| b == bucket);
+        let from = if bucket > edge { pos } else { 0 };
+        let mut kept = from;
+        for i in from..end {
+            if !covers((bucket, rho), list[i]) {
+                list[kept] = list[i];
+                kept += 1;
+            }
+        }
+        list.drain(kept..end);
+        list.insert(kept, (bucket, rho));
     }
 
     fn maintain(&mut self, cutoff: i64, edge: i64, force: bool) {
@@ -238,13 +259,22 @@ impl SlidingHll {
             if dead > 0 {
                 list.drain(..dead);
             }
-            // The edge moved: entries now covered by a later one at or before it go.
-            let snapshot = list.clone();
-            list.retain(|&(t, r)| {
-                !snapshot
-                    .iter()
-                    .any(|&(t2, r2)| (t2, r2) != (t, r) && r2 >= r && t2 >= t && t2 <= edge)
-            });
+            // The edge moved: an entry at or before it goes when a later one at or before
+            // it has a rank as high (entries past the edge cover nothing: a late query may
+            // end before them). One pass back from the edge with the highest rank seen,
+            // not a scan of the list per entry (quadratic in the lateness span).
+            let split = list.partition_point(|&(b, _)| b <= edge);
+            let mut best = 0u8; // ranks start at 1
+            let mut w = split;
+            for i in (0..split).rev() {
+                let e = list[i];
+                if e.1 > best {
+                    best = e.1;
+                    w -= 1;
+                    list[w] = e;
+                }
+            }
+            list.drain(..w);
         }
     }
 
@@ -282,4 +312,101 @@ fn mix64(mut x: u64) -> u64 {
     x ^= x >> 27;
     x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
     x ^ (x >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The first version's entry maintenance, a scan of the register per entry: the
+    /// reference the linear versions must agree with.
+    fn add_naive(regs: &mut [Vec<(i64, u8)>], value: u64, bucket: i64, edge: i64) {
+        let h = mix64(value);
+        let reg = (h >> (64 - HLL_P)) as usize;
+        let rho = ((h << HLL_P).leading_zeros().min(64 - HLL_P) + 1) as u8;
+        let list = &mut regs[reg];
+        let covers =
+            |(t, r): (i64, u8), (t2, r2): (i64, u8)| r >= r2 && t >= t2 && (t == t2 || t <= edge);
+        if list.iter().any(|&e| covers(e, (bucket, rho))) {
+            return;
+        }
+        list.retain(|&e| !covers((bucket, rho), e));
+        let pos = list.partition_point(|&(b, _)| b < bucket);
+        list.insert(pos, (bucket, rho));
+    }
+
+    fn maintain_naive(regs: &mut [Vec<(i64, u8)>], cutoff: i64, edge: i64) {
+        for list in regs {
+            list.retain(|&(b, _)| b > cutoff);
+            let snapshot = list.clone();
+            list.retain(|&(t, r)| {
+                !snapshot
+                    .iter()
+                    .any(|&(t2, r2)| (t2, r2) != (t, r) && r2 >= r && t2 >= t && t2 <= edge)
+            });
+        }
+    }
+
+    /// A key of 100 values seen in each of 700 buckets of a long lateness span keeps
+    /// 70,000 pairs: the next compaction is due at twice that, not at every event (the
+    /// u16 threshold saturated at 65,535).
+    #[test]
+    fn compaction_stays_amortised_past_65535_pairs() {
+        let mut d = Distinct::default();
+        let (cutoff, edge) = (-10_000, -5_000); // every pair is in the lateness span
+        for b in 0..700 {
+            for v in 0..100u64 {
+                d.add(v, b, cutoff, edge);
+                d.maintain(cutoff, edge, false);
+            }
+        }
+        let Distinct::Exact {
+            pairs,
+            values,
+            next_compact,
+        } = &d
+        else {
+            panic!("exact mode expected");
+        };
+        assert_eq!((pairs.len(), *values), (70_000, 100));
+        assert!(*next_compact as usize > pairs.len(), "{next_compact}");
+        assert_eq!(d.count(-1, 699), 100);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+        /// Events mostly in order, some late (up to the lateness and beyond), with
+        /// maintenance now and then: the sliding HyperLogLog keeps exactly the entries
+        /// the quadratic reference keeps.
+        #[test]
+        fn hll_entries_match_the_quadratic_reference(
+            events in proptest::collection::vec((0u64..2_000, 0i64..60, 0u8..10), 1..400),
+            lateness in 0i64..40,
+            window in 1i64..50,
+        ) {
+            let mut h = SlidingHll::new();
+            let mut reference = vec![Vec::new(); HLL_M];
+            let mut newest = 0i64;
+            for (i, (v, back, m)) in events.into_iter().enumerate() {
+                let step = i as i64 / 3;
+                newest = newest.max(step);
+                let bucket = step - back;
+                let edge = newest - lateness;
+                let cutoff = newest - window - lateness;
+                if bucket <= cutoff {
+                    continue; // too late: the caller adds nothing
+                }
+                h.add(mix64(v), bucket, edge);
+                add_naive(&mut reference, mix64(v), bucket, edge);
+                prop_assert_eq!(&h.regs, &reference);
+                if m == 0 {
+                    h.maintain(cutoff, edge, true);
+                    maintain_naive(&mut reference, cutoff, edge);
+                    prop_assert_eq!(&h.regs, &reference);
+                }
+            }
+        }
+    }
 }

@@ -341,3 +341,15 @@ fn map_entries_stay_small() {
         48
     );
 }
+
+/// `Distinct::Exact::next_compact` was a u16 in the snapshots written before it became a
+/// u32: bincode's varint reads the old encoding as the new type, at every size.
+#[test]
+fn a_u16_compaction_threshold_reads_back_as_u32() {
+    let cfg = bincode::config::standard();
+    for v in [16u16, 250, 251, 300, 65_535] {
+        let old = bincode::encode_to_vec(v, cfg).unwrap();
+        let (back, used): (u32, usize) = bincode::decode_from_slice(&old, cfg).unwrap();
+        assert_eq!((back, used), (u32::from(v), old.len()));
+    }
+}
