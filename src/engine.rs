@@ -147,9 +147,10 @@ type GroupKeys = SmallVec<[Option<KeyHash>; 8]>;
 /// One heap block per id: the table holds every id of the dedupe horizon (at 100k/s and
 /// two minutes, 12M of them), and a sweep frees the expired ones by the million.
 ///
-/// `fingerprint` is a keyed hash of the transaction's content ([`content_fingerprint`]),
-/// so that another transaction sent under the same id is told apart from a retry; 0 for a
-/// decision restored from a snapshot written before it was kept (content not compared).
+/// `fingerprint` is a keyed hash of the payment ([`content_fingerprint`]), so that another
+/// payment sent under the same id is told apart from a retry; 0 for a decision restored
+/// from a snapshot written before it was kept (content unknown), until its first retry
+/// gives it that retry's.
 /// It costs no memory: a table slot is the 16-byte id hash and this entry, aligned to 16
 /// bytes, and the fingerprint fills what was padding.
 struct DedupeEntry {
@@ -201,7 +202,7 @@ pub struct Outcome {
     /// The id was seen within the dedupe horizon (of its last sighting): this is the
     /// original decision, and nothing was counted again.
     pub duplicate: bool,
-    /// The id was seen within the dedupe horizon with other content: not a retry but
+    /// The id was seen within the dedupe horizon for another payment: not a retry but
     /// another transaction under a used id. Nothing was counted or decided, the original's
     /// horizon is not extended, and `decision` and `json` are the original's, which this
     /// transaction must not be answered with: it is refused (`id_reused`).
@@ -278,7 +279,7 @@ pub struct KeptDecision {
     pub at_ms: i64,
     /// The decision's JSON, as published.
     pub json: String,
-    /// The transaction content's keyed hash (0: unknown, content not compared).
+    /// The payment's keyed hash ([`content_fingerprint`]; 0: unknown).
     pub fingerprint: u64,
 }
 
@@ -321,8 +322,9 @@ pub struct StateSnapshot<C = Cursor, K = KeptDecision> {
 
 impl<C: Into<Cursor>> StateSnapshot<C, KeptDecisionV3> {
     /// A format 2 or 3 snapshot as this format's: the same state; a format 2 cursor does
-    /// not know its stream, and no kept decision knows its transaction's content (a
-    /// transaction under one of those ids is taken for a retry, as those builds did).
+    /// not know its stream, and no kept decision knows its payment (the first transaction
+    /// under one of those ids is taken for a retry, as those builds did, and its payment
+    /// is kept from then on).
     pub fn upgrade(self) -> StateSnapshot {
         StateSnapshot {
             format: match self.format {
