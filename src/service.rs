@@ -917,6 +917,7 @@ impl Running {
             received_stream = s.received_stream,
             decided = s.decided(),
             invalid = s.invalid_total(),
+            no_reply = s.no_reply,
             publish_errors = s.publish_errors,
             decision_failures = s.decision_failures.iter().sum::<u64>(),
             snapshots_ok = s.snapshots_ok,
@@ -1619,7 +1620,7 @@ async fn decide_one(
     } else {
         counters.decision_time(path, out.decision.engine_us as f64 / 1e6);
         for r in &out.decision.rules {
-            counters.rule_hit(&r.id);
+            counters.rule_hit(r);
         }
     }
     if out.too_late {

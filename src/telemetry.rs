@@ -3,7 +3,7 @@
 //! metrics (through the `metrics` facade, exported by metrics-exporter-prometheus) and as
 //! plain atomics that tests, logs and the demo read without an exporter.
 //!
-//! Labels are bounded: path (2), action (3), error code (7), rule id and mode (the rule
+//! Labels are bounded: path (2), action (3), error code (8), rule id and mode (the rule
 //! count), key group signature (the group count), result (2). Never a card, device or
 //! merchant value.
 
@@ -15,9 +15,9 @@ use std::sync::Arc;
 use arc_swap::ArcSwap;
 use metrics::{Counter, Histogram, Unit};
 
-use crate::decision::Action;
+use crate::decision::{Action, FiredRule};
 use crate::engine::{Evicted, StateStats};
-use crate::rules::{Mode, RuleSet};
+use crate::rules::{Mode, RuleAction, RuleSet};
 use crate::txn::ErrorCode;
 
 /// Metric names. Dashboards, alerts and tests use exactly these.
@@ -26,6 +26,7 @@ pub mod names {
     pub const DECISIONS: &str = "fraudgate_decisions_total";
     pub const INVALID: &str = "fraudgate_invalid_inputs_total";
     pub const DUPLICATES: &str = "fraudgate_duplicates_total";
+    pub const NO_REPLY: &str = "fraudgate_requests_without_reply_total";
     pub const LATE_DROPPED: &str = "fraudgate_late_events_dropped_total";
     pub const TS_CLAMPED: &str = "fraudgate_future_timestamps_clamped_total";
     pub const PUBLISH_ERRORS: &str = "fraudgate_publish_errors_total";
@@ -183,7 +184,7 @@ fn describe() {
     describe_counter!(
         DECISIONS,
         Unit::Count,
-        "Decisions published, by path and action (retries answered from the dedupe table included)."
+        "Decisions published, by path and action (retries answered from the dedupe table included, and requests without a reply subject, which are answered to no one: see fraudgate_requests_without_reply_total)."
     );
     describe_counter!(
         INVALID,
@@ -204,6 +205,11 @@ fn describe() {
         DUPLICATES,
         Unit::Count,
         "Retries answered from the dedupe table (counted once in the windows)."
+    );
+    describe_counter!(
+        NO_REPLY,
+        Unit::Count,
+        "Requests on the check subject without a reply subject: decided and counted (in decisions too), answered to no one (a requester that published instead of requesting)."
     );
     describe_counter!(
         LATE_DROPPED,
@@ -416,7 +422,7 @@ pub struct Counters {
     /// time its subscription was empty (drops whose report the client lost).
     dropped: [AtomicU64; 2],
     unseen: [AtomicU64; 2],
-    no_reply: AtomicU64,
+    no_reply: Both,
     evicted_keys: Counter,
     evicted_ids: Counter,
     snapshots_ok: Both,
@@ -550,7 +556,7 @@ impl Counters {
             slow_consumer: Both::new(counter!(NATS_SLOW_CONSUMER)),
             dropped: Default::default(),
             unseen: Default::default(),
-            no_reply: AtomicU64::new(0),
+            no_reply: Both::new(counter!(NO_REPLY)),
             evicted_keys,
             evicted_ids,
             snapshots_ok: Both::new(counter!(SNAPSHOTS, "result" => "success")),
@@ -661,7 +667,7 @@ impl Counters {
         self.slow_consumer.inc();
     }
     pub fn no_reply(&self) {
-        self.no_reply.fetch_add(1, Relaxed);
+        self.no_reply.inc();
     }
     /// Engine time of one decision.
     pub fn decision_time(&self, p: Path, secs: f64) {
@@ -728,10 +734,14 @@ impl Counters {
         }
     }
 
-    /// A rule fired (counted for fresh decisions, not for answered retries).
-    pub fn rule_hit(&self, id: &str) {
-        if let Some(c) = self.rules.load().hits.get(id) {
-            c.increment(1);
+    /// A rule fired (counted for fresh decisions, not for answered retries). A rule the
+    /// handles do not hold (yet, or any more) is counted all the same: a reload swaps the
+    /// engine's rules before these handles, and a decision made on either set may be
+    /// counted in between.
+    pub fn rule_hit(&self, r: &FiredRule) {
+        match self.rules.load().hits.get(&r.id) {
+            Some(c) => c.increment(1),
+            None => metrics::counter!(names::RULE_HITS, "rule" => r.id.to_string(), "mode" => mode_str(r.mode), "action" => action_str(r.action)).increment(1),
         }
     }
 
@@ -749,14 +759,7 @@ impl Counters {
             .rules
             .iter()
             .map(|r| {
-                let action = match r.action {
-                    Some(crate::rules::RuleAction::Block) => "block",
-                    Some(crate::rules::RuleAction::Reject) => "reject",
-                    Some(crate::rules::RuleAction::Hold) => "hold",
-                    Some(crate::rules::RuleAction::Allow) => "allow",
-                    None => "score",
-                };
-                let c = counter!(RULE_HITS, "rule" => r.id.to_string(), "mode" => mode_str(r.mode), "action" => action);
+                let c = counter!(RULE_HITS, "rule" => r.id.to_string(), "mode" => mode_str(r.mode), "action" => action_str(r.action));
                 c.increment(0);
                 (r.id.clone(), c)
             })
@@ -896,7 +899,7 @@ impl Counters {
                 .sum(),
             connected: self.is_connected.load(Relaxed),
             slow_consumer: self.slow_consumer.get(),
-            no_reply: self.no_reply.load(Relaxed),
+            no_reply: self.no_reply.get(),
             snapshots_ok: self.snapshots_ok.get(),
             snapshots_failed: self.snapshots_failed.get(),
             replayed: [self.replayed[0].get(), self.replayed[1].get()],
@@ -916,6 +919,17 @@ fn mode_str(m: Mode) -> &'static str {
     match m {
         Mode::Active => "active",
         Mode::Shadow => "shadow",
+    }
+}
+
+/// The `action` label of a rule's hits: its action, or `score` for a scoring rule.
+fn action_str(a: Option<RuleAction>) -> &'static str {
+    match a {
+        Some(RuleAction::Block) => "block",
+        Some(RuleAction::Reject) => "reject",
+        Some(RuleAction::Hold) => "hold",
+        Some(RuleAction::Allow) => "allow",
+        None => "score",
     }
 }
 
@@ -990,6 +1004,42 @@ mod tests {
         c.connected("stream");
         let s = c.snapshot();
         assert_eq!((s.connects, s.reconnects, s.connected), (4, 2, true));
+    }
+
+    /// A hit of a rule the handles do not hold (a reload swaps the engine's rules before
+    /// the handles) is counted with that rule's labels, not dropped; a request without a
+    /// reply subject is a series of its own.
+    #[test]
+    fn a_hit_of_a_rule_not_yet_in_the_handles_is_counted() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let c = metrics::with_local_recorder(&recorder, Counters::new);
+        let fired = FiredRule {
+            id: "new_rule".into(),
+            action: Some(RuleAction::Hold),
+            score: 0,
+            mode: Mode::Shadow,
+            reason: "r".into(),
+            values: Default::default(),
+            when: "amount > 1".into(),
+        };
+        metrics::with_local_recorder(&recorder, || {
+            c.rule_hit(&fired);
+            c.rule_hit(&fired);
+            c.no_reply();
+        });
+        let text = handle.render();
+        assert!(
+            text.contains(
+                "fraudgate_rule_hits_total{rule=\"new_rule\",mode=\"shadow\",action=\"hold\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("fraudgate_requests_without_reply_total 1"),
+            "{text}"
+        );
+        assert_eq!(c.snapshot().no_reply, 1);
     }
 
     /// Each key group has its cap series from the load (so an eviction before the first
@@ -1096,6 +1146,7 @@ mod tests {
             DECISIONS,
             INVALID,
             DUPLICATES,
+            NO_REPLY,
             LATE_DROPPED,
             TS_CLAMPED,
             PUBLISH_ERRORS,

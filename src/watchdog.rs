@@ -4,7 +4,7 @@
 //! A stalled worker holds every card routed to it: its queue fills, the intake waits on
 //! it, and within milliseconds under load the whole path stops, while nothing fails and
 //! no histogram gets an observation. Without this, the first sign was the "no traffic"
-//! alert ten minutes later. The watchdog runs on a plain thread of its own (a blocked
+//! alert fifteen minutes later. The watchdog runs on a plain thread of its own (a blocked
 //! runtime cannot run it), and the metrics exporter too (`telemetry::install_exporter`),
 //! so the stall is seen while it lasts.
 //!

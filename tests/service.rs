@@ -235,7 +235,19 @@ async fn bad_input_gets_a_coded_error_and_nothing_stops() {
     // The engine is still deciding.
     let ok = check(&c, &txn("after-bad", "4111111111110001", "3")).await;
     assert_eq!(ok["action"], "approve");
-    // Every bad input was counted: both paths, plus the two repeated requests above.
+    // A request published without a reply subject (and a bad one): decided (or refused),
+    // answered to no one, and counted as such.
+    for body in [
+        txn("no-reply", "4111111111110002", "3"),
+        BAD[0].0.to_string(),
+    ] {
+        c.publish("fraud.check", Bytes::from(body)).await.unwrap();
+    }
+    c.flush().await.unwrap();
+    let ok = check(&c, &txn("after-no-reply", "4111111111110003", "3")).await;
+    assert_eq!(ok["action"], "approve");
+    // Every bad input was counted: both paths, plus the two repeated requests above and
+    // the one published without a reply subject.
     let mut engine = engine;
     engine.signal("TERM");
     tokio::time::timeout(Duration::from_secs(30), engine.child.wait())
@@ -245,9 +257,10 @@ async fn bad_input_gets_a_coded_error_and_nothing_stops() {
     let stopped = engine.stopped_line();
     assert_eq!(
         stopped["fields"]["invalid"].as_u64(),
-        Some(2 * cases.len() as u64 + 2),
+        Some(2 * cases.len() as u64 + 3),
         "{stopped}"
     );
+    assert_eq!(stopped["fields"]["no_reply"].as_u64(), Some(2), "{stopped}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
