@@ -75,9 +75,9 @@ fn check_refuses_a_config_that_run_would_refuse() {
     assert!(err.contains("[subjects] txn"), "{err}");
 }
 
-/// The decisions `replay` (shipped rules) prints for `traffic`, which it must take without
-/// an error.
-fn replay_decisions(name: &str, traffic: &str) -> Vec<serde_json::Value> {
+/// What `replay` (shipped rules) does with `traffic`: its exit code, stderr, and the
+/// decisions it prints.
+fn replay(name: &str, traffic: &str) -> (Option<i32>, String, Vec<serde_json::Value>) {
     let dir = common::Scratch::new(name);
     let file = dir.0.join("traffic.jsonl");
     std::fs::write(&file, traffic).unwrap();
@@ -86,15 +86,20 @@ fn replay_decisions(name: &str, traffic: &str) -> Vec<serde_json::Value> {
         .arg(&file)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
+    let lines = String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+        .collect();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code(), err, lines)
+}
+
+/// The decisions `replay` (shipped rules) prints for `traffic`, which it must take without
+/// an error.
+fn replay_decisions(name: &str, traffic: &str) -> Vec<serde_json::Value> {
+    let (code, err, lines) = replay(name, traffic);
+    assert_eq!(code, Some(0), "{err}");
+    lines
 }
 
 /// `replay` takes a line without `ts` as received at the latest event time so far, not at
@@ -128,41 +133,24 @@ fn replay_takes_a_line_without_ts_at_the_recorded_time() {
 /// transaction again is a retry (no error, its original decision again).
 #[test]
 fn replay_refuses_a_reused_id_as_the_engine_does() {
-    let dir = common::Scratch::new("replay-reused");
-    let file = dir.0.join("traffic.jsonl");
-    std::fs::write(
-        &file,
+    let (code, err, lines) = replay(
+        "replay-reused",
         concat!(
             r#"{"id":"r1","ts":"2025-01-01T10:00:00Z","card":"4111111111110001","amount":"10000.50"}"#,
-            "
-",
+            "\n",
             r#"{"id":"r1","ts":"2025-01-01T10:00:00Z","card":"4111111111110001","amount":"10000.5"}"#,
-            "
-",
+            "\n",
             r#"{"id":"r1","ts":"2025-01-01T10:00:30Z","card":"4111111111110001","amount":"9000"}"#,
-            "
-",
+            "\n",
             r#"{"id":"r2","ts":"2025-01-01T10:01:00Z","card":"4111111111110001","amount":"9999"}"#,
-            "
-",
+            "\n",
         ),
-    )
-    .unwrap();
-    let out = fraudgate()
-        .args(["replay", "--rules", "rules"])
-        .arg(&file)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
+    );
+    assert_eq!(code, Some(1), "{err}");
     assert!(
         err.contains("line 3: ") && err.contains("(id_reused)"),
         "{err}"
     );
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
     assert_eq!(lines.len(), 3, "{lines:?}");
     assert_eq!(lines[0], lines[1]);
     // 10000.50 + 9999 stays under the daily limit of 20000: the 9000 was not counted.

@@ -830,6 +830,27 @@ async fn a_consumer_with_small_pull_limits_is_pulled_within_them() {
     );
 }
 
+/// The next message the engine forwards to fraud.invalid: its error code and
+/// `Nats-Msg-Id`.
+async fn refusal(invalid: &mut async_nats::Subscriber) -> (String, String) {
+    let m = tokio::time::timeout(Duration::from_secs(10), invalid.next())
+        .await
+        .expect("forwarded in time")
+        .unwrap();
+    let h = m.headers.unwrap();
+    let field = |name: &str| h.get(name).unwrap().as_str().to_string();
+    (field("Fraudgate-Error-Code"), field("Nats-Msg-Id"))
+}
+
+/// Once the consumer is drained, nothing more comes to fraud.invalid past its ack_wait
+/// (2 s): the forwarded message was settled (acknowledged or terminated), not delivered,
+/// refused and forwarded again.
+async fn not_delivered_again(js: &jetstream::Context, invalid: &mut async_nats::Subscriber) {
+    drained(js, "fraudgate").await;
+    let again = tokio::time::timeout(Duration::from_secs(4), invalid.next()).await;
+    assert!(again.is_err(), "forwarded again: {again:?}");
+}
+
 /// A JetStream transaction the engine fails to decide (a fail point that panics for ids
 /// starting with `failpoint-`): forwarded to fraud.invalid once and terminated, not
 /// delivered again forever, and the transactions after it are decided.
@@ -853,18 +874,12 @@ async fn a_failed_decision_is_forwarded_once_and_not_delivered_again() {
     let card = "4111111111119005";
     js_publish(&js, "failpoint-js", txn_at("failpoint-js", card, "10", ts)).await;
     js_publish(&js, "fp-js-ok", txn_at("fp-js-ok", card, "10", ts + 1)).await;
-    let m = tokio::time::timeout(Duration::from_secs(10), invalid.next())
-        .await
-        .expect("forwarded in time")
-        .unwrap();
-    let h = m.headers.unwrap();
-    assert_eq!(h.get("Fraudgate-Error-Code").unwrap().as_str(), "internal");
-    assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "failpoint-js");
+    assert_eq!(
+        refusal(&mut invalid).await,
+        ("internal".into(), "failpoint-js".into())
+    );
     assert_eq!(decision_id(&mut decisions, &engine).await, "fp-js-ok");
-    drained(&js, "fraudgate").await;
-    // Past the consumer's ack_wait (2 s): not delivered, failed and forwarded again.
-    let again = tokio::time::timeout(Duration::from_secs(4), invalid.next()).await;
-    assert!(again.is_err(), "forwarded again: {again:?}");
+    not_delivered_again(&js, &mut invalid).await;
     let engine = stop(engine).await;
     let stopped = engine.stopped_line();
     assert_eq!(stopped["fields"]["decision_failures"].as_u64(), Some(1));
@@ -904,18 +919,12 @@ async fn a_reused_id_is_forwarded_as_refused_and_acknowledged() {
         txn_at("reused-js-ok", card, "10", ts + 2),
     )
     .await;
-    let m = tokio::time::timeout(Duration::from_secs(10), invalid.next())
-        .await
-        .expect("forwarded in time")
-        .unwrap();
-    let h = m.headers.unwrap();
-    assert_eq!(h.get("Fraudgate-Error-Code").unwrap().as_str(), "id_reused");
-    assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "reused-js");
+    assert_eq!(
+        refusal(&mut invalid).await,
+        ("id_reused".into(), "reused-js".into())
+    );
     assert_eq!(decision_id(&mut decisions, &engine).await, "reused-js-ok");
-    drained(&js, "fraudgate").await;
-    // Past the consumer's ack_wait (2 s): acknowledged, so not delivered and refused again.
-    let again = tokio::time::timeout(Duration::from_secs(4), invalid.next()).await;
-    assert!(again.is_err(), "forwarded again: {again:?}");
+    not_delivered_again(&js, &mut invalid).await;
     let engine = stop(engine).await;
     let stopped = engine.stopped_line();
     assert_eq!(stopped["fields"]["invalid"].as_u64(), Some(1), "{stopped}");

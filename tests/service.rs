@@ -278,30 +278,13 @@ async fn retries_get_the_original_decision_and_count_once() {
 
     // Another transaction under the id (another amount) is refused, on both paths, and
     // not counted: it must not get the original's approval unseen.
-    let m = c
-        .request(
-            "fraud.check",
-            Bytes::from(txn("retry-1", "4111111111112001", "9000")),
-        )
-        .await
-        .unwrap();
-    let h = m.headers.expect("an error reply has headers");
-    assert_eq!(h.get("Fraudgate-Error-Code").unwrap().as_str(), "id_reused");
-    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    let (code, v) = error_reply(&c, &txn("retry-1", "4111111111112001", "9000")).await;
+    assert_eq!(code, "id_reused");
     assert_eq!(v["id"], "retry-1", "{v}");
     assert_eq!(v["error"]["code"], "id_reused", "{v}");
-    let mut invalid = c.subscribe("fraud.invalid").await.unwrap();
-    c.flush().await.unwrap();
-    let m = forwarded(
-        &c,
-        &mut invalid,
-        &txn("retry-1", "4111111111112001", "9500"),
-    )
-    .await;
-    let h = m.headers.unwrap();
-    assert_eq!(h.get("Fraudgate-Error-Code").unwrap().as_str(), "id_reused");
-    assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "retry-1");
-    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    let (code, msg_id, v) =
+        refused_on_stream(&c, &txn("retry-1", "4111111111112001", "9500")).await;
+    assert_eq!((code.as_str(), msg_id.as_str()), ("id_reused", "retry-1"));
     assert_eq!(v["amount"], "9500", "{v}");
     let again = check(&c, &txn("retry-1", "4111111111112001", "8000")).await;
     assert_eq!(
@@ -1418,6 +1401,41 @@ async fn forwarded(
         .unwrap()
 }
 
+/// Requests `body` on fraud.check, expecting an error reply within 5 s (not the
+/// requester's timeout): its `Fraudgate-Error-Code` header and its JSON body.
+async fn error_reply(c: &async_nats::Client, body: &str) -> (String, serde_json::Value) {
+    let m = tokio::time::timeout(
+        Duration::from_secs(5),
+        c.request("fraud.check", Bytes::from(body.to_string())),
+    )
+    .await
+    .expect("an answer within 5 s, not the requester's timeout")
+    .unwrap();
+    let h = m.headers.expect("an error reply has headers");
+    let code = h.get("Fraudgate-Error-Code").unwrap().as_str().to_string();
+    (code, serde_json::from_slice(&m.payload).unwrap())
+}
+
+/// Publishes a valid transaction on fraud.txn that the engine does not decide, and returns
+/// what it forwards to fraud.invalid: the error code, `Nats-Msg-Id` and the transaction
+/// as decoded.
+async fn refused_on_stream(
+    c: &async_nats::Client,
+    body: &str,
+) -> (String, String, serde_json::Value) {
+    let mut invalid = c.subscribe("fraud.invalid").await.unwrap();
+    c.flush().await.unwrap();
+    let m = forwarded(c, &mut invalid, body).await;
+    let h = m.headers.unwrap();
+    let field = |name: &str| h.get(name).unwrap().as_str().to_string();
+    let code = field("Fraudgate-Error-Code");
+    (
+        code,
+        field("Nats-Msg-Id"),
+        serde_json::from_slice(&m.payload).unwrap(),
+    )
+}
+
 /// An oversized stream payload just under the server's message limit: forwarded to
 /// fraud.invalid with the headers, it would no longer fit. It goes cut to fit, with its
 /// full length in `Fraudgate-Truncated`, instead of being lost.
@@ -1461,16 +1479,8 @@ async fn a_decision_that_fails_is_answered_as_internal_and_the_engine_goes_on() 
     let body = txn("failpoint-1", "4111111111113301", "10");
     for _ in 0..2 {
         // Again: the failure left nothing in the retry table (and no shard locked).
-        let m = tokio::time::timeout(
-            Duration::from_secs(5),
-            c.request("fraud.check", Bytes::from(body.clone())),
-        )
-        .await
-        .expect("an answer within 5 s, not the requester's timeout")
-        .unwrap();
-        let h = m.headers.expect("an error reply has headers");
-        assert_eq!(h.get("Fraudgate-Error-Code").unwrap().as_str(), "internal");
-        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        let (code, v) = error_reply(&c, &body).await;
+        assert_eq!(code, "internal");
         assert_eq!(v["id"], "failpoint-1", "{v}");
         assert_eq!(v["error"]["code"], "internal", "{v}");
     }
@@ -1482,19 +1492,13 @@ async fn a_decision_that_fails_is_answered_as_internal_and_the_engine_goes_on() 
     let d = check(&c, &txn("fp-ok-1b", "4111111111113301", "11")).await;
     assert_eq!(d["action"], "approve", "{d}");
 
-    let mut invalid = c.subscribe("fraud.invalid").await.unwrap();
-    c.flush().await.unwrap();
-    let m = forwarded(
-        &c,
-        &mut invalid,
-        &txn("failpoint-2", "4111111111113302", "12.50"),
-    )
-    .await;
-    let h = m.headers.unwrap();
-    assert_eq!(h.get("Fraudgate-Error-Code").unwrap().as_str(), "internal");
-    assert_eq!(h.get("Nats-Msg-Id").unwrap().as_str(), "failpoint-2");
+    let (code, msg_id, v) =
+        refused_on_stream(&c, &txn("failpoint-2", "4111111111113302", "12.50")).await;
+    assert_eq!(
+        (code.as_str(), msg_id.as_str()),
+        ("internal", "failpoint-2")
+    );
     // The transaction as decoded, for a person to look at and send again.
-    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
     assert_eq!(v["id"], "failpoint-2", "{v}");
     assert_eq!(v["card"], "4111111111113302", "{v}");
     assert_eq!(v["amount"], "12.50", "{v}");
