@@ -725,8 +725,8 @@ impl Engine {
         let entry = self.dedupe.entry(id_hash);
         // A retry within the horizon gets the original back (parsed from its JSON: a
         // retry pays for that, a fresh decision keeps nothing but the bytes).
-        // Another transaction under the id (other content) is not a retry: answering it
-        // with the original's decision would approve it unseen.
+        // Another payment under the id is not a retry: answering it with the original's
+        // decision would approve it unseen.
         let original = match &entry {
             Entry::Occupied(o) if now_ms.saturating_sub(o.get().at_ms) <= horizon => {
                 let e = o.get();

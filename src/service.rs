@@ -1685,8 +1685,8 @@ async fn failed(wire: &Wire, counters: &Counters, job: &mut Job, path: IntakePat
     }
 }
 
-/// A transaction under an id the retry table holds for another transaction (other
-/// content): refused as `id_reused`, like invalid input, nothing counted in the windows.
+/// A transaction under an id the retry table holds for another payment: refused as
+/// `id_reused`, like invalid input, nothing counted in the windows.
 /// Logged with its id, since it means a switch that reuses ids (wrapped counters, two
 /// terminals with one id range), whose transactions would otherwise have been answered
 /// with another transaction's decision.
@@ -1700,7 +1700,7 @@ async fn id_reused(wire: &Wire, counters: &Counters, job: &mut Job, path: Intake
             id = %job.txn.id,
             path = path.as_str(),
             refused_since_last_line = more,
-            "transaction id reused within the dedupe horizon with other content; refused (id_reused)"
+            "transaction id reused within the dedupe horizon for another payment; refused (id_reused)"
         );
     }
     let sent = refuse(wire, job, &transport::Refusal::id_reused(&job.txn.id)).await;

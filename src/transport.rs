@@ -891,14 +891,15 @@ impl<'a> Refusal<'a> {
         }
     }
 
-    /// Transaction `id` came with other content than the transaction decided under that
+    /// Transaction `id` came for another payment than the transaction decided under that
     /// id within the dedupe horizon: it was not decided (the original's decision is not
     /// its answer).
     pub fn id_reused(id: &'a str) -> Self {
         Refusal {
             code: ErrorCode::IdReused.as_str(),
-            message: "`id` was used within the dedupe horizon by a transaction with other \
-                      content; this one was not decided: send it under an id of its own",
+            message: "`id` was used within the dedupe horizon for another payment (card, \
+                      amount, currency, merchant, device, region or mcc); this one was not \
+                      decided: send it under an id of its own",
             id: Some(id),
         }
     }

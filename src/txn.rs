@@ -172,8 +172,8 @@ pub enum ErrorCode {
     NegativeAmount,
     InvalidTimestamp,
     Oversized,
-    /// The id was used within the dedupe horizon by a transaction with other content
-    /// (found by the engine, not by decoding).
+    /// The id was used within the dedupe horizon for another payment (found by the
+    /// engine, not by decoding).
     IdReused,
 }
 

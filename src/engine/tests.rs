@@ -152,10 +152,9 @@ fn retries_return_the_original_and_count_once() {
     assert!(!e.decide(&tx("r1", "c3", 1, T0), T0 + 180_001).duplicate);
 }
 
-/// Another transaction under an id the retry table holds (other content) is refused, not
-/// answered with the original's decision: a switch that reuses ids (a wrapped counter)
-/// would otherwise have its large transaction approved as the earlier small one was,
-/// unseen by the rules. Nothing is counted, the original stays the answer to its retries,
+/// Another payment under an id the retry table holds is refused, not answered with the
+/// original's decision: a switch that reuses ids (a wrapped counter) would otherwise have
+/// its large transaction approved as the earlier small one was, unseen by the rules. Nothing is counted, the original stays the answer to its retries,
 /// and its horizon is not extended.
 #[test]
 fn another_transaction_under_a_used_id_is_refused() {
