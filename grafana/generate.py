@@ -194,9 +194,10 @@ state.panel("stat", "Since last snapshot",
 state.panel("stat", "Snapshot failures (24h)", "Snapshots that could not be written in the last 24 hours.",
             [(f'sum(increase(fraudgate_snapshots_total{{{I},result="failure"}}[24h]))', "failures")], "none", w=4)
 state.panel("timeseries", "JetStream recovery and acks",
-            "Transactions and requests each engine re-applied to the windows from JetStream at its last start (after the snapshot's cut; not decided or published again; set once, before the first scrape, so shown as is rather than as an increase), and acknowledgements that could not be sent (those messages come again and are answered from the dedupe table). Zero without [jetstream].",
+            "Transactions and requests each engine re-applied to the windows from JetStream at its last start (after the snapshot's cut; not decided or published again; set once, before the first scrape, so shown as is rather than as an increase), and acknowledgements that could not be sent or were withheld because the server did not confirm it had read the decision on the same connection (those messages come again and are answered from the dedupe table). Zero without [jetstream].",
             [(f'max by (instance, path) (fraudgate_replayed_transactions_total{{{I}}})', "re-applied at start: {{instance}} {{path}}"),
-             (f'sum(rate(fraudgate_jetstream_ack_errors_total{{{I}}}[{RI}]))', "ack errors /s")], "short", w=24)
+             (f'sum(rate(fraudgate_jetstream_ack_errors_total{{{I}}}[{RI}]))', "ack errors /s"),
+             (f'sum(rate(fraudgate_jetstream_acks_withheld_total{{{I}}}[{RI}]))', "acks withheld /s")], "short", w=24)
 
 here = os.path.dirname(os.path.abspath(__file__))
 # --check: write nothing, fail if a committed dashboard differs from what this script makes

@@ -238,7 +238,10 @@ struct Shard {
 /// subscriptions (and deciding what they still deliver) gives up after `DRAIN`; the
 /// workers then get `WORKER_GRACE` to finish what they hold; the final snapshot is local
 /// disk and gets `SNAPSHOT` of its own whatever NATS did; the last flush and close get
-/// `FLUSH`. At most ~25 s in all (with the ack floor's 2 s read); the process then exits
+/// `FLUSH`. With JetStream, the acknowledgements the workers handed over get `ACKS`
+/// after the workers, and the ack floor's reads before the snapshot `ACK_FLOOR`. At
+/// most 26 s in all, inside the 30 s a supervisor such as Kubernetes grants by
+/// default; the process then exits
 /// without waiting for a snapshot write still stuck (main's runtime shutdown). With NATS
 /// healthy the first two steps end as soon as the queues are empty, but never later than
 /// 10 s after the signal.
@@ -248,6 +251,8 @@ pub mod shutdown_budget {
     pub const WORKER_GRACE: Duration = Duration::from_secs(2);
     pub const SNAPSHOT: Duration = Duration::from_secs(10);
     pub const FLUSH: Duration = Duration::from_secs(3);
+    pub const ACKS: Duration = Duration::from_secs(1);
+    pub const ACK_FLOOR: Duration = Duration::from_secs(2);
 }
 
 /// A running service. [`Running::shutdown`] stops it cleanly.
@@ -258,6 +263,8 @@ pub struct Running {
     stop: watch::Sender<bool>,
     intake: Vec<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
+    /// JetStream intake: the task that acknowledges decided messages.
+    acker: Option<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
     snapshots: Option<Snapshots>,
     watchdog: Watchdog,
@@ -321,6 +328,8 @@ impl Snapshots {
     /// Reads the consumer's ack floor into the tracker, before a cut. A failed read leaves
     /// no floor (see [`InFlight::floor_read`]).
     async fn refresh_ack_floor(&self) {
+        // Both reads in one budget: at shutdown it is part of the whole's.
+        let by = tokio::time::Instant::now() + shutdown_budget::ACK_FLOOR;
         if let (Some(s), Some(t)) = (&self.stream, &self.tracker) {
             // The stream made again (with its consumer, by a tool re-applying both) while
             // the engine pulled on: its sequences start over, and no position this engine
@@ -331,7 +340,7 @@ impl Snapshots {
             // intake compares it with the new one when it finds the consumer gone, and
             // starts over in the new stream (`InFlight::stream_made_again`, which also
             // makes the position known again).
-            let read = tokio::time::timeout(Duration::from_secs(2), Wire::stream_identity(s));
+            let read = tokio::time::timeout_at(by, Wire::stream_identity(s));
             if let Ok(Some((created, _))) = read.await {
                 let mut t = lock(t);
                 if t.stream_created_ns.is_some_and(|c| c != created) && !t.position_unknown {
@@ -344,7 +353,7 @@ impl Snapshots {
         }
         if let (Some(c), Some(t)) = (&self.consumer, &self.tracker) {
             let mut c = c.clone();
-            let read = tokio::time::timeout(Duration::from_secs(2), Wire::ack_floor(&mut c));
+            let read = tokio::time::timeout_at(by, Wire::ack_floor(&mut c));
             let floor = read.await.ok().flatten();
             if floor.is_none() {
                 tracing::warn!(
@@ -546,8 +555,8 @@ impl Running {
                 "[snapshot] on_bad = \"rebuild\" needs [jetstream] enabled = true".into(),
             ));
         }
-        let tracker: Option<Tracker> = match js_cfg.enabled {
-            false => None,
+        let (tracker, ack_wait): (Option<Tracker>, Duration) = match js_cfg.enabled {
+            false => (None, Duration::ZERO),
             true => {
                 // Read here, before the first subscription, though only the stream setup
                 // (after it) uses them: a typo must not make the engine take its share of
@@ -563,10 +572,11 @@ impl Running {
                         opts.engine.dedupe_horizon
                     )));
                 }
-                Some(Arc::new(std::sync::Mutex::new(InFlight {
+                let tracker = Arc::new(std::sync::Mutex::new(InFlight {
                     hold: 2 * ack_wait,
                     ..Default::default()
-                })))
+                }));
+                (Some(tracker), ack_wait)
             }
         };
         let capture_margin_ms = (js_cfg.enabled && !js_cfg.capture_stream.is_empty())
@@ -679,6 +689,18 @@ impl Running {
         let mut shards = Vec::with_capacity(n);
         let mut workers = Vec::with_capacity(n);
         let beats = Beats::new(n);
+        // JetStream intake: the acknowledgements go through the acker.
+        let (ack_tx, acker) = match &tracker {
+            Some(_) => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                let task = acker(rx, wire.clone(), counters.clone(), ack_wait);
+                (
+                    Some(tx),
+                    Some(supervised("acker", task, &ended_tx, &stop_rx)),
+                )
+            }
+            None => (None, None),
+        };
         for k in 0..n {
             let (ctx, crx) = mpsc::channel(depth);
             let (stx, srx) = mpsc::channel(depth);
@@ -694,7 +716,7 @@ impl Running {
                     engine.clone(),
                     wire.clone(),
                     counters.clone(),
-                    tracker.clone(),
+                    tracker.clone().zip(ack_tx.clone()),
                     (beats.clone(), k),
                 ),
                 &ended_tx,
@@ -702,7 +724,7 @@ impl Running {
             ));
         }
         let shards = Arc::new(shards);
-        let stream_intake = match durable.zip(tracker.clone()) {
+        let stream_intake = match durable.zip(tracker.clone().zip(ack_tx)) {
             Some(((consumer, txn_stream), t)) => supervised(
                 "stream intake",
                 intake_jetstream(
@@ -797,6 +819,7 @@ impl Running {
             stop,
             intake,
             workers,
+            acker,
             background,
             snapshots,
             watchdog,
@@ -868,6 +891,17 @@ impl Running {
                 }
             }
         }
+        // The workers held the acker's senders: it acknowledges what they handed over
+        // (once the server confirms it read the decisions) and stops. Anything not
+        // acknowledged comes again after a restart, answered from the snapshot's retry
+        // table.
+        if let Some(mut t) = self.acker {
+            let acked_by = TokioInstant::now() + shutdown_budget::ACKS;
+            if tokio::time::timeout_at(acked_by, &mut t).await.is_err() {
+                tracing::warn!("acknowledgements still waiting for the server at shutdown; those messages come again");
+                t.abort();
+            }
+        }
         if self.ended.borrow().is_some() {
             clean = false;
         }
@@ -919,6 +953,7 @@ impl Running {
             invalid = s.invalid_total(),
             no_reply = s.no_reply,
             publish_errors = s.publish_errors,
+            acks_withheld = s.acks_withheld,
             decision_failures = s.decision_failures.iter().sum::<u64>(),
             snapshots_ok = s.snapshots_ok,
             snapshots_failed = s.snapshots_failed,
@@ -1047,7 +1082,7 @@ async fn intake_jetstream(
     wire: Wire,
     shards: Arc<Vec<Shard>>,
     counters: Arc<Counters>,
-    tracker: Tracker,
+    (tracker, acks): (Tracker, AckTx),
     mut stop: watch::Receiver<bool>,
 ) {
     let path = IntakePath::Stream;
@@ -1182,10 +1217,13 @@ async fn intake_jetstream(
                 match wire.decode(&d.payload) {
                     Err(e) => {
                         counters.invalid(e.code);
+                        let epoch = wire.stream_epoch();
                         if wire.publish_invalid(d.payload, &(&e).into()).await.is_err() {
                             counters.publish_error();
-                        } else if d.ack.ack().await.is_err() {
-                            counters.ack_error();
+                        } else {
+                            // After the server has read the forward, like a decision.
+                            let id = e.id.as_deref().unwrap_or_default();
+                            let _ = acks.send(Handed::new(epoch, d.ack, id));
                         }
                     }
                     Ok(txn) => {
@@ -1484,10 +1522,11 @@ async fn worker(
     engine: Arc<Engine>,
     wire: Wire,
     counters: Arc<Counters>,
-    tracker: Option<Tracker>,
+    js: Option<(Tracker, AckTx)>,
     (beats, k): (Arc<Beats>, usize),
 ) {
-    let tracker = tracker.as_ref();
+    let tracker = js.as_ref().map(|j| &j.0);
+    let acks = js.as_ref().map(|j| &j.1);
     let beat = beats.worker(k);
     loop {
         let (mut batch, path) = tokio::select! {
@@ -1504,13 +1543,14 @@ async fn worker(
                 while let Ok(mut urgent) = check.try_recv() {
                     for j in urgent.iter_mut() {
                         beat.begin();
-                        decide_one(&engine, &wire, &counters, tracker, j, IntakePath::Check).await;
+                        let path = IntakePath::Check;
+                        decide_one(&engine, &wire, &counters, (tracker, acks), j, path).await;
                         stalled_on(beat, j, IntakePath::Check, k);
                     }
                 }
             }
             beat.begin();
-            decide_one(&engine, &wire, &counters, tracker, job, path).await;
+            decide_one(&engine, &wire, &counters, (tracker, acks), job, path).await;
             stalled_on(beat, job, path, k);
         }
     }
@@ -1590,7 +1630,7 @@ async fn decide_one(
     engine: &Engine,
     wire: &Wire,
     counters: &Counters,
-    tracker: Option<&Tracker>,
+    (tracker, acks): (Option<&Tracker>, Option<&AckTx>),
     job: &mut Job,
     path: IntakePath,
 ) {
@@ -1611,7 +1651,7 @@ async fn decide_one(
         }
     };
     if out.id_reused {
-        id_reused(wire, counters, job, path).await;
+        id_reused(wire, counters, acks, job, path).await;
         return;
     }
     if out.duplicate {
@@ -1637,21 +1677,15 @@ async fn decide_one(
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
     }
+    let epoch = wire.stream_epoch();
     match wire.deliver(&job.reply, &out.decision, out.json).await {
         Ok(()) => {
             counters.decided(path, out.decision.action);
             counters.end_to_end_time(path, job.received_at.elapsed().as_secs_f64());
-            // Acknowledged only once the decision is on its way, on the same connection:
-            // a crash before this line means a redelivery, answered from the dedupe table.
-            if let Some((_, ack)) = job.js.take() {
-                // Fault injection for tests (feature `failpoints`): an acknowledgement
-                // lost on the way, so the message comes again after `ack_wait`.
-                fail::fail_point!("ack", out.decision.id.starts_with("failpoint-"), |_| {});
-                if let Err(e) = ack.ack().await {
-                    counters.ack_error();
-                    tracing::warn!(error = %e, id = %out.decision.id, "could not acknowledge");
-                }
-            }
+            // Acknowledged only once the server has read the decision: a crash or a
+            // broken connection before that means a redelivery, answered from the
+            // dedupe table.
+            hand_ack(acks, job, epoch);
         }
         Err(e) => {
             counters.publish_error();
@@ -1690,7 +1724,13 @@ async fn failed(wire: &Wire, counters: &Counters, job: &mut Job, path: IntakePat
 /// Logged with its id, since it means a switch that reuses ids (wrapped counters, two
 /// terminals with one id range), whose transactions would otherwise have been answered
 /// with another transaction's decision.
-async fn id_reused(wire: &Wire, counters: &Counters, job: &mut Job, path: IntakePath) {
+async fn id_reused(
+    wire: &Wire,
+    counters: &Counters,
+    acks: Option<&AckTx>,
+    job: &mut Job,
+    path: IntakePath,
+) {
     counters.invalid(ErrorCode::IdReused);
     // A switch whose counter wrapped sends them by the thousand: one line per 10 s, with
     // how many more there were (the metric counts each).
@@ -1703,6 +1743,7 @@ async fn id_reused(wire: &Wire, counters: &Counters, job: &mut Job, path: Intake
             "transaction id reused within the dedupe horizon for another payment; refused (id_reused)"
         );
     }
+    let epoch = wire.stream_epoch();
     let sent = refuse(wire, job, &transport::Refusal::id_reused(&job.txn.id)).await;
     if sent.is_err() {
         // With JetStream, not acknowledged: it comes again after `ack_wait`, is refused
@@ -1710,11 +1751,7 @@ async fn id_reused(wire: &Wire, counters: &Counters, job: &mut Job, path: Intake
         counters.publish_error();
         return;
     }
-    if let Some((_, ack)) = job.js.take() {
-        if ack.ack().await.is_err() {
-            counters.ack_error();
-        }
-    }
+    hand_ack(acks, job, epoch);
 }
 
 /// Lets through at most one event per interval (a log line that could come for every
@@ -1761,6 +1798,128 @@ async fn refuse(
         Reply::Check(Some(inbox)) => wire.reply_error(inbox.clone(), why).await,
         Reply::Check(None) => Ok(()),
         Reply::Stream => wire.publish_refused(&job.txn, why).await,
+    }
+}
+
+/// A JetStream message whose decision (or refusal) was handed to the stream connection
+/// while it was connection `epoch` ([`Wire::stream_epoch`]): acknowledged by [`acker`]
+/// once the server is known to have read what was handed over.
+struct Handed {
+    epoch: u64,
+    ack: transport::Ack,
+    at: Instant,
+    /// Fault injection for tests: the transaction's id starts with `failpoint-`.
+    #[cfg(feature = "failpoints")]
+    failpoint: bool,
+}
+
+impl Handed {
+    fn new(epoch: u64, ack: transport::Ack, _id: &str) -> Self {
+        Handed {
+            epoch,
+            ack,
+            at: Instant::now(),
+            #[cfg(feature = "failpoints")]
+            failpoint: _id.starts_with("failpoint-"),
+        }
+    }
+}
+
+type AckTx = mpsc::UnboundedSender<Handed>;
+
+/// Fault injection for tests: whether fail point `name` is set for this acknowledgement
+/// (its transaction's id starts with `failpoint-`).
+#[cfg(feature = "failpoints")]
+fn injected(name: &str, h: &Handed) -> bool {
+    h.failpoint && fail::eval(name, |_| ()).is_some()
+}
+
+#[cfg(not(feature = "failpoints"))]
+fn injected(_: &str, _: &Handed) -> bool {
+    false
+}
+
+/// Hands `job`'s acknowledgement (JetStream intake only) to the acker, for what was
+/// published for it on connection `epoch`.
+fn hand_ack(acks: Option<&AckTx>, job: &mut Job, epoch: u64) {
+    if let (Some((_, ack)), Some(tx)) = (job.js.take(), acks) {
+        // The acker gone (it ended: the service is stopping): not acknowledged, so the
+        // message comes again and is answered from the dedupe table.
+        let _ = tx.send(Handed::new(epoch, ack, &job.txn.id));
+    }
+}
+
+/// How long a confirming round trip may take, and the shortest time between two: under
+/// load one round trip covers every acknowledgement handed over meanwhile, and at a
+/// trickle there are at most a few hundred a second of them.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(2);
+const CONFIRM_EVERY: Duration = Duration::from_millis(2);
+
+/// Acknowledges JetStream messages once the server has read their decisions.
+///
+/// A publish returns once the client has queued it. If the connection breaks, what it
+/// had not yet delivered is dropped, while what is still queued goes out on the next
+/// connection; an ack sent right after its decision could then reach the server without
+/// the decision, and the transaction would be lost though acknowledged. So the workers
+/// hand each acknowledgement over with the connection its decision went out on, and this
+/// task acknowledges in rounds: one request round trip on the stream connection
+/// ([`Wire::stream_read_on`]) proves the server read everything handed over before it on
+/// that same connection; acknowledgements from an earlier connection are withheld (the
+/// messages come again after `ack_wait` and are answered from the dedupe table, counted
+/// once). Without an answer the round is tried again, until `ack_wait` has passed (the
+/// message is then delivered again anyway). Ends when every sender is gone (the workers
+/// and the stream intake, at shutdown) and nothing is left waiting.
+async fn acker(
+    mut rx: mpsc::UnboundedReceiver<Handed>,
+    wire: Wire,
+    counters: Arc<Counters>,
+    ack_wait: Duration,
+) {
+    let mut waiting: Vec<Handed> = Vec::new();
+    loop {
+        if waiting.is_empty() {
+            match rx.recv().await {
+                Some(h) => waiting.push(h),
+                None => break,
+            }
+        }
+        // Everything handed over meanwhile rides on this round.
+        while let Ok(h) = rx.try_recv() {
+            waiting.push(h);
+        }
+        let started = tokio::time::Instant::now();
+        let epoch = wire.stream_epoch();
+        let read = wire.stream_read_on(epoch, CONFIRM_TIMEOUT).await;
+        let mut kept = Vec::new();
+        for h in waiting.drain(..) {
+            // Fault injection for tests (feature `failpoints`): `ack`, an acknowledgement
+            // lost on the way; `ack_reconnect`, a decision handed to a connection that was
+            // replaced before the server confirmed it.
+            let lost = injected("ack", &h);
+            let replaced = injected("ack_reconnect", &h);
+            if h.epoch != epoch || replaced || (!read && h.at.elapsed() >= ack_wait) {
+                counters.ack_withheld();
+            } else if !read {
+                kept.push(h);
+            } else if !lost {
+                if let Err(e) = h.ack.ack().await {
+                    counters.ack_error();
+                    tracing::warn!(error = %e, "could not acknowledge");
+                }
+            }
+        }
+        waiting = kept;
+        if !waiting.is_empty() {
+            static LOG: Throttle = Throttle::new();
+            if let Some(more) = LOG.pass(now_ms(), 10_000) {
+                tracing::warn!(
+                    waiting = waiting.len(),
+                    rounds_since_last_line = more,
+                    "the server did not confirm that it read the published decisions; their acknowledgements wait"
+                );
+            }
+        }
+        tokio::time::sleep_until(started + CONFIRM_EVERY).await;
     }
 }
 

@@ -46,6 +46,7 @@ pub mod names {
     pub const CAPPED_KEYS: &str = "fraudgate_state_capped_keys_total";
     pub const REPLAYED: &str = "fraudgate_replayed_transactions_total";
     pub const ACK_ERRORS: &str = "fraudgate_jetstream_ack_errors_total";
+    pub const ACKS_WITHHELD: &str = "fraudgate_jetstream_acks_withheld_total";
     pub const IN_FLIGHT: &str = "fraudgate_in_flight";
     pub const NATS_CONNECTED: &str = "fraudgate_nats_connected";
     pub const NATS_RECONNECTS: &str = "fraudgate_nats_reconnects_total";
@@ -200,6 +201,11 @@ fn describe() {
         ACK_ERRORS,
         Unit::Count,
         "JetStream acknowledgements that could not be sent (the message is delivered again and answered from the dedupe table)."
+    );
+    describe_counter!(
+        ACKS_WITHHELD,
+        Unit::Count,
+        "JetStream acknowledgements not sent because the server did not confirm, on the same connection, that it had read the message's decision (a reconnect in between, or no answer within ack_wait): the message is delivered again and answered from the dedupe table."
     );
     describe_counter!(
         DUPLICATES,
@@ -436,6 +442,7 @@ pub struct Counters {
     snapshot_every: AtomicU64,
     replayed: [Both; 2],
     ack_errors: Both,
+    acks_withheld: Both,
     /// Stalls reported by the watchdog: [worker, runtime].
     stalls: [Both; 2],
     // No gauge handles are kept: the exporter deletes a gauge nobody set for its idle
@@ -492,6 +499,7 @@ pub struct Snapshot {
     /// Re-applied at start from JetStream: [check, stream].
     pub replayed: [u64; 2],
     pub ack_errors: u64,
+    pub acks_withheld: u64,
     /// Stalls reported by the watchdog: [worker, runtime].
     pub stalls: [u64; 2],
 }
@@ -565,6 +573,7 @@ impl Counters {
             snapshot_every: AtomicU64::new(0),
             replayed: path_counter(REPLAYED),
             ack_errors: Both::new(counter!(ACK_ERRORS)),
+            acks_withheld: Both::new(counter!(ACKS_WITHHELD)),
             stalls: STALL_KINDS.map(|k| Both::new(counter!(STALLS, "kind" => k))),
             decision_seconds: Path::ALL.map(|p| histogram!(DECISION_SECONDS, "path" => p.as_str())),
             end_to_end_seconds: Path::ALL
@@ -585,6 +594,9 @@ impl Counters {
     }
     pub fn ack_error(&self) {
         self.ack_errors.inc();
+    }
+    pub fn ack_withheld(&self) {
+        self.acks_withheld.inc();
     }
     /// The watchdog found a worker (`runtime` false) or the runtime stalled.
     pub fn stall(&self, runtime: bool) {
@@ -904,6 +916,7 @@ impl Counters {
             snapshots_failed: self.snapshots_failed.get(),
             replayed: [self.replayed[0].get(), self.replayed[1].get()],
             ack_errors: self.ack_errors.get(),
+            acks_withheld: self.acks_withheld.get(),
             stalls: [self.stalls[0].get(), self.stalls[1].get()],
         }
     }
@@ -1158,6 +1171,7 @@ mod tests {
             CAPPED_KEYS,
             REPLAYED,
             ACK_ERRORS,
+            ACKS_WITHHELD,
             NATS_RECONNECTS,
             NATS_DISCONNECTS,
             NATS_SLOW_CONSUMER,

@@ -31,6 +31,10 @@ pub const HEADER_ERROR: &str = "Fraudgate-Error";
 /// is its full length in bytes.
 pub const HEADER_TRUNCATED: &str = "Fraudgate-Truncated";
 
+/// The JetStream API's account info: what [`Wire::stream_read_on`] asks for its round
+/// trip.
+const CONFIRM_SUBJECT: &str = "$JS.API.INFO";
+
 // Built once: a header name made from a `&str` is copied into a fresh allocation on every
 // message.
 const NAME_MSG_ID: HeaderName = HeaderName::from_static(HEADER_MSG_ID);
@@ -326,9 +330,9 @@ impl Wire {
     /// Errors are returned for counting. Publishes made while disconnected wait in the
     /// client and go out after the reconnect; those already written into the broken
     /// connection's buffer are gone with it (async-nats drops it), though they returned
-    /// `Ok`. A JetStream message's ack follows its decision on the same connection, so it
-    /// is lost with it and the message comes again (answered from the retry table); a core
-    /// `fraud.txn` decision is lost.
+    /// `Ok`. A JetStream message is acknowledged only once the server has confirmed it
+    /// read the decision ([`Wire::stream_read_on`]), so it comes again (answered from the
+    /// retry table); a core `fraud.txn` decision is lost.
     ///
     /// A reply is the bare JSON: it goes to one requester, whose body already holds the
     /// id, action and rules version. Headers cost 5-10 % of request-reply throughput (a
@@ -457,6 +461,41 @@ impl Wire {
         };
         conn.statistics().in_messages.load(Relaxed)
     }
+
+    /// Which connection the stream client is on: its count of connects, which a
+    /// reconnect raises before anything goes out on the new connection.
+    pub fn stream_epoch(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stream.statistics().connects.load(Relaxed)
+    }
+
+    /// Whether the server has read everything handed to the stream connection before this
+    /// call, on connection `epoch` (from [`Wire::stream_epoch`], read before those
+    /// publishes). A publish returns once the client has queued it, and a reconnect drops
+    /// what the broken connection had not yet delivered while what is still queued goes
+    /// out on the next one: an ack sent after its decision may reach the server even
+    /// though the decision did not. A request is answered only after the server has read
+    /// what came before it on the same connection, so an answer with the connect count
+    /// unchanged proves that everything before it arrived. The request is JetStream's
+    /// account info: the engine is allowed the JetStream API anyway (it pulls and reads
+    /// its consumer), where a subject of its own might be refused by the account's
+    /// permissions. `false` on no answer within `timeout`, an error, or a reconnect.
+    pub async fn stream_read_on(&self, epoch: u64, timeout: Duration) -> bool {
+        if self.stream_epoch() != epoch {
+            return false;
+        }
+        use async_nats::RequestErrorKind as K;
+        // Any answer will do, whatever it says (its body is not read: no version of the
+        // server's account-info reply can fail to parse), and so does the server's own
+        // "no responders".
+        let request = self.stream.request(CONFIRM_SUBJECT, Bytes::new());
+        let answered = match tokio::time::timeout(timeout, request).await {
+            Ok(Ok(_)) => true,
+            Ok(Err(e)) => e.kind() == K::NoResponders,
+            Err(_) => false,
+        };
+        answered && self.stream_epoch() == epoch
+    }
 }
 
 /// The streams and the durable consumer of JetStream intake, as found or created at start.
@@ -505,9 +544,9 @@ pub enum ReplayFrom {
 pub struct Ack(async_nats::jetstream::message::Acker);
 
 impl Ack {
-    /// Fire-and-forget `+ACK` on the stream connection, after the decision's publish on
-    /// the same connection (so the server sees the decision first). A lost ack means a
-    /// redelivery, which the dedupe table answers with the same decision.
+    /// Fire-and-forget `+ACK` on the stream connection, once the server has confirmed it
+    /// read the decision (the service's acker). A lost ack means a redelivery, which the
+    /// dedupe table answers with the same decision.
     pub async fn ack(self) -> Result<(), String> {
         self.0.ack().await.map_err(|e| e.to_string())
     }

@@ -885,6 +885,57 @@ async fn a_failed_decision_is_forwarded_once_and_not_delivered_again() {
     assert_eq!(stopped["fields"]["decision_failures"].as_u64(), Some(1));
 }
 
+/// A decision handed to a stream connection that is replaced before the server confirms
+/// it read it (a fail point for ids starting with `failpoint-`: the acker sees the
+/// connection changed): its acknowledgement is withheld, the message comes again after
+/// `ack_wait` and is answered from the retry table with the same decision, counted once.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_whose_decision_went_to_a_replaced_connection_is_withheld() {
+    let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
+    let dir = Scratch::new("js-withheld");
+    let snap = dir.0.join("s.snap");
+    let engine = Engine::start_env(
+        &nats.url(),
+        &js_config("fraudgate", &snap, "60s"),
+        &[("FAILPOINTS", "ack_reconnect=1*return")],
+    )
+    .await;
+    let c = client(&nats.url()).await;
+    let js = jetstream::new(c.clone());
+    let mut decisions = c.subscribe("fraud.decision.>").await.unwrap();
+    c.flush().await.unwrap();
+    let ts = fraudgate::service::now_ms();
+    let body = txn_at("failpoint-withheld", "4111111111119006", "10", ts);
+    js_publish(&js, "failpoint-withheld", body).await;
+    // For 8 s: the redelivery comes 2 s after the first, and no other after it.
+    let mut seen = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(8);
+    while let Ok(Some(m)) = tokio::time::timeout_at(until, decisions.next()).await {
+        seen.push(m.payload);
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "decided, then answered again after ack_wait (2 s)"
+    );
+    assert_eq!(seen[0], seen[1], "the redelivery got another decision");
+    drained(&js, "fraudgate").await;
+    let engine = stop(engine).await;
+    let stopped = engine.stopped_line();
+    assert_eq!(
+        stopped["fields"]["acks_withheld"].as_u64(),
+        Some(1),
+        "{stopped}"
+    );
+    let counts: Vec<String> = windows_in(&snap, fraudgate::service::now_ms())
+        .into_iter()
+        .filter(|(w, _, _)| w == "card_txn_1h")
+        .map(|(_, _, v)| v)
+        .collect();
+    assert_eq!(counts, ["1"], "the card counted once");
+}
+
 /// A JetStream transaction under an id the engine decided within the retry horizon, with
 /// other content (the stream deduplicates on `Nats-Msg-Id`, which the publisher set
 /// otherwise): forwarded to fraud.invalid as `id_reused`, acknowledged, not delivered
@@ -1044,4 +1095,58 @@ async fn an_existing_consumers_ack_wait_is_checked_against_the_retry_horizon() {
     c.flush().await.unwrap();
     js_publish(&js, "aw-1", txn_at("aw-1", "4111111111119200", "10", ts)).await;
     assert_eq!(decision_id(&mut decisions, &engine).await, "aw-1");
+}
+
+/// The acker's proof that the server read the decisions before their acks go out: a
+/// request round trip on the stream connection with its connect count unchanged. Against
+/// a real server restart: what was handed to the connection before the restart is never
+/// confirmed (a publish queued there may have been dropped with it), nor while the server
+/// is down; what goes out on the new connection is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_confirms_reading_only_on_the_connection_it_was_sent_on() {
+    use fraudgate::transport::{self, Wire};
+    let store = Scratch::new("js-confirm");
+    let port = fraudgate::demo::free_port().unwrap();
+    let nats = fraudgate::demo::NatsServer::start_on_store(port, &store.0)
+        .await
+        .unwrap();
+    let url = nats.url();
+    let counters = std::sync::Arc::new(fraudgate::telemetry::Counters::new());
+    let section = fraudgate::config::NatsSection::default();
+    let conn = |role| transport::connect(&section, &url, role, counters.clone());
+    let wire = Wire::new(
+        conn("check").await.unwrap(),
+        conn("stream").await.unwrap(),
+        Default::default(),
+        1 << 20,
+    );
+    let wait = Duration::from_secs(2);
+    let first = wire.stream_epoch();
+    assert!(
+        wire.stream_read_on(first, wait).await,
+        "a healthy connection"
+    );
+
+    nats.stop().await;
+    assert!(
+        !wire.stream_read_on(first, Duration::from_millis(500)).await,
+        "confirmed with the server down"
+    );
+    let _nats = fraudgate::demo::NatsServer::start_on_store(port, &store.0)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while wire.stream_epoch() == first && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let second = wire.stream_epoch();
+    assert_ne!(second, first, "the client did not reconnect");
+    assert!(
+        !wire.stream_read_on(first, wait).await,
+        "confirmed for the connection that was replaced"
+    );
+    assert!(
+        wire.stream_read_on(second, wait).await,
+        "the new connection"
+    );
 }
