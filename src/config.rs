@@ -343,6 +343,8 @@ mod tests {
             ("[snapshot]\ninterval = \"0s\"", "[snapshot] interval"),
             ("[nats]\nsubscription_capacity = 0", "subscription_capacity"),
             ("[nats]\nconnect_timeout = \"5\"", "connect_timeout"),
+            ("[nats]\nping_interval = \"100ms\"", "ping_interval"),
+            ("[nats]\nping_interval = \"5m\"", "ping_interval"),
             ("[limits]\nmax_payload = 0", "max_payload"),
             ("[jetstream]\nenabled = true\nack_wait = \"x\"", "ack_wait"),
         ] {
@@ -516,6 +518,10 @@ impl FileConfig {
             dur("[jetstream] ack_wait", &self.jetstream.ack_wait)?;
         }
         dur("[nats] connect_timeout", &self.nats.connect_timeout)?;
+        let ping = dur("[nats] ping_interval", &self.nats.ping_interval)?;
+        if !(Duration::from_millis(500)..=Duration::from_secs(60)).contains(&ping) {
+            return Err("[nats] ping_interval must be between 500ms and 60s".into());
+        }
         if self.nats.subscription_capacity == 0 {
             return Err("[nats] subscription_capacity must be at least 1".into());
         }
@@ -639,6 +645,12 @@ pub struct NatsSection {
     pub subscription_capacity: usize,
     /// Timeout of the first connection attempt, e.g. `5s`.
     pub connect_timeout: String,
+    /// How often the client pings the server; after two pings without an answer it
+    /// takes the connection for dead and reconnects. A half-open connection (a network
+    /// partition, a server host gone without a reset) is noticed after about three
+    /// intervals. The client's own default of 60 s left such an engine receiving nothing
+    /// and reporting itself connected for about 3 minutes, past the retry horizon.
+    pub ping_interval: String,
 }
 
 impl Default for NatsSection {
@@ -658,6 +670,7 @@ impl Default for NatsSection {
             tls_required: false,
             subscription_capacity: 65_536,
             connect_timeout: "5s".into(),
+            ping_interval: "5s".into(),
         }
     }
 }

@@ -161,6 +161,10 @@ pub async fn connect(
         .connection_timeout(
             parse_duration(&nats.connect_timeout)
                 .map_err(|e| TransportError::Config(format!("connect_timeout: {e}")))?,
+        )
+        .ping_interval(
+            parse_duration(&nats.ping_interval)
+                .map_err(|e| TransportError::Config(format!("ping_interval: {e}")))?,
         );
     match auth_plan(nats, &|k| std::env::var(k).ok())? {
         Auth::None => {}

@@ -673,6 +673,44 @@ async fn hot_reload_under_traffic_switches_version_and_loses_nothing() {
     assert_eq!(ok["action"], "approve");
 }
 
+/// A server that stops answering without closing the connection (frozen: as a network
+/// partition or a host gone without a reset looks to the client) is taken for gone after
+/// two unanswered pings, `[nats] ping_interval` apart, not after the client's default of
+/// about 3 minutes; when it answers again the engine decides again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_stops_answering_is_noticed_within_a_few_pings() {
+    let nats = nats().await;
+    let url = nats.url();
+    let pid = nats.pid().unwrap() as i32;
+    let config = format!("{CONFIG}[nats]\nping_interval = \"1s\"\n");
+    let engine = Engine::start_with(&url, &config).await;
+    // SAFETY: signals to the test's own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let frozen = std::time::Instant::now();
+    engine
+        .wait_log("NATS disconnected", Duration::from_secs(10))
+        .await;
+    let noticed = frozen.elapsed();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(
+        noticed < Duration::from_secs(10),
+        "noticed after {noticed:?}"
+    );
+    let c = client(&url).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut answered = false;
+    while !answered && std::time::Instant::now() < deadline {
+        let body = Bytes::from(txn("frozen-1", "4111111111115003", "1"));
+        let r = tokio::time::timeout(Duration::from_secs(2), c.request("fraud.check", body)).await;
+        answered = matches!(r, Ok(Ok(_)));
+    }
+    assert!(
+        answered,
+        "no decision after the server answered again:\n{}",
+        engine.log_text()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn engine_reconnects_after_nats_restarts() {
     let nats = nats().await;
@@ -1651,8 +1689,11 @@ async fn the_final_snapshot_is_written_when_nats_hangs_at_shutdown() {
     let nats = nats().await;
     let dir = Scratch::new("hang-snap");
     let path = dir.0.join("fraudgate.snap");
+    // The longest ping interval: the client ends a subscription's drain at its next
+    // wake-up (it does not wait for the server), and a ping is one, so with the default
+    // of 5 s the drain would end before its budget and this would not test the budget.
     let config = format!(
-        "{CONFIG}\n[snapshot]\npath = {:?}\ninterval = \"1h\"\n",
+        "{CONFIG}\n[nats]\nping_interval = \"60s\"\n[snapshot]\npath = {:?}\ninterval = \"1h\"\n",
         path.display().to_string()
     );
     let engine = Engine::start_with(&nats.url(), &config).await;
