@@ -142,13 +142,18 @@ impl SumOf {
         match *self {
             SumOf::Amount => Some(c.txn.amount),
             // Attribute values get the same bounds as amounts before they are summed, so a
-            // window sum can never overflow (an out-of-range value adds nothing).
+            // window sum can never overflow (an out-of-range value adds nothing). Trailing
+            // zeros are no precision, as in an amount: `12.500000000` adds 12.5.
             SumOf::Attr(i) => match c.attrs[i] {
-                Some(AttrValue::Num(d))
-                    if d.scale() <= crate::txn::MAX_AMOUNT_SCALE
-                        && d.abs() < Decimal::from(crate::txn::MAX_AMOUNT) =>
-                {
-                    Some(*d)
+                Some(AttrValue::Num(d)) => {
+                    let d = if d.scale() > crate::txn::MAX_AMOUNT_SCALE {
+                        d.normalize()
+                    } else {
+                        *d
+                    };
+                    (d.scale() <= crate::txn::MAX_AMOUNT_SCALE
+                        && d.abs() < Decimal::from(crate::txn::MAX_AMOUNT))
+                    .then_some(d)
                 }
                 _ => None,
             },

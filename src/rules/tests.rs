@@ -262,6 +262,36 @@ score = 1
     assert_eq!(get("d"), Some("0"), "{values:?}");
 }
 
+/// A number attribute summed by a window takes the bounds of an amount, and trailing
+/// zeros past the eighth decimal are no precision (as in `amount`); a ninth significant
+/// decimal, or a value past the amount limit, adds nothing.
+#[test]
+fn attribute_sums_take_padded_decimals_as_amounts_do() {
+    // Right after the header's `[attrs]` table: one more attribute of it.
+    let body = r##"
+fee = "number"
+[windows]
+fees = { agg = "sum", of = "attrs.fee", by = "card", over = "1h" }
+[[rule]]
+id = "r"
+description = "d"
+when = "fees > 1"
+score = 1
+"##;
+    for (fee, sum) in [
+        ("12.500000000", "12.5"),
+        ("12.50000000", "12.50000000"),
+        ("0.000000001", "0"),
+        ("1000000000000000", "0"),
+    ] {
+        let mut t = Transaction::new("x", "4111111111111111", Decimal::new(1, 0));
+        let fee: Decimal = fee.parse().unwrap();
+        t.attrs = vec![("fee".into(), AttrValue::Num(fee))];
+        let values = window_values_after(compile_ok(body), &t);
+        assert_eq!(values.get("fees").map(String::as_str), Some(sum), "{fee}");
+    }
+}
+
 /// Every window's value (by window name) in a fresh engine on `rs` after deciding `t`.
 fn window_values_after(rs: RuleSet, t: &Transaction) -> BTreeMap<String, String> {
     let e = crate::engine::Engine::new(rs, crate::config::EngineConfig::default());
