@@ -98,6 +98,11 @@ pub struct GenConfig {
     /// runs of one seed against one engine need different ids, or the second is answered
     /// from the engine's retry table (the originals' decisions, nothing counted).
     pub run_tag: String,
+    /// The engine's time zone as its offset from UTC, in seconds (east positive): the
+    /// day's profile and the high-risk night are the engine's local hours, which its
+    /// `local_hour` reads. One offset for a run (a daylight-saving change inside it is
+    /// not followed).
+    pub utc_offset_s: i64,
 }
 
 impl Default for GenConfig {
@@ -112,6 +117,7 @@ impl Default for GenConfig {
             fraud_rate: 0.002,
             high_risk_regions: ["XA", "XB", "XC", "XD"].map(String::from).to_vec(),
             run_tag: String::new(),
+            utc_offset_s: 0,
         }
     }
 }
@@ -143,16 +149,28 @@ impl GenConfig {
     }
 }
 
-/// Relative card traffic by hour of the day (UTC), mean 1: quiet small hours, a midday
+/// Relative card traffic by local hour of the day, mean 1: quiet small hours, a midday
 /// and an early-evening peak.
 const HOURLY: [f64; 24] = [
     0.35, 0.22, 0.15, 0.12, 0.12, 0.18, 0.40, 0.75, 1.10, 1.35, 1.55, 1.66, 1.75, 1.65, 1.48, 1.42,
     1.48, 1.67, 1.72, 1.50, 1.25, 0.95, 0.70, 0.48,
 ];
 
-/// The traffic rate at event time `ts_ms` relative to the day's mean.
-pub fn day_weight(ts_ms: i64) -> f64 {
-    HOURLY[(ts_ms.rem_euclid(86_400_000) / 3_600_000) as usize]
+/// The traffic rate at local time `local_ms` (event time plus the zone's offset)
+/// relative to the day's mean.
+pub fn day_weight(local_ms: i64) -> f64 {
+    HOURLY[(local_ms.rem_euclid(86_400_000) / 3_600_000) as usize]
+}
+
+/// The offset from UTC (seconds, east positive) of time zone `tz` (an IANA name, as in
+/// `[engine] timezone`) at `at_ms`; `None` for a name that is not a zone.
+pub fn utc_offset_s(tz: &str, at_ms: i64) -> Option<i64> {
+    use chrono::{Offset, TimeZone};
+    let tz: chrono_tz::Tz = tz.parse().ok()?;
+    let at = chrono::DateTime::from_timestamp_millis(at_ms)?.naive_utc();
+    Some(i64::from(
+        tz.offset_from_utc_datetime(&at).fix().local_minus_utc(),
+    ))
 }
 
 /// Event times of `count` transactions of `cfg`'s traffic, the last at `end_ms`, oldest
@@ -162,12 +180,13 @@ pub fn day_weight(ts_ms: i64) -> f64 {
 pub fn timeline(cfg: &GenConfig, end_ms: i64, count: usize) -> Vec<i64> {
     let mut rng = Rng::new(cfg.seed ^ 0x5449_4d45);
     let mean = cfg.mean_gap_ms();
+    let offset_ms = cfg.utc_offset_s * 1_000;
     let mut t = end_ms as f64;
     let mut times = Vec::with_capacity(count);
     for _ in 0..count {
         times.push(t as i64);
         // Going back: the gap before an event follows the rate at its hour.
-        t -= -(1.0 - rng.unit()).ln() * mean / day_weight(t as i64);
+        t -= -(1.0 - rng.unit()).ln() * mean / day_weight(t as i64 + offset_ms);
     }
     times.reverse();
     times
@@ -197,8 +216,10 @@ impl Rng {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
     /// Skewed pick in 0..n: small indexes are much more popular (approximately Zipf).
+    /// `(n + 1)^u - 1` spans `[0, n)`, so every index can come up (with `n^u - 1` the
+    /// last one never did: 39 regions of 40).
     pub fn skewed(&mut self, n: u64) -> u64 {
-        ((n as f64).powf(self.unit()) - 1.0) as u64 % n.max(1)
+        ((n as f64 + 1.0).powf(self.unit()) - 1.0) as u64 % n.max(1)
     }
     /// Approximately standard normal (sum of four uniforms).
     pub fn normal(&mut self) -> f64 {
@@ -435,9 +456,10 @@ impl Generator {
                 }
             }
             Pattern::HighRiskNight => {
-                // 02:00-03:59 UTC, from a high-risk region: the last such night time, never
-                // a time still to come.
-                let day = now_ms.div_euclid(86_400_000) * 86_400_000;
+                // 02:00-03:59 local time, from a high-risk region: the last such night
+                // time, never a time still to come.
+                let offset_ms = self.cfg.utc_offset_s * 1_000;
+                let day = (now_ms + offset_ms).div_euclid(86_400_000) * 86_400_000 - offset_ms;
                 let mut ts = day + 7_200_000 + self.rng.below(7_200_000) as i64;
                 if ts > now_ms {
                     ts = if now_ms - day >= 7_200_000 {
@@ -497,6 +519,20 @@ impl Generator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every index of a skewed pick comes up (the last one did not: 39 regions of 40),
+    /// the first most often.
+    #[test]
+    fn skewed_picks_reach_every_index_and_favour_the_first() {
+        let mut r = Rng::new(7);
+        let mut seen = [0u32; 5];
+        for _ in 0..100_000 {
+            seen[r.skewed(5) as usize] += 1;
+        }
+        assert!(seen.iter().all(|&n| n > 0), "{seen:?}");
+        assert!(seen.windows(2).all(|w| w[0] > w[1]), "{seen:?}");
+        assert_eq!(Rng::new(7).skewed(1), 0);
+    }
 
     #[test]
     fn ids_carry_the_run_tag() {
@@ -608,26 +644,71 @@ mod tests {
         assert!(fast.0 > 1_000 && fast.1 < 5_000, "{fast:?}");
     }
 
+    /// At 02:00-03:59 in the engine's time zone (UTC, five hours east, seven west), and
+    /// never dated in the future.
     #[test]
-    fn night_fraud_is_never_dated_in_the_future() {
-        let day = 1_795_651_200_000; // a midnight, UTC
-        for (i, now) in [day + 3_600_000, day + 3 * 3_600_000, day + 12 * 3_600_000]
-            .into_iter()
-            .enumerate()
-        {
-            let mut g = Generator::new(GenConfig {
-                seed: i as u64,
-                ..GenConfig::default()
-            });
-            for _ in 0..50 {
-                g.inject(Pattern::HighRiskNight, now);
-            }
-            while let Some((_, l)) = g.pending.pop_front() {
-                let ts = l.txn.ts_ms.unwrap();
-                assert!(ts <= now, "{ts} > {now}");
-                let hour = ts.rem_euclid(86_400_000) / 3_600_000;
-                assert!((2..4).contains(&hour) || ts == now, "hour {hour}");
+    fn night_fraud_is_at_local_night_and_never_dated_in_the_future() {
+        for offset_h in [0i64, 5, -7] {
+            let off = offset_h * 3_600_000;
+            let day = 1_795_651_200_000 - off; // a local midnight
+            for (i, now) in [day + 3_600_000, day + 3 * 3_600_000, day + 12 * 3_600_000]
+                .into_iter()
+                .enumerate()
+            {
+                let mut g = Generator::new(GenConfig {
+                    seed: i as u64,
+                    utc_offset_s: offset_h * 3_600,
+                    ..GenConfig::default()
+                });
+                for _ in 0..50 {
+                    g.inject(Pattern::HighRiskNight, now);
+                }
+                while let Some((_, l)) = g.pending.pop_front() {
+                    let ts = l.txn.ts_ms.unwrap();
+                    assert!(ts <= now, "{ts} > {now}");
+                    let hour = (ts + off).rem_euclid(86_400_000) / 3_600_000;
+                    assert!(
+                        (2..4).contains(&hour) || ts == now,
+                        "{offset_h}: hour {hour}"
+                    );
+                }
             }
         }
+    }
+
+    #[test]
+    fn a_zones_offset_is_read_at_the_time_asked() {
+        let winter = 1_795_651_200_000; // 2026-11-27
+        let summer = winter - 150 * 86_400_000;
+        assert_eq!(utc_offset_s("UTC", winter), Some(0));
+        assert_eq!(utc_offset_s("Europe/Berlin", winter), Some(3_600));
+        assert_eq!(utc_offset_s("Europe/Berlin", summer), Some(7_200));
+        assert_eq!(utc_offset_s("America/New_York", winter), Some(-5 * 3_600));
+        assert_eq!(utc_offset_s("Mars/Olympus", winter), None);
+    }
+
+    /// The day's profile follows the engine's local hours: with the zone ten hours east,
+    /// fewer events in the UTC hour that is 03:00 there than in the one that is noon.
+    #[test]
+    fn the_days_profile_is_in_local_hours() {
+        let cfg = GenConfig {
+            utc_offset_s: 10 * 3_600,
+            ..GenConfig::default()
+        };
+        let midnight = 1_795_651_200_000; // UTC
+                                          // About a day of events, ending at the next UTC midnight.
+        let times = timeline(&cfg, midnight + 86_400_000, 1_000_000);
+        let in_hour = |from: i64| {
+            times
+                .iter()
+                .filter(|&&t| (from..from + 3_600_000).contains(&t))
+                .count()
+        };
+        // 03:00 local = 17:00 UTC; noon local = 02:00 UTC.
+        let (night, noon) = (
+            in_hour(midnight + 17 * 3_600_000),
+            in_hour(midnight + 2 * 3_600_000),
+        );
+        assert!(night * 4 < noon, "{night} {noon}");
     }
 }

@@ -44,6 +44,10 @@ use tokio::sync::Semaphore;
 use crate::config::SubjectsSection;
 use crate::loadgen::{GenConfig, Generator, Pattern};
 
+/// The longest `timeout` of a run: its latency histogram (µs) ends there, so a later
+/// answer or a timeout is still in the percentiles.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(600);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LoadPath {
     Check,
@@ -252,7 +256,8 @@ impl Tally {
             errors: AtomicU64::new(0),
             timeouts: AtomicU64::new(0),
             inner: Mutex::new(TallyInner {
-                hist: Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid bounds"),
+                hist: Histogram::new_with_bounds(1, MAX_TIMEOUT.as_micros() as u64, 3)
+                    .expect("valid bounds"),
                 actions: [0; 3],
                 patterns: HashMap::new(),
                 instances: HashMap::new(),
@@ -267,9 +272,11 @@ impl Tally {
     fn answer(&self, body: &[u8], latency: Duration, label: Label) {
         let action = action_of(body);
         let mut t = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        t.last_answer = Some(Instant::now());
         match action {
             Some(i) => {
+                // The throughput is decisions over the time to the last of them: an error
+                // answered later does not stretch it.
+                t.last_answer = Some(Instant::now());
                 self.answered.fetch_add(1, Relaxed);
                 let _ = t.hist.record((latency.as_micros() as u64).max(1));
                 t.actions[i] += 1;

@@ -15,6 +15,12 @@ use fraudgate::{Engine, EngineConfig, Transaction};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Bounds of `loadgen`: far past what one machine sends, and short of a run whose
+/// transactions (made before it starts, a few hundred bytes each) would take all memory.
+const MAX_LOAD_RATE: f64 = 1_000_000.0;
+const MAX_IN_FLIGHT: u64 = 1_000_000;
+const MAX_LOAD_COUNT: usize = 20_000_000;
+
 #[derive(Parser)]
 #[command(name = "fraudgate", version, about = "Real-time fraud-decision engine")]
 struct Cli {
@@ -477,27 +483,49 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 anyhow::bail!("--run-tag may hold letters, digits and `_` only");
             }
             let file = read_config(config.as_deref())?;
+            // The traffic's day and night are the engine's local hours (`[engine]
+            // timezone` of --config), which its rules' `local_hour` reads.
+            let utc_offset_s = match &file.engine.timezone {
+                Some(tz) => fraudgate::loadgen::utc_offset_s(tz, events_end_ms.unwrap_or(now))
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("[engine] timezone `{tz}` is not a time zone")
+                    })?,
+                None => 0,
+            };
             let path = match path.as_str() {
                 "check" => LoadPath::Check,
                 "stream" => LoadPath::Stream,
                 other => anyhow::bail!("--path must be `check` or `stream`, not `{other}`"),
             };
             let mode = match rate {
-                Some(r) if r > 0.0 => LoadMode::Open(r),
-                Some(_) => anyhow::bail!("--rate must be positive"),
-                None => LoadMode::Closed(concurrency as usize),
+                Some(r) if r > 0.0 && r <= MAX_LOAD_RATE => LoadMode::Open(r),
+                Some(_) => anyhow::bail!("--rate must be more than 0 and at most {MAX_LOAD_RATE}"),
+                None if (1..=MAX_IN_FLIGHT).contains(&concurrency) => {
+                    LoadMode::Closed(concurrency as usize)
+                }
+                None => anyhow::bail!("--concurrency must be from 1 to {MAX_IN_FLIGHT}"),
             };
             let count = count.unwrap_or(match rate {
                 Some(r) => ((r * 10.0) as usize).max(1),
                 None => 100_000,
             });
-            if count == 0 {
-                anyhow::bail!("--count must be at least 1");
+            if !(1..=MAX_LOAD_COUNT).contains(&count) {
+                // Every transaction is made before the run starts (a few hundred bytes
+                // each): more would take tens of GB.
+                anyhow::bail!("--count must be from 1 to {MAX_LOAD_COUNT}");
             }
             if !(0.0..=1.0).contains(&fraud_rate) {
                 anyhow::bail!("--fraud-rate is a share of transactions, from 0 to 1");
             }
             let timeout = parse_duration(&timeout).map_err(anyhow::Error::msg)?;
+            if timeout.is_zero() || timeout > fraudgate::loadrun::MAX_TIMEOUT {
+                // The latency histogram ends there: a longer timeout's losses would
+                // silently drop out of the percentiles.
+                anyhow::bail!(
+                    "--timeout must be more than 0s and at most {}s",
+                    fraudgate::loadrun::MAX_TIMEOUT.as_secs()
+                );
+            }
             let url = nats_url.unwrap_or_else(|| file.nats.url.clone());
             runtime()?.block_on(async {
                 let counters = std::sync::Arc::new(fraudgate::telemetry::Counters::default());
@@ -516,6 +544,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                             seed,
                             fraud_rate,
                             run_tag,
+                            utc_offset_s,
                             ..Default::default()
                         },
                         timeout,
