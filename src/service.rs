@@ -692,10 +692,16 @@ impl Running {
         // JetStream intake: the acknowledgements go through the acker.
         let (ack_tx, acker) = match &tracker {
             Some(_) => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                let task = acker(rx, wire.clone(), counters.clone(), ack_wait);
+                let (acks, rx) = Acks::new();
+                let probe = transport::confirm_subject(&js_cfg.stream, &js_cfg.consumer);
+                let task = acker(
+                    (rx, acks.outstanding.clone()),
+                    (wire.clone(), probe),
+                    counters.clone(),
+                    ack_wait,
+                );
                 (
-                    Some(tx),
+                    Some(acks),
                     Some(supervised("acker", task, &ended_tx, &stop_rx)),
                 )
             }
@@ -1082,7 +1088,7 @@ async fn intake_jetstream(
     wire: Wire,
     shards: Arc<Vec<Shard>>,
     counters: Arc<Counters>,
-    (tracker, acks): (Tracker, AckTx),
+    (tracker, acks): (Tracker, Acks),
     mut stop: watch::Receiver<bool>,
 ) {
     let path = IntakePath::Stream;
@@ -1117,12 +1123,14 @@ async fn intake_jetstream(
                     .is_some_and(|c| c != created)
             });
             if remade {
-                // The old stream's messages still queued are decided first (their acks go
-                // nowhere: no consumer yet): a new message of the same sequence taken
-                // meanwhile would share their entry in the tracker, and an old ack could
-                // acknowledge it.
+                // The old stream's messages still queued are decided and their acks sent
+                // first (they go nowhere: no consumer yet): a new message of the same
+                // sequence taken meanwhile would share their entry in the tracker, and an
+                // old ack could acknowledge it.
                 let until = Instant::now() + Duration::from_secs(10);
-                while !lock(&tracker).pending.is_empty() && Instant::now() < until {
+                while (!lock(&tracker).pending.is_empty() || acks.outstanding() > 0)
+                    && Instant::now() < until
+                {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
@@ -1223,7 +1231,7 @@ async fn intake_jetstream(
                         } else {
                             // After the server has read the forward, like a decision.
                             let id = e.id.as_deref().unwrap_or_default();
-                            let _ = acks.send(Handed::new(epoch, d.ack, id));
+                            acks.hand(Handed::new(epoch, d.ack, id));
                         }
                     }
                     Ok(txn) => {
@@ -1522,7 +1530,7 @@ async fn worker(
     engine: Arc<Engine>,
     wire: Wire,
     counters: Arc<Counters>,
-    js: Option<(Tracker, AckTx)>,
+    js: Option<(Tracker, Acks)>,
     (beats, k): (Arc<Beats>, usize),
 ) {
     let tracker = js.as_ref().map(|j| &j.0);
@@ -1630,7 +1638,7 @@ async fn decide_one(
     engine: &Engine,
     wire: &Wire,
     counters: &Counters,
-    (tracker, acks): (Option<&Tracker>, Option<&AckTx>),
+    (tracker, acks): (Option<&Tracker>, Option<&Acks>),
     job: &mut Job,
     path: IntakePath,
 ) {
@@ -1727,7 +1735,7 @@ async fn failed(wire: &Wire, counters: &Counters, job: &mut Job, path: IntakePat
 async fn id_reused(
     wire: &Wire,
     counters: &Counters,
-    acks: Option<&AckTx>,
+    acks: Option<&Acks>,
     job: &mut Job,
     path: IntakePath,
 ) {
@@ -1825,7 +1833,36 @@ impl Handed {
     }
 }
 
-type AckTx = mpsc::UnboundedSender<Handed>;
+/// Where the acknowledgements of decided JetStream messages go ([`acker`]), and how many
+/// are on their way there or waiting in it.
+#[derive(Clone)]
+struct Acks {
+    tx: mpsc::UnboundedSender<Handed>,
+    outstanding: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Acks {
+    fn new() -> (Acks, mpsc::UnboundedReceiver<Handed>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let outstanding = Arc::default();
+        (Acks { tx, outstanding }, rx)
+    }
+
+    fn hand(&self, h: Handed) {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.outstanding.fetch_add(1, SeqCst);
+        // The acker gone (it ended: the service is stopping): not acknowledged, so the
+        // message comes again and is answered from the dedupe table.
+        if self.tx.send(h).is_err() {
+            self.outstanding.fetch_sub(1, SeqCst);
+        }
+    }
+
+    /// Acknowledgements handed over and not yet sent or withheld.
+    fn outstanding(&self) -> usize {
+        self.outstanding.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
 
 /// Fault injection for tests: whether fail point `name` is set for this acknowledgement
 /// (its transaction's id starts with `failpoint-`).
@@ -1841,11 +1878,9 @@ fn injected(_: &str, _: &Handed) -> bool {
 
 /// Hands `job`'s acknowledgement (JetStream intake only) to the acker, for what was
 /// published for it on connection `epoch`.
-fn hand_ack(acks: Option<&AckTx>, job: &mut Job, epoch: u64) {
-    if let (Some((_, ack)), Some(tx)) = (job.js.take(), acks) {
-        // The acker gone (it ended: the service is stopping): not acknowledged, so the
-        // message comes again and is answered from the dedupe table.
-        let _ = tx.send(Handed::new(epoch, ack, &job.txn.id));
+fn hand_ack(acks: Option<&Acks>, job: &mut Job, epoch: u64) {
+    if let (Some((_, ack)), Some(acks)) = (job.js.take(), acks) {
+        acks.hand(Handed::new(epoch, ack, &job.txn.id));
     }
 }
 
@@ -1870,11 +1905,15 @@ const CONFIRM_EVERY: Duration = Duration::from_millis(2);
 /// message is then delivered again anyway). Ends when every sender is gone (the workers
 /// and the stream intake, at shutdown) and nothing is left waiting.
 async fn acker(
-    mut rx: mpsc::UnboundedReceiver<Handed>,
-    wire: Wire,
+    (mut rx, outstanding): (
+        mpsc::UnboundedReceiver<Handed>,
+        Arc<std::sync::atomic::AtomicUsize>,
+    ),
+    (wire, probe): (Wire, async_nats::Subject),
     counters: Arc<Counters>,
     ack_wait: Duration,
 ) {
+    let settled = || outstanding.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     let mut waiting: Vec<Handed> = Vec::new();
     loop {
         if waiting.is_empty() {
@@ -1889,7 +1928,7 @@ async fn acker(
         }
         let started = tokio::time::Instant::now();
         let epoch = wire.stream_epoch();
-        let read = wire.stream_read_on(epoch, CONFIRM_TIMEOUT).await;
+        let read = wire.stream_read_on(epoch, &probe, CONFIRM_TIMEOUT).await;
         let mut kept = Vec::new();
         for h in waiting.drain(..) {
             // Fault injection for tests (feature `failpoints`): `ack`, an acknowledgement
@@ -1901,12 +1940,14 @@ async fn acker(
                 counters.ack_withheld();
             } else if !read {
                 kept.push(h);
+                continue;
             } else if !lost {
                 if let Err(e) = h.ack.ack().await {
                     counters.ack_error();
                     tracing::warn!(error = %e, "could not acknowledge");
                 }
             }
+            settled();
         }
         waiting = kept;
         if !waiting.is_empty() {

@@ -31,10 +31,6 @@ pub const HEADER_ERROR: &str = "Fraudgate-Error";
 /// is its full length in bytes.
 pub const HEADER_TRUNCATED: &str = "Fraudgate-Truncated";
 
-/// The JetStream API's account info: what [`Wire::stream_read_on`] asks for its round
-/// trip.
-const CONFIRM_SUBJECT: &str = "$JS.API.INFO";
-
 // Built once: a header name made from a `&str` is copied into a fresh allocation on every
 // message.
 const NAME_MSG_ID: HeaderName = HeaderName::from_static(HEADER_MSG_ID);
@@ -480,19 +476,22 @@ impl Wire {
     /// out on the next one: an ack sent after its decision may reach the server even
     /// though the decision did not. A request is answered only after the server has read
     /// what came before it on the same connection, so an answer with the connect count
-    /// unchanged proves that everything before it arrived. The request is JetStream's
-    /// account info: the engine is allowed the JetStream API anyway (it pulls and reads
-    /// its consumer), where a subject of its own might be refused by the account's
-    /// permissions. `false` on no answer within `timeout`, an error, or a reconnect.
-    pub async fn stream_read_on(&self, epoch: u64, timeout: Duration) -> bool {
+    /// unchanged proves that everything before it arrived. The request is `probe`, the
+    /// info of the engine's own consumer ([`confirm_subject`]): the engine must be
+    /// allowed it anyway (it reads the consumer at start and before each snapshot),
+    /// where a subject of its own, or the account's info, might be refused by the
+    /// account's permissions; and in a cluster the consumer's leader answers it, the
+    /// server that takes the acks too. `false` on no answer within `timeout`, an error,
+    /// or a reconnect.
+    pub async fn stream_read_on(&self, epoch: u64, probe: &Subject, timeout: Duration) -> bool {
         if self.stream_epoch() != epoch {
             return false;
         }
         use async_nats::RequestErrorKind as K;
         // Any answer will do, whatever it says (its body is not read: no version of the
-        // server's account-info reply can fail to parse), and so does the server's own
-        // "no responders".
-        let request = self.stream.request(CONFIRM_SUBJECT, Bytes::new());
+        // server's reply can fail to parse), and so does the server's own "no
+        // responders".
+        let request = self.stream.request(probe.clone(), Bytes::new());
         let answered = match tokio::time::timeout(timeout, request).await {
             Ok(Ok(_)) => true,
             Ok(Err(e)) => e.kind() == K::NoResponders,
@@ -579,6 +578,12 @@ pub struct Delivered {
     pub seq: u64,
     pub stored_ms: i64,
     pub ack: Ack,
+}
+
+/// The request [`Wire::stream_read_on`] makes: the info of consumer `consumer` of stream
+/// `stream`.
+pub fn confirm_subject(stream: &str, consumer: &str) -> Subject {
+    Subject::from(format!("$JS.API.CONSUMER.INFO.{stream}.{consumer}"))
 }
 
 /// A server time stamp as epoch milliseconds.

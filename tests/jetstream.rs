@@ -1121,20 +1121,35 @@ async fn the_server_confirms_reading_only_on_the_connection_it_was_sent_on() {
         1 << 20,
     );
     let wait = Duration::from_secs(2);
+    // No such consumer here: the server's "not found" is an answer too.
+    let probe = transport::confirm_subject("FRAUD_TXN", "fraudgate");
     let first = wire.stream_epoch();
     assert!(
-        wire.stream_read_on(first, wait).await,
+        wire.stream_read_on(first, &probe, wait).await,
         "a healthy connection"
     );
 
     nats.stop().await;
     assert!(
-        !wire.stream_read_on(first, Duration::from_millis(500)).await,
+        !wire
+            .stream_read_on(first, &probe, Duration::from_millis(500))
+            .await,
         "confirmed with the server down"
     );
+    // A round trip asked while the server is down goes out on the next connection and
+    // is answered there: that answer proves nothing about the connection before.
+    let asked = {
+        let (wire, probe) = (wire.clone(), probe.clone());
+        tokio::spawn(async move {
+            wire.stream_read_on(first, &probe, Duration::from_secs(30))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let _nats = fraudgate::demo::NatsServer::start_on_store(port, &store.0)
         .await
         .unwrap();
+    assert!(!asked.await.unwrap(), "confirmed across the reconnect");
     let deadline = Instant::now() + Duration::from_secs(20);
     while wire.stream_epoch() == first && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1142,11 +1157,11 @@ async fn the_server_confirms_reading_only_on_the_connection_it_was_sent_on() {
     let second = wire.stream_epoch();
     assert_ne!(second, first, "the client did not reconnect");
     assert!(
-        !wire.stream_read_on(first, wait).await,
+        !wire.stream_read_on(first, &probe, wait).await,
         "confirmed for the connection that was replaced"
     );
     assert!(
-        wire.stream_read_on(second, wait).await,
+        wire.stream_read_on(second, &probe, wait).await,
         "the new connection"
     );
 }
