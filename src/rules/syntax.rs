@@ -473,7 +473,7 @@ impl Parser {
                 format!("more than {MAX_DEPTH} levels"),
             ));
         }
-        let mut lhs = self.prefix()?;
+        let mut lhs = self.prefix(min_bp)?;
         let mut last_cmp = false;
         while let Some((lbp, rbp, op)) = self.infix() {
             if lbp < min_bp {
@@ -504,7 +504,9 @@ impl Parser {
         Ok(lhs)
     }
 
-    fn prefix(&mut self) -> Result<Expr, SyntaxError> {
+    /// A value, or a prefix operator and its operand; `min_bp` is the binding power the
+    /// caller parses at (an operand of a comparison or of arithmetic: above `not`'s).
+    fn prefix(&mut self, min_bp: u8) -> Result<Expr, SyntaxError> {
         let (tok, span) = self.bump();
         let kind = match tok {
             Tok::Num(d, int) => ExprKind::Num(d, int),
@@ -534,7 +536,17 @@ impl Parser {
                 ExprKind::Ident(name)
             }
             Tok::Not => {
-                // `not` binds looser than comparisons: `not a == b` is `not (a == b)`.
+                // `not` binds looser than comparisons: `not a == b` is `not (a == b)`. So
+                // it cannot start an operand of a comparison or of arithmetic: `a == not
+                // b == c` would read as `a == (not (b == c))`, slipping past the rule
+                // that comparisons do not chain.
+                if min_bp > 5 {
+                    return Err(err(
+                        span,
+                        "`not` cannot stand here",
+                        "it binds looser than comparisons and arithmetic: put it in parentheses, e.g. `a == (not b)`",
+                    ));
+                }
                 let e = self.expr(5)?;
                 let s = span.start..e.span.end;
                 return Ok(Expr {
@@ -682,6 +694,8 @@ mod tests {
             ("a && b", 2..4, "`&&`"),
             ("a = 1", 2..3, "`=`"),
             ("1 < a < 2", 6..7, "chained"),
+            ("a == not b == c", 5..8, "`not` cannot stand here"),
+            ("a + not b", 4..7, "`not` cannot stand here"),
             ("(a > 1", 6..6, "expected `)`"),
             ("a > 1)", 5..6, "unexpected `)`"),
             ("\"abc", 0..4, "unterminated"),
