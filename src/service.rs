@@ -904,6 +904,9 @@ impl Running {
         if let Some(mut t) = self.acker {
             let acked_by = TokioInstant::now() + shutdown_budget::ACKS;
             if tokio::time::timeout_at(acked_by, &mut t).await.is_err() {
+                // Not a loss (they come again, answered from the snapshot's retry
+                // table), but a step that did not finish.
+                clean = false;
                 tracing::warn!("acknowledgements still waiting for the server at shutdown; those messages come again");
                 t.abort();
             }
