@@ -978,8 +978,9 @@ impl Running {
 pub struct Stopped {
     /// The counters at the end.
     pub counts: Snapshot,
-    /// Every step finished in its time: nothing taken in was left undecided, the final
-    /// snapshot (if any) was written, NATS was flushed.
+    /// Every step finished in its time: nothing taken in was left undecided, the last
+    /// JetStream acknowledgements went out, the final snapshot (if any) was written, NATS
+    /// was flushed.
     pub clean: bool,
 }
 
