@@ -22,6 +22,15 @@ fn js_config(name: &str, snapshot: &Path, every: &str) -> String {
     )
 }
 
+/// The `card_txn_1h` value of every card key in the snapshot at `snap`, now.
+fn card_txn_1h(snap: &Path) -> Vec<String> {
+    windows_in(snap, fraudgate::service::now_ms())
+        .into_iter()
+        .filter(|(w, _, _)| w == "card_txn_1h")
+        .map(|(_, _, v)| v)
+        .collect()
+}
+
 /// A transaction at event time `ts` (explicit, so both engines see the same times).
 fn txn_at(id: &str, card: &str, amount: &str, ts: i64) -> Bytes {
     let mut v: serde_json::Value = serde_json::from_str(&txn(id, card, amount)).unwrap();
@@ -293,10 +302,9 @@ async fn a_request_captured_while_down_and_retried_later_counts_once() {
     assert_eq!(d["id"], "late-1", "{d}");
     let engine = stop(engine).await;
     let log = engine.log_text();
-    let counted: i64 = windows_in(&snap, fraudgate::service::now_ms())
+    let counted: i64 = card_txn_1h(&snap)
         .iter()
-        .filter(|(w, _, _)| w == "card_txn_1h")
-        .map(|(_, _, v)| v.parse::<i64>().unwrap())
+        .map(|v| v.parse::<i64>().unwrap())
         .sum();
     assert_eq!(counted, 1, "the request was counted {counted} times\n{log}");
 }
@@ -928,11 +936,7 @@ async fn an_ack_whose_decision_went_to_a_replaced_connection_is_withheld() {
         Some(1),
         "{stopped}"
     );
-    let counts: Vec<String> = windows_in(&snap, fraudgate::service::now_ms())
-        .into_iter()
-        .filter(|(w, _, _)| w == "card_txn_1h")
-        .map(|(_, _, v)| v)
-        .collect();
+    let counts = card_txn_1h(&snap);
     assert_eq!(counts, ["1"], "the card counted once");
 }
 
@@ -1035,11 +1039,7 @@ async fn a_lost_ack_in_a_backlog_is_answered_as_a_retry() {
     assert_eq!(first, 2, "decided, then answered again after the lost ack");
     drained(&js, "fraudgate").await;
     let engine = stop(engine).await;
-    let counts: Vec<String> = windows_in(&snap, fraudgate::service::now_ms())
-        .into_iter()
-        .filter(|(w, _, _)| w == "card_txn_1h")
-        .map(|(_, _, v)| v)
-        .collect();
+    let counts = card_txn_1h(&snap);
     assert_eq!(counts.len(), N as usize + 1, "{}", engine.log_text());
     assert!(
         counts.iter().all(|v| v == "1"),
