@@ -1938,14 +1938,13 @@ async fn acker(
             // Fault injection for tests (feature `failpoints`): `ack`, an acknowledgement
             // lost on the way; `ack_reconnect`, a decision handed to a connection that was
             // replaced before the server confirmed it.
-            let lost = injected("ack", &h);
             let replaced = injected("ack_reconnect", &h);
             if h.epoch != epoch || replaced || (!read && h.at.elapsed() >= ack_wait) {
                 counters.ack_withheld();
             } else if !read {
                 kept.push(h);
                 continue;
-            } else if !lost {
+            } else if !injected("ack", &h) {
                 if let Err(e) = h.ack.ack().await {
                     counters.ack_error();
                     tracing::warn!(error = %e, "could not acknowledge");
