@@ -411,17 +411,12 @@ fn parse_amount(raw: &str) -> Result<Decimal, DecodeError> {
             "`amount` must be >= 0",
         ));
     }
-    let d = if d.scale() > MAX_AMOUNT_SCALE {
-        d.normalize()
-    } else {
-        d
-    };
-    if d.scale() > MAX_AMOUNT_SCALE {
-        return Err(DecodeError::new(
+    let d = within_amount_scale(d).ok_or_else(|| {
+        DecodeError::new(
             ErrorCode::InvalidAmount,
             format!("`amount` has more than {MAX_AMOUNT_SCALE} decimal places"),
-        ));
-    }
+        )
+    })?;
     if d >= Decimal::from(MAX_AMOUNT) {
         return Err(DecodeError::new(
             ErrorCode::InvalidAmount,
@@ -429,6 +424,17 @@ fn parse_amount(raw: &str) -> Result<Decimal, DecodeError> {
         ));
     }
     Ok(d.normalize_keep_scale())
+}
+
+/// `d` with at most [`MAX_AMOUNT_SCALE`] decimals: trailing zeros past them are dropped
+/// (no precision: `12.500000000` is 12.5); `None` when a significant digit is past them.
+pub(crate) fn within_amount_scale(d: Decimal) -> Option<Decimal> {
+    let d = if d.scale() > MAX_AMOUNT_SCALE {
+        d.normalize()
+    } else {
+        d
+    };
+    (d.scale() <= MAX_AMOUNT_SCALE).then_some(d)
 }
 
 trait KeepScale {

@@ -145,16 +145,8 @@ impl SumOf {
             // window sum can never overflow (an out-of-range value adds nothing). Trailing
             // zeros are no precision, as in an amount: `12.500000000` adds 12.5.
             SumOf::Attr(i) => match c.attrs[i] {
-                Some(AttrValue::Num(d)) => {
-                    let d = if d.scale() > crate::txn::MAX_AMOUNT_SCALE {
-                        d.normalize()
-                    } else {
-                        *d
-                    };
-                    (d.scale() <= crate::txn::MAX_AMOUNT_SCALE
-                        && d.abs() < Decimal::from(crate::txn::MAX_AMOUNT))
-                    .then_some(d)
-                }
+                Some(AttrValue::Num(d)) => crate::txn::within_amount_scale(*d)
+                    .filter(|d| d.abs() < Decimal::from(crate::txn::MAX_AMOUNT)),
                 _ => None,
             },
         }
