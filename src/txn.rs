@@ -528,7 +528,7 @@ fn parse_attr(raw: &str) -> Option<AttrValue> {
 /// Spaces around the value are dropped first: ` 4111111111111111` is that card too (kept
 /// as sent, it hashed differently, so a blocked card sent with a stray space passed the
 /// block list, and the check of the id against the card was skipped).
-fn normalize_card(card: Cow<'_, str>) -> Cow<'_, str> {
+pub(crate) fn normalize_card(card: Cow<'_, str>) -> Cow<'_, str> {
     let trimmed = card.trim_matches(|c: char| c.is_ascii_whitespace());
     if let Some(digits) = grouped_card_digits(trimmed) {
         return Cow::Owned(digits);

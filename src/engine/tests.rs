@@ -671,6 +671,16 @@ id = "vip"
 description = "vip"
 when = "card in vip"
 action = "allow"
+[[rule]]
+id = "named"
+description = "one card named in the rule"
+when = "card == '5500 0000 0000 0004' or ' 5105-1051-0510-5100 ' == card"
+action = "reject"
+[[rule]]
+id = "not_named"
+description = "every card but one named in the rule"
+when = "card != '5500-0000-0000-0004' and amount == 7"
+action = "hold"
 "#;
     let cfg = EngineConfig::default();
     let rs = compile(
@@ -690,6 +700,9 @@ action = "allow"
         ("4111 1111 1111 1111", "block:blocked"),
         ("4000000000000002", "allow:vip"),
         ("4000-0000-0000-0002", "allow:vip"),
+        ("5500000000000004", "reject:named"),
+        ("5500 0000 0000 0004", "reject:named"),
+        ("5105105105105100", "reject:named"),
     ]
     .into_iter()
     .enumerate()
@@ -697,6 +710,18 @@ action = "allow"
         let json = format!(r#"{{"id":"g-{i}","card":"{card}","amount":"5"}}"#);
         let o = e.decide(&Transaction::from_json(json.as_bytes()).unwrap(), T0);
         assert_eq!(o.decision.decided_by, by, "{card}");
+    }
+    // `!=` reads the literal the same way: the card it names is not held.
+    for (i, (card, action)) in [
+        ("5500 0000 0000 0004", crate::Action::Reject),
+        ("4000000000000077", crate::Action::Hold),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let json = format!(r#"{{"id":"n-{i}","card":"{card}","amount":"7"}}"#);
+        let o = e.decide(&Transaction::from_json(json.as_bytes()).unwrap(), T0);
+        assert_eq!(o.decision.action, action, "{card}");
     }
 }
 

@@ -586,7 +586,23 @@ enum S {
     Field(Field, StrFn),
 }
 
+/// Added to a never-true or always-true warning about a part of a `not`'s operand.
+const UNDER_NOT: &str = " (under a `not`, which turns it over)";
+
 impl S {
+    fn is_card(&self) -> bool {
+        matches!(self, S::Field(Field::Card, _))
+    }
+
+    /// A literal compared with the card field, read as that field reads its value; anything
+    /// else as it is.
+    fn as_card_literal(self, with_card: bool) -> S {
+        match self {
+            S::Const(k) if with_card => S::Const(crate::txn::normalize_card(k.into()).into_owned()),
+            s => s,
+        }
+    }
+
     fn func(self) -> Result<StrFn, String> {
         match self {
             S::F(f) | S::Field(_, f) => Ok(f),
@@ -878,7 +894,7 @@ impl<'s> ExprCompiler<'s> {
             ExprKind::Ident(name) => self.ident(name, &e.span),
             ExprKind::List(items) => self.list_literal(items, &e.span),
             ExprKind::Call(name, args) => self.call(name, args, &e.span),
-            ExprKind::Unary(UnOp::Not, inner) => match self.compile(inner) {
+            ExprKind::Unary(UnOp::Not, inner) => match self.compile_under_not(inner) {
                 V::Bool(f) => V::Bool(Box::new(move |c| match f(c) {
                     Tri::True => Tri::False,
                     Tri::False => Tri::True,
@@ -994,6 +1010,21 @@ impl<'s> ExprCompiler<'s> {
                 V::Err
             }
         }
+    }
+
+    /// Compiles the operand of a `not`. A part found never (or always) true in it is still
+    /// warned about, but the warning says that a `not` turns it over:
+    /// `not (amount > 100 and amount < 50)` is always true, which "this `and` is never
+    /// true" alone would hide.
+    fn compile_under_not(&mut self, inner: &Expr) -> V {
+        let before = self.lints.len();
+        let v = self.compile(inner);
+        for lint in &mut self.lints[before..] {
+            if matches!(lint.1, "never-true" | "always-true") && !lint.2.ends_with(UNDER_NOT) {
+                lint.2.push_str(UNDER_NOT);
+            }
+        }
+        v
     }
 
     fn binary(&mut self, op: BinOp, a: &Expr, b: &Expr, span: &Span) -> V {
@@ -1112,6 +1143,11 @@ impl<'s> ExprCompiler<'s> {
             (V::Dec(x), V::Dec(y)) => V::Bool(cmp_dec(cmp, x, y)),
             (V::Str(x), V::Str(y)) if !ordering => {
                 let eq = matches!(cmp, Cmp::Eq);
+                // The card is held as the engine reads it (a grouped number as its
+                // digits, no spaces around it), so a literal compared with it is read
+                // the same way: `card == '4111 1111 1111 1111'` never matched before.
+                let (x_card, y_card) = (x.is_card(), y.is_card());
+                let (x, y) = (x.as_card_literal(y_card), y.as_card_literal(x_card));
                 V::Bool(match (x.func(), y.func()) {
                     (Ok(f), Err(k)) | (Err(k), Ok(f)) => {
                         Box::new(move |c| Tri::opt(f(c).map(|v| (v == k) == eq)))

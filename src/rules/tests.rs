@@ -479,6 +479,24 @@ fn contradictory_ranges_in_an_and_are_warned() {
             w[0]
         );
     }
+    // Under a `not` the part is still pointed at, and the warning says the `not` turns
+    // it over (the rule would otherwise read as one that never fires).
+    for (when, code) in [
+        ("not (amount > 100 and amount < 50)", "never-true"),
+        ("c >= 1 and not (mcc == 5411 and amount < 0)", "never-true"),
+        ("not (local_hour >= 0) or c > 3", "always-true"),
+    ] {
+        let w = warned(when);
+        assert_eq!(w.len(), 1, "{when}: {w:?}");
+        assert!(w[0].contains(code), "{when}: {}", w[0]);
+        assert!(
+            w[0].contains("(under a `not`, which turns it over)"),
+            "{when}: {}",
+            w[0]
+        );
+    }
+    let w = warned("amount > 100 and amount < 50");
+    assert!(!w[0].contains("under a `not`"), "{}", w[0]);
 }
 
 /// Only the literal `[]` is empty for strings too: a number list file that happens to be
