@@ -596,7 +596,7 @@ impl S {
 
     /// A literal compared with the card field, read as that field reads its value; anything
     /// else as it is.
-    fn as_card_literal(self, with_card: bool) -> S {
+    fn read_as_card(self, with_card: bool) -> S {
         match self {
             S::Const(k) if with_card => S::Const(crate::txn::normalize_card(k.into()).into_owned()),
             s => s,
@@ -1147,7 +1147,7 @@ impl<'s> ExprCompiler<'s> {
                 // digits, no spaces around it), so a literal compared with it is read
                 // the same way: `card == '4111 1111 1111 1111'` never matched before.
                 let (x_card, y_card) = (x.is_card(), y.is_card());
-                let (x, y) = (x.as_card_literal(y_card), y.as_card_literal(x_card));
+                let (x, y) = (x.read_as_card(y_card), y.read_as_card(x_card));
                 V::Bool(match (x.func(), y.func()) {
                     (Ok(f), Err(k)) | (Err(k), Ok(f)) => {
                         Box::new(move |c| Tri::opt(f(c).map(|v| (v == k) == eq)))
