@@ -665,15 +665,31 @@ impl Running {
             opts.file.subjects.clone(),
             opts.file.limits.max_payload,
         );
-        // Subscribed before the recovery reads where the request capture ends: a request
-        // arriving meanwhile is either replayed or waits in the subscription (or both: then
-        // it is answered from the dedupe table), never neither.
-        let check_sub = wire.subscribe_check().await?;
-        wire.flush(Duration::from_secs(5)).await;
+        // The recovery runs before the engine subscribes to requests: a request arriving
+        // during a replay (minutes, for a long capture) is not queued behind it, to be
+        // answered after the switch has given up, with the fresh requests waiting behind
+        // those; nor does this engine take a share of a queue group's requests it cannot
+        // answer. Such a request is captured; the catch-up applies it (and the switch's
+        // retry finds its decision). The catch-up is done in rounds until little is left,
+        // then once more after the subscription, from where the last round ended: a
+        // request arriving meanwhile is either caught up or in the subscription (or both:
+        // then it is answered from the dedupe table), never neither.
         let durable = match &tracker {
             Some(t) => Some(recover(&wire, js_cfg, &engine, &counters, restored, t).await?),
             None => None,
         };
+        // Fault injection for tests: a long replay.
+        fail::fail_point!("recovered");
+        let mut capture = durable.as_ref().and_then(|d| d.capture.clone());
+        if let Some(c) = capture.as_mut() {
+            catch_up(&wire, &engine, &counters, c, CATCH_UP_ROUNDS).await?;
+        }
+        let check_sub = wire.subscribe_check().await?;
+        wire.flush(Duration::from_secs(5)).await;
+        if let Some(c) = capture.as_mut() {
+            catch_up(&wire, &engine, &counters, c, 1).await?;
+        }
+        let durable = durable.map(|d| (d.consumer, d.stream));
         if let Some(s) = snapshots.as_mut() {
             s.consumer = durable.as_ref().map(|d| d.0.clone());
             s.stream = durable.as_ref().map(|d| d.1.clone());
@@ -1299,6 +1315,64 @@ fn replay_into<'a>(
     }
 }
 
+/// What the recovery hands to the intake.
+struct Recovered {
+    /// The durable consumer to take new stream work from, and its stream.
+    consumer: async_nats::jetstream::consumer::PullConsumer,
+    stream: async_nats::jetstream::stream::Stream,
+    /// The request capture, and the last sequence of it applied (or skipped, on an empty
+    /// start): requests after it came while the engine was starting.
+    capture: Option<(async_nats::jetstream::stream::Stream, u64)>,
+}
+
+/// How many catch-up rounds of captured requests at most before the engine subscribes
+/// to requests; a round that finds fewer than [`CATCH_UP_SMALL`] new ones is the last.
+const CATCH_UP_ROUNDS: usize = 4;
+const CATCH_UP_SMALL: u64 = 10_000;
+
+/// Re-applies the requests captured after `capture.1` up to the capture's end now (as
+/// the recovery does: decided, kept in the retry table, answered to no one), in up to
+/// `rounds` rounds, each from where the last ended, until a round finds little.
+async fn catch_up(
+    wire: &Wire,
+    engine: &Engine,
+    counters: &Counters,
+    capture: &mut (async_nats::jetstream::stream::Stream, u64),
+    rounds: usize,
+) -> Result<(), ServiceError> {
+    for _ in 0..rounds {
+        let last = Wire::last_seq(&capture.0).await?;
+        if last <= capture.1 {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut n = Replay::default();
+        Wire::replay(
+            &capture.0,
+            &wire.subjects.check,
+            transport::ReplayFrom::Seq(capture.1 + 1),
+            last,
+            Duration::from_secs(10),
+            replay_into(wire, engine, &mut n, true),
+        )
+        .await?;
+        let found = last - capture.1;
+        capture.1 = last;
+        counters.replayed(IntakePath::Check, n.applied);
+        tracing::info!(
+            requests = n.applied,
+            already = n.already,
+            to_seq = last,
+            took_ms = started.elapsed().as_millis() as u64,
+            "requests captured during the start re-applied"
+        );
+        if found < CATCH_UP_SMALL {
+            break;
+        }
+    }
+    Ok(())
+}
+
 /// JetStream recovery at start, before intake: re-applies to the windows what the streams
 /// hold after the snapshot's cut (or everything, with no snapshot), without deciding
 /// anew for anyone or publishing; then returns the durable consumer to take new work
@@ -1311,13 +1385,7 @@ async fn recover(
     counters: &Counters,
     start: Start,
     tracker: &Tracker,
-) -> Result<
-    (
-        async_nats::jetstream::consumer::PullConsumer,
-        async_nats::jetstream::stream::Stream,
-    ),
-    ServiceError,
-> {
+) -> Result<Recovered, ServiceError> {
     use transport::ReplayFrom;
     let setup = wire.jetstream_setup(cfg).await?;
     if let Some(after) = setup.redelivery_after {
@@ -1469,7 +1537,11 @@ async fn recover(
         consumer = %cfg.consumer,
         "JetStream recovery: state rebuilt from the streams"
     );
-    Ok((consumer, setup.txn_stream))
+    Ok(Recovered {
+        consumer,
+        stream: setup.txn_stream,
+        capture: setup.capture.map(|c| (c, setup.capture_last)),
+    })
 }
 
 /// Counts and decodes one message. Bad input is answered here (error reply, or

@@ -766,6 +766,19 @@ impl Wire {
         Some(epoch_ms(m.time))
     }
 
+    /// The sequence of the last message `stream` holds now (0 when it never held one).
+    pub async fn last_seq(
+        stream: &async_nats::jetstream::stream::Stream,
+    ) -> Result<u64, TransportError> {
+        let mut s = stream.clone();
+        let name = s.cached_info().config.name.clone();
+        let info = s
+            .info()
+            .await
+            .map_err(|e| js_err(format!("stream {name}"))(e.to_string()))?;
+        Ok(info.state.last_sequence)
+    }
+
     /// Which stream `stream` names now, and where it starts: its creation time (epoch ns)
     /// and its first sequence (at least 1). `None` when it cannot be read.
     pub async fn stream_identity(

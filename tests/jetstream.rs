@@ -309,6 +309,72 @@ async fn a_request_captured_while_down_and_retried_later_counts_once() {
     assert_eq!(counted, 1, "the request was counted {counted} times\n{log}");
 }
 
+/// A request that comes while the engine replays its capture at start is not queued
+/// behind the replay, to be answered once the switch has given up: the engine subscribes
+/// to requests only after the replay. The request is captured, applied once by the
+/// catch-up, and the switch's retry gets its decision; the card is counted once for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_during_the_start_replay_is_not_queued_behind_it() {
+    let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
+    let dir = Scratch::new("js-catch-up");
+    let snap = dir.0.join("s.snap");
+    let config = js_config("fraudgate", &snap, "60s");
+    let card = "4111111111119031";
+    let engine = Engine::start_with(&nats.url(), &config).await;
+    let c = client(&nats.url()).await;
+    let d = check(&c, &txn("cu-1", card, "10")).await;
+    assert_eq!(d["action"], "approve", "{d}");
+    drop(stop(engine).await);
+    // Restarted with a long replay (a pause after it, before the subscription).
+    let engine = Engine::spawn_env(
+        &nats.url(),
+        &config,
+        &[("FAILPOINTS", "recovered=sleep(3000)")],
+    );
+    engine
+        .wait_log("JetStream recovery", Duration::from_secs(20))
+        .await;
+    let inbox = c.new_inbox();
+    let mut replies = c.subscribe(inbox.clone()).await.unwrap();
+    let body = txn("cu-2", card, "11");
+    c.publish_with_reply("fraud.check", inbox, Bytes::from(body.clone()))
+        .await
+        .unwrap();
+    c.flush().await.unwrap();
+    engine
+        .wait_log("taking transactions", Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        engine.count_log("requests captured during the start re-applied"),
+        1,
+        "{}",
+        engine.log_text()
+    );
+    // Not answered late (a status without a body, such as no responders, is no answer).
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, replies.next()).await {
+        assert!(
+            m.payload.is_empty(),
+            "answered after the replay: {:?}",
+            String::from_utf8_lossy(&m.payload)
+        );
+    }
+    // The retry gets the decision the catch-up made; a new request is answered at once.
+    let d = check(&c, &body).await;
+    assert_eq!(
+        (d["id"].as_str(), d["action"].as_str()),
+        (Some("cu-2"), Some("approve"))
+    );
+    let d = check(&c, &txn("cu-3", card, "12")).await;
+    assert_eq!(d["id"], "cu-3", "{d}");
+    let engine = stop(engine).await;
+    let counted: i64 = card_txn_1h(&snap)
+        .iter()
+        .map(|v| v.parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(counted, 3, "{}", engine.log_text());
+}
+
 /// Stream transactions published while nats-server is killed and restarted (on the same
 /// port and store). Returns (sent, ids decided, the engine's final counts).
 async fn load_across_a_nats_restart(
