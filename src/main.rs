@@ -353,7 +353,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 });
                 // A signal during the start (a JetStream replay can take minutes): the
                 // start finishes, and the shutdown follows at once, draining what was taken
-                // in meanwhile (requests are subscribed to before the replay). Stopping the
+                // in meanwhile (without a request capture, requests are subscribed to before
+                // the replay; with one, after it, and caught up from it). Stopping the
                 // start half-way would drop those. A second signal exits at once.
                 tokio::pin!(start);
                 let mut signalled = false;

@@ -665,15 +665,25 @@ impl Running {
             opts.file.subjects.clone(),
             opts.file.limits.max_payload,
         );
-        // The recovery runs before the engine subscribes to requests: a request arriving
-        // during a replay (minutes, for a long capture) is not queued behind it, to be
-        // answered after the switch has given up, with the fresh requests waiting behind
-        // those; nor does this engine take a share of a queue group's requests it cannot
-        // answer. Such a request is captured; the catch-up applies it (and the switch's
-        // retry finds its decision). The catch-up is done in rounds until little is left,
-        // then once more after the subscription, from where the last round ended: a
-        // request arriving meanwhile is either caught up or in the subscription (or both:
-        // then it is answered from the dedupe table), never neither.
+        // With a request capture, the recovery runs before the engine subscribes to
+        // requests: a request arriving during a replay (minutes, for a long capture) is
+        // not queued behind it, to be answered after the switch has given up, with the
+        // fresh requests waiting behind those; nor does this engine take a share of a
+        // queue group's requests it cannot answer. Such a request is captured; the
+        // catch-up applies it (and the switch's retry finds its decision). The catch-up
+        // is done in rounds until little is left, then once more after the subscription,
+        // from where the last round ended: a request arriving meanwhile is caught up or
+        // in the subscription (or both: then it is answered from the dedupe table). (One
+        // routed just before the subscription and stored by the server only after the
+        // last round read the capture's end would be neither: a window of the server's
+        // store latency.) Without a capture nothing could catch a request up, so the
+        // engine subscribes first and such a request waits in the subscription.
+        let captured = tracker.is_some() && !js_cfg.capture_stream.is_empty();
+        let mut check_sub = None;
+        if !captured {
+            check_sub = Some(wire.subscribe_check().await?);
+            wire.flush(Duration::from_secs(5)).await;
+        }
         let durable = match &tracker {
             Some(t) => Some(recover(&wire, js_cfg, &engine, &counters, restored, t).await?),
             None => None,
@@ -684,10 +694,32 @@ impl Running {
         if let Some(c) = capture.as_mut() {
             catch_up(&wire, &engine, &counters, c, CATCH_UP_ROUNDS).await?;
         }
-        let check_sub = wire.subscribe_check().await?;
-        wire.flush(Duration::from_secs(5)).await;
+        let check_sub = match check_sub {
+            Some(s) => s,
+            None => {
+                let s = wire.subscribe_check().await?;
+                wire.flush(Duration::from_secs(5)).await;
+                s
+            }
+        };
         if let Some(c) = capture.as_mut() {
-            catch_up(&wire, &engine, &counters, c, 1).await?;
+            // Subscribed now: a failure here must not end the start, which would leave
+            // the requests already taken unanswered.
+            if let Err(e) = catch_up(&wire, &engine, &counters, c, 1).await {
+                tracing::warn!(
+                    error = %e,
+                    "requests captured during the start could not be read; any not re-applied is counted when the switch retries it"
+                );
+            }
+        }
+        // The restart's pin on the eviction clock lasts `hold` from when intake starts,
+        // not from the end of the replay (the catch-up came between).
+        if let Some(t) = &tracker {
+            let mut t = lock(t);
+            let until = Instant::now() + t.hold;
+            if let Some(pin) = t.pin.as_mut() {
+                pin.1 = until;
+            }
         }
         let durable = durable.map(|d| (d.consumer, d.stream));
         if let Some(s) = snapshots.as_mut() {

@@ -313,6 +313,7 @@ async fn a_request_captured_while_down_and_retried_later_counts_once() {
 /// behind the replay, to be answered once the switch has given up: the engine subscribes
 /// to requests only after the replay. The request is captured, applied once by the
 /// catch-up, and the switch's retry gets its decision; the card is counted once for it.
+#[cfg(feature = "failpoints")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_during_the_start_replay_is_not_queued_behind_it() {
     let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
@@ -373,6 +374,34 @@ async fn a_request_during_the_start_replay_is_not_queued_behind_it() {
         .map(|v| v.parse::<i64>().unwrap())
         .sum();
     assert_eq!(counted, 3, "{}", engine.log_text());
+}
+
+/// Without a request capture nothing could catch a request up after the start, so the
+/// engine subscribes before its replay, and a request that comes during it is answered
+/// after it, not lost.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_capture_a_request_during_the_start_replay_waits_for_it() {
+    let nats = fraudgate::demo::NatsServer::start(true).await.unwrap();
+    let dir = Scratch::new("js-no-capture");
+    let config = js_config("fraudgate", &dir.0.join("s.snap"), "60s").replace(
+        "[jetstream]\nenabled = true\n",
+        "[jetstream]\nenabled = true\ncapture_stream = \"\"\n",
+    );
+    assert!(config.contains("capture_stream"), "{config}");
+    let engine = Engine::spawn_env(
+        &nats.url(),
+        &config,
+        &[("FAILPOINTS", "recovered=sleep(2000)")],
+    );
+    engine
+        .wait_log("JetStream recovery", Duration::from_secs(20))
+        .await;
+    let c = client(&nats.url()).await;
+    let d = check(&c, &txn("nc-1", "4111111111119049", "10")).await;
+    assert_eq!(d["id"], "nc-1", "{d}");
+    assert_eq!(engine.count_log("taking transactions"), 1);
+    drop(stop(engine).await);
 }
 
 /// Stream transactions published while nats-server is killed and restarted (on the same

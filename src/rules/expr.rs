@@ -1020,8 +1020,12 @@ impl<'s> ExprCompiler<'s> {
         let before = self.lints.len();
         let v = self.compile(inner);
         for lint in &mut self.lints[before..] {
-            if matches!(lint.1, "never-true" | "always-true") && !lint.2.ends_with(UNDER_NOT) {
-                lint.2.push_str(UNDER_NOT);
+            if matches!(lint.1, "never-true" | "always-true") {
+                // Under two `not`s the part reads as written again.
+                match lint.2.strip_suffix(UNDER_NOT) {
+                    Some(plain) => lint.2.truncate(plain.len()),
+                    None => lint.2.push_str(UNDER_NOT),
+                }
             }
         }
         v
@@ -1036,10 +1040,11 @@ impl<'s> ExprCompiler<'s> {
         }
         let (ta, tb) = (Self::ty(&va).unwrap(), Self::ty(&vb).unwrap());
         // A part already never true says it for the whole `and` (and an inner `and`'s
-        // contradiction was reported where that `and` was compiled).
+        // contradiction was reported where that `and` was compiled); one under a `not`
+        // makes that `not` always true, which says nothing of the `and`.
         let inner_never = self.lints[lints_before..]
             .iter()
-            .any(|l| l.1 == "never-true");
+            .any(|l| l.1 == "never-true" && !l.2.ends_with(UNDER_NOT));
         if op == BinOp::And && !inner_never {
             self.lint_contradiction(a, b, span);
         }

@@ -495,8 +495,21 @@ fn contradictory_ranges_in_an_and_are_warned() {
             w[0]
         );
     }
-    let w = warned("amount > 100 and amount < 50");
-    assert!(!w[0].contains("under a `not`"), "{}", w[0]);
+    for when in [
+        "amount > 100 and amount < 50",
+        "not not (amount > 100 and amount < 50)",
+    ] {
+        let w = warned(when);
+        assert_eq!(w.len(), 1, "{when}: {w:?}");
+        assert!(!w[0].contains("under a `not`"), "{when}: {}", w[0]);
+    }
+    // A part under a `not` that is never true does not hide a contradiction around it.
+    let w = warned("(amount > 100 and not (mcc == 1 and mcc == 2)) and amount < 50");
+    assert_eq!(w.len(), 2, "{w:?}");
+    assert!(
+        w.iter().any(|w| w.contains("its comparisons of `amount`")),
+        "{w:?}"
+    );
 }
 
 /// Only the literal `[]` is empty for strings too: a number list file that happens to be
