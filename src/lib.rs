@@ -4,6 +4,7 @@
 //! is passed in and nothing here does IO except [`rules::load_dir`], the one load path
 //! used by `fraudgate check`, startup and hot reload. See `docs/ARCHITECTURE.md`.
 
+pub mod backtest;
 pub mod config;
 pub mod decision;
 pub mod demo;

@@ -516,6 +516,33 @@ impl Generator {
     }
 }
 
+/// Writes `count` transactions of `cfg`'s traffic, the last at `end_ms`, to `traffic` as
+/// JSONL, and the ids of the injected ones to `fraud_ids` (one per line, its pattern in
+/// a comment): recorded traffic with known fraud for `fraudgate replay --fraud-ids`.
+/// Returns how many were fraud.
+pub fn write_traffic(
+    cfg: &GenConfig,
+    end_ms: i64,
+    count: usize,
+    traffic: &mut impl std::io::Write,
+    fraud_ids: &mut impl std::io::Write,
+) -> std::io::Result<usize> {
+    let mut g = Generator::new(cfg.clone());
+    let mut fraud = 0;
+    for ts in timeline(cfg, end_ms, count) {
+        let l = g.next_at(ts);
+        traffic.write_all(l.txn.to_json().as_bytes())?;
+        traffic.write_all(b"\n")?;
+        if let Some(p) = l.pattern {
+            fraud += 1;
+            writeln!(fraud_ids, "{}  # {}", l.txn.id, p.name())?;
+        }
+    }
+    traffic.flush()?;
+    fraud_ids.flush()?;
+    Ok(fraud)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

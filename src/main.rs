@@ -112,6 +112,10 @@ enum Cmd {
         /// others go back from it at the traffic's density. Default: now.
         #[arg(long)]
         events_end: Option<String>,
+        /// Send nothing: write the transactions to FILE as JSONL, and the ids of the
+        /// injected fraud to FILE.fraud-ids (for `replay --fraud-ids`).
+        #[arg(long, value_name = "FILE")]
+        write: Option<PathBuf>,
     },
     /// Check a rule directory: exit 0 with a summary, or 1 with every error.
     Check {
@@ -138,6 +142,12 @@ enum Cmd {
         /// Do not print the decisions (with --summary: size a key cap on recorded traffic).
         #[arg(long)]
         quiet: bool,
+        /// File of the ids of transactions known to be fraud (chargebacks, confirmed
+        /// cases), one per line: at the end, print to stderr how much fraud and how much
+        /// legitimate traffic the rules held or rejected, and each rule's precision
+        /// (shadow rules included).
+        #[arg(long, value_name = "FILE")]
+        fraud_ids: Option<PathBuf>,
     },
 }
 
@@ -460,6 +470,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             timeout,
             run_tag,
             events_end,
+            write,
         } => {
             use fraudgate::loadrun::{LoadMode, LoadOptions, LoadPath};
             let events_end_ms = match events_end {
@@ -518,6 +529,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !(0.0..=1.0).contains(&fraud_rate) {
                 anyhow::bail!("--fraud-rate is a share of transactions, from 0 to 1");
             }
+            let gen = fraudgate::loadgen::GenConfig {
+                seed,
+                fraud_rate,
+                run_tag,
+                utc_offset_s,
+                ..Default::default()
+            };
+            if let Some(path) = write {
+                let ids_path = PathBuf::from(format!("{}.fraud-ids", path.display()));
+                let create = |p: &Path| {
+                    std::fs::File::create(p)
+                        .map(std::io::BufWriter::new)
+                        .with_context(|| format!("cannot write {}", p.display()))
+                };
+                let (mut traffic, mut ids) = (create(&path)?, create(&ids_path)?);
+                let end = events_end_ms.unwrap_or(now);
+                let fraud =
+                    fraudgate::loadgen::write_traffic(&gen, end, count, &mut traffic, &mut ids)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                eprintln!(
+                    "loadgen: {count} transactions (seed {seed}, run tag {}) written to {}, the ids of the {fraud} injected fraud to {}",
+                    gen.run_tag,
+                    path.display(),
+                    ids_path.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             let timeout = parse_duration(&timeout).map_err(anyhow::Error::msg)?;
             if timeout.is_zero() || timeout > fraudgate::loadrun::MAX_TIMEOUT {
                 // The latency histogram ends there: a longer timeout's losses would
@@ -533,7 +571,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let client =
                     fraudgate::transport::connect(&file.nats, &url, "loadgen", counters).await?;
                 eprintln!(
-                    "loadgen: {count} transactions, {mode:?} on {path:?}, seed {seed}, run tag {run_tag}"
+                    "loadgen: {count} transactions, {mode:?} on {path:?}, seed {seed}, run tag {}",
+                    gen.run_tag
                 );
                 let report = fraudgate::loadrun::run(
                     client,
@@ -541,13 +580,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         path,
                         mode,
                         count,
-                        gen: fraudgate::loadgen::GenConfig {
-                            seed,
-                            fraud_rate,
-                            run_tag,
-                            utc_offset_s,
-                            ..Default::default()
-                        },
+                        gen,
                         timeout,
                         subjects: file.subjects.clone(),
                         progress: true,
@@ -597,9 +630,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             summary,
             quiet,
+            fraud_ids,
         } => {
             let cfg = offline_engine_config(&read_config(config.as_deref())?)?;
-            replay(&rules, input.as_deref(), cfg, summary, quiet)
+            let fraud_ids = match fraud_ids {
+                None => None,
+                Some(p) => {
+                    let text = std::fs::read_to_string(&p)
+                        .with_context(|| format!("cannot read {}", p.display()))?;
+                    let ids = fraudgate::backtest::parse_fraud_ids(&text)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                    Some(ids)
+                }
+            };
+            replay(&rules, input.as_deref(), cfg, (summary, quiet), fraud_ids)
         }
     }
 }
@@ -677,12 +721,14 @@ fn peak_rss_bytes() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// `(summary, quiet)`: the flags of the same names. `fraud_ids`: score the decisions
+/// against them (a backtest's report at the end).
 fn replay(
     rules: &Path,
     input: Option<&Path>,
     cfg: EngineConfig,
-    summary: bool,
-    quiet: bool,
+    (summary, quiet): (bool, bool),
+    fraud_ids: Option<Vec<String>>,
 ) -> anyhow::Result<ExitCode> {
     // Rules that do not compile exit 1, as with `check` (2 is for usage, the config and
     // files that cannot be read).
@@ -695,6 +741,8 @@ fn replay(
         }
     };
     let engine = Engine::new(rs, cfg);
+    let mut backtest =
+        fraud_ids.map(|ids| fraudgate::backtest::Backtest::new(ids, &engine.rules()));
     let reader: Box<dyn BufRead> = match input {
         None => Box::new(std::io::stdin().lock()),
         Some(p) if p == Path::new("-") => Box::new(std::io::stdin().lock()),
@@ -743,6 +791,11 @@ fn replay(
                     continue;
                 }
                 decided += 1;
+                if let Some(bt) = backtest.as_mut().filter(|_| !o.duplicate) {
+                    let currency = t.currency.as_deref();
+                    let currency = currency.unwrap_or(&engine.config().default_currency);
+                    bt.add(&o.decision, t.amount, currency);
+                }
                 if !quiet {
                     out.write_all(&o.json)?;
                     out.write_all(b"\n")?;
@@ -761,6 +814,9 @@ fn replay(
         }
     }
     out.flush()?;
+    if let Some(bt) = &backtest {
+        eprint!("{}", bt.report());
+    }
     if summary {
         let stats = engine.stats();
         let s = serde_json::json!({
