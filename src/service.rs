@@ -100,6 +100,12 @@ struct InFlight {
     /// The stream was made again under a consumer this engine did not make: the
     /// sequences taken are of two streams, and snapshots go without a position.
     position_unknown: bool,
+    /// Where each pull made again in the last `hold / 2` (the consumer's redelivery time) started:
+    /// `next` then, and when. Messages from there on may have been on their way to a
+    /// pull that was dropped; the server counts them as delivered and sends them again
+    /// only after that time. Until then a consumer made again starts there, not past
+    /// them ([`InFlight::resume_at`]).
+    pulls: std::collections::VecDeque<(u64, Instant)>,
 }
 
 impl InFlight {
@@ -139,6 +145,7 @@ impl InFlight {
     /// later could meet a new message of the same sequence in `pending`.)
     fn stream_made_again(&mut self, created_ns: i64, first: u64) -> u64 {
         self.pending.clear();
+        self.pulls.clear();
         self.position_unknown = false;
         self.next = first;
         self.ack_floor = None;
@@ -149,13 +156,31 @@ impl InFlight {
     /// decided, or the next one after all taken. (Not the ack floor, which may be old:
     /// what comes again from below this was decided, and if its id had left the retry
     /// table it would be counted twice.)
-    fn resume_at(&self) -> u64 {
-        self.pending
-            .keys()
-            .next()
-            .copied()
-            .unwrap_or(self.next)
-            .max(1)
+    ///
+    /// Nor past a message that may still be on its way to a pull dropped in the last
+    /// redelivery time: a consumer made again past it would never deliver it (the old
+    /// consumer would have, after `ack_wait`). What comes again from there that was
+    /// decided was taken within that time, and its id is still in the retry table.
+    fn resume_at(&mut self) -> u64 {
+        self.resume_at_on(Instant::now())
+    }
+    fn resume_at_on(&mut self, now: Instant) -> u64 {
+        self.forget_pulls(now);
+        let pulled = self.pulls.iter().map(|p| p.0).min();
+        let oldest = self.pending.keys().next().copied().unwrap_or(self.next);
+        oldest.min(pulled.unwrap_or(u64::MAX)).max(1)
+    }
+    /// A pull is made again at `now`: see [`InFlight::pulls`].
+    fn pull_started(&mut self, now: Instant) {
+        self.forget_pulls(now);
+        let from = self.pending.keys().next().copied().unwrap_or(self.next);
+        self.pulls.push_back((from, now));
+    }
+    fn forget_pulls(&mut self, now: Instant) {
+        let redelivery = self.hold / 2;
+        while (self.pulls.front()).is_some_and(|p| now.duration_since(p.1) >= redelivery) {
+            self.pulls.pop_front();
+        }
     }
     /// The ack floor as just read, or `None` when it could not be read: then no floor at
     /// all, never an older one. An old floor may lie below messages decided so long ago
@@ -1149,6 +1174,7 @@ async fn intake_jetstream(
     // refuses at once (a consumer deleted, or configured so that it rejects our pull
     // requests) must not become a loop that takes a core and hides the problem.
     let mut pause = PULL_PAUSE_MIN;
+    let mut pulled_before = false;
     'pull: loop {
         if pause > PULL_PAUSE_MIN {
             tokio::select! {
@@ -1213,6 +1239,12 @@ async fn intake_jetstream(
                 ),
             }
         }
+        // A pull made again: the one before may have been dropped with messages on their
+        // way (the first has none before it).
+        if pulled_before {
+            lock(&tracker).pull_started(Instant::now());
+        }
+        pulled_before = true;
         let messages = match Wire::consume(&consumer).await {
             Ok(m) => m,
             Err(e) => {
@@ -2646,6 +2678,35 @@ mod tests {
         assert_eq!(t.pass(10_999, 10_000), None);
         assert_eq!(t.pass(11_000, 10_000), Some(2));
         assert_eq!(t.pass(30_000, 10_000), Some(0));
+    }
+
+    /// A consumer made again starts no later than where a pull of the last redelivery
+    /// time started: messages on their way to a dropped pull come again only from the
+    /// old consumer, after its `ack_wait`.
+    #[test]
+    fn a_consumer_made_again_starts_where_a_recent_pull_did() {
+        let t0 = Instant::now();
+        let mut f = InFlight {
+            next: 11,
+            hold: Duration::from_secs(60),
+            ..Default::default()
+        };
+        f.pull_started(t0);
+        // That pull is dropped with 11..=15 on their way; the next one delivers from 16.
+        let t1 = t0 + Duration::from_secs(5);
+        f.pull_started(t1);
+        for seq in 16..=20 {
+            f.taken_at(seq, 1_000, t1);
+            f.decided(seq);
+        }
+        assert_eq!(f.resume_at_on(t1), 11, "not past 11..=15");
+        // (The second pull started at 11 too: nothing was taken before it.)
+        assert_eq!(f.resume_at_on(t1 + Duration::from_secs(29)), 11);
+        // After the redelivery time (30 s) the old consumer has sent them again.
+        assert_eq!(f.resume_at_on(t1 + Duration::from_secs(30)), 21);
+        // An undecided message holds it down as before.
+        f.taken_at(21, 1_000, t1);
+        assert_eq!(f.resume_at_on(t1 + Duration::from_secs(40)), 21);
     }
 
     /// A stream made again starts the position over at its first message, whatever was
