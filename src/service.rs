@@ -764,7 +764,10 @@ impl Running {
         let beats = Beats::new(n);
         // JetStream intake: the acknowledgements go through the acker.
         let (ack_tx, acker) = match &tracker {
-            Some(_) => {
+            Some(t) => {
+                // An existing consumer that redelivers later than the configured ack_wait
+                // (recover raised `hold` for it): acks are tried until its redelivery.
+                let ack_wait = ack_wait.max(lock(t).hold / 2);
                 let (acks, rx) = Acks::new();
                 let probe = transport::confirm_subject(&js_cfg.stream, &js_cfg.consumer);
                 let task = acker(
