@@ -4,21 +4,26 @@
 //! legitimate traffic was, and the precision of the two; per rule, shadow rules included:
 //! how often it fired and how often on fraud. Pure: the caller reads the files.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
 use rust_decimal::Decimal;
 
 use crate::decision::{Action, Decision};
-use crate::rules::{Mode, RuleSet};
+use crate::rules::{Mode, RuleAction, RuleSet};
 
-/// The ids of a fraud-ids file: one transaction id per line; `#` starts a comment, blank
-/// lines are skipped. `Err` names the first line that holds more than one id.
+/// The ids of a fraud-ids file: one transaction id per line; `#` at the start of a line or
+/// after a space starts a comment (an id may hold `#`), blank lines are skipped, a
+/// byte-order mark is dropped. `Err` names the first line that holds more than one id.
 pub fn parse_fraud_ids(text: &str) -> Result<Vec<String>, String> {
     let mut ids = Vec::new();
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (n, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("");
+        let comment = (line.char_indices())
+            .find(|&(i, c)| c == '#' && (i == 0 || line[..i].ends_with(char::is_whitespace)));
+        let line = &line[..comment.map_or(line.len(), |(i, _)| i)];
         let mut words = line.split_whitespace();
         let Some(id) = words.next() else { continue };
         if words.next().is_some() {
@@ -66,28 +71,36 @@ impl ByAction {
 
 /// The running score of a backtest.
 pub struct Backtest {
-    /// Fraud ids, and whether the traffic held each yet (scored once: a retry the retry
-    /// table no longer answers is decided again, and must not count twice).
+    /// Fraud ids, and whether the traffic held each yet.
     fraud_ids: HashMap<String, bool>,
+    /// Hashes of every id scored (8 bytes each): a retry the retry table no longer
+    /// answers is decided again, and must not be scored twice.
+    scored: HashSet<u64>,
+    ids_hasher: RandomState,
+    /// Transactions decided again under an id scored before.
+    pub rescored: u64,
     pub fraud: ByAction,
     pub legit: ByAction,
     /// Per currency: the fraud amount held or rejected, and all of it.
     pub fraud_amount: BTreeMap<String, (Decimal, Decimal)>,
-    /// Every rule of the set, in its order, with its mode and score.
-    pub rules: Vec<(Arc<str>, Mode, RuleScore)>,
+    /// Every rule of the set, in its order, with its mode, action and score.
+    pub rules: Vec<(Arc<str>, Mode, Option<RuleAction>, RuleScore)>,
     index: HashMap<Arc<str>, usize>,
 }
 
 impl Backtest {
     pub fn new(fraud_ids: Vec<String>, rules: &RuleSet) -> Backtest {
         let rules: Vec<_> = (rules.rules.iter())
-            .map(|r| (r.id.clone(), r.mode, RuleScore::default()))
+            .map(|r| (r.id.clone(), r.mode, r.action, RuleScore::default()))
             .collect();
         let index = (rules.iter().enumerate())
             .map(|(i, r)| (r.0.clone(), i))
             .collect();
         Backtest {
             fraud_ids: fraud_ids.into_iter().map(|id| (id, false)).collect(),
+            scored: HashSet::new(),
+            ids_hasher: RandomState::new(),
+            rescored: 0,
             fraud: ByAction::default(),
             legit: ByAction::default(),
             fraud_amount: BTreeMap::new(),
@@ -99,8 +112,11 @@ impl Backtest {
     /// Scores one decision: not a retry the engine answered from its retry table (that
     /// is the original's decision, scored with it).
     pub fn add(&mut self, d: &Decision, amount: Decimal, currency: &str) {
+        if !self.scored.insert(self.ids_hasher.hash_one(&d.id)) {
+            self.rescored += 1;
+            return;
+        }
         let fraud = match self.fraud_ids.get_mut(&d.id) {
-            Some(seen) if *seen => return,
             Some(seen) => {
                 *seen = true;
                 true
@@ -109,7 +125,9 @@ impl Backtest {
         };
         if fraud {
             self.fraud.add(d.action);
-            let (caught, all) = self.fraud_amount.entry(currency.to_string()).or_default();
+            // What the switch sent as the currency, shown: never a card number in clear.
+            let currency = crate::txn::redact_pans(currency);
+            let (caught, all) = self.fraud_amount.entry(currency).or_default();
             *all += amount;
             if d.action != Action::Approve {
                 *caught += amount;
@@ -119,7 +137,7 @@ impl Backtest {
         }
         for r in &d.rules {
             if let Some(&i) = self.index.get(&r.id) {
-                let s = &mut self.rules[i].2;
+                let s = &mut self.rules[i].3;
                 match fraud {
                     true => s.on_fraud += 1,
                     false => s.on_legit += 1,
@@ -128,8 +146,8 @@ impl Backtest {
         }
     }
 
-    /// Fraud ids the traffic did not hold (a mismatch between the two files, or fraud
-    /// outside the recorded period).
+    /// Fraud ids not scored: absent from the traffic (a mismatch between the two files,
+    /// or fraud outside the recorded period), or on a line that was invalid or refused.
     pub fn fraud_ids_not_seen(&self) -> usize {
         self.fraud_ids.values().filter(|seen| !**seen).count()
     }
@@ -140,12 +158,19 @@ impl Backtest {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "backtest: {} transactions scored, {} of them fraud ({} fraud ids, {} not in the traffic)",
+            "backtest: {} transactions scored, {} of them fraud ({} fraud ids, {} not scored: not in the traffic, or on an invalid line)",
             f.all() + l.all(),
             f.all(),
             self.fraud_ids.len(),
             self.fraud_ids_not_seen()
         );
+        if self.rescored > 0 {
+            let _ = writeln!(
+                s,
+                "  {} retries decided again past the retry horizon, scored once",
+                self.rescored
+            );
+        }
         let _ = writeln!(
             s,
             "  fraud caught:    {} of {} ({}): {} rejected, {} held; {} approved",
@@ -186,23 +211,38 @@ impl Backtest {
             .max()
             .unwrap_or(4)
             .max(4);
+        // Per rule: where it fired, whatever the decision was; `of all fraud` is the
+        // share of the fraud it fired on. For an allow rule both are fraud it let pass.
         let _ = writeln!(
             s,
-            "  {:width$}  {:6}  {:>8}  {:>8}  {:>9}  {:>12}",
-            "rule", "mode", "fired", "on fraud", "precision", "fraud caught"
+            "  {:width$}  {:6}  {:6}  {:>8}  {:>8}  {:>9}  {:>12}",
+            "rule", "mode", "action", "fired", "on fraud", "precision", "of all fraud"
         );
-        for (id, mode, r) in &self.rules {
+        for (id, mode, action, r) in &self.rules {
             let mode = match mode {
                 Mode::Active => "active",
                 Mode::Shadow => "shadow",
             };
+            let action = match action {
+                Some(RuleAction::Block) => "block",
+                Some(RuleAction::Reject) => "reject",
+                Some(RuleAction::Hold) => "hold",
+                Some(RuleAction::Allow) => "allow",
+                None => "score",
+            };
             let fired = r.on_fraud + r.on_legit;
             let _ = writeln!(
                 s,
-                "  {id:width$}  {mode:6}  {fired:>8}  {:>8}  {:>9}  {:>12}",
+                "  {id:width$}  {mode:6}  {action:6}  {fired:>8}  {:>8}  {:>9}  {:>12}",
                 r.on_fraud,
                 pct(r.on_fraud, fired),
                 pct(r.on_fraud, f.all())
+            );
+        }
+        if (self.rules.iter()).any(|r| r.2 == Some(RuleAction::Allow)) {
+            let _ = writeln!(
+                s,
+                "  (an allow rule's `on fraud` is fraud it let pass, unless a block or reject won)"
             );
         }
         s
@@ -263,8 +303,8 @@ mode = "shadow"
 
     #[test]
     fn fraud_ids_are_one_per_line_with_comments() {
-        let text = "# chargebacks, November\nt-1\n  t-2   # reason 10.4\n\nt-3\n";
-        assert_eq!(parse_fraud_ids(text).unwrap(), ["t-1", "t-2", "t-3"]);
+        let text = "\u{feff}# chargebacks, November\r\nt-1\r\n  t-2   # reason 10.4\n\nt#3\n";
+        assert_eq!(parse_fraud_ids(text).unwrap(), ["t-1", "t-2", "t#3"]);
         let e = parse_fraud_ids("t-1\nt-2 fraud\n").unwrap_err();
         assert!(e.starts_with("line 2:"), "{e}");
     }
@@ -292,13 +332,17 @@ mode = "shadow"
             let o = e.decide(&Transaction::from_json(json.as_bytes()).unwrap(), t0);
             bt.add(&o.decision, amount.parse().unwrap(), cur);
         }
-        // A retry decided again (past the retry horizon): not scored twice.
-        let json = r#"{"id":"f-big","card":"c-0","amount":"5000"}"#;
-        let o = e.decide(
-            &Transaction::from_json(json.as_bytes()).unwrap(),
-            t0 + 600_000,
-        );
-        bt.add(&o.decision, Decimal::from(5000), "EUR");
+        // Retries decided again (past the retry horizon): not scored twice.
+        for (i, id, amount) in [(0, "f-big", 5000), (5, "l-2", 300)] {
+            let json = format!(r#"{{"id":"{id}","card":"c-{i}","amount":"{amount}"}}"#);
+            let o = e.decide(
+                &Transaction::from_json(json.as_bytes()).unwrap(),
+                t0 + 600_000,
+            );
+            assert!(!o.duplicate && !o.id_reused);
+            bt.add(&o.decision, Decimal::from(amount), "EUR");
+        }
+        assert_eq!(bt.rescored, 2);
 
         assert_eq!(
             bt.fraud,
@@ -322,7 +366,7 @@ mode = "shadow"
             (Decimal::from(5500), Decimal::from(5550))
         );
         assert_eq!(bt.fraud_amount["USD"], (Decimal::ZERO, Decimal::ONE));
-        let rule = |id: &str| bt.rules.iter().find(|r| &*r.0 == id).unwrap().2;
+        let rule = |id: &str| bt.rules.iter().find(|r| &*r.0 == id).unwrap().3;
         // `mid` fires on everything above 100, `big` too above 1000.
         assert_eq!(
             rule("big"),
@@ -347,7 +391,8 @@ mode = "shadow"
         );
         let report = bt.report();
         for line in [
-            "backtest: 8 transactions scored, 4 of them fraud (5 fraud ids, 1 not in the traffic)",
+            "backtest: 8 transactions scored, 4 of them fraud (5 fraud ids, 1 not scored: not in the traffic, or on an invalid line)",
+            "  2 retries decided again past the retry horizon, scored once",
             "  fraud caught:    2 of 4 (50.0 %): 1 rejected, 1 held; 2 approved",
             "  fraud amount caught: EUR 5500 of 5550 (99.1 %)",
             "  fraud amount caught: USD 0 of 1 (0.0 %)",
@@ -361,6 +406,22 @@ mode = "shadow"
         }
         let tiny = report.lines().find(|l| l.contains("tiny")).unwrap();
         let cols: Vec<&str> = tiny.split_whitespace().collect();
-        assert_eq!(cols, ["tiny", "shadow", "2", "1", "50.0", "%", "25.0", "%"]);
+        assert_eq!(
+            cols,
+            ["tiny", "shadow", "hold", "2", "1", "50.0", "%", "25.0", "%"]
+        );
+    }
+
+    /// A currency field holding a card number is not printed in clear.
+    #[test]
+    fn the_report_masks_a_card_number_sent_as_the_currency() {
+        let e = engine();
+        let mut bt = Backtest::new(vec!["f-1".into()], &e.rules());
+        let json = r#"{"id":"f-1","card":"c-1","amount":"10.5"}"#;
+        let o = e.decide(&Transaction::from_json(json.as_bytes()).unwrap(), 1);
+        bt.add(&o.decision, Decimal::new(105, 1), "4000000000000002");
+        let report = bt.report();
+        assert!(!report.contains("4000000000000002"), "{report}");
+        assert!(report.contains("fraud amount caught: "), "{report}");
     }
 }

@@ -114,7 +114,7 @@ enum Cmd {
         events_end: Option<String>,
         /// Send nothing: write the transactions to FILE as JSONL, and the ids of the
         /// injected fraud to FILE.fraud-ids (for `replay --fraud-ids`).
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["nats_url", "path", "rate", "concurrency", "timeout"])]
         write: Option<PathBuf>,
     },
     /// Check a rule directory: exit 0 with a summary, or 1 with every error.
@@ -537,7 +537,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ..Default::default()
             };
             if let Some(path) = write {
-                let ids_path = PathBuf::from(format!("{}.fraud-ids", path.display()));
+                let mut ids_path = path.clone().into_os_string();
+                ids_path.push(".fraud-ids");
+                let ids_path = PathBuf::from(ids_path);
                 let create = |p: &Path| {
                     std::fs::File::create(p)
                         .map(std::io::BufWriter::new)

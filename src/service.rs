@@ -100,8 +100,8 @@ struct InFlight {
     /// The stream was made again under a consumer this engine did not make: the
     /// sequences taken are of two streams, and snapshots go without a position.
     position_unknown: bool,
-    /// Where each pull made again in the last `hold / 2` (the consumer's redelivery time) started:
-    /// `next` then, and when. Messages from there on may have been on their way to a
+    /// Where each pull made again in the last `hold / 2` (the consumer's redelivery
+    /// time) started: `next` then, and when. Messages from there on may have been on their way to a
     /// pull that was dropped; the server counts them as delivered and sends them again
     /// only after that time. Until then a consumer made again starts there, not past
     /// them ([`InFlight::resume_at`]).
@@ -170,11 +170,17 @@ impl InFlight {
         let oldest = self.pending.keys().next().copied().unwrap_or(self.next);
         oldest.min(pulled.unwrap_or(u64::MAX)).max(1)
     }
-    /// A pull is made again at `now`: see [`InFlight::pulls`].
+    /// A pull is made again at `now`: see [`InFlight::pulls`]. (From `next`: every
+    /// message below it was taken. Not from a message still undecided, which holds
+    /// `resume_at` down only while it is, as it holds the eviction clock: ids decided
+    /// since then may have left the retry table.) Pulls made again without anything
+    /// taken between them (a server away for a while) keep one entry, at the last time.
     fn pull_started(&mut self, now: Instant) {
         self.forget_pulls(now);
-        let from = self.pending.keys().next().copied().unwrap_or(self.next);
-        self.pulls.push_back((from, now));
+        match self.pulls.back_mut() {
+            Some(last) if last.0 == self.next => last.1 = now,
+            _ => self.pulls.push_back((self.next, now)),
+        }
     }
     fn forget_pulls(&mut self, now: Instant) {
         let redelivery = self.hold / 2;
@@ -2710,6 +2716,25 @@ mod tests {
         // An undecided message holds it down as before.
         f.taken_at(21, 1_000, t1);
         assert_eq!(f.resume_at_on(t1 + Duration::from_secs(40)), 21);
+        // A pull made again while 21 is undecided starts from 22 (below it, all was
+        // taken); once 21 is decided, only that pull's start holds the position down.
+        let t2 = t1 + Duration::from_secs(41);
+        f.pull_started(t2);
+        f.decided(21);
+        assert_eq!(f.resume_at_on(t2), 22);
+        // Pulls made again with nothing taken between them keep one entry.
+        for s in 1..=10 {
+            f.pull_started(t2 + Duration::from_secs(s));
+        }
+        assert_eq!(f.pulls.len(), 1);
+        assert_eq!(f.resume_at_on(t2 + Duration::from_secs(39)), 22);
+        assert_eq!(
+            f.pulls.len(),
+            1,
+            "the last of them within its redelivery time"
+        );
+        f.resume_at_on(t2 + Duration::from_secs(40));
+        assert!(f.pulls.is_empty());
     }
 
     /// A stream made again starts the position over at its first message, whatever was

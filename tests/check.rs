@@ -143,7 +143,7 @@ fn replay_scores_a_backtest_against_fraud_ids() {
     assert_eq!((&*first["stl-2"], &*first["cm-1"]), ("reject", "approve"));
     for line in [
         format!(
-            "backtest: {} transactions scored, 2 of them fraud (3 fraud ids, 1 not in the traffic)",
+            "backtest: {} transactions scored, 2 of them fraud (3 fraud ids, 1 not scored: not in the traffic, or on an invalid line)",
             first.len()
         ),
         format!(
@@ -178,8 +178,8 @@ fn replay_scores_a_backtest_against_fraud_ids() {
         .count()
         .to_string();
     assert_eq!(
-        row("single_txn_limit")[..4],
-        ["single_txn_limit", "active", &fired, "1"]
+        row("single_txn_limit")[..5],
+        ["single_txn_limit", "active", "reject", &fired, "1"]
     );
     assert_eq!(row("card_high_velocity")[1], "shadow");
     assert_eq!(row("merchant_spike")[1], "active");
@@ -245,7 +245,7 @@ fn generated_traffic_is_backtested_against_its_own_fraud_ids() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{err}");
     let head = format!(
-        "backtest: 20000 transactions scored, {n_fraud} of them fraud ({n_fraud} fraud ids, 0 not in the traffic)"
+        "backtest: 20000 transactions scored, {n_fraud} of them fraud ({n_fraud} fraud ids, 0 not scored: not in the traffic, or on an invalid line)"
     );
     assert!(err.lines().any(|l| l == head), "{head:?} not in\n{err}");
     // "  fraud caught:    C of N (P %): ..." and "  legit flagged:   C of N (P %): ..."
