@@ -586,6 +586,13 @@ enum S {
     Field(Field, StrFn),
 }
 
+/// Whether a literal is a card number as the card field would read it (13-19 digits,
+/// grouped or not, passing the checks every card number passes).
+fn is_card_number(k: &str) -> bool {
+    let digits = crate::txn::normalize_card(k.into());
+    digits.bytes().all(|b| b.is_ascii_digit()) && crate::txn::card_like(&digits)
+}
+
 /// Added to a never-true or always-true warning about a part of a `not`'s operand.
 const UNDER_NOT: &str = " (under a `not`, which turns it over)";
 
@@ -1093,6 +1100,17 @@ impl<'s> ExprCompiler<'s> {
         }
     }
 
+    /// Warns (`card-in-rule`) of a card number written in a rule file and compared with
+    /// the card: held in memory in clear, where a list file's entries are keyed hashes.
+    fn lint_card_in_rule(&mut self, span: &Span) {
+        let sp = self.span(span);
+        self.lints.push((
+            sp,
+            "card-in-rule",
+            "a card number written in a rule file is held in memory in clear: put it in a list file, whose entries are held only as keyed hashes".to_string(),
+        ));
+    }
+
     /// Warns (`never-true`) when the comparisons of one name with constants in an `and`
     /// chain leave it no value (`amount > 100 and amount < 50`). Each part may be true
     /// alone, so the comparison warnings say nothing.
@@ -1153,6 +1171,15 @@ impl<'s> ExprCompiler<'s> {
                 // the same way: `card == '4111 1111 1111 1111'` never matched before.
                 let (x_card, y_card) = (x.is_card(), y.is_card());
                 let (x, y) = (x.read_as_card(y_card), y.read_as_card(x_card));
+                let literal = |s: &S| match s {
+                    S::Const(k) => Some(k.clone()),
+                    _ => None,
+                };
+                if (x_card && literal(&y).is_some_and(|k| is_card_number(&k)))
+                    || (y_card && literal(&x).is_some_and(|k| is_card_number(&k)))
+                {
+                    self.lint_card_in_rule(span);
+                }
                 V::Bool(match (x.func(), y.func()) {
                     (Ok(f), Err(k)) | (Err(k), Ok(f)) => {
                         Box::new(move |c| Tri::opt(f(c).map(|v| (v == k) == eq)))
@@ -1208,6 +1235,12 @@ impl<'s> ExprCompiler<'s> {
             (Tri::False, true) => Tri::True,
             (t, _) => t,
         };
+        if let (V::Str(s), V::StrList(set)) = (&va, &vb) {
+            let plain = set.plain.as_deref().unwrap_or_default();
+            if s.is_card() && plain.iter().any(|k| is_card_number(k)) {
+                self.lint_card_in_rule(&b.span);
+            }
+        }
         match (va, vb) {
             (V::Str(S::Field(fld, _)), V::StrList(set)) if set.plain.is_none() => {
                 // Hashed list: reuse the field's hash from the per-decision cache.

@@ -411,6 +411,48 @@ fn comparisons_known_before_any_transaction_are_warned() {
     }
 }
 
+/// A card number written in a rule file and compared with the card (`==`, `!=`, an inline
+/// list) is warned about (`card-in-rule`), without the number: it is held in clear, where a
+/// list file's entries are hashed. Tokens and other fields are not.
+#[test]
+fn a_card_number_written_in_a_rule_is_warned() {
+    let warned = |body: &str| -> Vec<String> {
+        compile_ok(body)
+            .warnings
+            .into_iter()
+            .filter(|w| w.contains("card-in-rule"))
+            .collect()
+    };
+    for body in [
+        rule("card == '4111 1111 1111 1111'"),
+        rule("'4111111111111111' != card"),
+        rule("card in ['tok_1', '4000-0000-0000-0002']"),
+        format!(
+            "[lists]\nvip = [\"4000 0000 0000 0002\"]\n{}",
+            rule("card not in vip")
+        ),
+    ] {
+        let w = warned(&body);
+        assert_eq!(w.len(), 1, "{body}: {w:?}");
+        assert!(
+            w[0].starts_with("warning[card-in-rule]: r/a.toml:"),
+            "{}",
+            w[0]
+        );
+        for clear in ["4111", "4000"] {
+            assert!(!w[0].contains(clear), "{}", w[0]);
+        }
+    }
+    for body in [
+        rule("card == 'tok_4111111111111111x'"),
+        rule("device == '4111111111111111'"),
+        rule("card == '4111111111111112'"),
+        rule("card in ['tok_1', 'tok_2']"),
+    ] {
+        assert_eq!(warned(&body), Vec::<String>::new(), "{body}");
+    }
+}
+
 /// An `and` whose comparisons of one name with constants leave it no value is warned about
 /// once, at the `and` that brings them together; satisfiable ranges are not, nor an `and`
 /// with a part that is never true alone (that part is warned about).
