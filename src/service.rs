@@ -101,10 +101,10 @@ struct InFlight {
     /// sequences taken are of two streams, and snapshots go without a position.
     position_unknown: bool,
     /// Where each pull made again in the last `hold / 2` (the consumer's redelivery
-    /// time) started: `next` then, and when. Messages from there on may have been on their way to a
-    /// pull that was dropped; the server counts them as delivered and sends them again
-    /// only after that time. Until then a consumer made again starts there, not past
-    /// them ([`InFlight::resume_at`]).
+    /// time) started: `next` then, and when. Messages from there on may have been on
+    /// their way to the pull that was dropped; the server counts them as delivered and
+    /// sends them again only after that time. Until then a consumer made again starts
+    /// there, not past them ([`InFlight::resume_at`]).
     pulls: std::collections::VecDeque<(u64, Instant)>,
 }
 
