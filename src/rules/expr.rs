@@ -1171,13 +1171,8 @@ impl<'s> ExprCompiler<'s> {
                 // the same way: `card == '4111 1111 1111 1111'` never matched before.
                 let (x_card, y_card) = (x.is_card(), y.is_card());
                 let (x, y) = (x.read_as_card(y_card), y.read_as_card(x_card));
-                let literal = |s: &S| match s {
-                    S::Const(k) => Some(k.clone()),
-                    _ => None,
-                };
-                if (x_card && literal(&y).is_some_and(|k| is_card_number(&k)))
-                    || (y_card && literal(&x).is_some_and(|k| is_card_number(&k)))
-                {
+                let card_literal = |s: &S| matches!(s, S::Const(k) if is_card_number(k));
+                if (x_card && card_literal(&y)) || (y_card && card_literal(&x)) {
                     self.lint_card_in_rule(span);
                 }
                 V::Bool(match (x.func(), y.func()) {
