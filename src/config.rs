@@ -334,6 +334,18 @@ mod tests {
                 "[subjects]\ninvalid = \"fraud.decision.hold\"",
                 "among the decision subjects",
             ),
+            (
+                "[subjects]\noutcome = \"fraud.*\"",
+                "[subjects] outcome = \"fraud.*\" takes in what the engine publishes",
+            ),
+            (
+                "[subjects]\noutcome = \"fraud.txn\"",
+                "txn = \"fraud.txn\" and outcome = \"fraud.txn\" overlap",
+            ),
+            (
+                "[subjects]\noutcome = \"fraud outcome\"",
+                "[subjects] outcome",
+            ),
             ("[subjects]\nqueue_group = \"\"", "queue_group"),
             ("[service]\nqueue_depth = 0", "queue_depth"),
             ("[service]\nsweep_interval = \"0s\"", "sweep_interval"),
@@ -354,6 +366,12 @@ mod tests {
         // Wildcards in what the engine takes in, apart from what it publishes, are fine.
         assert_eq!(check("[subjects]\ntxn = \"fraud.txn.>\""), Ok(()));
         assert_eq!(check("[subjects]\ncheck = \"fraud.check.*\""), Ok(()));
+        assert_eq!(check("[subjects]\noutcome = \"fraud.outcome.>\""), Ok(()));
+        assert_eq!(
+            check("[subjects]\noutcome = \"\""),
+            Ok(()),
+            "no outcomes taken in"
+        );
         // Other plain names are fine.
         assert_eq!(
             check("[subjects]\ncheck = \"pay.risk.check\"\ntxn = \"pay.risk.txn\"\ndecision_prefix = \"pay.risk.out\"\ninvalid = \"pay.risk.bad\""),
@@ -533,19 +551,23 @@ impl FileConfig {
 }
 
 impl SubjectsSection {
-    /// Subjects the engine subscribes to (`check`, `txn`) may hold wildcards; those it
-    /// publishes on (`invalid`, the decisions) may not. No subject it takes in may match
-    /// one it publishes on, or the other one it takes in: `txn = "fraud.*"` also took the
-    /// engine's own `fraud.invalid` back in, and `fraud.>` its decisions, in an endless
-    /// loop.
+    /// Subjects the engine subscribes to (`check`, `txn`, `outcome`) may hold wildcards;
+    /// those it publishes on (`invalid`, the decisions) may not. No subject it takes in may
+    /// match one it publishes on, or another one it takes in: `txn = "fraud.*"` also took
+    /// the engine's own `fraud.invalid` back in, and `fraud.>` its decisions, in an endless
+    /// loop. `outcome` may be empty (no outcomes taken in).
     pub fn validate(&self) -> Result<(), String> {
         let named = [
             ("check", &self.check, true),
             ("txn", &self.txn, true),
             ("decision_prefix", &self.decision_prefix, false),
             ("invalid", &self.invalid, false),
+            ("outcome", &self.outcome, true),
         ];
         for (field, subject, wild) in named {
+            if field == "outcome" && subject.is_empty() {
+                continue;
+            }
             let tokens: Vec<&str> = subject.split('.').collect();
             let last = tokens.len() - 1;
             let bad = tokens.iter().enumerate().any(|(i, t)| {
@@ -581,7 +603,11 @@ impl SubjectsSection {
             ("decision_prefix", format!("{prefix}.hold")),
             ("decision_prefix", format!("{prefix}.reject")),
         ];
-        for (a, pattern) in [("check", &self.check), ("txn", &self.txn)] {
+        let mut taken = vec![("check", &self.check), ("txn", &self.txn)];
+        if !self.outcome.is_empty() {
+            taken.push(("outcome", &self.outcome));
+        }
+        for &(a, pattern) in &taken {
             for (b, subject) in &published {
                 if subject_matches(pattern, subject) {
                     return Err(format!(
@@ -590,15 +616,17 @@ impl SubjectsSection {
                 }
             }
         }
-        // A wildcard taken as a name: one message on both would be decided twice.
+        // A wildcard taken as a name: one message on both would be decided twice (or a
+        // transaction read as an outcome).
         let as_name = |p: &str| p.replace(['*', '>'], "x");
-        if subject_matches(&self.check, &as_name(&self.txn))
-            || subject_matches(&self.txn, &as_name(&self.check))
-        {
-            return Err(format!(
-                "[subjects] check = \"{}\" and txn = \"{}\" overlap: a message on both would be decided twice",
-                self.check, self.txn
-            ));
+        for (i, &(a, pa)) in taken.iter().enumerate() {
+            for &(b, pb) in &taken[i + 1..] {
+                if subject_matches(pa, &as_name(pb)) || subject_matches(pb, &as_name(pa)) {
+                    return Err(format!(
+                        "[subjects] {a} = \"{pa}\" and {b} = \"{pb}\" overlap: a message on both would be taken in twice"
+                    ));
+                }
+            }
         }
         Ok(())
     }
@@ -687,6 +715,9 @@ pub struct SubjectsSection {
     pub decision_prefix: String,
     /// Invalid asynchronous input, with the reason in headers.
     pub invalid: String,
+    /// Outcomes reported after a decision (chargebacks, refunds, confirmed fraud or
+    /// genuine): counted by action and rule. Empty: not taken in.
+    pub outcome: String,
     pub queue_group: String,
 }
 
@@ -697,6 +728,7 @@ impl Default for SubjectsSection {
             txn: "fraud.txn".into(),
             decision_prefix: "fraud.decision".into(),
             invalid: "fraud.invalid".into(),
+            outcome: "fraud.outcome".into(),
             queue_group: "fraudgate".into(),
         }
     }

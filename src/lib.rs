@@ -9,6 +9,7 @@ pub mod config;
 pub mod decision;
 pub mod demo;
 pub mod engine;
+pub mod feedback;
 pub mod keyhash;
 pub mod loadgen;
 pub mod loadrun;

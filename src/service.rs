@@ -841,9 +841,10 @@ impl Running {
                 &stop_rx,
             ),
         };
+        let outcome_sub = wire.subscribe_outcome().await?;
         // The subscriptions exist on the server once the client has sent them.
         wire.flush(Duration::from_secs(5)).await;
-        let intake = vec![
+        let mut intake = vec![
             supervised(
                 "check intake",
                 intake(
@@ -859,6 +860,14 @@ impl Running {
             ),
             stream_intake,
         ];
+        if let Some(sub) = outcome_sub {
+            intake.push(supervised(
+                "outcome intake",
+                outcome_intake(sub, wire.clone(), counters.clone(), stop_rx.clone()),
+                &ended_tx,
+                &stop_rx,
+            ));
+        }
         let sweep = supervised(
             "sweep",
             sweeper(
@@ -895,6 +904,7 @@ impl Running {
         tracing::info!(
             check = %wire.subjects.check,
             txn = %wire.subjects.txn,
+            outcome = %wire.subjects.outcome,
             queue_group = %wire.subjects.queue_group,
             workers = n,
             jetstream = js_cfg.enabled,
@@ -1043,6 +1053,9 @@ impl Running {
             decided = s.decided(),
             invalid = s.invalid_total(),
             no_reply = s.no_reply,
+            outcomes = s.outcomes.iter().flatten().sum::<u64>(),
+            outcomes_repeated = s.outcomes_repeated,
+            outcomes_refused = s.outcomes_refused,
             publish_errors = s.publish_errors,
             acks_withheld = s.acks_withheld,
             decision_failures = s.decision_failures.iter().sum::<u64>(),
@@ -1113,6 +1126,72 @@ async fn intake(
             }
         }
         dispatch(&mut batches, &shards, path, &counters).await;
+    }
+}
+
+/// Outcomes reported after a decision ([`crate::feedback`]): each counted once per
+/// transaction and outcome within [`crate::feedback::REMEMBERED_FOR_MS`] (by action and
+/// by the rules of the decision sent with it), and answered when asked. A bad one is
+/// answered with the error, or, published without a reply subject, forwarded to the
+/// invalid subject. Nothing here reads or changes the engine: one task, on the stream
+/// connection, never in front of a request.
+async fn outcome_intake(
+    mut sub: async_nats::Subscriber,
+    wire: Wire,
+    counters: Arc<Counters>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut seen = crate::feedback::Seen::default();
+    let mut draining = false;
+    loop {
+        let msg = tokio::select! {
+            msg = sub.next() => match msg {
+                Some(m) => m,
+                None => break,
+            },
+            _ = stop.changed(), if !draining => {
+                draining = true;
+                if let Err(e) = sub.drain().await {
+                    tracing::warn!(error = %e, "outcome drain failed");
+                    break;
+                }
+                continue;
+            }
+        };
+        counters.outcome_taken();
+        let sent = match wire.decode_outcome(&msg.payload) {
+            Err(e) => {
+                counters.outcome_refused(e.code);
+                tracing::debug!(code = e.code.as_str(), "invalid outcome: {}", e.message);
+                match msg.reply {
+                    Some(inbox) => wire.reply_outcome_error(inbox, &(&e).into()).await,
+                    None => {
+                        // Told apart from a bad transaction on the invalid subject.
+                        let message = format!("outcome: {}", e.message);
+                        let why = transport::Refusal {
+                            message: &message,
+                            ..(&e).into()
+                        };
+                        wire.publish_invalid(msg.payload, &why).await
+                    }
+                }
+            }
+            Ok(f) => {
+                let counted = seen.first(&f.id, f.kind, now_ms());
+                if counted {
+                    counters.outcome(&f);
+                } else {
+                    counters.outcome_repeated(f.kind);
+                }
+                match msg.reply {
+                    Some(inbox) => wire.reply_outcome(inbox, &f, counted).await,
+                    None => Ok(()),
+                }
+            }
+        };
+        if sent.is_err() {
+            counters.publish_error();
+        }
     }
 }
 

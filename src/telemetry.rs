@@ -3,9 +3,10 @@
 //! metrics (through the `metrics` facade, exported by metrics-exporter-prometheus) and as
 //! plain atomics that tests, logs and the demo read without an exporter.
 //!
-//! Labels are bounded: path (2), action (3), error code (8), rule id and mode (the rule
-//! count), key group signature (the group count), result (2). Never a card, device or
-//! merchant value.
+//! Labels are bounded: path (2), action (3, or 4 with `unknown` for outcomes), error code
+//! (8), outcome (4), rule id and mode (the rule count; for outcomes, at most
+//! [`MAX_OUTCOME_RULES`] ids beyond the active set), key group signature (the group
+//! count), result (2). Never a card, device or merchant value, nor a transaction id.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,6 +18,7 @@ use metrics::{Counter, Histogram, Unit};
 
 use crate::decision::{Action, FiredRule};
 use crate::engine::{Evicted, StateStats};
+use crate::feedback::{Feedback, Kind};
 use crate::rules::{Mode, RuleAction, RuleSet};
 use crate::txn::ErrorCode;
 
@@ -62,7 +64,20 @@ pub mod names {
     pub const SNAPSHOT_INTERVAL: &str = "fraudgate_snapshot_interval_seconds";
     pub const STALLED: &str = "fraudgate_stalled";
     pub const STALLS: &str = "fraudgate_stalls_total";
+    pub const OUTCOMES: &str = "fraudgate_outcomes_total";
+    pub const RULE_OUTCOMES: &str = "fraudgate_rule_outcomes_total";
+    pub const OUTCOMES_REPEATED: &str = "fraudgate_outcomes_repeated_total";
+    pub const OUTCOMES_REFUSED: &str = "fraudgate_outcomes_refused_total";
 }
+
+/// The `action` label of [`names::OUTCOMES`]: the reported decision's action, or
+/// `unknown` for an outcome sent without its decision.
+const OUTCOME_ACTIONS: [&str; 4] = ["approve", "hold", "reject", "unknown"];
+
+/// Rule ids outside the active rule set that get a label of their own in
+/// [`names::RULE_OUTCOMES`] (rules since removed or renamed: outcomes come weeks after
+/// their decisions); past that, `other`. The label stays bounded whatever is sent.
+pub const MAX_OUTCOME_RULES: usize = 512;
 
 /// The `kind` label of the stall metrics, in [`Counters::stall`]'s order.
 const STALL_KINDS: [&str; 2] = ["worker", "runtime"];
@@ -326,6 +341,26 @@ fn describe() {
         Unit::Count,
         "Slow-consumer events: the NATS client dropped messages of a full subscription. A lower bound: the client reports drops through a small queue and loses reports in a burst."
     );
+    describe_counter!(
+        OUTCOMES,
+        Unit::Count,
+        "Outcomes reported on the outcome subject (chargeback, fraud, refund, genuine), by outcome and by the action of the decision sent with it (unknown without one). Counted once per transaction and outcome (a repeat within 24 hours is counted in fraudgate_outcomes_repeated_total)."
+    );
+    describe_counter!(
+        RULE_OUTCOMES,
+        Unit::Count,
+        "Outcomes by rule that fired in the reported decision (active and shadow), by rule id, the rule's mode in that decision, and outcome: with fraudgate_rule_hits_total, a rule's precision on live traffic. Rule ids outside the active set past 512 count as `other`."
+    );
+    describe_counter!(
+        OUTCOMES_REPEATED,
+        Unit::Count,
+        "Outcomes reported again for the same transaction within 24 hours (retries, a report read twice): not counted again."
+    );
+    describe_counter!(
+        OUTCOMES_REFUSED,
+        Unit::Count,
+        "Outcome messages refused, by stable error code (answered with the error, or forwarded to the invalid subject)."
+    );
     describe_gauge!(BUILD_INFO, "Build information (always 1).");
     describe_gauge!(RULES_DIR_VALID, "1 while the rule directory compiles, 0 after a failed load (the previous rules stay active).");
     describe_gauge!(NATS_PENDING, Unit::Count, "Messages the NATS client has received and the engine has not taken yet (subscription buffers; with JetStream, requests only: the stream's backlog is the consumer's pending count on the server).");
@@ -355,6 +390,10 @@ impl Path {
 
 fn action_idx(a: Action) -> usize {
     a as usize
+}
+
+fn kind_idx(k: Kind) -> usize {
+    Kind::ALL.iter().position(|x| *x == k).unwrap_or(0)
 }
 
 fn code_idx(c: ErrorCode) -> usize {
@@ -452,6 +491,14 @@ pub struct Counters {
     end_to_end_seconds: [Histogram; 2],
     queued: [std::sync::atomic::AtomicI64; 2],
     rules: ArcSwap<RuleMetrics>,
+    /// Outcomes by kind ([`Kind::ALL`] order) and action ([`OUTCOME_ACTIONS`] order).
+    outcomes: [[Both; 4]; 4],
+    outcomes_repeated: [Both; 4],
+    outcomes_refused: [Both; ErrorCode::ALL.len()],
+    /// Outcome messages taken off the stream connection (its pending count).
+    outcomes_taken: AtomicU64,
+    /// Outcomes per rule label and kind (bounded: [`MAX_OUTCOME_RULES`]).
+    rule_outcomes: std::sync::Mutex<HashMap<String, [u64; 4]>>,
 }
 
 impl std::fmt::Debug for Counters {
@@ -502,6 +549,12 @@ pub struct Snapshot {
     pub acks_withheld: u64,
     /// Stalls reported by the watchdog: [worker, runtime].
     pub stalls: [u64; 2],
+    /// Outcomes counted, by kind ([`Kind::ALL`] order) and the decision's action
+    /// (approve, hold, reject, unknown).
+    pub outcomes: [[u64; 4]; 4],
+    /// Outcomes reported again within the horizon, and outcome messages refused.
+    pub outcomes_repeated: u64,
+    pub outcomes_refused: u64,
 }
 
 impl Snapshot {
@@ -580,7 +633,63 @@ impl Counters {
                 .map(|p| histogram!(END_TO_END_SECONDS, "path" => p.as_str())),
             queued: Default::default(),
             rules: ArcSwap::from_pointee(RuleMetrics::default()),
+            outcomes: Kind::ALL.map(|k| {
+                OUTCOME_ACTIONS
+                    .map(|a| Both::new(counter!(OUTCOMES, "outcome" => k.as_str(), "action" => a)))
+            }),
+            outcomes_repeated: Kind::ALL
+                .map(|k| Both::new(counter!(OUTCOMES_REPEATED, "outcome" => k.as_str()))),
+            outcomes_refused: ErrorCode::ALL
+                .map(|c| Both::new(counter!(OUTCOMES_REFUSED, "code" => c.as_str()))),
+            outcomes_taken: AtomicU64::new(0),
+            rule_outcomes: Default::default(),
         }
+    }
+
+    /// An outcome message taken in (before it is read).
+    pub fn outcome_taken(&self) {
+        self.outcomes_taken.fetch_add(1, Relaxed);
+    }
+
+    /// An outcome reported for the first time: counted by the decision's action and by
+    /// each rule that fired in it.
+    pub fn outcome(&self, f: &Feedback) {
+        let k = kind_idx(f.kind);
+        let a = f.action.map_or(3, action_idx);
+        self.outcomes[k][a].inc();
+        if f.rules.is_empty() {
+            return;
+        }
+        let known = self.rules.load();
+        let mut per_rule = self.rule_outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        for r in &f.rules {
+            let label = if known.hits.contains_key(r.id.as_str())
+                || per_rule.contains_key(&r.id)
+                || per_rule.len() < MAX_OUTCOME_RULES
+            {
+                r.id.as_str()
+            } else {
+                "other"
+            };
+            per_rule.entry(label.to_string()).or_default()[k] += 1;
+            metrics::counter!(names::RULE_OUTCOMES, "rule" => label.to_string(), "mode" => mode_str(r.mode), "outcome" => f.kind.as_str()).increment(1);
+        }
+    }
+
+    /// An outcome reported again within the horizon: not counted again.
+    pub fn outcome_repeated(&self, kind: Kind) {
+        self.outcomes_repeated[kind_idx(kind)].inc();
+    }
+
+    /// An outcome message refused.
+    pub fn outcome_refused(&self, code: ErrorCode) {
+        self.outcomes_refused[code_idx(code)].inc();
+    }
+
+    /// Outcomes counted for rule label `rule` (a rule id or `other`), by kind.
+    pub fn rule_outcomes(&self, rule: &str) -> [u64; 4] {
+        let per_rule = self.rule_outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        per_rule.get(rule).copied().unwrap_or_default()
     }
 
     pub fn received(&self, p: Path) {
@@ -711,7 +820,13 @@ impl Counters {
             .into_iter()
             .filter_map(|p| {
                 let i = p.idx();
+                // Outcomes come on the stream connection too.
+                let other = match p {
+                    Path::Stream => self.outcomes_taken.load(Relaxed),
+                    Path::Check => 0,
+                };
                 let gone = self.received[i].get()
+                    + other
                     + self.dropped[i].load(Relaxed)
                     + self.unseen[i].load(Relaxed);
                 in_messages[i].map(|n| n.saturating_sub(gone))
@@ -726,7 +841,11 @@ impl Counters {
     /// a burst, which left the gauge high for good).
     pub fn subscription_empty(&self, p: Path, in_messages: u64, taking: u64) {
         let i = p.idx();
-        let explained = self.received[i].get() + taking + self.dropped[i].load(Relaxed);
+        let other = match p {
+            Path::Stream => self.outcomes_taken.load(Relaxed),
+            Path::Check => 0,
+        };
+        let explained = self.received[i].get() + other + taking + self.dropped[i].load(Relaxed);
         self.unseen[i].store(in_messages.saturating_sub(explained), Relaxed);
     }
 
@@ -773,6 +892,10 @@ impl Counters {
             .map(|r| {
                 let c = counter!(RULE_HITS, "rule" => r.id.to_string(), "mode" => mode_str(r.mode), "action" => action_str(r.action));
                 c.increment(0);
+                // Its outcome series from the start, so the first outcome is an increase.
+                for k in Kind::ALL {
+                    counter!(RULE_OUTCOMES, "rule" => r.id.to_string(), "mode" => mode_str(r.mode), "outcome" => k.as_str()).increment(0);
+                }
                 (r.id.clone(), c)
             })
             .collect();
@@ -918,6 +1041,12 @@ impl Counters {
             ack_errors: self.ack_errors.get(),
             acks_withheld: self.acks_withheld.get(),
             stalls: [self.stalls[0].get(), self.stalls[1].get()],
+            outcomes: self
+                .outcomes
+                .each_ref()
+                .map(|a| a.each_ref().map(Both::get)),
+            outcomes_repeated: self.outcomes_repeated.iter().map(Both::get).sum(),
+            outcomes_refused: self.outcomes_refused.iter().map(Both::get).sum(),
         }
     }
 

@@ -7,6 +7,10 @@
 //!   to `fraud.decision.<action>`; bad input goes to `fraud.invalid` (the original payload,
 //!   the reason in headers), and so does a transaction the engine failed to decide (code
 //!   `internal`, the transaction re-encoded).
+//! - `fraud.outcome`, queue group `fraudgate`: outcomes reported after a decision
+//!   ([`crate::feedback`]), on the stream connection. A request is answered
+//!   `{"id": ..., "outcome": ..., "counted": true|false}` or with the error object; a bad
+//!   one published without a reply subject goes to `fraud.invalid` like a bad transaction.
 //! - Published decisions carry the headers `Nats-Msg-Id` (the transaction id),
 //!   `Fraudgate-Action` and `Fraudgate-Rules-Version`; a decision reply is the bare JSON, an
 //!   error reply has the `Fraudgate-Error-Code` header.
@@ -19,6 +23,7 @@ use bytes::Bytes;
 
 use crate::config::{parse_duration, JetStreamSection, NatsSection, SubjectsSection};
 use crate::decision::{Action, Decision};
+use crate::feedback::Feedback;
 use crate::telemetry::Counters;
 use crate::txn::{DecodeError, ErrorCode, Transaction};
 
@@ -300,20 +305,74 @@ impl Wire {
         queue_subscribe(&self.stream, &self.subjects.txn, &self.subjects.queue_group).await
     }
 
+    /// The outcome subscription, on the stream connection (an outcome never waits in front
+    /// of a request); `None` when `[subjects] outcome` is empty.
+    pub async fn subscribe_outcome(&self) -> Result<Option<Subscriber>, TransportError> {
+        if self.subjects.outcome.is_empty() {
+            return Ok(None);
+        }
+        queue_subscribe(
+            &self.stream,
+            &self.subjects.outcome,
+            &self.subjects.queue_group,
+        )
+        .await
+        .map(Some)
+    }
+
+    fn oversized(&self, payload: &[u8]) -> Option<DecodeError> {
+        (payload.len() > self.max_payload).then(|| DecodeError {
+            code: ErrorCode::Oversized,
+            message: format!(
+                "payload of {} bytes is over the limit of {} bytes",
+                payload.len(),
+                self.max_payload
+            ),
+            id: None,
+        })
+    }
+
     /// Decodes a payload, enforcing the size limit first.
     pub fn decode(&self, payload: &[u8]) -> Result<Transaction, DecodeError> {
-        if payload.len() > self.max_payload {
-            return Err(DecodeError {
-                code: ErrorCode::Oversized,
-                message: format!(
-                    "payload of {} bytes is over the limit of {} bytes",
-                    payload.len(),
-                    self.max_payload
-                ),
-                id: None,
-            });
+        match self.oversized(payload) {
+            Some(e) => Err(e),
+            None => Transaction::from_json(payload),
         }
-        Transaction::from_json(payload)
+    }
+
+    /// Decodes an outcome, enforcing the size limit first.
+    pub fn decode_outcome(&self, payload: &[u8]) -> Result<Feedback, DecodeError> {
+        match self.oversized(payload) {
+            Some(e) => Err(e),
+            None => Feedback::from_json(payload),
+        }
+    }
+
+    /// Answers an outcome request: counted, or already counted within the horizon.
+    pub async fn reply_outcome(
+        &self,
+        inbox: Subject,
+        f: &Feedback,
+        counted: bool,
+    ) -> Result<(), async_nats::PublishError> {
+        let body = serde_json::json!({"id": f.id, "outcome": f.kind.as_str(), "counted": counted});
+        self.stream
+            .publish(inbox, Bytes::from(body.to_string()))
+            .await
+    }
+
+    /// Answers an outcome request with an error object (as [`Wire::reply_error`], on the
+    /// stream connection).
+    pub async fn reply_outcome_error(
+        &self,
+        inbox: Subject,
+        e: &Refusal<'_>,
+    ) -> Result<(), async_nats::PublishError> {
+        let mut h = HeaderMap::new();
+        h.insert(HEADER_ERROR_CODE, e.code);
+        self.stream
+            .publish_with_headers(inbox, h, Bytes::from(error_json(e)))
+            .await
     }
 
     fn decision_headers(d: &Decision) -> HeaderMap {

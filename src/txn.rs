@@ -214,7 +214,7 @@ pub struct DecodeError {
 }
 
 impl DecodeError {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         DecodeError {
             code,
             message: message.into(),
@@ -222,7 +222,7 @@ impl DecodeError {
         }
     }
 
-    fn from_serde(e: serde_json::Error) -> Self {
+    pub(crate) fn from_serde(e: serde_json::Error) -> Self {
         use serde_json::error::Category;
         // serde quotes offending values: numbers between backticks ("invalid type: integer
         // `4111111111111111`"), strings between double quotes, escaped ("invalid type:

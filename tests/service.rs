@@ -1818,3 +1818,171 @@ async fn a_worker_stuck_at_shutdown_is_given_up_after_its_grace() {
         .unwrap_or_else(|| panic!("no undecided count:\n{log}"));
     assert_eq!(undecided["fields"]["undecided"], 5, "{log}");
 }
+
+/// Sends an outcome as a request; its answer within 5 s: the error code header (if any)
+/// and the JSON body.
+async fn outcome(c: &async_nats::Client, body: &str) -> (Option<String>, serde_json::Value) {
+    let m = tokio::time::timeout(
+        Duration::from_secs(5),
+        c.request("fraud.outcome", Bytes::from(body.to_string())),
+    )
+    .await
+    .expect("an answer within 5 s")
+    .unwrap();
+    let code = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Fraudgate-Error-Code"))
+        .map(|v| v.as_str().to_string());
+    (code, serde_json::from_slice(&m.payload).unwrap())
+}
+
+/// Outcomes reported after decisions (a chargeback, a reviewer's verdict): counted once
+/// per transaction and outcome, by the action of the decision sent with them and by each
+/// rule that fired in it; a repeat is answered as not counted; bad ones get a coded error
+/// (or go to fraud.invalid), and the engine goes on deciding.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_are_counted_once_by_action_and_rule() {
+    let nats = nats().await;
+    let port = fraudgate::demo::free_port().unwrap();
+    let config = format!("{CONFIG}\n[metrics]\naddr = \"127.0.0.1:{port}\"\n");
+    let engine = Engine::start_with(&nats.url(), &config).await;
+    let c = client(&nats.url()).await;
+    let held = check(
+        &c,
+        r#"{"id":"o-1","card":"4111111111110101","amount":"20","attrs":{"phone_match":false}}"#,
+    )
+    .await;
+    assert_eq!(held["action"], "hold", "{held}");
+    let approved = check(&c, &txn("o-2", "4111111111110102", "20")).await;
+    assert_eq!(approved["action"], "approve", "{approved}");
+
+    // A reviewer released the held one; the approved one was charged back.
+    let genuine = format!(r#"{{"id":"o-1","outcome":"genuine","decision":{held}}}"#);
+    let (code, r) = outcome(&c, &genuine).await;
+    assert_eq!(code, None);
+    assert_eq!(
+        r,
+        serde_json::json!({"id": "o-1", "outcome": "genuine", "counted": true})
+    );
+    let (_, r) = outcome(&c, &genuine).await;
+    assert_eq!(r["counted"], false, "a repeat is not counted again: {r}");
+    let chargeback = format!(r#"{{"id":"o-2","outcome":"chargeback","decision":{approved}}}"#);
+    assert_eq!(outcome(&c, &chargeback).await.1["counted"], true);
+    // Another outcome of the same transaction counts; one without its decision too.
+    let (_, r) = outcome(&c, r#"{"id":"o-2","outcome":"refund"}"#).await;
+    assert_eq!(r["counted"], true);
+    // Published without a reply subject: counted all the same.
+    c.publish(
+        "fraud.outcome",
+        Bytes::from(r#"{"id":"o-3","outcome":"fraud"}"#),
+    )
+    .await
+    .unwrap();
+
+    // Bad outcomes: a coded error, never the input's values.
+    for (body, want) in [
+        ("{", "invalid_json"),
+        (r#"{"id":"o-4"}"#, "missing_field"),
+        (r#"{"id":"o-4","outcome":"4111111111111111"}"#, "wrong_type"),
+        (
+            r#"{"id":"o-4","outcome":"fraud","decision":{"id":"o-5","action":"hold"}}"#,
+            "wrong_type",
+        ),
+    ] {
+        let (code, r) = outcome(&c, body).await;
+        assert_eq!(code.as_deref(), Some(want), "{body}: {r}");
+        assert_eq!(r["error"]["code"], want);
+        assert!(!r.to_string().contains("4111111111111111"), "{r}");
+    }
+    // Published without a reply subject, a bad one goes to fraud.invalid, said to be an
+    // outcome.
+    let mut invalid = c.subscribe("fraud.invalid").await.unwrap();
+    c.flush().await.unwrap();
+    c.publish(
+        "fraud.outcome",
+        Bytes::from_static(br#"{"id":"o-6","outcome":"maybe"}"#),
+    )
+    .await
+    .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), invalid.next())
+        .await
+        .expect("forwarded within 5 s")
+        .unwrap();
+    assert_eq!(m.payload.as_ref(), br#"{"id":"o-6","outcome":"maybe"}"#);
+    let h = m.headers.unwrap();
+    assert_eq!(
+        h.get("Fraudgate-Error-Code").unwrap().as_str(),
+        "wrong_type"
+    );
+    assert!(h
+        .get("Fraudgate-Error")
+        .unwrap()
+        .as_str()
+        .starts_with("outcome: "));
+
+    // The engine decides on.
+    let ok = check(&c, &txn("o-7", "4111111111110107", "3")).await;
+    assert_eq!(ok["action"], "approve");
+
+    // The metrics: by outcome and action, and by rule.
+    let want = [
+        ("fraudgate_outcomes_total{outcome=\"genuine\",action=\"hold\"}", 1.0),
+        ("fraudgate_outcomes_total{outcome=\"chargeback\",action=\"approve\"}", 1.0),
+        ("fraudgate_outcomes_total{outcome=\"refund\",action=\"unknown\"}", 1.0),
+        ("fraudgate_outcomes_total{outcome=\"fraud\",action=\"unknown\"}", 1.0),
+        ("fraudgate_outcomes_total{outcome=\"chargeback\",action=\"hold\"}", 0.0),
+        ("fraudgate_outcomes_repeated_total{outcome=\"genuine\"}", 1.0),
+        ("fraudgate_outcomes_refused_total{code=\"wrong_type\"}", 3.0),
+        ("fraudgate_outcomes_refused_total{code=\"invalid_json\"}", 1.0),
+        (
+            "fraudgate_rule_outcomes_total{rule=\"phone_address_mismatch\",mode=\"active\",outcome=\"genuine\"}",
+            1.0,
+        ),
+        (
+            "fraudgate_rule_outcomes_total{rule=\"phone_address_mismatch\",mode=\"active\",outcome=\"chargeback\"}",
+            0.0,
+        ),
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = metrics_text(port).await.unwrap_or_default();
+        let got: Vec<Option<f64>> = want.iter().map(|(s, _)| metric_value(&text, s)).collect();
+        if want.iter().zip(&got).all(|((_, v), g)| *g == Some(*v)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{:?}\n{}",
+            want.iter().zip(&got).collect::<Vec<_>>(),
+            text.lines()
+                .filter(|l| l.contains("outcome"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut engine = engine;
+    engine.signal("TERM");
+    tokio::time::timeout(Duration::from_secs(30), engine.child.wait())
+        .await
+        .expect("exits within 30 s")
+        .unwrap();
+    let stopped = engine.stopped_line();
+    assert_eq!(stopped["fields"]["outcomes"].as_u64(), Some(4), "{stopped}");
+    assert_eq!(
+        stopped["fields"]["outcomes_repeated"].as_u64(),
+        Some(1),
+        "{stopped}"
+    );
+    assert_eq!(
+        stopped["fields"]["outcomes_refused"].as_u64(),
+        Some(5),
+        "{stopped}"
+    );
+    assert_eq!(
+        stopped["fields"]["clean"].as_bool(),
+        Some(true),
+        "{stopped}"
+    );
+}
