@@ -199,12 +199,60 @@ state.panel("timeseries", "JetStream recovery and acks",
              (f'sum(rate(fraudgate_jetstream_ack_errors_total{{{I}}}[{RI}]))', "ack errors /s"),
              (f'sum(rate(fraudgate_jetstream_acks_withheld_total{{{I}}}[{RI}]))', "acks withheld /s")], "short", w=24)
 
+OUT = "fraudgate_outcomes_total"
+ROUT = "fraudgate_rule_outcomes_total"
+FRAUD = 'outcome=~"chargeback|fraud"'
+
+
+def over_30d(num, den):
+    # Outcomes come days to weeks after their decisions: rates over 30 days, not the
+    # dashboard's range.
+    return f'sum(increase({num}[30d])) / sum(increase({den}[30d]))'
+
+
+outcomes = Board("fraudgate-outcomes", "fraudgate / Outcomes",
+                 "What became of decided transactions, as reported on fraud.outcome (chargebacks, refunds, confirmed fraud, confirmed genuine): chargeback and refund rates, fraud that got through, false positives, and each rule's precision on live traffic.")
+outcomes.panel("stat", "Chargeback rate (30d)",
+               "Chargebacks reported in the last 30 days against approved decisions in the same 30 days. Chargebacks come weeks after their transactions, so this trails the traffic; card schemes watch it per merchant and act around 1 %.",
+               [(over_30d(f'{OUT}{{{I},outcome="chargeback"}}', f'fraudgate_decisions_total{{{I},action="approve"}}'), "chargebacks / approved")],
+               "percentunit", w=6, h=5)
+outcomes.panel("stat", "Refund rate (30d)",
+               "Refunds reported in the last 30 days against approved decisions in the same 30 days.",
+               [(over_30d(f'{OUT}{{{I},outcome="refund"}}', f'fraudgate_decisions_total{{{I},action="approve"}}'), "refunds / approved")],
+               "percentunit", w=6, h=5)
+outcomes.panel("stat", "Fraud approved (30d)",
+               "Of the chargebacks and confirmed fraud reported with their decision in the last 30 days, the share the engine had approved: fraud that got through.",
+               [(over_30d(f'{OUT}{{{I},{FRAUD},action="approve"}}', f'{OUT}{{{I},{FRAUD},action!="unknown"}}'), "approved fraud")],
+               "percentunit", w=6, h=5)
+outcomes.panel("stat", "False positives among reviewed (30d)",
+               "Of the held or rejected transactions with a verdict reported in the last 30 days (confirmed genuine, or fraud / chargeback), the share that was genuine.",
+               [(over_30d(f'{OUT}{{{I},outcome="genuine",action=~"hold|reject"}}', f'{OUT}{{{I},outcome=~"genuine|fraud|chargeback",action=~"hold|reject"}}'), "genuine / verdicts")],
+               "percentunit", w=6, h=5)
+outcomes.panel("timeseries", "Outcomes reported",
+               "Outcomes counted per second, by outcome (each transaction and outcome once).",
+               [(f'sum by (outcome) (rate({OUT}{{{I}}}[{RI}]))', "{{outcome}}")], "reqps")
+outcomes.panel("timeseries", "Outcomes by the decision's action",
+               "Outcomes counted in each interval, by outcome and by the action of the decision sent with them (unknown: sent without it).",
+               [(f'sum by (outcome, action) (increase({OUT}{{{I}}}[{RI}]))', "{{outcome}} after {{action}}")], "short")
+outcomes.panel("bargauge", "Rule precision from outcomes (30d)",
+               "For each rule (active and shadow), the share of fraud among the verdicts reported for transactions it fired on in the last 30 days: (chargeback + fraud) / (chargeback + fraud + genuine). Rules without verdicts are left out. A shadow rule's figure is what it would do if it acted.",
+               [(f'sum by (rule, mode) (increase({ROUT}{{{I},{FRAUD}}}[30d]))'
+                 f' / (sum by (rule, mode) (increase({ROUT}{{{I},outcome=~"chargeback|fraud|genuine"}}[30d])) > 0)', "{{rule}} ({{mode}})")],
+               "percentunit")
+outcomes.panel("bargauge", "Outcomes per rule (range)",
+               "Outcomes reported over the dashboard's time range for transactions each rule fired on, by outcome.",
+               [(f'sum by (rule, outcome) (increase({ROUT}{{{I}}}[$__range])) > 0', "{{rule}}: {{outcome}}")], "short")
+outcomes.panel("timeseries", "Outcome messages repeated and refused",
+               "Outcomes reported again within 24 hours (not counted again), and outcome messages refused, by error code (answered with the error, or forwarded to fraud.invalid), per second.",
+               [(f'sum(rate(fraudgate_outcomes_repeated_total{{{I}}}[{RI}]))', "repeated"),
+                (f'sum by (code) (rate(fraudgate_outcomes_refused_total{{{I}}}[{RI}]))', "refused: {{code}}")], "reqps", w=24)
+
 here = os.path.dirname(os.path.abspath(__file__))
 # --check: write nothing, fail if a committed dashboard differs from what this script makes
 # (an edit of the JSON by hand, or of this script without running it).
 check = "--check" in sys.argv[1:]
 stale = []
-for b in (overview, rules, state):
+for b in (overview, rules, state, outcomes):
     path = os.path.join(here, "dashboards", f"{b.uid}.json")
     text = json.dumps(b.json(), indent=2) + "\n"
     if check:

@@ -153,7 +153,32 @@ async fn every_dashboard_query_returns_data_from_a_real_prometheus() {
                 "20.00"
             };
             let body = txn(&format!("pm-{i}"), &format!("48{:014}", i % 300), amount);
-            let _ = check(&c, &body).await;
+            let decision = check(&c, &body).await;
+            // Outcomes reported for some: verdicts on the rejected ones (fired rules),
+            // chargebacks on approved ones, refunds without the decision, a repeat and a
+            // bad one.
+            let kind = match decision["action"].as_str() {
+                Some("reject") if i.is_multiple_of(2) => Some("fraud"),
+                Some("reject") => Some("genuine"),
+                Some("approve") if i.is_multiple_of(10) => Some("chargeback"),
+                _ => None,
+            };
+            let mut outcomes = Vec::new();
+            if let Some(kind) = kind {
+                outcomes.push(format!(
+                    r#"{{"id":"pm-{i}","outcome":"{kind}","decision":{decision}}}"#
+                ));
+            }
+            if i.is_multiple_of(13) {
+                outcomes.push(format!(r#"{{"id":"pm-{i}","outcome":"refund"}}"#));
+            }
+            if i.is_multiple_of(50) {
+                outcomes.extend(outcomes.clone());
+                outcomes.push("{broken".into());
+            }
+            for o in outcomes {
+                c.publish("fraud.outcome", Bytes::from(o)).await.unwrap();
+            }
             if i.is_multiple_of(5) {
                 let _ = check(&c, &body).await; // a retry
             }
