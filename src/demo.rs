@@ -252,6 +252,7 @@ pub async fn run(opts: DemoOptions) -> Result<u64, DemoError> {
         "  traffic: {} transactions/s with injected fraud (card testing, account takeover, many merchants, duplicates, merchant spikes, high-risk regions at night)",
         opts.rate
     );
+    println!("  outcomes: a stand-in back office reports chargebacks, confirmed fraud, refunds and false positives on fraud.outcome at once (the Outcomes dashboard)");
     if let Some(addr) = running.metrics_addr() {
         println!("  metrics: http://{addr}/metrics");
     }
@@ -336,6 +337,15 @@ pub async fn run(opts: DemoOptions) -> Result<u64, DemoError> {
         t.errors,
         t.timeouts
     );
+    let by_kind: Vec<String> = crate::feedback::Kind::ALL
+        .iter()
+        .zip(&snapshot.outcomes)
+        .map(|(k, n)| format!("{} {}", k.as_str(), n.iter().sum::<u64>()))
+        .collect();
+    println!(
+        "outcomes reported by the demo's back office on fraud.outcome: {}",
+        by_kind.join(", ")
+    );
     let mut pats: Vec<_> = t.patterns.iter().collect();
     pats.sort();
     for (p, (n, caught)) in pats {
@@ -347,6 +357,31 @@ pub async fn run(opts: DemoOptions) -> Result<u64, DemoError> {
         );
     }
     Ok(t.answered)
+}
+
+/// What the demo's back office reports of a decided transaction (`action`: 0 approve, 1
+/// hold, 2 reject): injected fraud that was approved comes back as a chargeback, and held
+/// fraud is confirmed by the reviewer; a legitimate transaction held or rejected is
+/// confirmed genuine (a false positive), and some approved ones are refunded. In
+/// production these come days to weeks later; the demo sends them at once, so the
+/// Outcomes dashboard has something to show.
+fn back_office(fraud: bool, action: usize, refund: bool) -> Option<&'static str> {
+    match (fraud, action) {
+        (true, 0) => Some("chargeback"),
+        (true, 1) => Some("fraud"),
+        (true, _) => None,
+        (false, 0) => refund.then_some("refund"),
+        (false, _) => Some("genuine"),
+    }
+}
+
+/// An outcome message for `fraud.outcome`: the id, the outcome and the decision as received.
+fn outcome_json(id: &str, kind: &str, decision: &[u8]) -> Bytes {
+    let id = serde_json::to_string(id).unwrap_or_else(|_| "\"\"".into());
+    let mut o = format!(r#"{{"id":{id},"outcome":"{kind}","decision":"#).into_bytes();
+    o.extend_from_slice(decision);
+    o.push(b'}');
+    Bytes::from(o)
 }
 
 async fn generate(
@@ -395,46 +430,56 @@ async fn generate(
                 let res =
                     tokio::time::timeout(REQUEST_TIMEOUT, client.request("fraud.check", body))
                         .await;
-                let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
-                match res {
-                    Ok(Ok(msg)) => {
-                        let us = started.elapsed().as_micros() as u64;
-                        let _ = t.hist().record(us.max(1));
-                        let v: serde_json::Value =
-                            serde_json::from_slice(&msg.payload).unwrap_or_default();
-                        let action = v["action"].as_str().unwrap_or("");
-                        let idx = match action {
-                            "approve" => Some(0),
-                            "hold" => Some(1),
-                            "reject" => Some(2),
-                            _ => None,
-                        };
-                        match idx {
-                            Some(i) => {
-                                t.answered += 1;
-                                t.actions[i] += 1;
-                                for r in v["rules"].as_array().into_iter().flatten() {
-                                    if let Some(id) = r["id"].as_str() {
-                                        *t.rules.entry(id.to_string()).or_insert(0) += 1;
+                let mut report = None;
+                {
+                    let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+                    match res {
+                        Ok(Ok(msg)) => {
+                            let us = started.elapsed().as_micros() as u64;
+                            let _ = t.hist().record(us.max(1));
+                            let v: serde_json::Value =
+                                serde_json::from_slice(&msg.payload).unwrap_or_default();
+                            let action = v["action"].as_str().unwrap_or("");
+                            let idx = match action {
+                                "approve" => Some(0),
+                                "hold" => Some(1),
+                                "reject" => Some(2),
+                                _ => None,
+                            };
+                            match idx {
+                                Some(i) => {
+                                    t.answered += 1;
+                                    t.actions[i] += 1;
+                                    for r in v["rules"].as_array().into_iter().flatten() {
+                                        if let Some(id) = r["id"].as_str() {
+                                            *t.rules.entry(id.to_string()).or_insert(0) += 1;
+                                        }
                                     }
-                                }
-                                if let Some(p) = labeled.pattern {
-                                    let e = t.patterns.entry(p).or_insert((0, 0));
-                                    e.0 += 1;
-                                    if i > 0 {
-                                        e.1 += 1;
+                                    if let Some(p) = labeled.pattern {
+                                        let e = t.patterns.entry(p).or_insert((0, 0));
+                                        e.0 += 1;
+                                        if i > 0 {
+                                            e.1 += 1;
+                                        }
                                     }
+                                    let refund = t.answered.is_multiple_of(100);
+                                    report = back_office(labeled.pattern.is_some(), i, refund).map(
+                                        |kind| outcome_json(&labeled.txn.id, kind, &msg.payload),
+                                    );
                                 }
+                                None => t.errors += 1,
                             }
-                            None => t.errors += 1,
+                        }
+                        Ok(Err(_)) => t.errors += 1,
+                        Err(_) => {
+                            // At least the timeout: in the second's p99, not left out of it.
+                            t.timeouts += 1;
+                            let _ = t.hist().record(REQUEST_TIMEOUT.as_micros() as u64);
                         }
                     }
-                    Ok(Err(_)) => t.errors += 1,
-                    Err(_) => {
-                        // At least the timeout: in the second's p99, not left out of it.
-                        t.timeouts += 1;
-                        let _ = t.hist().record(REQUEST_TIMEOUT.as_micros() as u64);
-                    }
+                }
+                if let Some(body) = report {
+                    let _ = client.publish("fraud.outcome", body).await;
                 }
                 drop(permit);
             });
@@ -442,4 +487,33 @@ async fn generate(
     }
     // Let the requests in flight finish.
     let _ = in_flight.acquire_many(64).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::feedback::{Feedback, Kind};
+
+    #[test]
+    fn the_back_office_reports_what_became_of_each_decision() {
+        assert_eq!(back_office(true, 0, false), Some("chargeback"));
+        assert_eq!(back_office(true, 1, false), Some("fraud"));
+        assert_eq!(
+            back_office(true, 2, true),
+            None,
+            "a rejected fraud never happened"
+        );
+        assert_eq!(back_office(false, 0, false), None);
+        assert_eq!(back_office(false, 0, true), Some("refund"));
+        assert_eq!(back_office(false, 1, false), Some("genuine"));
+        assert_eq!(back_office(false, 2, false), Some("genuine"));
+        // What it sends is an outcome the engine reads, with the decision's action and
+        // rules.
+        let decision = br#"{"id":"g\"1","action":"hold","rules":[{"id":"r1","mode":"shadow"}]}"#;
+        let f = Feedback::from_json(&outcome_json("g\"1", "genuine", decision)).unwrap();
+        assert_eq!(f.id, "g\"1");
+        assert_eq!(f.kind, Kind::Genuine);
+        assert_eq!(f.action, Some(crate::Action::Hold));
+        assert_eq!(f.rules[0].id, "r1");
+    }
 }

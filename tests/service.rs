@@ -927,6 +927,17 @@ async fn demo_runs_and_stops_cleanly() {
         "{stdout}"
     );
     assert!(stdout.contains("errors 0, timeouts 0"), "{stdout}");
+    // The stand-in back office reported outcomes, and the engine counted them.
+    let reported: u64 = stdout
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("outcomes reported by the demo's back office on fraud.outcome: ")
+        })
+        .expect("the outcomes line")
+        .split(", ")
+        .map(|kv| kv.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert!(reported > 0, "{stdout}");
 }
 
 /// The demo's private nats-server goes with the demo, also when the demo is killed by a
