@@ -211,9 +211,9 @@ def over_30d(num, den):
 
 
 outcomes = Board("fraudgate-outcomes", "fraudgate / Outcomes",
-                 "What became of decided transactions, as reported on fraud.outcome (chargebacks, refunds, confirmed fraud, confirmed genuine): chargeback and refund rates, fraud that got through, false positives, and each rule's precision on live traffic.")
+                 "What became of decided transactions, as reported on fraud.outcome (chargebacks, refunds, confirmed fraud, confirmed genuine): chargeback and refund rates, fraud that got through, false positives, and each rule's precision on live traffic. An outcome is counted by whichever engine of the queue group takes it, not the one that decided: read the ratios with every engine selected.")
 outcomes.panel("stat", "Chargeback rate (30d)",
-               "Chargebacks reported in the last 30 days against approved decisions in the same 30 days. Chargebacks come weeks after their transactions, so this trails the traffic; card schemes watch it per merchant and act around 1 %.",
+               "Chargebacks reported in the last 30 days (whatever the decision) against approved decisions in the same 30 days. Chargebacks come weeks after their transactions, so this trails the traffic. Card schemes watch the same ratio per merchant (monthly chargebacks against transactions, acting around 1 %); this is the whole traffic's.",
                [(over_30d(f'{OUT}{{{I},outcome="chargeback"}}', f'fraudgate_decisions_total{{{I},action="approve"}}'), "chargebacks / approved")],
                "percentunit", w=6, h=5)
 outcomes.panel("stat", "Refund rate (30d)",
@@ -221,7 +221,7 @@ outcomes.panel("stat", "Refund rate (30d)",
                [(over_30d(f'{OUT}{{{I},outcome="refund"}}', f'fraudgate_decisions_total{{{I},action="approve"}}'), "refunds / approved")],
                "percentunit", w=6, h=5)
 outcomes.panel("stat", "Fraud approved (30d)",
-               "Of the chargebacks and confirmed fraud reported with their decision in the last 30 days, the share the engine had approved: fraud that got through.",
+               "Of the chargebacks and confirmed fraud reported with their decision in the last 30 days, the share the engine had approved: fraud that got through. Chargebacks count as fraud here (most card-not-present disputes are), and a transaction reported both ways counts twice.",
                [(over_30d(f'{OUT}{{{I},{FRAUD},action="approve"}}', f'{OUT}{{{I},{FRAUD},action!="unknown"}}'), "approved fraud")],
                "percentunit", w=6, h=5)
 outcomes.panel("stat", "False positives among reviewed (30d)",
@@ -234,18 +234,19 @@ outcomes.panel("timeseries", "Outcomes reported",
 outcomes.panel("timeseries", "Outcomes by the decision's action",
                "Outcomes counted in each interval, by outcome and by the action of the decision sent with them (unknown: sent without it).",
                [(f'sum by (outcome, action) (increase({OUT}{{{I}}}[{RI}]))', "{{outcome}} after {{action}}")], "short")
-outcomes.panel("bargauge", "Rule precision from outcomes (30d)",
-               "For each rule (active and shadow), the share of fraud among the verdicts reported for transactions it fired on in the last 30 days: (chargeback + fraud) / (chargeback + fraud + genuine). Rules without verdicts are left out. A shadow rule's figure is what it would do if it acted.",
+outcomes.panel("bargauge", "Fraud reported among each rule's hits (30d)",
+               "For each rule (active and shadow), chargebacks and confirmed fraud reported in the last 30 days for transactions it fired on, against its hits in those 30 days: its precision on live traffic, as a lower bound (fraud not reported yet, or never, counts as genuine; a rejected transaction never gets a chargeback, so a reject rule's figure needs confirmed-fraud reports). A shadow rule's figure is what it would catch if it acted. Rules without hits are left out.",
                [(f'sum by (rule, mode) (increase({ROUT}{{{I},{FRAUD}}}[30d]))'
-                 f' / (sum by (rule, mode) (increase({ROUT}{{{I},outcome=~"chargeback|fraud|genuine"}}[30d])) > 0)', "{{rule}} ({{mode}})")],
+                 f' / (sum by (rule, mode) (increase(fraudgate_rule_hits_total{{{I}}}[30d])) > 0)', "{{rule}} ({{mode}})")],
                "percentunit")
 outcomes.panel("bargauge", "Outcomes per rule (range)",
                "Outcomes reported over the dashboard's time range for transactions each rule fired on, by outcome.",
                [(f'sum by (rule, outcome) (increase({ROUT}{{{I}}}[$__range])) > 0', "{{rule}}: {{outcome}}")], "short")
 outcomes.panel("timeseries", "Outcome messages repeated and refused",
-               "Outcomes reported again within 24 hours (not counted again), and outcome messages refused, by error code (answered with the error, or forwarded to fraud.invalid), per second.",
+               "Outcomes reported again within 24 hours to the same engine (not counted again), outcome messages refused, by error code (answered with the error, or forwarded to fraud.invalid), and outcome messages lost (dropped by a full subscription, or their answer not published), per second.",
                [(f'sum(rate(fraudgate_outcomes_repeated_total{{{I}}}[{RI}]))', "repeated"),
-                (f'sum by (code) (rate(fraudgate_outcomes_refused_total{{{I}}}[{RI}]))', "refused: {{code}}")], "reqps", w=24)
+                (f'sum by (code) (rate(fraudgate_outcomes_refused_total{{{I}}}[{RI}]))', "refused: {{code}}"),
+                (f'sum by (reason) (rate(fraudgate_outcomes_lost_total{{{I}}}[{RI}]))', "lost: {{reason}}")], "reqps", w=24)
 
 here = os.path.dirname(os.path.abspath(__file__))
 # --check: write nothing, fail if a committed dashboard differs from what this script makes

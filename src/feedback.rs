@@ -101,12 +101,14 @@ fn active() -> Mode {
     Mode::Active
 }
 
-/// A rule id as rule files allow it: 1-64 letters, digits, `_`, `-` or `.`.
+/// A rule id as rule files allow it: 1-64 letters, digits, `_`, `-` or `.`, and no card
+/// number (it becomes a metric label).
 fn rule_id_ok(id: &str) -> bool {
     (1..=64).contains(&id.len())
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+        && !crate::txn::holds_card_number(id)
 }
 
 impl Feedback {
@@ -160,7 +162,7 @@ impl Feedback {
                 if !d.rules.iter().all(|r| rule_id_ok(&r.id)) {
                     return refuse(
                         ErrorCode::WrongType,
-                        "a rule id in `decision.rules` is not 1-64 letters, digits, _ - or .",
+                        "a rule id in `decision.rules` is not 1-64 letters, digits, _ - or ., or holds a card number",
                     );
                 }
                 let rules = d
@@ -187,7 +189,8 @@ impl Feedback {
 /// report file read twice) is not counted twice.
 pub const REMEMBERED_FOR_MS: i64 = 24 * 3600 * 1000;
 
-/// Most outcomes remembered; past it the oldest is forgotten first (~40 B each).
+/// Most outcomes remembered; past it the oldest is forgotten first (~50 MB at the cap:
+/// the map's slots and the order queue).
 pub const MAX_REMEMBERED: usize = 1 << 20;
 
 /// Outcomes counted in the last [`REMEMBERED_FOR_MS`], by a keyed hash of id and kind (a
@@ -328,6 +331,15 @@ mod tests {
             r#"{"id":"t","outcome":"fraud","decision":{"action":"hold","rules":[{"id":"a b"}]}}"#,
         );
         assert!(e.message.contains("rule id"), "{}", e.message);
+        // A card number as a rule id would become a metric label.
+        for id in ["4111111111111111", "r-4111-1111-1111-1111"] {
+            let s = format!(
+                r#"{{"id":"t","outcome":"fraud","decision":{{"action":"hold","rules":[{{"id":"{id}"}}]}}}}"#
+            );
+            let e = err(&s);
+            assert_eq!(e.code, ErrorCode::WrongType, "{id}");
+            assert!(!e.message.contains("4111"), "{}", e.message);
+        }
         let many: Vec<String> = (0..=MAX_RULES)
             .map(|i| format!(r#"{{"id":"r{i}"}}"#))
             .collect();

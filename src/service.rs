@@ -690,12 +690,18 @@ impl Running {
             transport::connect(&opts.file.nats, &opts.nats_url, "check", counters.clone()).await?;
         let stream =
             transport::connect(&opts.file.nats, &opts.nats_url, "stream", counters.clone()).await?;
-        let wire = Wire::new(
+        let mut wire = Wire::new(
             client,
             stream,
             opts.file.subjects.clone(),
             opts.file.limits.max_payload,
         );
+        if !opts.file.subjects.outcome.is_empty() {
+            let conn =
+                transport::connect(&opts.file.nats, &opts.nats_url, "outcome", counters.clone())
+                    .await?;
+            wire = wire.with_outcome_connection(conn);
+        }
         // With a request capture, the recovery runs before the engine subscribes to
         // requests: a request arriving during a replay (minutes, for a long capture) is
         // not queued behind it, to be answered after the switch has given up, with the
@@ -1133,8 +1139,8 @@ async fn intake(
 /// transaction and outcome within [`crate::feedback::REMEMBERED_FOR_MS`] (by action and
 /// by the rules of the decision sent with it), and answered when asked. A bad one is
 /// answered with the error, or, published without a reply subject, forwarded to the
-/// invalid subject. Nothing here reads or changes the engine: one task, on the stream
-/// connection, never in front of a request.
+/// invalid subject. Nothing here reads or changes the engine: one task, on a connection
+/// of its own, in front of neither a request nor a stream transaction.
 async fn outcome_intake(
     mut sub: async_nats::Subscriber,
     wire: Wire,
@@ -1158,22 +1164,13 @@ async fn outcome_intake(
                 continue;
             }
         };
-        counters.outcome_taken();
         let sent = match wire.decode_outcome(&msg.payload) {
             Err(e) => {
                 counters.outcome_refused(e.code);
                 tracing::debug!(code = e.code.as_str(), "invalid outcome: {}", e.message);
                 match msg.reply {
                     Some(inbox) => wire.reply_outcome_error(inbox, &(&e).into()).await,
-                    None => {
-                        // Told apart from a bad transaction on the invalid subject.
-                        let message = format!("outcome: {}", e.message);
-                        let why = transport::Refusal {
-                            message: &message,
-                            ..(&e).into()
-                        };
-                        wire.publish_invalid(msg.payload, &why).await
-                    }
+                    None => wire.forward_bad_outcome(msg.payload, &(&e).into()).await,
                 }
             }
             Ok(f) => {
@@ -1190,7 +1187,8 @@ async fn outcome_intake(
             }
         };
         if sent.is_err() {
-            counters.publish_error();
+            // Not a transaction or a decision lost: counted apart from publish errors.
+            counters.outcome_unanswered();
         }
     }
 }

@@ -68,16 +68,23 @@ pub mod names {
     pub const RULE_OUTCOMES: &str = "fraudgate_rule_outcomes_total";
     pub const OUTCOMES_REPEATED: &str = "fraudgate_outcomes_repeated_total";
     pub const OUTCOMES_REFUSED: &str = "fraudgate_outcomes_refused_total";
+    pub const OUTCOMES_LOST: &str = "fraudgate_outcomes_lost_total";
 }
 
 /// The `action` label of [`names::OUTCOMES`]: the reported decision's action, or
 /// `unknown` for an outcome sent without its decision.
 const OUTCOME_ACTIONS: [&str; 4] = ["approve", "hold", "reject", "unknown"];
 
-/// Rule ids outside the active rule set that get a label of their own in
-/// [`names::RULE_OUTCOMES`] (rules since removed or renamed: outcomes come weeks after
-/// their decisions); past that, `other`. The label stays bounded whatever is sent.
+/// Rule ids outside the active rule set (when first seen) that get a label of their own
+/// in [`names::RULE_OUTCOMES`] (rules since removed or renamed: outcomes come weeks after
+/// their decisions); past that, [`OTHER_RULES`]. The label stays bounded whatever is sent.
 pub const MAX_OUTCOME_RULES: usize = 512;
+
+/// The `rule` label of outcomes past [`MAX_OUTCOME_RULES`]: no rule id can be written so.
+pub const OTHER_RULES: &str = "(other)";
+
+/// The `reason` label of [`names::OUTCOMES_LOST`].
+const OUTCOME_LOSSES: [&str; 2] = ["dropped", "unanswered"];
 
 /// The `kind` label of the stall metrics, in [`Counters::stall`]'s order.
 const STALL_KINDS: [&str; 2] = ["worker", "runtime"];
@@ -349,17 +356,22 @@ fn describe() {
     describe_counter!(
         RULE_OUTCOMES,
         Unit::Count,
-        "Outcomes by rule that fired in the reported decision (active and shadow), by rule id, the rule's mode in that decision, and outcome: with fraudgate_rule_hits_total, a rule's precision on live traffic. Rule ids outside the active set past 512 count as `other`."
+        "Outcomes by rule that fired in the reported decision (active and shadow), by rule id, the rule's mode in that decision, and outcome: with fraudgate_rule_hits_total, a rule's precision on live traffic. Ids outside the active set get labels of their own up to 512, then count as `(other)`."
     );
     describe_counter!(
         OUTCOMES_REPEATED,
         Unit::Count,
-        "Outcomes reported again for the same transaction within 24 hours (retries, a report read twice): not counted again."
+        "Outcomes reported again for the same transaction within 24 hours to the same engine (retries, a report read twice): not counted again."
     );
     describe_counter!(
         OUTCOMES_REFUSED,
         Unit::Count,
         "Outcome messages refused, by stable error code (answered with the error, or forwarded to the invalid subject)."
+    );
+    describe_counter!(
+        OUTCOMES_LOST,
+        Unit::Count,
+        "Outcome messages lost, by reason: dropped by their full subscription (slow consumer on the outcome connection; not in fraudgate_nats_slow_consumer_total, which is about transactions), or unanswered (the answer or the forward to the invalid subject could not be published)."
     );
     describe_gauge!(BUILD_INFO, "Build information (always 1).");
     describe_gauge!(RULES_DIR_VALID, "1 while the rule directory compiles, 0 after a failed load (the previous rules stay active).");
@@ -495,10 +507,12 @@ pub struct Counters {
     outcomes: [[Both; 4]; 4],
     outcomes_repeated: [Both; 4],
     outcomes_refused: [Both; ErrorCode::ALL.len()],
-    /// Outcome messages taken off the stream connection (its pending count).
-    outcomes_taken: AtomicU64,
-    /// Outcomes per rule label and kind (bounded: [`MAX_OUTCOME_RULES`]).
-    rule_outcomes: std::sync::Mutex<HashMap<String, [u64; 4]>>,
+    /// Outcome messages dropped by their full subscription, and answers or forwards of
+    /// outcomes that could not be published.
+    outcomes_lost: [Both; 2],
+    /// Outcomes per rule label and kind, and how many labels are ids outside the active
+    /// set (bounded: [`MAX_OUTCOME_RULES`]).
+    rule_outcomes: std::sync::Mutex<(HashMap<String, [u64; 4]>, usize)>,
 }
 
 impl std::fmt::Debug for Counters {
@@ -552,9 +566,11 @@ pub struct Snapshot {
     /// Outcomes counted, by kind ([`Kind::ALL`] order) and the decision's action
     /// (approve, hold, reject, unknown).
     pub outcomes: [[u64; 4]; 4],
-    /// Outcomes reported again within the horizon, and outcome messages refused.
+    /// Outcomes reported again within the horizon, outcome messages refused, and
+    /// outcome messages lost ([dropped, unanswered]).
     pub outcomes_repeated: u64,
     pub outcomes_refused: u64,
+    pub outcomes_lost: [u64; 2],
 }
 
 impl Snapshot {
@@ -641,14 +657,15 @@ impl Counters {
                 .map(|k| Both::new(counter!(OUTCOMES_REPEATED, "outcome" => k.as_str()))),
             outcomes_refused: ErrorCode::ALL
                 .map(|c| Both::new(counter!(OUTCOMES_REFUSED, "code" => c.as_str()))),
-            outcomes_taken: AtomicU64::new(0),
+            outcomes_lost: OUTCOME_LOSSES
+                .map(|r| Both::new(counter!(OUTCOMES_LOST, "reason" => r))),
             rule_outcomes: Default::default(),
         }
     }
 
-    /// An outcome message taken in (before it is read).
-    pub fn outcome_taken(&self) {
-        self.outcomes_taken.fetch_add(1, Relaxed);
+    /// The answer or forward of an outcome could not be published.
+    pub fn outcome_unanswered(&self) {
+        self.outcomes_lost[1].inc();
     }
 
     /// An outcome reported for the first time: counted by the decision's action and by
@@ -661,15 +678,16 @@ impl Counters {
             return;
         }
         let known = self.rules.load();
-        let mut per_rule = self.rule_outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.rule_outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        let (per_rule, others) = &mut *guard;
         for r in &f.rules {
-            let label = if known.hits.contains_key(r.id.as_str())
-                || per_rule.contains_key(&r.id)
-                || per_rule.len() < MAX_OUTCOME_RULES
-            {
+            let label = if known.hits.contains_key(r.id.as_str()) || per_rule.contains_key(&r.id) {
+                r.id.as_str()
+            } else if *others < MAX_OUTCOME_RULES {
+                *others += 1;
                 r.id.as_str()
             } else {
-                "other"
+                OTHER_RULES
             };
             per_rule.entry(label.to_string()).or_default()[k] += 1;
             metrics::counter!(names::RULE_OUTCOMES, "rule" => label.to_string(), "mode" => mode_str(r.mode), "outcome" => f.kind.as_str()).increment(1);
@@ -686,10 +704,10 @@ impl Counters {
         self.outcomes_refused[code_idx(code)].inc();
     }
 
-    /// Outcomes counted for rule label `rule` (a rule id or `other`), by kind.
+    /// Outcomes counted for rule label `rule` (a rule id or [`OTHER_RULES`]), by kind.
     pub fn rule_outcomes(&self, rule: &str) -> [u64; 4] {
-        let per_rule = self.rule_outcomes.lock().unwrap_or_else(|e| e.into_inner());
-        per_rule.get(rule).copied().unwrap_or_default()
+        let guard = self.rule_outcomes.lock().unwrap_or_else(|e| e.into_inner());
+        guard.0.get(rule).copied().unwrap_or_default()
     }
 
     pub fn received(&self, p: Path) {
@@ -782,6 +800,11 @@ impl Counters {
     }
     /// A message dropped by a full subscription of NATS connection `role`.
     pub fn slow_consumer(&self, role: &str) {
+        if role == "outcome" {
+            // An outcome, not a transaction: the lost-messages page is not for it.
+            self.outcomes_lost[0].inc();
+            return;
+        }
         if let Some(p) = Path::ALL.into_iter().find(|p| p.as_str() == role) {
             self.dropped[p.idx()].fetch_add(1, Relaxed);
         }
@@ -820,13 +843,7 @@ impl Counters {
             .into_iter()
             .filter_map(|p| {
                 let i = p.idx();
-                // Outcomes come on the stream connection too.
-                let other = match p {
-                    Path::Stream => self.outcomes_taken.load(Relaxed),
-                    Path::Check => 0,
-                };
                 let gone = self.received[i].get()
-                    + other
                     + self.dropped[i].load(Relaxed)
                     + self.unseen[i].load(Relaxed);
                 in_messages[i].map(|n| n.saturating_sub(gone))
@@ -841,11 +858,7 @@ impl Counters {
     /// a burst, which left the gauge high for good).
     pub fn subscription_empty(&self, p: Path, in_messages: u64, taking: u64) {
         let i = p.idx();
-        let other = match p {
-            Path::Stream => self.outcomes_taken.load(Relaxed),
-            Path::Check => 0,
-        };
-        let explained = self.received[i].get() + other + taking + self.dropped[i].load(Relaxed);
+        let explained = self.received[i].get() + taking + self.dropped[i].load(Relaxed);
         self.unseen[i].store(in_messages.saturating_sub(explained), Relaxed);
     }
 
@@ -1047,6 +1060,7 @@ impl Counters {
                 .map(|a| a.each_ref().map(Both::get)),
             outcomes_repeated: self.outcomes_repeated.iter().map(Both::get).sum(),
             outcomes_refused: self.outcomes_refused.iter().map(Both::get).sum(),
+            outcomes_lost: [self.outcomes_lost[0].get(), self.outcomes_lost[1].get()],
         }
     }
 
@@ -1078,6 +1092,64 @@ fn action_str(a: Option<RuleAction>) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcome_rule_labels_stay_bounded_whatever_is_sent() {
+        use crate::feedback::{Feedback, FiredRule, Kind};
+        let c = Counters::default();
+        let rs = crate::rules::load_dir(
+            std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/rules")),
+            &crate::EngineConfig::default(),
+        )
+        .unwrap();
+        c.rules_loaded(&rs, 0.0);
+        let active = rs.rules[0].id.to_string();
+        let report = |ids: Vec<String>, kind| Feedback {
+            id: "t".into(),
+            kind,
+            action: Some(Action::Approve),
+            rules: ids
+                .into_iter()
+                .map(|id| FiredRule {
+                    id,
+                    mode: Mode::Shadow,
+                })
+                .collect(),
+        };
+        // Ids outside the active set: MAX_OUTCOME_RULES get labels of their own.
+        let unknown: Vec<String> = (0..MAX_OUTCOME_RULES)
+            .map(|i| format!("gone-{i}"))
+            .collect();
+        c.outcome(&report(unknown, Kind::Chargeback));
+        // Past them: `(other)`; an id already labelled and an active rule keep theirs.
+        c.outcome(&report(
+            vec![
+                "new-1".into(),
+                "new-2".into(),
+                "gone-7".into(),
+                active.clone(),
+            ],
+            Kind::Fraud,
+        ));
+        assert_eq!(c.rule_outcomes(OTHER_RULES), [0, 2, 0, 0]);
+        assert_eq!(c.rule_outcomes("new-1"), [0; 4]);
+        assert_eq!(c.rule_outcomes("gone-7"), [1, 1, 0, 0]);
+        assert_eq!(c.rule_outcomes(&active), [0, 1, 0, 0]);
+        assert_eq!(c.snapshot().outcomes[0], [1, 0, 0, 0]);
+        assert_eq!(c.snapshot().outcomes[1], [1, 0, 0, 0]);
+        // Without the decision: counted under `unknown`, no rule credited.
+        c.outcome(&Feedback {
+            id: "u".into(),
+            kind: Kind::Refund,
+            action: None,
+            rules: vec![],
+        });
+        assert_eq!(c.snapshot().outcomes[2], [0, 0, 0, 1]);
+        // An outcome dropped on its own connection is not a transaction dropped.
+        c.slow_consumer("outcome");
+        let s = c.snapshot();
+        assert_eq!((s.outcomes_lost, s.slow_consumer), ([1, 0], 0));
+    }
 
     #[test]
     fn counts_by_path_action_and_code() {

@@ -8,7 +8,7 @@
 //!   the reason in headers), and so does a transaction the engine failed to decide (code
 //!   `internal`, the transaction re-encoded).
 //! - `fraud.outcome`, queue group `fraudgate`: outcomes reported after a decision
-//!   ([`crate::feedback`]), on the stream connection. A request is answered
+//!   ([`crate::feedback`]), on a connection of their own. A request is answered
 //!   `{"id": ..., "outcome": ..., "counted": true|false}` or with the error object; a bad
 //!   one published without a reply subject goes to `fraud.invalid` like a bad transaction.
 //! - Published decisions carry the headers `Nats-Msg-Id` (the transaction id),
@@ -28,6 +28,9 @@ use crate::telemetry::Counters;
 use crate::txn::{DecodeError, ErrorCode, Transaction};
 
 pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
+
+/// An outcome may be this many times `[limits] max_payload`: it carries the decision.
+pub const OUTCOME_PAYLOAD_FACTOR: usize = 16;
 pub const HEADER_ACTION: &str = "Fraudgate-Action";
 pub const HEADER_VERSION: &str = "Fraudgate-Rules-Version";
 pub const HEADER_ERROR_CODE: &str = "Fraudgate-Error-Code";
@@ -262,6 +265,10 @@ pub struct Wire {
     pub client: Client,
     /// The fraud.txn subscription, decisions and invalid messages.
     pub stream: Client,
+    /// The fraud.outcome subscription and its answers, when outcomes are taken in: a
+    /// connection of its own, so a bulk upload of outcomes sits in front of neither a
+    /// request nor a stream transaction, and its drops are told apart.
+    outcome: Option<Client>,
     pub subjects: SubjectsSection,
     pub max_payload: usize,
     /// `<decision_prefix>.<action>` per [`Action`], made once: publishing with one is
@@ -286,10 +293,17 @@ impl Wire {
         Wire {
             client,
             stream,
+            outcome: None,
             subjects,
             max_payload,
             decision_subjects,
         }
+    }
+
+    /// Takes outcomes in on `conn` (see [`Wire::subscribe_outcome`]).
+    pub fn with_outcome_connection(mut self, conn: Client) -> Self {
+        self.outcome = Some(conn);
+        self
     }
 
     pub async fn subscribe_check(&self) -> Result<Subscriber, TransportError> {
@@ -305,19 +319,17 @@ impl Wire {
         queue_subscribe(&self.stream, &self.subjects.txn, &self.subjects.queue_group).await
     }
 
-    /// The outcome subscription, on the stream connection (an outcome never waits in front
-    /// of a request); `None` when `[subjects] outcome` is empty.
+    /// The outcome subscription, on the outcome connection; `None` when `[subjects]
+    /// outcome` is empty (then there is no such connection).
     pub async fn subscribe_outcome(&self) -> Result<Option<Subscriber>, TransportError> {
-        if self.subjects.outcome.is_empty() {
-            return Ok(None);
+        match &self.outcome {
+            Some(conn) if !self.subjects.outcome.is_empty() => {
+                queue_subscribe(conn, &self.subjects.outcome, &self.subjects.queue_group)
+                    .await
+                    .map(Some)
+            }
+            _ => Ok(None),
         }
-        queue_subscribe(
-            &self.stream,
-            &self.subjects.outcome,
-            &self.subjects.queue_group,
-        )
-        .await
-        .map(Some)
     }
 
     fn oversized(&self, payload: &[u8]) -> Option<DecodeError> {
@@ -340,12 +352,22 @@ impl Wire {
         }
     }
 
-    /// Decodes an outcome, enforcing the size limit first.
+    /// Decodes an outcome. Its size limit is [`OUTCOME_PAYLOAD_FACTOR`] times a
+    /// transaction's: an outcome carries the whole decision (each fired rule with its
+    /// values), which is larger than the transaction.
     pub fn decode_outcome(&self, payload: &[u8]) -> Result<Feedback, DecodeError> {
-        match self.oversized(payload) {
-            Some(e) => Err(e),
-            None => Feedback::from_json(payload),
+        let max = self.max_payload.saturating_mul(OUTCOME_PAYLOAD_FACTOR);
+        if payload.len() > max {
+            return Err(DecodeError {
+                code: ErrorCode::Oversized,
+                message: format!(
+                    "outcome of {} bytes is over the limit of {max} bytes",
+                    payload.len()
+                ),
+                id: None,
+            });
         }
+        Feedback::from_json(payload)
     }
 
     /// Answers an outcome request: counted, or already counted within the horizon.
@@ -356,23 +378,46 @@ impl Wire {
         counted: bool,
     ) -> Result<(), async_nats::PublishError> {
         let body = serde_json::json!({"id": f.id, "outcome": f.kind.as_str(), "counted": counted});
-        self.stream
-            .publish(inbox, Bytes::from(body.to_string()))
-            .await
+        match &self.outcome {
+            Some(conn) => conn.publish(inbox, Bytes::from(body.to_string())).await,
+            None => Ok(()),
+        }
     }
 
-    /// Answers an outcome request with an error object (as [`Wire::reply_error`], on the
-    /// stream connection).
+    /// Answers an outcome request with an error object (as [`Wire::reply_error`]).
     pub async fn reply_outcome_error(
         &self,
         inbox: Subject,
         e: &Refusal<'_>,
     ) -> Result<(), async_nats::PublishError> {
+        let Some(conn) = &self.outcome else {
+            return Ok(());
+        };
         let mut h = HeaderMap::new();
         h.insert(HEADER_ERROR_CODE, e.code);
-        self.stream
-            .publish_with_headers(inbox, h, Bytes::from(error_json(e)))
+        conn.publish_with_headers(inbox, h, Bytes::from(error_json(e)))
             .await
+    }
+
+    /// Forwards a bad outcome published without a reply subject to the invalid subject,
+    /// its message starting `outcome: ` (told apart from a bad transaction) and without
+    /// `Nats-Msg-Id` (its transaction's id: a stream downstream would take it for that
+    /// transaction's entry).
+    pub async fn forward_bad_outcome(
+        &self,
+        payload: Bytes,
+        e: &Refusal<'_>,
+    ) -> Result<(), async_nats::PublishError> {
+        let Some(conn) = &self.outcome else {
+            return Ok(());
+        };
+        let message = format!("outcome: {}", e.message);
+        let why = Refusal {
+            message: &message,
+            id: None,
+            ..*e
+        };
+        self.publish_invalid_via(conn, payload, &why).await
     }
 
     fn decision_headers(d: &Decision) -> HeaderMap {
@@ -443,6 +488,15 @@ impl Wire {
         payload: Bytes,
         e: &Refusal<'_>,
     ) -> Result<(), async_nats::PublishError> {
+        self.publish_invalid_via(&self.stream, payload, e).await
+    }
+
+    async fn publish_invalid_via(
+        &self,
+        conn: &Client,
+        payload: Bytes,
+        e: &Refusal<'_>,
+    ) -> Result<(), async_nats::PublishError> {
         let mut h = HeaderMap::new();
         let message = header_safe(e.message);
         let id = e.id.map(header_safe);
@@ -464,15 +518,14 @@ impl Wire {
                 .iter()
                 .map(|(k, v)| k.len() + v.len() + 4)
                 .sum::<usize>();
-        let max = self.stream.server_info().max_payload;
+        let max = conn.server_info().max_payload;
         let payload = if max > 0 && payload.len() + head > max {
             h.insert(HEADER_TRUNCATED, payload.len().to_string().as_str());
             payload.slice(..max.saturating_sub(head))
         } else {
             payload
         };
-        self.stream
-            .publish_with_headers(self.subjects.invalid.clone(), h, payload)
+        conn.publish_with_headers(self.subjects.invalid.clone(), h, payload)
             .await
     }
 
@@ -488,26 +541,31 @@ impl Wire {
         self.publish_invalid(payload, why).await
     }
 
-    /// Pushes buffered publishes of both connections to the server.
+    fn connections(&self) -> impl Iterator<Item = &Client> {
+        [&self.client, &self.stream]
+            .into_iter()
+            .chain(self.outcome.as_ref())
+    }
+
+    /// Pushes buffered publishes of every connection to the server.
     pub async fn flush(&self, timeout: Duration) -> bool {
-        let both = async { (self.client.flush().await, self.stream.flush().await) };
-        matches!(
-            tokio::time::timeout(timeout, both).await,
-            Ok((Ok(()), Ok(())))
-        )
+        let all = futures::future::join_all(self.connections().map(|c| c.flush()));
+        tokio::time::timeout(timeout, all)
+            .await
+            .is_ok_and(|r| r.iter().all(Result::is_ok))
     }
 
-    /// Closes both connections after what they buffered went out, or after `timeout`.
+    /// Closes every connection after what it buffered went out, or after `timeout`.
     pub async fn close(&self, timeout: Duration) {
-        let both = async { (self.client.drain().await, self.stream.drain().await) };
-        let _ = tokio::time::timeout(timeout, both).await;
+        let all = futures::future::join_all(self.connections().map(|c| c.drain()));
+        let _ = tokio::time::timeout(timeout, all).await;
     }
 
-    /// Both connections are up.
+    /// Every connection is up.
     pub fn connected(&self) -> bool {
         use async_nats::connection::State;
-        self.client.connection_state() == State::Connected
-            && self.stream.connection_state() == State::Connected
+        self.connections()
+            .all(|c| c.connection_state() == State::Connected)
     }
 
     /// Messages received from the server on the connection of `path` (requests: the

@@ -1931,6 +1931,10 @@ async fn outcomes_are_counted_once_by_action_and_rule() {
         .unwrap()
         .as_str()
         .starts_with("outcome: "));
+    assert!(
+        h.get("Nats-Msg-Id").is_none(),
+        "not under its transaction's id"
+    );
 
     // The engine decides on.
     let ok = check(&c, &txn("o-7", "4111111111110107", "3")).await;
