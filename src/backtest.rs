@@ -16,11 +16,24 @@ use crate::rules::{Mode, RuleAction, RuleSet};
 
 /// The ids of a fraud-ids file: one transaction id per line; `#` at the start of a line or
 /// after a space starts a comment (an id may hold `#`), blank lines are skipped, a
-/// byte-order mark is dropped. `Err` names the first line that holds more than one id.
+/// byte-order mark is dropped. A line that starts with `{` is an outcome message as sent
+/// on `fraud.outcome` ([`crate::feedback`]; a recording of that subject can be read
+/// as it is): a `chargeback` or `fraud` outcome gives its id, a `refund` or `genuine` one
+/// none. `Err` names the first line that holds more than one id, or an outcome that does
+/// not read.
 pub fn parse_fraud_ids(text: &str) -> Result<Vec<String>, String> {
+    use crate::feedback::{Feedback, Kind};
     let mut ids = Vec::new();
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (n, line) in text.lines().enumerate() {
+        if line.trim_start().starts_with('{') {
+            let f = Feedback::from_json(line.as_bytes())
+                .map_err(|e| format!("line {}: not an outcome: {}", n + 1, e.message))?;
+            if matches!(f.kind, Kind::Chargeback | Kind::Fraud) {
+                ids.push(f.id);
+            }
+            continue;
+        }
         let comment = (line.char_indices())
             .find(|&(i, c)| c == '#' && (i == 0 || line[..i].ends_with(char::is_whitespace)));
         let line = &line[..comment.map_or(line.len(), |(i, _)| i)];
@@ -307,6 +320,28 @@ mode = "shadow"
         assert_eq!(parse_fraud_ids(text).unwrap(), ["t-1", "t-2", "t#3"]);
         let e = parse_fraud_ids("t-1\nt-2 fraud\n").unwrap_err();
         assert!(e.starts_with("line 2:"), "{e}");
+    }
+
+    /// A recording of fraud.outcome reads as it is: chargebacks and confirmed fraud are
+    /// fraud ids, refunds and genuine verdicts are not; a `#` inside one is no comment.
+    #[test]
+    fn outcome_messages_are_read_as_fraud_ids() {
+        let text = concat!(
+            "t-1\n",
+            r#"{"id":"t-2","outcome":"chargeback","decision":{"id":"t-2","action":"approve","rules":[]},"note":"case #7"}"#,
+            "\n",
+            r#"  {"id":"t-3","outcome":"genuine"}"#,
+            "\n",
+            r#"{"id":"t-4","outcome":"refund"}"#,
+            "\n",
+            r#"{"id":"t-5","outcome":"fraud"}"#,
+            "\n",
+        );
+        assert_eq!(parse_fraud_ids(text).unwrap(), ["t-1", "t-2", "t-5"]);
+        let e = parse_fraud_ids("t-1\n{\"id\":\"t-2\",\"outcome\":\"4111111111111111\"}\n")
+            .unwrap_err();
+        assert!(e.starts_with("line 2: not an outcome:"), "{e}");
+        assert!(!e.contains("4111"), "{e}");
     }
 
     /// Caught and missed fraud, flagged legitimate traffic, per-rule precision (a shadow

@@ -143,8 +143,9 @@ enum Cmd {
         #[arg(long)]
         quiet: bool,
         /// File of the ids of transactions known to be fraud (chargebacks, confirmed
-        /// cases), one per line: at the end, print to stderr how much fraud and how much
-        /// legitimate traffic the rules held or rejected, and each rule's precision
+        /// cases), one per line, or outcome messages as sent on fraud.outcome (JSON lines;
+        /// chargeback and fraud count): at the end, print to stderr how much fraud and how
+        /// much legitimate traffic the rules held or rejected, and each rule's precision
         /// (shadow rules included).
         #[arg(long, value_name = "FILE")]
         fraud_ids: Option<PathBuf>,

@@ -1062,6 +1062,7 @@ impl Running {
             outcomes = s.outcomes.iter().flatten().sum::<u64>(),
             outcomes_repeated = s.outcomes_repeated,
             outcomes_refused = s.outcomes_refused,
+            outcomes_lost = s.outcomes_lost.iter().sum::<u64>(),
             publish_errors = s.publish_errors,
             acks_withheld = s.acks_withheld,
             decision_failures = s.decision_failures.iter().sum::<u64>(),

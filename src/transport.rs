@@ -28,9 +28,6 @@ use crate::telemetry::Counters;
 use crate::txn::{DecodeError, ErrorCode, Transaction};
 
 pub const HEADER_MSG_ID: &str = "Nats-Msg-Id";
-
-/// An outcome may be this many times `[limits] max_payload`: it carries the decision.
-pub const OUTCOME_PAYLOAD_FACTOR: usize = 16;
 pub const HEADER_ACTION: &str = "Fraudgate-Action";
 pub const HEADER_VERSION: &str = "Fraudgate-Rules-Version";
 pub const HEADER_ERROR_CODE: &str = "Fraudgate-Error-Code";
@@ -38,6 +35,9 @@ pub const HEADER_ERROR: &str = "Fraudgate-Error";
 /// On `fraud.invalid`: the payload was cut to fit the server's message limit; the value
 /// is its full length in bytes.
 pub const HEADER_TRUNCATED: &str = "Fraudgate-Truncated";
+
+/// An outcome may be this many times `[limits] max_payload`: it carries the decision.
+pub const OUTCOME_PAYLOAD_FACTOR: usize = 16;
 
 // Built once: a header name made from a `&str` is copied into a fresh allocation on every
 // message.

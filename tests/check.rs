@@ -184,6 +184,42 @@ fn replay_scores_a_backtest_against_fraud_ids() {
     assert_eq!(row("card_high_velocity")[1], "shadow");
     assert_eq!(row("merchant_spike")[1], "active");
 
+    // A recording of fraud.outcome is read as it is, with the same report: chargebacks
+    // and confirmed fraud are the fraud; refunds and genuine verdicts are not.
+    let report = |path: &std::path::Path| {
+        let out = fraudgate()
+            .args(["replay", "--quiet", "--rules", "rules", "--fraud-ids"])
+            .arg(path)
+            .arg("docs/sample-traffic.jsonl")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let outcomes = dir.0.join("outcomes.jsonl");
+    std::fs::write(
+        &outcomes,
+        concat!(
+            r#"{"id":"stl-2","outcome":"fraud","decision":{"id":"stl-2","action":"reject","rules":[{"id":"single_txn_limit","mode":"active"}]}}"#,
+            "\n",
+            r#"{"id":"cm-1","outcome":"chargeback"}"#,
+            "\n",
+            r#"{"id":"stl-1","outcome":"genuine"}"#,
+            "\n",
+            r#"{"id":"cm-2","outcome":"refund"}"#,
+            "\n",
+            r#"{"id":"not-in-traffic","outcome":"chargeback"}"#,
+            "\n",
+        ),
+    )
+    .unwrap();
+    let from_outcomes = report(&outcomes);
+    assert!(
+        from_outcomes.contains("2 of them fraud (3 fraud ids"),
+        "{from_outcomes}"
+    );
+    assert_eq!(from_outcomes, report(&ids));
+
     std::fs::write(&ids, "stl-1\nstl-1 cm-1\n").unwrap();
     let out = fraudgate()
         .args(["replay", "--quiet", "--rules", "rules", "--fraud-ids"])
