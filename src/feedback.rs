@@ -119,18 +119,7 @@ impl Feedback {
     pub fn from_json(bytes: &[u8]) -> Result<Feedback, DecodeError> {
         let w: Wire<'_> = serde_json::from_slice(bytes).map_err(DecodeError::from_serde)?;
         let id = w.id.into_owned();
-        if id.is_empty() {
-            return Err(DecodeError::new(
-                ErrorCode::MissingField,
-                "field `id` must not be empty",
-            ));
-        }
-        if id.len() > 256 || id.chars().any(char::is_control) || id.trim() != id {
-            return Err(DecodeError::new(
-                ErrorCode::WrongType,
-                "field `id` must be at most 256 bytes, without control characters or leading or trailing spaces",
-            ));
-        }
+        crate::txn::check_id(&id)?;
         let refuse = |code, message: &str| {
             Err(DecodeError {
                 code,

@@ -214,7 +214,7 @@ pub struct DecodeError {
 }
 
 impl DecodeError {
-    pub(crate) fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         DecodeError {
             code,
             message: message.into(),
@@ -270,6 +270,26 @@ struct Wire<'a> {
     attrs: Option<BTreeMap<Cow<'a, str>, &'a RawValue>>,
 }
 
+/// A transaction id as the contract allows it (also the id of an outcome).
+pub(crate) fn check_id(id: &str) -> Result<(), DecodeError> {
+    if id.is_empty() {
+        return Err(DecodeError::new(
+            ErrorCode::MissingField,
+            "field `id` must not be empty",
+        ));
+    }
+    // The id travels in NATS headers (Nats-Msg-Id), which cannot hold control characters
+    // and whose values the server trims of leading spaces (` t1` would reach a downstream
+    // stream as `t1`, and be dropped there as a duplicate), and in logs.
+    if id.len() > 256 || id.chars().any(char::is_control) || id.trim() != id {
+        return Err(DecodeError::new(
+            ErrorCode::WrongType,
+            "field `id` must be at most 256 bytes, without control characters or leading or trailing spaces",
+        ));
+    }
+    Ok(())
+}
+
 impl Wire<'_> {
     fn into_txn(self) -> Result<Transaction, DecodeError> {
         let id = self.id.into_owned();
@@ -277,22 +297,7 @@ impl Wire<'_> {
             e.id = Some(id.clone());
             e
         };
-        if id.is_empty() {
-            return Err(DecodeError::new(
-                ErrorCode::MissingField,
-                "field `id` must not be empty",
-            ));
-        }
-        // The id travels in NATS headers (Nats-Msg-Id), which cannot hold control
-        // characters and whose values the server trims of leading spaces (` t1` would
-        // reach a downstream stream as `t1`, and be dropped there as a duplicate), and in
-        // logs.
-        if id.len() > 256 || id.chars().any(char::is_control) || id.trim() != id {
-            return Err(DecodeError::new(
-                ErrorCode::WrongType,
-                "field `id` must be at most 256 bytes, without control characters or leading or trailing spaces",
-            ));
-        }
+        check_id(&id)?;
         let card = normalize_card(self.card);
         if card.is_empty() {
             return Err(with_id(DecodeError::new(
