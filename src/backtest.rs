@@ -16,17 +16,17 @@ use crate::rules::{Mode, RuleAction, RuleSet};
 
 /// The ids of a fraud-ids file: one transaction id per line; `#` at the start of a line or
 /// after a space starts a comment (an id may hold `#`), blank lines are skipped, a
-/// byte-order mark is dropped. A line that starts with `{` is an outcome message as sent
+/// byte-order mark is dropped. A line that starts with `{"` is an outcome message as sent
 /// on `fraud.outcome` ([`crate::feedback`]; a recording of that subject can be read
-/// as it is): a `chargeback` or `fraud` outcome gives its id, a `refund` or `genuine` one
-/// none. `Err` names the first line that holds more than one id, or an outcome that does
-/// not read.
+/// as it is), without notes: a `chargeback` or `fraud` outcome gives its id, a `refund` or
+/// `genuine` one none. (An id in braces, `{3F2504E0-...}`, is an id.) `Err` names the
+/// first line that holds more than one id, or an outcome that does not read.
 pub fn parse_fraud_ids(text: &str) -> Result<Vec<String>, String> {
     use crate::feedback::{Feedback, Kind};
     let mut ids = Vec::new();
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (n, line) in text.lines().enumerate() {
-        if line.trim_start().starts_with('{') {
+        if line.trim_start().starts_with("{\"") {
             let f = Feedback::from_json(line.as_bytes())
                 .map_err(|e| format!("line {}: not an outcome: {}", n + 1, e.message))?;
             if matches!(f.kind, Kind::Chargeback | Kind::Fraud) {
@@ -338,6 +338,8 @@ mode = "shadow"
             "\n",
         );
         assert_eq!(parse_fraud_ids(text).unwrap(), ["t-1", "t-2", "t-5"]);
+        let guid = "{3F2504E0-4F89-11D3-9A0C-0305E82C3301}\n";
+        assert_eq!(parse_fraud_ids(guid).unwrap(), [guid.trim()]);
         let e = parse_fraud_ids("t-1\n{\"id\":\"t-2\",\"outcome\":\"4111111111111111\"}\n")
             .unwrap_err();
         assert!(e.starts_with("line 2: not an outcome:"), "{e}");

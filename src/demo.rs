@@ -343,7 +343,7 @@ pub async fn run(opts: DemoOptions) -> Result<u64, DemoError> {
         .map(|(k, n)| format!("{} {}", k.as_str(), n.iter().sum::<u64>()))
         .collect();
     println!(
-        "outcomes reported by the demo's back office on fraud.outcome: {}",
+        "outcomes from the demo's back office, as the engine counted them: {}",
         by_kind.join(", ")
     );
     let mut pats: Vec<_> = t.patterns.iter().collect();

@@ -154,14 +154,16 @@ impl Feedback {
                         "a rule id in `decision.rules` is not 1-64 letters, digits, _ - or ., or holds a card number",
                     );
                 }
-                let rules = d
-                    .rules
-                    .into_iter()
-                    .map(|r| FiredRule {
-                        id: r.id.into_owned(),
-                        mode: r.mode,
-                    })
-                    .collect();
+                // A rule listed twice is credited once.
+                let mut rules: Vec<FiredRule> = Vec::with_capacity(d.rules.len());
+                for r in d.rules {
+                    if !rules.iter().any(|k| k.id == *r.id) {
+                        rules.push(FiredRule {
+                            id: r.id.into_owned(),
+                            mode: r.mode,
+                        });
+                    }
+                }
                 (Some(d.action), rules)
             }
         };
@@ -282,6 +284,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(f.rules[0].mode, Mode::Active);
+        // A rule listed twice is credited once.
+        let f = Feedback::from_json(
+            br#"{"id":"t-4","outcome":"fraud","decision":{"action":"hold","rules":[{"id":"r"},{"id":"q"},{"id":"r"}]}}"#,
+        )
+        .unwrap();
+        let ids: Vec<&str> = f.rules.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["r", "q"]);
         for k in Kind::ALL {
             let s = format!(r#"{{"id":"x","outcome":"{}"}}"#, k.as_str());
             assert_eq!(Feedback::from_json(s.as_bytes()).unwrap().kind, k);

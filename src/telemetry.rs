@@ -335,7 +335,7 @@ fn describe() {
     );
     describe_gauge!(
         NATS_CONNECTED,
-        "1 while every NATS connection of the engine is up, 0 while one is down."
+        "1 while both NATS connections that decide (request-reply, stream) are up, 0 while one is down (the outcome connection is not counted: its losses are fraudgate_outcomes_lost_total)."
     );
     describe_counter!(
         NATS_RECONNECTS,
@@ -404,6 +404,13 @@ fn action_idx(a: Action) -> usize {
     a as usize
 }
 
+/// Every connection that decides (all but the outcome connection) is up: what
+/// `fraudgate_nats_connected` says, and what the disconnected page is about. The outcome
+/// connection's state is logged, and its losses are counted, apart.
+fn deciding_up(links: &[(String, u64, bool)]) -> bool {
+    links.iter().filter(|l| l.0 != "outcome").all(|l| l.2)
+}
+
 fn kind_idx(k: Kind) -> usize {
     Kind::ALL.iter().position(|x| *x == k).unwrap_or(0)
 }
@@ -469,7 +476,7 @@ pub struct Counters {
     disconnects: Both,
     connects: AtomicU64,
     reconnects: Counter,
-    /// Per NATS connection (the service has two, by role): connects seen, and up now.
+    /// Per NATS connection (by role: check, stream, outcome): connects seen, and up now.
     links: std::sync::Mutex<Vec<(String, u64, bool)>>,
     is_connected: std::sync::atomic::AtomicBool,
     dir_valid: std::sync::atomic::AtomicBool,
@@ -772,7 +779,8 @@ impl Counters {
             Some(l) => l.2 = false,
             None => links.push((role.to_string(), 0, false)),
         }
-        self.set_connected(false);
+        let deciding = deciding_up(&links);
+        self.set_connected(deciding);
     }
     /// NATS connection `role` is up. Its first connect is not a reconnect, whatever
     /// other connection came before it.
@@ -791,8 +799,8 @@ impl Counters {
         if links[i].1 > 1 {
             self.reconnects.increment(1);
         }
-        let all_up = links.iter().all(|l| l.2);
-        self.set_connected(all_up);
+        let deciding = deciding_up(&links);
+        self.set_connected(deciding);
     }
     fn set_connected(&self, up: bool) {
         self.is_connected.store(up, Relaxed);
@@ -1145,10 +1153,18 @@ mod tests {
             rules: vec![],
         });
         assert_eq!(c.snapshot().outcomes[2], [0, 0, 0, 1]);
-        // An outcome dropped on its own connection is not a transaction dropped.
+        // An outcome dropped on its own connection is not a transaction dropped, and that
+        // connection down is not the engine disconnected.
         c.slow_consumer("outcome");
         let s = c.snapshot();
         assert_eq!((s.outcomes_lost, s.slow_consumer), ([1, 0], 0));
+        for role in ["check", "stream", "outcome"] {
+            c.connected(role);
+        }
+        c.disconnected("outcome");
+        assert!(c.snapshot().connected);
+        c.disconnected("stream");
+        assert!(!c.snapshot().connected);
     }
 
     #[test]

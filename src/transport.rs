@@ -561,11 +561,11 @@ impl Wire {
         let _ = tokio::time::timeout(timeout, all).await;
     }
 
-    /// Every connection is up.
+    /// Both connections that decide are up (the outcome connection is not one).
     pub fn connected(&self) -> bool {
         use async_nats::connection::State;
-        self.connections()
-            .all(|c| c.connection_state() == State::Connected)
+        self.client.connection_state() == State::Connected
+            && self.stream.connection_state() == State::Connected
     }
 
     /// Messages received from the server on the connection of `path` (requests: the

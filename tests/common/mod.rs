@@ -175,6 +175,14 @@ impl Engine {
         self.log_text().matches(needle).count()
     }
 
+    /// Log lines that hold every one of `needles`.
+    pub fn count_log_lines(&self, needles: &[&str]) -> usize {
+        let text = self.log_text();
+        text.lines()
+            .filter(|l| needles.iter().all(|n| l.contains(n)))
+            .count()
+    }
+
     pub fn signal(&self, sig: &str) {
         let pid = self.child.id().expect("running").to_string();
         let ok = std::process::Command::new("kill")
