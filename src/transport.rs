@@ -332,24 +332,20 @@ impl Wire {
         }
     }
 
-    fn oversized(&self, payload: &[u8]) -> Option<DecodeError> {
-        (payload.len() > self.max_payload).then(|| DecodeError {
-            code: ErrorCode::Oversized,
-            message: format!(
-                "payload of {} bytes is over the limit of {} bytes",
-                payload.len(),
-                self.max_payload
-            ),
-            id: None,
-        })
-    }
-
     /// Decodes a payload, enforcing the size limit first.
     pub fn decode(&self, payload: &[u8]) -> Result<Transaction, DecodeError> {
-        match self.oversized(payload) {
-            Some(e) => Err(e),
-            None => Transaction::from_json(payload),
+        if payload.len() > self.max_payload {
+            return Err(DecodeError {
+                code: ErrorCode::Oversized,
+                message: format!(
+                    "payload of {} bytes is over the limit of {} bytes",
+                    payload.len(),
+                    self.max_payload
+                ),
+                id: None,
+            });
         }
+        Transaction::from_json(payload)
     }
 
     /// Decodes an outcome. Its size limit is [`OUTCOME_PAYLOAD_FACTOR`] times a
@@ -390,13 +386,10 @@ impl Wire {
         inbox: Subject,
         e: &Refusal<'_>,
     ) -> Result<(), async_nats::PublishError> {
-        let Some(conn) = &self.outcome else {
-            return Ok(());
-        };
-        let mut h = HeaderMap::new();
-        h.insert(HEADER_ERROR_CODE, e.code);
-        conn.publish_with_headers(inbox, h, Bytes::from(error_json(e)))
-            .await
+        match &self.outcome {
+            Some(conn) => reply_error_on(conn, inbox, e).await,
+            None => Ok(()),
+        }
     }
 
     /// Forwards a bad outcome published without a reply subject to the invalid subject,
@@ -468,12 +461,7 @@ impl Wire {
         inbox: Subject,
         e: &Refusal<'_>,
     ) -> Result<(), async_nats::PublishError> {
-        let body = error_json(e);
-        let mut h = HeaderMap::new();
-        h.insert(HEADER_ERROR_CODE, e.code);
-        self.client
-            .publish_with_headers(inbox, h, Bytes::from(body))
-            .await
+        reply_error_on(&self.client, inbox, e).await
     }
 
     /// Forwards an asynchronous payload that was not decided (invalid input, unchanged, or
@@ -1091,6 +1079,19 @@ impl<'a> From<&'a DecodeError> for Refusal<'a> {
             id: e.id.as_deref(),
         }
     }
+}
+
+/// Answers a request on `conn` with an error object, told apart from an answer by its
+/// `Fraudgate-Error-Code` header.
+async fn reply_error_on(
+    conn: &Client,
+    inbox: Subject,
+    e: &Refusal<'_>,
+) -> Result<(), async_nats::PublishError> {
+    let mut h = HeaderMap::new();
+    h.insert(HEADER_ERROR_CODE, e.code);
+    conn.publish_with_headers(inbox, h, Bytes::from(error_json(e)))
+        .await
 }
 
 /// `{"id": ..., "error": {"code": ..., "message": ...}}`
