@@ -104,11 +104,7 @@ fn active() -> Mode {
 /// A rule id as rule files allow it: 1-64 letters, digits, `_`, `-` or `.`, and no card
 /// number (it becomes a metric label).
 fn rule_id_ok(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
-        && !crate::txn::holds_card_number(id)
+    crate::rules::valid_rule_id(id) && !crate::txn::holds_card_number(id)
 }
 
 impl Feedback {

@@ -1626,7 +1626,7 @@ fn looks_like_card(s: &str) -> bool {
     crate::txn::holds_card_number(s)
 }
 
-fn valid_rule_id(s: &str) -> bool {
+pub(crate) fn valid_rule_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && s.chars()
