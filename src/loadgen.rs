@@ -3,8 +3,10 @@
 //! Normal traffic: a card population whose size matches the traffic's rate (10 transactions
 //! per card per day on average, a few busy cards and many quiet ones), Zipf-like merchant
 //! and region popularity, cards that mostly use their own device (shared by two cards),
-//! log-normal amounts (median 40), a weighted MCC mix, mostly established merchants and
-//! devices, matching phone/address/IP country for almost everyone, and event times that
+//! log-normal amounts (median 40), merchants with a category (MCC) and an age of their own
+//! (the popular few everyday shops, the long tail a weighted mix with a few risky categories
+//! and 5 % onboarded within the year: [`merchant_traits`]), devices long known to their
+//! cards ([`device_age_days`]), matching phone/address/IP country for almost everyone, and event times that
 //! follow a time-of-day profile ([`timeline`]: quiet nights, busy middays and evenings).
 //! Injected patterns (each transaction carries its [`Pattern`] label) are the ones the
 //! shipped rules target: card testing, account takeover, one card at many merchants,
@@ -246,6 +248,7 @@ impl Rng {
     }
 }
 
+/// The merchant categories of the long tail of merchants, weighted.
 const MCCS: [(i64, u64); 9] = [
     (5411, 30),
     (5812, 20),
@@ -257,6 +260,53 @@ const MCCS: [(i64, u64); 9] = [
     (7995, 2),
     (6051, 2),
 ];
+
+/// The categories of the most popular merchants (supermarkets, restaurants, fuel, general
+/// retail): the few merchants that take a quarter of all traffic are not casinos.
+const EVERYDAY_MCCS: [(i64, u64); 4] = [(5411, 40), (5812, 25), (5541, 20), (5999, 15)];
+
+/// Merchants counted as the popular head (by popularity rank; the first ten take about a
+/// quarter of the traffic of 5,000 merchants).
+const HEAD_MERCHANTS: u64 = 10;
+
+/// What a merchant is, the same in every transaction of a run: its category (MCC) and
+/// the days since it was onboarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MerchantTraits {
+    pub mcc: i64,
+    pub age_days: u64,
+}
+
+/// The traits of merchant `m` (`mer-<m>`) in traffic of `seed`: drawn from a generator
+/// seeded by both, so they do not depend on the order transactions are made in. The
+/// popular head is everyday categories and established; the tail follows [`MCCS`], 5 %
+/// of it onboarded within the last year.
+pub fn merchant_traits(seed: u64, m: u64) -> MerchantTraits {
+    let mut r = Rng::new(seed ^ 0x4d45_5243_4841_4e54 ^ m.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    if m < HEAD_MERCHANTS {
+        MerchantTraits {
+            mcc: r.weighted(&EVERYDAY_MCCS),
+            age_days: 365 + r.below(2_555),
+        }
+    } else {
+        MerchantTraits {
+            mcc: r.weighted(&MCCS),
+            age_days: r.age_days(),
+        }
+    }
+}
+
+/// Days since `device` was first seen with `card` (the `device_age_days` attribute), the
+/// same in every transaction of the pair: a card's own device and the odd other one it
+/// uses are mostly long known.
+pub fn device_age_days(seed: u64, card: u64, device: u64) -> u64 {
+    Rng::new(
+        seed ^ 0x4445_5649_4345
+            ^ card.wrapping_mul(0xbf58_476d_1ce4_e5b9)
+            ^ device.wrapping_mul(0x94d0_49bb_1331_11eb),
+    )
+    .age_days()
+}
 
 /// The traffic generator.
 pub struct Generator {
@@ -338,19 +388,15 @@ impl Generator {
         } else {
             format!("R{}", r.skewed(self.cfg.regions))
         };
-        let mcc = r.weighted(&MCCS);
         let address_match = r.below(100) != 0;
         let channel = if r.below(2) == 0 { "ecom" } else { "pos" };
-        let device_age = r.age_days();
-        let merchant_age = r.age_days();
         let phone_match = r.below(100) != 0;
+        let device_age = device_age_days(self.cfg.seed, card, device);
         let mut t = Transaction::new(self.id(), self.card_number(card), Decimal::new(cents, 2));
         t.ts_ms = Some(ts);
         t.currency = Some("EUR".into());
         t.device = Some(format!("dev-{device}"));
-        t.merchant = Some(format!("mer-{merchant}"));
         t.region = Some(region);
-        t.mcc = Some(mcc);
         t.attrs = vec![
             ("address_match".into(), AttrValue::Bool(address_match)),
             ("channel".into(), AttrValue::Str(channel.into())),
@@ -359,13 +405,21 @@ impl Generator {
                 AttrValue::Num(Decimal::from(device_age)),
             ),
             ("ip_country".into(), AttrValue::Str(ip_country)),
-            (
-                "merchant_age_days".into(),
-                AttrValue::Num(Decimal::from(merchant_age)),
-            ),
             ("phone_match".into(), AttrValue::Bool(phone_match)),
         ];
+        self.set_merchant(&mut t, merchant);
         t
+    }
+
+    /// Makes `t` a payment at merchant `m`, with the merchant's category and age.
+    fn set_merchant(&self, t: &mut Transaction, m: u64) {
+        let traits = merchant_traits(self.cfg.seed, m);
+        t.merchant = Some(format!("mer-{m}"));
+        t.mcc = Some(traits.mcc);
+        t.set_attr(
+            "merchant_age_days",
+            AttrValue::Num(Decimal::from(traits.age_days)),
+        );
     }
 
     /// The next transaction at event time `now_ms`: an injected one that is due, or a
@@ -430,7 +484,8 @@ impl Generator {
                 for _ in 0..6 {
                     // Any merchant, not the popular ones a card would use anyway.
                     let mut t = self.normal_for(card, at);
-                    t.merchant = Some(format!("mer-{}", self.rng.below(self.cfg.merchants)));
+                    let m = self.rng.below(self.cfg.merchants);
+                    self.set_merchant(&mut t, m);
                     plan.push((at, t));
                     at += 5_000 + self.rng.below(40_000) as i64;
                 }
@@ -446,11 +501,11 @@ impl Generator {
             Pattern::MerchantSpike => {
                 // An established merchant of moderate traffic suddenly gets a burst.
                 let (lo, hi) = self.spike_merchants();
-                let merchant = format!("mer-{}", lo + self.rng.below(hi - lo + 1));
+                let merchant = lo + self.rng.below(hi - lo + 1);
                 let mut at = now_ms;
                 for i in 0..45u64 {
                     let mut t = self.normal_for(card + i, at);
-                    t.merchant = Some(merchant.clone());
+                    self.set_merchant(&mut t, merchant);
                     plan.push((at, t));
                     at += 1_000 + self.rng.below(3_000) as i64;
                 }
@@ -661,6 +716,57 @@ mod tests {
         let busiest = *counts.values().max().unwrap();
         assert!((30..150).contains(&busiest), "{busiest}");
         assert!(counts.len() > 60_000, "{}", counts.len());
+    }
+
+    /// A merchant has one category and one age in all of its transactions, injected ones
+    /// included (many merchants, a spike), and a card keeps its device's age; the popular
+    /// head is everyday categories, and the tail brings the risky ones and new merchants.
+    #[test]
+    fn merchants_and_devices_keep_their_traits() {
+        let mut g = Generator::new(GenConfig {
+            fraud_rate: 0.05,
+            ..GenConfig::default()
+        });
+        let num = |t: &Transaction, name: &str| match t.attrs.iter().find(|(k, _)| k == name) {
+            Some((_, AttrValue::Num(n))) => *n,
+            other => panic!("{name}: {other:?}"),
+        };
+        let mut merchants = std::collections::HashMap::new();
+        let mut pairs = std::collections::HashMap::new();
+        let (mut injected, mut head, mut risky, mut young) = (0, 0, 0, 0);
+        for i in 0..200_000 {
+            let l = g.next_at(1_795_687_200_000 + i * 100);
+            let t = &l.txn;
+            injected += usize::from(l.pattern.is_some());
+            let m = t.merchant.clone().unwrap();
+            let traits = (t.mcc.unwrap(), num(t, "merchant_age_days"));
+            assert_eq!(*merchants.entry(m.clone()).or_insert(traits), traits, "{m}");
+            let index: u64 = m.strip_prefix("mer-").unwrap().parse().unwrap();
+            if index < HEAD_MERCHANTS {
+                head += 1;
+                assert!(
+                    EVERYDAY_MCCS.iter().any(|x| x.0 == traits.0),
+                    "{m}: {traits:?}"
+                );
+                assert!(traits.1 >= Decimal::from(365), "{m}: {traits:?}");
+            }
+            risky += usize::from([7995, 6051].contains(&traits.0));
+            young += usize::from(traits.1 < Decimal::from(365));
+            let device_age = num(t, "device_age_days");
+            if l.pattern != Some(Pattern::AccountTakeover) {
+                let key = (t.card.clone(), t.device.clone().unwrap());
+                assert_eq!(*pairs.entry(key).or_insert(device_age), device_age);
+            }
+        }
+        assert!(injected > 5_000, "{injected}");
+        // The head takes about a quarter of the traffic; risky categories and young
+        // merchants are a few percent of it (each ~4-5 % of the tail's merchants).
+        assert!((40_000..70_000).contains(&head), "{head}");
+        assert!((1_000..10_000).contains(&risky), "{risky}");
+        assert!((1_000..15_000).contains(&young), "{young}");
+        let distinct_mccs: std::collections::HashSet<i64> =
+            merchants.values().map(|x| x.0).collect();
+        assert_eq!(distinct_mccs.len(), MCCS.len(), "{distinct_mccs:?}");
     }
 
     #[test]
