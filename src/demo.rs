@@ -408,7 +408,7 @@ async fn generate(
         }
         // When this tick was due: missed ticks keep their place on the schedule (Burst).
         let due = tokio::select! {
-            at = tick.tick() => at.into_std(),
+            at = tick.tick() => at,
             _ = stop.changed() => break,
         };
         owed += per_tick;
@@ -418,8 +418,11 @@ async fn generate(
             // Latency from when the transaction's tick was due (not from when this loop
             // got to it: after a wait for one of the 64 slots, or a burst of missed ticks,
             // that is later), so a stall of the engine shows in the figures instead of
-            // only slowing the sender (no coordinated omission).
-            let started = due;
+            // only slowing the sender (no coordinated omission). The timeout runs from
+            // then too, as a switch's would: a request that waited its whole timeout for
+            // a slot is counted a timeout (of those sent) and never reaches the engine.
+            let started = due.into_std();
+            let deadline = due + REQUEST_TIMEOUT;
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 return;
             };
@@ -427,9 +430,11 @@ async fn generate(
             tally.lock().unwrap_or_else(|e| e.into_inner()).sent += 1;
             tokio::spawn(async move {
                 let body = Bytes::from(labeled.txn.to_json());
-                let res =
-                    tokio::time::timeout(REQUEST_TIMEOUT, client.request("fraud.check", body))
-                        .await;
+                let res = if tokio::time::Instant::now() < deadline {
+                    tokio::time::timeout_at(deadline, client.request("fraud.check", body)).await
+                } else {
+                    tokio::time::timeout_at(deadline, std::future::pending()).await
+                };
                 let mut report = None;
                 {
                     let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
