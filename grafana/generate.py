@@ -115,9 +115,10 @@ overview.panel("timeseries", "Retries",
                "Retries answered from the dedupe table (the original decision again, counted once) per second.",
                [(f'sum(rate(fraudgate_duplicates_total{{{I}}}[{RI}]))', "retries")], "reqps")
 overview.panel("timeseries", "Waiting transactions",
-               "Transactions the NATS client holds that intake has not taken yet (with JetStream, requests only: the stream's backlog waits on the server, as the consumer's pending count), and transactions queued in the decision workers, by path.",
+               "Transactions the NATS client holds that intake has not taken yet (with JetStream, requests only: the stream's backlog waits on the server, as the consumer's pending count), transactions queued in the decision workers, by path, and stream decisions made and waiting for the stream connection to take them (the stream intake pauses once [service] queue_depth wait; requests are answered meanwhile).",
                [(f'sum(fraudgate_nats_pending_messages{{{I}}})', "in NATS client buffers"),
-                (f'sum by (path) (fraudgate_in_flight{{{I}}})', "queued {{path}}")], "short")
+                (f'sum by (path) (fraudgate_in_flight{{{I}}})', "queued {{path}}"),
+                (f'sum(fraudgate_decisions_unpublished{{{I}}})', "decisions waiting for the stream connection")], "short")
 overview.panel("timeseries", "NATS connection state",
                "1 while an engine's NATS connections are up, 0 while it is reconnecting.",
                [(f'fraudgate_nats_connected{{{I}}}', "{{instance}}")], "bool_on_off")

@@ -17,11 +17,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{parse_duration, EngineConfig, FileConfig, OnBadSnapshot};
+use crate::decision::Decision;
 use crate::engine::{Cursor, Engine, SweepStep};
 use crate::keyhash::HashKey;
 use crate::telemetry::{Counters, Path as IntakePath, Snapshot};
@@ -262,6 +264,174 @@ const MAX_BATCH: usize = 64;
 struct Shard {
     check: mpsc::Sender<Batch>,
     stream: mpsc::Sender<Batch>,
+}
+
+/// The workers' queues, as the intake tasks see them.
+struct Workers {
+    shards: Vec<Shard>,
+    unpublished: Arc<Unpublished>,
+}
+
+impl Workers {
+    fn len(&self) -> usize {
+        self.shards.len()
+    }
+}
+
+/// Stream decisions made and not yet taken by the stream connection, because its
+/// client's queue was full: the connection down or reconnecting, or a server (in a
+/// cluster, another node than the request connection's) that stopped reading. A worker
+/// never waits for the stream connection: it leaves such a decision to its [`Outbox`]
+/// and goes on, so the requests of its cards are answered on the request connection
+/// meanwhile. The stream intake takes no more while `limit` decisions wait (their
+/// transactions then wait in the subscription, or, with JetStream, in the stream).
+struct Unpublished {
+    count: std::sync::atomic::AtomicUsize,
+    room: tokio::sync::Notify,
+    limit: usize,
+}
+
+impl Unpublished {
+    fn new(limit: usize) -> Unpublished {
+        Unpublished {
+            count: Default::default(),
+            room: Default::default(),
+            limit: limit.max(2),
+        }
+    }
+
+    fn now(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    fn add(&self) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// One waiting decision was taken by the connection. The intake, when it waits, goes
+    /// on once half of the limit is left.
+    fn done(&self) {
+        let before = self.count.fetch_sub(1, Ordering::Relaxed);
+        if before == self.limit / 2 + 1 || before == 1 {
+            self.room.notify_waiters();
+        }
+    }
+
+    /// Returns once fewer than `limit` decisions wait.
+    async fn room(&self) {
+        loop {
+            let more = self.room.notified();
+            if self.now() < self.limit {
+                return;
+            }
+            more.await;
+        }
+    }
+}
+
+/// A worker's stream decisions that the stream connection did not take at once, in
+/// order, for the worker's [`publish_unsent`] loop. While any wait, the worker's next
+/// decisions queue behind them (one worker's decisions go out in the order made).
+struct Outbox<'a> {
+    tx: mpsc::UnboundedSender<Unsent>,
+    /// This worker's decisions waiting (queued, or being published by the loop).
+    mine: &'a std::sync::atomic::AtomicUsize,
+    all: &'a Unpublished,
+}
+
+/// A stream decision waiting for the stream connection.
+struct Unsent {
+    decision: Decision,
+    body: Bytes,
+    received_at: Instant,
+    js: Option<(u64, transport::Ack)>,
+}
+
+impl Outbox<'_> {
+    /// Publishes the decision of `job` on the stream connection, or, when that would wait,
+    /// queues it. Never waits.
+    fn send(
+        &self,
+        wire: &Wire,
+        counters: &Counters,
+        acks: Option<&Acks>,
+        job: &mut Job,
+        decision: Decision,
+        json: Vec<u8>,
+    ) {
+        let body = Bytes::from(json);
+        if self.mine.load(Ordering::Acquire) == 0 {
+            let epoch = wire.stream_epoch();
+            if let Some(res) = wire.try_publish_decision(&decision, body.clone()) {
+                let js = job.js.take();
+                published(res, counters, acks, (&decision, job.received_at, js), epoch);
+                return;
+            }
+        }
+        self.mine.fetch_add(1, Ordering::AcqRel);
+        self.all.add();
+        let unsent = Unsent {
+            decision,
+            body,
+            received_at: job.received_at,
+            js: job.js.take(),
+        };
+        if self.tx.send(unsent).is_err() {
+            // The loop ends only after the worker: not reached.
+            self.mine.fetch_sub(1, Ordering::AcqRel);
+            self.all.done();
+            counters.publish_error();
+        }
+    }
+}
+
+/// Publishes a worker's queued stream decisions ([`Outbox`]), waiting for the stream
+/// connection as long as it takes. Ends when the worker has dropped its outbox and every
+/// queued decision is out.
+async fn publish_unsent(
+    mut rx: mpsc::UnboundedReceiver<Unsent>,
+    wire: &Wire,
+    counters: &Counters,
+    acks: Option<&Acks>,
+    (mine, all): (&std::sync::atomic::AtomicUsize, &Unpublished),
+) {
+    while let Some(u) = rx.recv().await {
+        let epoch = wire.stream_epoch();
+        let res = wire.publish_decision(&u.decision, u.body).await;
+        published(
+            res,
+            counters,
+            acks,
+            (&u.decision, u.received_at, u.js),
+            epoch,
+        );
+        mine.fetch_sub(1, Ordering::AcqRel);
+        all.done();
+    }
+}
+
+/// Counts a stream decision handed to the stream connection (on connection `epoch`) and
+/// hands its JetStream acknowledgement to the acker.
+fn published(
+    res: Result<(), async_nats::PublishError>,
+    counters: &Counters,
+    acks: Option<&Acks>,
+    (d, received_at, js): (&Decision, Instant, Option<(u64, transport::Ack)>),
+    epoch: u64,
+) {
+    match res {
+        Ok(()) => {
+            counters.decided(IntakePath::Stream, d.action);
+            counters.end_to_end_time(IntakePath::Stream, received_at.elapsed().as_secs_f64());
+            if let (Some((_, ack)), Some(acks)) = (js, acks) {
+                acks.hand(Handed::new(epoch, ack, &d.id));
+            }
+        }
+        Err(e) => {
+            counters.publish_error();
+            tracing::warn!(error = %e, id = %d.id, "could not publish a decision");
+        }
+    }
 }
 
 /// Shutdown budgets, so a NATS server that is down or hangs cannot hold the process
@@ -795,6 +965,9 @@ impl Running {
             }
             None => (None, None),
         };
+        // As many stream decisions may wait for the stream connection as a worker's queue
+        // holds transactions.
+        let unpublished = Arc::new(Unpublished::new(svc.queue_depth));
         for k in 0..n {
             let (ctx, crx) = mpsc::channel(depth);
             let (stx, srx) = mpsc::channel(depth);
@@ -805,19 +978,22 @@ impl Running {
             workers.push(supervised(
                 "worker",
                 worker(
-                    crx,
-                    srx,
+                    (crx, srx),
                     engine.clone(),
                     wire.clone(),
                     counters.clone(),
                     tracker.clone().zip(ack_tx.clone()),
                     (beats.clone(), k),
+                    unpublished.clone(),
                 ),
                 &ended_tx,
                 &stop_rx,
             ));
         }
-        let shards = Arc::new(shards);
+        let shards = Arc::new(Workers {
+            shards,
+            unpublished: unpublished.clone(),
+        });
         let stream_intake = match durable.zip(tracker.clone().zip(ack_tx)) {
             Some(((consumer, txn_stream), t)) => supervised(
                 "stream intake",
@@ -902,7 +1078,11 @@ impl Running {
                 &stop_rx,
             ));
         }
-        background.push(tokio::spawn(queue_monitor(counters.clone(), stop_rx)));
+        background.push(tokio::spawn(queue_monitor(
+            counters.clone(),
+            unpublished,
+            stop_rx,
+        )));
         // Ticks until aborted at shutdown, after the watchdog has stopped watching it.
         background.push(tokio::spawn(heartbeat(beats.clone())));
         let watchdog = start_watchdog(beats, stall_after, counters.clone())
@@ -1090,7 +1270,7 @@ async fn intake(
     mut sub: async_nats::Subscriber,
     path: IntakePath,
     wire: Wire,
-    shards: Arc<Vec<Shard>>,
+    shards: Arc<Workers>,
     counters: Arc<Counters>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -1210,14 +1390,19 @@ fn with_buffered<S: futures::Stream + Unpin>(first: S::Item, s: &mut S) -> (Vec<
 }
 
 /// Hands each worker its batch.
-async fn dispatch(batches: &mut [Batch], shards: &[Shard], path: IntakePath, counters: &Counters) {
+async fn dispatch(batches: &mut [Batch], workers: &Workers, path: IntakePath, counters: &Counters) {
+    if path == IntakePath::Stream && batches.iter().any(|b| !b.is_empty()) {
+        // Not while the stream connection leaves too many decisions waiting: the
+        // transactions wait where they are (see [`Unpublished`]).
+        workers.unpublished.room().await;
+    }
     for (i, batch) in batches.iter_mut().enumerate() {
         if batch.is_empty() {
             continue;
         }
         let tx = match path {
-            IntakePath::Check => &shards[i].check,
-            IntakePath::Stream => &shards[i].stream,
+            IntakePath::Check => &workers.shards[i].check,
+            IntakePath::Stream => &workers.shards[i].stream,
         };
         let n = batch.len();
         counters.queued(path, n as i64);
@@ -1250,7 +1435,7 @@ async fn intake_jetstream(
         crate::config::JetStreamSection,
     ),
     wire: Wire,
-    shards: Arc<Vec<Shard>>,
+    shards: Arc<Workers>,
     counters: Arc<Counters>,
     (tracker, acks): (Tracker, Acks),
     mut stop: watch::Receiver<bool>,
@@ -1752,17 +1937,44 @@ async fn take(
 }
 
 async fn worker(
-    mut check: mpsc::Receiver<Batch>,
-    mut stream: mpsc::Receiver<Batch>,
+    (check, stream): (mpsc::Receiver<Batch>, mpsc::Receiver<Batch>),
     engine: Arc<Engine>,
     wire: Wire,
     counters: Arc<Counters>,
     js: Option<(Tracker, Acks)>,
     (beats, k): (Arc<Beats>, usize),
+    unpublished: Arc<Unpublished>,
 ) {
     let tracker = js.as_ref().map(|j| &j.0);
     let acks = js.as_ref().map(|j| &j.1);
-    let beat = beats.worker(k);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mine = std::sync::atomic::AtomicUsize::new(0);
+    let outbox = Outbox {
+        tx,
+        mine: &mine,
+        all: &unpublished,
+    };
+    let decide = decide_loop(
+        (check, stream),
+        (&engine, &wire, &counters),
+        (tracker, acks),
+        outbox,
+        (beats.worker(k), k),
+    );
+    let publish = publish_unsent(rx, &wire, &counters, acks, (&mine, &unpublished));
+    // One task: the loop that publishes what the stream connection left waiting runs
+    // beside the decisions and ends after them, once the last is out.
+    tokio::join!(decide, publish);
+}
+
+async fn decide_loop(
+    (mut check, mut stream): (mpsc::Receiver<Batch>, mpsc::Receiver<Batch>),
+    (engine, wire, counters): (&Engine, &Wire, &Counters),
+    (tracker, acks): (Option<&Tracker>, Option<&Acks>),
+    outbox: Outbox<'_>,
+    (beat, k): (&WorkerBeat, usize),
+) {
+    let out = (&outbox, acks);
     loop {
         let (mut batch, path) = tokio::select! {
             biased;
@@ -1779,13 +1991,13 @@ async fn worker(
                     for j in urgent.iter_mut() {
                         beat.begin();
                         let path = IntakePath::Check;
-                        decide_one(&engine, &wire, &counters, (tracker, acks), j, path).await;
+                        decide_one(engine, wire, counters, (tracker, out), j, path).await;
                         stalled_on(beat, j, IntakePath::Check, k);
                     }
                 }
             }
             beat.begin();
-            decide_one(&engine, &wire, &counters, (tracker, acks), job, path).await;
+            decide_one(engine, wire, counters, (tracker, out), job, path).await;
             stalled_on(beat, job, path, k);
         }
     }
@@ -1865,7 +2077,7 @@ async fn decide_one(
     engine: &Engine,
     wire: &Wire,
     counters: &Counters,
-    (tracker, acks): (Option<&Tracker>, Option<&Acks>),
+    (tracker, (outbox, acks)): (Option<&Tracker>, (&Outbox<'_>, Option<&Acks>)),
     job: &mut Job,
     path: IntakePath,
 ) {
@@ -1911,6 +2123,10 @@ async fn decide_one(
         if let Some(Some(ms)) = fail::eval("deliver", |arg| arg.and_then(|a| a.parse().ok())) {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
+    }
+    if let Reply::Stream = job.reply {
+        outbox.send(wire, counters, acks, job, out.decision, out.json);
+        return;
     }
     let epoch = wire.stream_epoch();
     match wire.deliver(&job.reply, &out.decision, out.json).await {
@@ -2299,11 +2515,15 @@ async fn snapshotter(
 }
 
 /// Publishes how many transactions wait in the workers' queues, every second.
-async fn queue_monitor(counters: Arc<Counters>, mut stop: watch::Receiver<bool>) {
+async fn queue_monitor(
+    counters: Arc<Counters>,
+    unpublished: Arc<Unpublished>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = tick.tick() => counters.publish_queued(),
+            _ = tick.tick() => counters.publish_queued(unpublished.now()),
             _ = stop.changed() => break,
         }
     }
@@ -3008,6 +3228,36 @@ mod tests {
         }
         // The shipped default: one step per tick.
         assert_eq!(sweep_cadence(Duration::from_secs(10), 2_560).1, 1);
+    }
+
+    /// The stream intake waits while the limit of decisions wait for the stream connection,
+    /// and goes on once half of them are out.
+    #[tokio::test]
+    async fn the_stream_intake_waits_for_room_among_unpublished_decisions() {
+        use futures::FutureExt;
+        let u = Arc::new(Unpublished::new(4));
+        for _ in 0..3 {
+            u.add();
+        }
+        assert!(u.room().now_or_never().is_some(), "3 of 4: room");
+        u.add();
+        let waiting = tokio::spawn({
+            let u = u.clone();
+            async move { u.room().await }
+        });
+        tokio::task::yield_now().await;
+        u.done();
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "3 of 4: still waits for half to go");
+        u.done();
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken at half")
+            .unwrap();
+        assert_eq!(u.now(), 2);
+        u.done();
+        u.done();
+        assert_eq!(u.now(), 0);
     }
 
     #[test]

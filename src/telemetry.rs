@@ -50,6 +50,7 @@ pub mod names {
     pub const ACK_ERRORS: &str = "fraudgate_jetstream_ack_errors_total";
     pub const ACKS_WITHHELD: &str = "fraudgate_jetstream_acks_withheld_total";
     pub const IN_FLIGHT: &str = "fraudgate_in_flight";
+    pub const UNPUBLISHED: &str = "fraudgate_decisions_unpublished";
     pub const NATS_CONNECTED: &str = "fraudgate_nats_connected";
     pub const NATS_RECONNECTS: &str = "fraudgate_nats_reconnects_total";
     pub const NATS_DISCONNECTS: &str = "fraudgate_nats_disconnects_total";
@@ -323,6 +324,11 @@ fn describe() {
         IN_FLIGHT,
         Unit::Count,
         "Transactions taken in and not yet decided (queued in workers), by path."
+    );
+    describe_gauge!(
+        UNPUBLISHED,
+        Unit::Count,
+        "Stream decisions made and waiting for the stream connection to take them (down, reconnecting, or a server not reading); the stream intake pauses while [service] queue_depth wait. Requests are answered meanwhile."
     );
     describe_gauge!(
         STALLED,
@@ -617,6 +623,7 @@ impl Counters {
         for p in Path::ALL {
             gauge!(IN_FLIGHT, "path" => p.as_str()).set(0.0);
         }
+        gauge!(UNPUBLISHED).set(0.0);
         for k in STALL_KINDS {
             gauge!(STALLED, "kind" => k).set(0.0);
         }
@@ -879,11 +886,13 @@ impl Counters {
         self.queued[p.idx()].load(Relaxed).max(0)
     }
 
-    /// Sets the in-flight gauges from the queued counts.
-    pub fn publish_queued(&self) {
+    /// Sets the in-flight gauges from the queued counts, and the gauge of stream
+    /// decisions waiting for the stream connection to `unpublished`.
+    pub fn publish_queued(&self, unpublished: usize) {
         for p in Path::ALL {
             metrics::gauge!(names::IN_FLIGHT, "path" => p.as_str()).set(self.queued_now(p) as f64);
         }
+        metrics::gauge!(names::UNPUBLISHED).set(unpublished as f64);
     }
 
     /// A rule fired (counted for fresh decisions, not for answered retries). A rule the
@@ -1206,13 +1215,14 @@ mod tests {
             c.connected("check");
             c.stalled_now(1, false);
             c.queued(Path::Check, 2);
-            c.publish_queued();
+            c.publish_queued(5);
         });
         let text = handle.render();
         for line in [
             "fraudgate_nats_connected 1",
             "fraudgate_stalled{kind=\"worker\"} 1",
             "fraudgate_in_flight{path=\"check\"} 2",
+            "fraudgate_decisions_unpublished 5",
         ] {
             assert!(text.contains(line), "{line} missing:\n{text}");
         }

@@ -446,13 +446,34 @@ impl Wire {
         match reply {
             Reply::Check(Some(inbox)) => self.client.publish(inbox.clone(), body).await,
             Reply::Check(None) => Ok(()),
-            Reply::Stream => {
-                let subject = self.decision_subjects[d.action as usize].clone();
-                self.stream
-                    .publish_with_headers(subject, Self::decision_headers(d), body)
-                    .await
-            }
+            Reply::Stream => self.publish_decision(d, body).await,
         }
+    }
+
+    /// Publishes a stream decision if the stream connection takes it at once: `None` when
+    /// its client's queue is full (the connection down, reconnecting, or a server that
+    /// stopped reading), with nothing sent; [`Wire::publish_decision`] then waits for it.
+    /// A worker must not wait on the stream connection: requests wait behind it.
+    pub fn try_publish_decision(
+        &self,
+        d: &Decision,
+        body: Bytes,
+    ) -> Option<Result<(), async_nats::PublishError>> {
+        use futures::FutureExt;
+        // Unconstrained: the runtime's cooperative budget running out is not a full queue.
+        tokio::task::unconstrained(self.publish_decision(d, body)).now_or_never()
+    }
+
+    /// Publishes a stream decision, waiting until the stream connection takes it.
+    pub async fn publish_decision(
+        &self,
+        d: &Decision,
+        body: Bytes,
+    ) -> Result<(), async_nats::PublishError> {
+        let subject = self.decision_subjects[d.action as usize].clone();
+        self.stream
+            .publish_with_headers(subject, Self::decision_headers(d), body)
+            .await
     }
 
     /// Answers a request with an error object.

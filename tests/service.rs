@@ -2004,3 +2004,91 @@ async fn outcomes_are_counted_once_by_action_and_rule() {
         "{stopped}"
     );
 }
+
+/// A stream connection that takes nothing more (in a cluster its server node can hang
+/// while the request connection's node is fine) does not hold up requests: the workers
+/// leave the stream decisions waiting and answer requests, the stream intake pauses at
+/// its limit, and once the connection reads again every waiting decision goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_answered_while_the_stream_connection_takes_nothing() {
+    let nats = nats().await;
+    let upstream: u16 = nats.url().rsplit(':').next().unwrap().parse().unwrap();
+    let proxy = Proxy::start(upstream).await;
+    let port = fraudgate::demo::free_port().unwrap();
+    let config = format!(
+        "{CONFIG}\n[metrics]\naddr = \"127.0.0.1:{port}\"\n[nats]\nping_interval = \"60s\"\n"
+    );
+    let engine = Engine::start_with(&proxy.url(), &config).await;
+    let c = client(&nats.url()).await;
+    let mut decisions = async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 20)
+        .connect(nats.url())
+        .await
+        .unwrap()
+        .subscribe("fraud.decision.>")
+        .await
+        .unwrap();
+    assert_eq!(
+        proxy.freeze("fraudgate-stream", true),
+        1,
+        "one stream connection"
+    );
+
+    // Far more decisions than the stream connection's client queue and socket buffers
+    // hold: the workers' publishes would wait, and the requests of their cards behind.
+    let mut sent = 0u32;
+    let unpublished = |text: &str| metric_value(text, "fraudgate_decisions_unpublished");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        for _ in 0..2_000 {
+            sent += 1;
+            let body = txn(
+                &format!("s-{sent}"),
+                &format!("4111{:012}", sent % 5_000),
+                "10",
+            );
+            c.publish("fraud.txn", Bytes::from(body)).await.unwrap();
+        }
+        c.flush().await.unwrap();
+        let text = metrics_text(port).await.unwrap_or_default();
+        if unpublished(&text).unwrap_or(0.0) >= 1_000.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no stream decisions left waiting after {sent} sent:\n{}",
+            engine.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Requests of cards on every worker are answered, while the stream decisions wait.
+    for i in 0..40 {
+        let r = check(&c, &txn(&format!("r-{i}"), &format!("4222{i:012}"), "10")).await;
+        assert_eq!(r["action"], "approve", "{r}");
+    }
+    let text = metrics_text(port).await.unwrap();
+    assert!(unpublished(&text).unwrap() >= 1_000.0, "{text}");
+
+    // The connection reads again: every waiting decision goes out, none twice.
+    proxy.freeze("fraudgate-stream", false);
+    let engine = stop(engine).await;
+    let stopped = engine.stopped_line()["fields"].clone();
+    // Every stream transaction taken in is decided and published (those the engine did
+    // not take while it paused were dropped by its subscription, counted as such).
+    let decided = stopped["received_stream"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{stopped}"));
+    assert!(decided >= 2_000, "{stopped}");
+    assert_eq!(stopped["decided"], decided + 40, "{stopped}");
+    let mut ids = std::collections::HashSet::new();
+    while ids.len() < decided as usize {
+        let m = tokio::time::timeout(Duration::from_secs(10), decisions.next())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {decided} decisions: {stopped}", ids.len()))
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert!(ids.insert(v["id"].as_str().unwrap().to_string()), "{v}");
+    }
+    assert_eq!(stopped["publish_errors"], 0, "{stopped}");
+    assert_eq!(stopped["clean"], true, "{stopped}");
+}

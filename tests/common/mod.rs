@@ -307,3 +307,97 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
 }
+
+/// A TCP proxy in front of a nats-server whose connections can stop reading what one
+/// named client sends (`CONNECT` with `"name":"<name>"`), as a server node that hangs
+/// would, while the server's messages to that client still go through and every other
+/// connection is untouched.
+pub struct Proxy {
+    pub port: u16,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<ProxiedConn>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct ProxiedConn {
+    name: std::sync::Arc<std::sync::Mutex<String>>,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    pub async fn start(upstream_port: u16) -> Proxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::<ProxiedConn>::new()));
+        let registry = conns.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream_port)).await
+                else {
+                    continue;
+                };
+                let name = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+                let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                registry.lock().unwrap().push(ProxiedConn {
+                    name: name.clone(),
+                    frozen: frozen.clone(),
+                });
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        if frozen.load(Ordering::Relaxed) {
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            continue;
+                        }
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        {
+                            let mut known = name.lock().unwrap();
+                            if known.is_empty() {
+                                let text = String::from_utf8_lossy(&buf[..n]);
+                                if let Some(rest) = text.split("\"name\":\"").nth(1) {
+                                    *known = rest.split('"').next().unwrap_or("").to_string();
+                                }
+                            }
+                        }
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Proxy { port, conns, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops (or resumes) reading from the connections of client `name`; how many there were.
+    pub fn freeze(&self, name: &str, frozen: bool) -> usize {
+        let conns = self.conns.lock().unwrap();
+        let mut n = 0;
+        for c in conns.iter().filter(|c| *c.name.lock().unwrap() == name) {
+            c.frozen.store(frozen, std::sync::atomic::Ordering::Relaxed);
+            n += 1;
+        }
+        n
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
