@@ -285,6 +285,7 @@ impl Workers {
 /// and goes on, so the requests of its cards are answered on the request connection
 /// meanwhile. The stream intake takes no more while `limit` decisions wait (their
 /// transactions then wait in the subscription, or, with JetStream, in the stream).
+/// Refusals of stream transactions (`id_reused`, a failed decision) go the same way.
 struct Unpublished {
     count: std::sync::atomic::AtomicUsize,
     room: tokio::sync::Notify,
@@ -317,7 +318,8 @@ impl Unpublished {
         }
     }
 
-    /// Returns once fewer than `limit` decisions wait.
+    /// Returns at once when fewer than `limit` decisions wait; otherwise once half of
+    /// them are out.
     async fn room(&self) {
         loop {
             let more = self.room.notified();
@@ -339,12 +341,39 @@ struct Outbox<'a> {
     all: &'a Unpublished,
 }
 
-/// A stream decision waiting for the stream connection.
-struct Unsent {
-    decision: Decision,
-    body: Bytes,
-    received_at: Instant,
-    js: Option<(u64, transport::Ack)>,
+/// What a worker leaves for the stream connection.
+enum Unsent {
+    /// A stream decision.
+    Decision {
+        decision: Decision,
+        body: Bytes,
+        received_at: Instant,
+        js: Option<(u64, transport::Ack)>,
+    },
+    /// A stream transaction refused or failed after decoding, for fraud.invalid.
+    Refused {
+        txn: Transaction,
+        why: Refused,
+        js: Option<(u64, transport::Ack)>,
+    },
+}
+
+/// Why a decoded transaction got no decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refused {
+    /// Its id is the retry table's for another payment ([`id_reused`]).
+    IdReused,
+    /// Its decision failed (a bug; [`failed`]).
+    Failed,
+}
+
+impl Refused {
+    fn refusal(self, id: &str) -> transport::Refusal<'_> {
+        match self {
+            Refused::IdReused => transport::Refusal::id_reused(id),
+            Refused::Failed => transport::Refusal::internal(id),
+        }
+    }
 }
 
 impl Outbox<'_> {
@@ -368,15 +397,22 @@ impl Outbox<'_> {
                 return;
             }
         }
+        self.queue(
+            Unsent::Decision {
+                decision,
+                body,
+                received_at: job.received_at,
+                js: job.js.take(),
+            },
+            counters,
+        );
+    }
+
+    /// Leaves `u` to the worker's [`publish_unsent`] loop, behind what waits already.
+    fn queue(&self, u: Unsent, counters: &Counters) {
         self.mine.fetch_add(1, Ordering::AcqRel);
         self.all.add();
-        let unsent = Unsent {
-            decision,
-            body,
-            received_at: job.received_at,
-            js: job.js.take(),
-        };
-        if self.tx.send(unsent).is_err() {
+        if self.tx.send(u).is_err() {
             // The loop ends only after the worker: not reached.
             self.mine.fetch_sub(1, Ordering::AcqRel);
             self.all.done();
@@ -396,15 +432,21 @@ async fn publish_unsent(
     (mine, all): (&std::sync::atomic::AtomicUsize, &Unpublished),
 ) {
     while let Some(u) = rx.recv().await {
-        let epoch = wire.stream_epoch();
-        let res = wire.publish_decision(&u.decision, u.body).await;
-        published(
-            res,
-            counters,
-            acks,
-            (&u.decision, u.received_at, u.js),
-            epoch,
-        );
+        match u {
+            Unsent::Decision {
+                decision,
+                body,
+                received_at,
+                js,
+            } => {
+                let epoch = wire.stream_epoch();
+                let res = wire.publish_decision(&decision, body).await;
+                published(res, counters, acks, (&decision, received_at, js), epoch);
+            }
+            Unsent::Refused { txn, why, js } => {
+                send_refusal(wire, counters, acks, (&txn, &Reply::Stream), why, js).await;
+            }
+        }
         mine.fetch_sub(1, Ordering::AcqRel);
         all.done();
     }
@@ -464,6 +506,8 @@ pub struct Running {
     stop: watch::Sender<bool>,
     intake: Vec<JoinHandle<()>>,
     workers: Vec<JoinHandle<()>>,
+    /// Stream decisions the workers left for the stream connection and it has not taken.
+    unpublished: Arc<Unpublished>,
     /// JetStream intake: the task that acknowledges decided messages.
     acker: Option<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
@@ -965,8 +1009,9 @@ impl Running {
             }
             None => (None, None),
         };
-        // As many stream decisions may wait for the stream connection as a worker's queue
-        // holds transactions.
+        // The stream intake pauses once a worker queue's worth of stream decisions wait for
+        // the stream connection (what the workers' queues hold then is decided too: at
+        // most `queue_depth` x (workers + 1) wait).
         let unpublished = Arc::new(Unpublished::new(svc.queue_depth));
         for k in 0..n {
             let (ctx, crx) = mpsc::channel(depth);
@@ -1080,7 +1125,7 @@ impl Running {
         }
         background.push(tokio::spawn(queue_monitor(
             counters.clone(),
-            unpublished,
+            unpublished.clone(),
             stop_rx,
         )));
         // Ticks until aborted at shutdown, after the watchdog has stopped watching it.
@@ -1103,6 +1148,7 @@ impl Running {
             stop,
             intake,
             workers,
+            unpublished,
             acker,
             background,
             snapshots,
@@ -1172,8 +1218,23 @@ impl Running {
                     clean = false;
                     tracing::error!("a worker did not finish in time (publishing to NATS?)");
                     t.abort();
+                    // Gone for sure (its outbox with it) before what it left is counted.
+                    let _ = t.await;
                 }
             }
+        }
+        // Stream decisions and refusals of the workers stopped above that their stream
+        // connection never took: with core NATS they are lost (decided and counted in the
+        // windows, never published); with JetStream they come again.
+        let unpublished = self.unpublished.now();
+        if unpublished > 0 {
+            clean = false;
+            tracing::error!(
+                unpublished,
+                "stream decisions made but never taken by the stream connection before the \
+                 stop: lost with core NATS (counted in the windows, not published), \
+                 delivered again with JetStream"
+            );
         }
         // The workers held the acker's senders: it acknowledges what they handed over
         // (once the server confirms it read the decisions) and stops. Anything not
@@ -1244,6 +1305,7 @@ impl Running {
             outcomes_refused = s.outcomes_refused,
             outcomes_lost = s.outcomes_lost.iter().sum::<u64>(),
             publish_errors = s.publish_errors,
+            unpublished,
             acks_withheld = s.acks_withheld,
             decision_failures = s.decision_failures.iter().sum::<u64>(),
             snapshots_ok = s.snapshots_ok,
@@ -1478,7 +1540,10 @@ async fn intake_jetstream(
                 // sequence taken meanwhile would share their entry in the tracker, and an
                 // old ack could acknowledge it.
                 let until = Instant::now() + Duration::from_secs(10);
-                while (!lock(&tracker).pending.is_empty() || acks.outstanding() > 0)
+                // Decisions still in the workers' outboxes hand their acks over later.
+                while (!lock(&tracker).pending.is_empty()
+                    || acks.outstanding() > 0
+                    || shards.unpublished.now() > 0)
                     && Instant::now() < until
                 {
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -2093,12 +2158,12 @@ async fn decide_one(
     let out = match decided {
         Ok(out) => out,
         Err(_) => {
-            failed(wire, counters, job, path).await;
+            failed(wire, counters, (outbox, acks), job, path).await;
             return;
         }
     };
     if out.id_reused {
-        id_reused(wire, counters, acks, job, path).await;
+        id_reused(wire, counters, (outbox, acks), job, path).await;
         return;
     }
     if out.duplicate {
@@ -2148,24 +2213,88 @@ async fn decide_one(
 /// A decision that panicked (a bug): the requester gets an `internal` error at once instead
 /// of waiting out its timeout, and a stream transaction goes to fraud.invalid, re-encoded,
 /// where its payload is kept for a person to look at.
-async fn failed(wire: &Wire, counters: &Counters, job: &mut Job, path: IntakePath) {
+async fn failed(
+    wire: &Wire,
+    counters: &Counters,
+    out: (&Outbox<'_>, Option<&Acks>),
+    job: &mut Job,
+    path: IntakePath,
+) {
     counters.decision_failed(path);
     tracing::error!(
         id = %job.txn.id,
         path = path.as_str(),
         "decision failed (a bug); answered as an internal error"
     );
-    let sent = refuse(wire, job, &transport::Refusal::internal(&job.txn.id)).await;
-    if let Err(e) = sent {
-        counters.publish_error();
-        tracing::error!(error = %e, id = %job.txn.id, "could not report a failed decision");
+    refuse(wire, counters, out, job, Refused::Failed).await;
+}
+
+/// Sends the refusal of a decoded transaction: an error reply to a request, at once; the
+/// re-encoded transaction on fraud.invalid for a stream one, through the worker's outbox
+/// (a worker never waits for the stream connection).
+async fn refuse(
+    wire: &Wire,
+    counters: &Counters,
+    (outbox, acks): (&Outbox<'_>, Option<&Acks>),
+    job: &mut Job,
+    why: Refused,
+) {
+    let js = job.js.take();
+    match job.reply {
+        Reply::Stream => {
+            let txn = job.txn.clone();
+            outbox.queue(Unsent::Refused { txn, why, js }, counters);
+        }
+        Reply::Check(_) => {
+            send_refusal(wire, counters, acks, (&job.txn, &job.reply), why, js).await;
+        }
     }
-    if let Some((_, ack)) = job.js.take() {
-        // Not again, even when the report above failed: a redelivery would fail the same
-        // way, and each try may have counted it in the windows again. The message stays
-        // in the stream's storage, and the server announces its termination.
-        if ack.term().await.is_err() {
-            counters.ack_error();
+}
+
+/// Publishes a refusal (see [`refuse`]) and settles its JetStream message: an `id_reused`
+/// one is acknowledged once the server has read the refusal (unsent, it comes again); a
+/// failed one is terminated either way.
+async fn send_refusal(
+    wire: &Wire,
+    counters: &Counters,
+    acks: Option<&Acks>,
+    (txn, reply): (&Transaction, &Reply),
+    why: Refused,
+    js: Option<(u64, transport::Ack)>,
+) {
+    let epoch = wire.stream_epoch();
+    let refusal = why.refusal(&txn.id);
+    let sent = match reply {
+        Reply::Check(Some(inbox)) => wire.reply_error(inbox.clone(), &refusal).await,
+        Reply::Check(None) => Ok(()),
+        Reply::Stream => wire.publish_refused(txn, &refusal).await,
+    };
+    match why {
+        Refused::IdReused => {
+            if sent.is_err() {
+                // With JetStream, not acknowledged: it comes again after `ack_wait`, is
+                // refused again, and its report is tried again.
+                counters.publish_error();
+                return;
+            }
+            if let (Some((_, ack)), Some(acks)) = (js, acks) {
+                acks.hand(Handed::new(epoch, ack, &txn.id));
+            }
+        }
+        Refused::Failed => {
+            if let Err(e) = sent {
+                counters.publish_error();
+                tracing::error!(error = %e, id = %txn.id, "could not report a failed decision");
+            }
+            if let Some((_, ack)) = js {
+                // Not again, even when the report above failed: a redelivery would fail
+                // the same way, and each try may have counted it in the windows again. The
+                // message stays in the stream's storage, and the server announces its
+                // termination.
+                if ack.term().await.is_err() {
+                    counters.ack_error();
+                }
+            }
         }
     }
 }
@@ -2178,7 +2307,7 @@ async fn failed(wire: &Wire, counters: &Counters, job: &mut Job, path: IntakePat
 async fn id_reused(
     wire: &Wire,
     counters: &Counters,
-    acks: Option<&Acks>,
+    out: (&Outbox<'_>, Option<&Acks>),
     job: &mut Job,
     path: IntakePath,
 ) {
@@ -2194,15 +2323,7 @@ async fn id_reused(
             "transaction id reused within the dedupe horizon for another payment; refused (id_reused)"
         );
     }
-    let epoch = wire.stream_epoch();
-    let sent = refuse(wire, job, &transport::Refusal::id_reused(&job.txn.id)).await;
-    if sent.is_err() {
-        // With JetStream, not acknowledged: it comes again after `ack_wait`, is refused
-        // again, and its report is tried again.
-        counters.publish_error();
-        return;
-    }
-    hand_ack(acks, job, epoch);
+    refuse(wire, counters, out, job, Refused::IdReused).await;
 }
 
 /// Lets through at most one event per interval (a log line that could come for every
@@ -2235,20 +2356,6 @@ impl Throttle {
             self.skipped.fetch_add(1, Ordering::Relaxed);
             None
         }
-    }
-}
-
-/// Answers a decoded transaction that got no decision with an error: an error reply to
-/// a request, the re-encoded transaction on fraud.invalid for a stream one.
-async fn refuse(
-    wire: &Wire,
-    job: &Job,
-    why: &transport::Refusal<'_>,
-) -> Result<(), async_nats::PublishError> {
-    match &job.reply {
-        Reply::Check(Some(inbox)) => wire.reply_error(inbox.clone(), why).await,
-        Reply::Check(None) => Ok(()),
-        Reply::Stream => wire.publish_refused(&job.txn, why).await,
     }
 }
 

@@ -2008,7 +2008,8 @@ async fn outcomes_are_counted_once_by_action_and_rule() {
 /// A stream connection that takes nothing more (in a cluster its server node can hang
 /// while the request connection's node is fine) does not hold up requests: the workers
 /// leave the stream decisions waiting and answer requests, the stream intake pauses at
-/// its limit, and once the connection reads again every waiting decision goes out.
+/// its limit, and once the connection reads again every waiting decision goes out, once.
+/// (Before the outboxes, the requests here timed out: the workers waited in publish.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_answered_while_the_stream_connection_takes_nothing() {
     let nats = nats().await;
@@ -2016,7 +2017,8 @@ async fn requests_are_answered_while_the_stream_connection_takes_nothing() {
     let proxy = Proxy::start(upstream).await;
     let port = fraudgate::demo::free_port().unwrap();
     let config = format!(
-        "{CONFIG}\n[metrics]\naddr = \"127.0.0.1:{port}\"\n[nats]\nping_interval = \"60s\"\n"
+        "{}\n[metrics]\naddr = \"127.0.0.1:{port}\"\n[nats]\nping_interval = \"60s\"\n",
+        CONFIG.replace("workers = 4", "workers = 4\nqueue_depth = 256")
     );
     let engine = Engine::start_with(&proxy.url(), &config).await;
     let c = client(&nats.url()).await;
@@ -2028,16 +2030,16 @@ async fn requests_are_answered_while_the_stream_connection_takes_nothing() {
         .subscribe("fraud.decision.>")
         .await
         .unwrap();
-    assert_eq!(
-        proxy.freeze("fraudgate-stream", true),
-        1,
-        "one stream connection"
-    );
+    proxy.freeze("fraudgate-stream", true);
 
     // Far more decisions than the stream connection's client queue and socket buffers
     // hold: the workers' publishes would wait, and the requests of their cards behind.
     let mut sent = 0u32;
-    let unpublished = |text: &str| metric_value(text, "fraudgate_decisions_unpublished");
+    let read = |text: &str, series: &str| metric_value(text, series).unwrap_or(0.0);
+    let (unpublished, received) = (
+        "fraudgate_decisions_unpublished",
+        "fraudgate_transactions_received_total{path=\"stream\"}",
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         for _ in 0..2_000 {
@@ -2051,7 +2053,7 @@ async fn requests_are_answered_while_the_stream_connection_takes_nothing() {
         }
         c.flush().await.unwrap();
         let text = metrics_text(port).await.unwrap_or_default();
-        if unpublished(&text).unwrap_or(0.0) >= 1_000.0 {
+        if read(&text, unpublished) >= 256.0 {
             break;
         }
         assert!(
@@ -2061,25 +2063,41 @@ async fn requests_are_answered_while_the_stream_connection_takes_nothing() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Requests of cards on every worker are answered, while the stream decisions wait.
+    // The stream intake has paused: nothing more taken, the waiting decisions bounded
+    // (256 x (4 workers + 1)).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let before = metrics_text(port).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let after = metrics_text(port).await.unwrap();
+    assert_eq!(read(&before, received), read(&after, received), "{after}");
+    let waiting = read(&after, unpublished);
+    assert!((256.0..=1_280.0).contains(&waiting), "{waiting}");
+    // Requests of cards on every worker are answered meanwhile.
     for i in 0..40 {
         let r = check(&c, &txn(&format!("r-{i}"), &format!("4222{i:012}"), "10")).await;
         assert_eq!(r["action"], "approve", "{r}");
     }
-    let text = metrics_text(port).await.unwrap();
-    assert!(unpublished(&text).unwrap() >= 1_000.0, "{text}");
 
     // The connection reads again: every waiting decision goes out, none twice.
     proxy.freeze("fraudgate-stream", false);
     let engine = stop(engine).await;
+    assert_eq!(
+        engine.count_log("NATS disconnected"),
+        0,
+        "the frozen connection was given up:\n{}",
+        engine.log_text()
+    );
     let stopped = engine.stopped_line()["fields"].clone();
     // Every stream transaction taken in is decided and published (those the engine did
     // not take while it paused were dropped by its subscription, counted as such).
     let decided = stopped["received_stream"]
         .as_u64()
         .unwrap_or_else(|| panic!("{stopped}"));
-    assert!(decided >= 2_000, "{stopped}");
+    assert!(decided >= 256, "{stopped}");
     assert_eq!(stopped["decided"], decided + 40, "{stopped}");
+    assert_eq!(stopped["unpublished"], 0, "{stopped}");
+    assert_eq!(stopped["publish_errors"], 0, "{stopped}");
+    assert_eq!(stopped["clean"], true, "{stopped}");
     let mut ids = std::collections::HashSet::new();
     while ids.len() < decided as usize {
         let m = tokio::time::timeout(Duration::from_secs(10), decisions.next())
@@ -2087,8 +2105,12 @@ async fn requests_are_answered_while_the_stream_connection_takes_nothing() {
             .unwrap_or_else(|_| panic!("{} of {decided} decisions: {stopped}", ids.len()))
             .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
-        assert!(ids.insert(v["id"].as_str().unwrap().to_string()), "{v}");
+        assert!(
+            ids.insert(v["id"].as_str().unwrap().to_string()),
+            "twice: {v}"
+        );
     }
-    assert_eq!(stopped["publish_errors"], 0, "{stopped}");
-    assert_eq!(stopped["clean"], true, "{stopped}");
+    if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), decisions.next()).await {
+        panic!("a decision more than decided: {:?}", m.payload);
+    }
 }

@@ -308,52 +308,48 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// A TCP proxy in front of a nats-server whose connections can stop reading what one
-/// named client sends (`CONNECT` with `"name":"<name>"`), as a server node that hangs
-/// would, while the server's messages to that client still go through and every other
-/// connection is untouched.
+/// A TCP proxy in front of a nats-server that can stop reading what one named client
+/// sends (`CONNECT` with `"name":"<name>"`), as a server node that hangs would, while the
+/// server's messages to that client still go through and every other connection is
+/// untouched. A connection of that name made while it is frozen is frozen too.
 pub struct Proxy {
     pub port: u16,
-    conns: std::sync::Arc<std::sync::Mutex<Vec<ProxiedConn>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-struct ProxiedConn {
-    name: std::sync::Arc<std::sync::Mutex<String>>,
-    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    frozen: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    tasks: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
 }
 
 impl Proxy {
     pub async fn start(upstream_port: u16) -> Proxy {
-        use std::sync::atomic::Ordering;
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
             .await
             .unwrap();
         let port = listener.local_addr().unwrap().port();
-        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::<ProxiedConn>::new()));
-        let registry = conns.clone();
-        let task = tokio::spawn(async move {
+        let frozen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let tasks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (names, spawned) = (frozen.clone(), tasks.clone());
+        let accept = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream_port)).await
                 else {
                     continue;
                 };
-                let name = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-                let frozen = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-                registry.lock().unwrap().push(ProxiedConn {
-                    name: name.clone(),
-                    frozen: frozen.clone(),
-                });
                 let (mut cr, mut cw) = client.into_split();
                 let (mut sr, mut sw) = server.into_split();
-                tokio::spawn(async move {
+                let down = tokio::spawn(async move {
                     let _ = tokio::io::copy(&mut sr, &mut cw).await;
                 });
-                tokio::spawn(async move {
+                let names = names.clone();
+                let up = tokio::spawn(async move {
                     let mut buf = vec![0u8; 64 * 1024];
+                    // What the client sent until its name was read (CONNECT may come in parts).
+                    let mut head = Vec::new();
+                    let mut name: Option<String> = None;
                     loop {
-                        if frozen.load(Ordering::Relaxed) {
+                        let is_frozen = name
+                            .as_ref()
+                            .is_some_and(|n| names.lock().unwrap().contains(n));
+                        if is_frozen {
                             tokio::time::sleep(Duration::from_millis(5)).await;
                             continue;
                         }
@@ -361,12 +357,12 @@ impl Proxy {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
-                        {
-                            let mut known = name.lock().unwrap();
-                            if known.is_empty() {
-                                let text = String::from_utf8_lossy(&buf[..n]);
-                                if let Some(rest) = text.split("\"name\":\"").nth(1) {
-                                    *known = rest.split('"').next().unwrap_or("").to_string();
+                        if name.is_none() && head.len() < 64 * 1024 {
+                            head.extend_from_slice(&buf[..n]);
+                            let text = String::from_utf8_lossy(&head);
+                            if let Some(rest) = text.split("\"name\":\"").nth(1) {
+                                if let Some((found, _)) = rest.split_once('"') {
+                                    name = Some(found.to_string());
                                 }
                             }
                         }
@@ -375,29 +371,36 @@ impl Proxy {
                         }
                     }
                 });
+                spawned.lock().unwrap().extend([down, up]);
             }
         });
-        Proxy { port, conns, task }
+        tasks.lock().unwrap().push(accept);
+        Proxy {
+            port,
+            frozen,
+            tasks,
+        }
     }
 
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }
 
-    /// Stops (or resumes) reading from the connections of client `name`; how many there were.
-    pub fn freeze(&self, name: &str, frozen: bool) -> usize {
-        let conns = self.conns.lock().unwrap();
-        let mut n = 0;
-        for c in conns.iter().filter(|c| *c.name.lock().unwrap() == name) {
-            c.frozen.store(frozen, std::sync::atomic::Ordering::Relaxed);
-            n += 1;
+    /// Stops (or resumes) reading from the connections of client `name`.
+    pub fn freeze(&self, name: &str, frozen: bool) {
+        let mut names = self.frozen.lock().unwrap();
+        if frozen {
+            names.insert(name.to_string());
+        } else {
+            names.remove(name);
         }
-        n
     }
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        self.task.abort();
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
     }
 }
