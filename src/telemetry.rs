@@ -328,7 +328,7 @@ fn describe() {
     describe_gauge!(
         UNPUBLISHED,
         Unit::Count,
-        "Stream decisions made and waiting for the stream connection to take them (down, reconnecting, or a server not reading); the stream intake pauses while [service] queue_depth wait. Requests are answered meanwhile."
+        "Stream decisions (and refusals of stream transactions) made and waiting for the stream connection to take them (down, reconnecting, or a server not reading); the stream intake pauses once [service] queue_depth wait, until half are out. Requests are answered meanwhile."
     );
     describe_gauge!(
         STALLED,
