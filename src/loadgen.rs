@@ -238,10 +238,14 @@ impl Rng {
         }
         items[0].0
     }
+    /// Days since an established onboarding: 1-8 years.
+    fn established_days(&mut self) -> u64 {
+        365 + self.below(2_555)
+    }
     /// Days since onboarding: 95% established (1-8 years), 5% within the last year.
     fn age_days(&mut self) -> u64 {
         if self.below(100) < 95 {
-            365 + self.below(2_555)
+            self.established_days()
         } else {
             self.below(365)
         }
@@ -286,7 +290,7 @@ pub fn merchant_traits(seed: u64, m: u64) -> MerchantTraits {
     if m < HEAD_MERCHANTS {
         MerchantTraits {
             mcc: r.weighted(&EVERYDAY_MCCS),
-            age_days: 365 + r.below(2_555),
+            age_days: r.established_days(),
         }
     } else {
         MerchantTraits {
